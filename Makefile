@@ -1,0 +1,47 @@
+# The DiT scaling harness. Quick start: `make sweep` (a small real study on this CPU), `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SWEEP ?= sweeps/mini.yaml
+
+.PHONY: venv sweep report plan status test test-fast slurm slurm-down system-deps clean-venv
+
+venv: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes; a second `make venv` does nothing.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+sweep: venv  ## run a sweep end to end (default: the CPU mini study), then render its report
+	$(BIN)/harness sweep $(SWEEP)
+
+report: venv  ## render reports/<sweep>/index.html and report.pdf again
+	$(BIN)/harness report $(SWEEP)
+
+plan: venv  ## runs, Gflops and compute of a sweep, without running it
+	$(BIN)/harness plan $(SWEEP)
+
+status: venv
+	$(BIN)/harness status $(SWEEP)
+
+test: venv  ## the whole suite, slow tests included (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+system-deps:  ## Debian packages for the browser and PDF checks (root)
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver poppler-utils >/dev/null
+
+slurm:  ## a single-node Slurm cluster on localhost, from Debian packages (root)
+	bash scripts/local-slurm.sh
+
+slurm-down:
+	bash scripts/local-slurm-teardown.sh
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,149 @@
+"""The `harness` command line: one sub-command per stage of the data flow.
+
+Each sub-command's body lives next to the code it drives and is imported only when called,
+so `harness --help` and `harness plan` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from harness.errors import HarnessError
+
+# sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
+COMMANDS = {
+    "flops": "harness.flops:cli_flops",
+    "latents": "harness.autoencoder:cli_latents",
+    "train": "harness.train:cli_train",
+    "bench": "harness.bench:cli_bench",
+    "sample": "harness.sample:cli_sample",
+    "evaluate": "harness.metrics.evaluate:cli_evaluate",
+    "plan": "harness.plan:cli_plan",
+    "sweep": "harness.dispatch:cli_sweep",
+    "status": "harness.dispatch:cli_status",
+    "report": "harness.report:cli_report",
+}
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="DiT scaling-study harness.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("flops", help="Gflops and parameters of DiT variants (fvcore)")
+    s.add_argument("--model", action="append", help="e.g. DiT-XL/2 or DiT-4x64x2/2 (repeatable)")
+    s.add_argument("--conditioning", action="append",
+                   help="in-context | cross-attention | adaLN | adaLN-Zero (repeatable)")
+    s.add_argument("--image-size", type=int, default=256, help="pixels; the latent is size/8 unless --pixel")
+    s.add_argument("--pixel", action="store_true", help="count in pixel space (no VAE downsampling)")
+    s.add_argument("--in-channels", type=int, default=None, help="default 4 (latent) or 3 (--pixel)")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    s = sub.add_parser("latents", help="pre-extract autoencoder latents into the shared cache")
+    s.add_argument("--data", required=True, help="'digits' or an ImageFolder path (ImageNet train layout)")
+    s.add_argument("--autoencoder", default="sd-vae-ft-ema", help="sd-vae-ft-ema | sd-vae-ft-mse | identity")
+    s.add_argument("--autoencoder-path", default=None, help="local folder of the VAE weights")
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--allow-download", action="store_true", help="let diffusers fetch the VAE from the hub")
+
+    s = sub.add_parser("train", help="train one model (standalone, or the body of a sweep job)")
+    s.add_argument("--run-dir", required=True, help="run folder; resumes from its newest checkpoint")
+    s.add_argument("--config", default=None, help="run.json to train from (default: RUN_DIR/run.json)")
+    s.add_argument("--model", default=None, help="standalone: model name (writes RUN_DIR/run.json)")
+    s.add_argument("--conditioning", default="adaLN-Zero")
+    s.add_argument("--data", default="digits")
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--autoencoder", default=None)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--batch", type=int, default=None, help="global batch")
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    s.add_argument("--compile", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("bench", help="training and sampling throughput on this device")
+    s.add_argument("--model", required=True)
+    s.add_argument("--conditioning", default="adaLN-Zero")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--compile", action="store_true")
+    s.add_argument("--grad-checkpointing", action="store_true")
+    s.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px through the SD VAE)")
+    s.add_argument("--in-channels", type=int, default=4)
+    s.add_argument("--format", choices=["table", "json"], default="table")
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint into a grid and an ADM npz")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--num-samples", type=int, default=64)
+    s.add_argument("--labels", choices=["balanced", "random"], default="balanced")
+    s.add_argument("--cfg-scale", type=float, default=1.0)
+    s.add_argument("--guidance-channels", choices=["3", "all"], default="3")
+    s.add_argument("--steps", type=int, default=250, help="sampling steps (respaced)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
+
+    s = sub.add_parser("evaluate", help="FID, sFID, IS, precision and recall of an npz of samples")
+    s.add_argument("--samples", required=True, help="npz in the ADM layout (arr_0: N x H x W x 3 uint8)")
+    s.add_argument("--reference", required=True, help="ADM reference npz, an image folder, or 'digits'")
+    s.add_argument("--metrics", type=_csv_list, default=["fid", "sfid", "is", "precision", "recall"])
+    s.add_argument("--features", choices=["inception", "digits"], default="inception")
+    s.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
+    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--json", default=None, help="write the metrics here too")
+
+    s = sub.add_parser("plan", help="runs, Gflops and compute of a sweep, without running it")
+    s.add_argument("sweep", help="sweeps/NAME.yaml")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.add_argument("--throughput", type=float, default=None,
+                   help="measured training images/s per accelerator (from `harness bench`)")
+
+    s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
+    s.add_argument("sweep", help="sweeps/NAME.yaml")
+    s.add_argument("--launcher", choices=["slurm", "local", "debug"], default=None,
+                   help="override the spec's launcher.kind")
+    s.add_argument("--results", default="results", help="results root")
+    s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")
+    s.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+
+    s = sub.add_parser("status", help="state and progress of each run of a sweep")
+    s.add_argument("sweep")
+    s.add_argument("--results", default="results")
+
+    s = sub.add_parser("report", help="render the HTML and PDF report of a sweep")
+    s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")
+    s.add_argument("--paper", action="store_true", help="render the paper's own Table 4 numbers")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", default="reports", help="reports root")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    module_name, func_name = COMMANDS[args.command].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
