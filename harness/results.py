@@ -1,0 +1,186 @@
+"""Run records <-> one tidy pandas DataFrame.
+
+Reads results/<sweep>/runs/<run_id>/{run.json, eval.jsonl, train.jsonl} (the shared record schema)
+and, when present, results/<sweep>/sweep.json ({"runs": [run_id, ...]}, the dispatcher's list of
+expected runs) to say which runs of a partial sweep are missing. One row per evaluation record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from harness.errors import HarnessError
+from harness.io import read_jsonl
+
+log = logging.getLogger(__name__)
+
+# Metric column -> the label used in tables and figures.
+METRICS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
+
+# The tidy table's columns, in order. train_compute is in Gflops: gflops x global_batch x step x 3
+# (the backward pass costs twice the forward), the paper's convention.
+COLUMNS = [
+    "run_id", "model", "size", "patch", "depth", "hidden", "conditioning", "seed",
+    "dataset", "image_size", "num_classes", "global_batch",
+    "step", "gflops", "params", "train_compute",
+    "sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
+    "num_samples", *METRICS, "train_wall_s", "eval_wall_s",
+]
+
+TRAIN_PASS_FACTOR = 3  # forward + backward (2x forward)
+
+
+@dataclass
+class SweepResults:
+    """Everything the report needs from the results folder of one sweep."""
+
+    name: str
+    root: Path                      # results/<name>
+    frame: pd.DataFrame             # tidy: one row per evaluation record (COLUMNS)
+    runs: list[dict]                # run.json of every run folder found
+    expected: list[str] | None      # run ids from sweep.json, if present
+    missing: dict[str, str] = field(default_factory=dict)  # run_id -> why it has no evaluation
+    spec_text: str | None = None    # results/<name>/spec.yaml, if present
+
+    @property
+    def run_ids(self) -> list[str]:
+        return sorted(self.frame["run_id"].unique())
+
+
+def sweep_name(sweep: str | Path) -> str:
+    """The sweep's name: `name` from a sweeps/NAME.yaml file, or the argument itself as a bare name."""
+    text = str(sweep)
+    path = Path(text)
+    if text.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise HarnessError(f"{path}: sweep spec not found; pass an existing sweeps/NAME.yaml or a bare sweep name")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise HarnessError(f"{path}: not valid YAML ({err}); fix the file") from err
+        name = doc.get("name") if isinstance(doc, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise HarnessError(f"{path}: key 'name' is missing or empty; add e.g. `name: {path.stem}`")
+        return name.strip()
+    if not text or "/" in text or text.startswith("."):
+        raise HarnessError(f"'{text}' is not a sweep name; pass sweeps/NAME.yaml or NAME")
+    return text
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HarnessError(f"{path}: unreadable run record ({err}); delete the run folder and rerun it") from err
+
+
+def _train_wall(train_records: list[dict], step: int) -> float | None:
+    """Training wall time (s) at the last log line at or before `step`."""
+    best = None
+    for rec in train_records:
+        s, w = rec.get("step"), rec.get("wall_s")
+        if s is not None and w is not None and s <= step and (best is None or s >= best[0]):
+            best = (s, w)
+    return None if best is None else float(best[1])
+
+
+def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
+    evals = list(read_jsonl(run_dir / "eval.jsonl"))
+    train = list(read_jsonl(run_dir / "train.jsonl"))
+    data, tr = run.get("data") or {}, run.get("train") or {}
+    gflops = run.get("gflops")
+    batch = tr.get("global_batch")
+    rows = []
+    for ev in evals:
+        step = ev.get("step")
+        if step is None:
+            continue
+        compute = None
+        if gflops is not None and batch is not None:
+            compute = float(gflops) * float(batch) * float(step) * TRAIN_PASS_FACTOR
+        row = {
+            "run_id": run.get("run_id", run_dir.name), "model": run.get("model"), "size": run.get("size"),
+            "patch": run.get("patch"), "depth": run.get("depth"), "hidden": run.get("hidden"),
+            "conditioning": run.get("conditioning"), "seed": run.get("seed"),
+            "dataset": data.get("dataset"), "image_size": data.get("image_size"),
+            "num_classes": data.get("num_classes"), "global_batch": batch,
+            "step": int(step), "gflops": gflops, "params": run.get("params"), "train_compute": compute,
+            "sampling_steps": ev.get("sampling_steps"), "sampler": ev.get("sampler"),
+            "cfg_scale": ev.get("cfg_scale"), "guidance_channels": ev.get("guidance_channels"),
+            "feature_space": ev.get("feature_space"), "reference": ev.get("reference"),
+            "num_samples": ev.get("num_samples"),
+            "train_wall_s": _train_wall(train, int(step)), "eval_wall_s": ev.get("wall_s"),
+        }
+        for m in METRICS:
+            row[m] = ev.get(m)
+        rows.append(row)
+    return rows
+
+
+def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
+    """Load every run record of a sweep. A partial sweep loads (missing runs are listed);
+    a sweep with no evaluation at all raises HarnessError."""
+    name = sweep_name(sweep)
+    root = Path(results_root) / name
+    runs_dir = root / "runs"
+    expected = None
+    sweep_json = root / "sweep.json"
+    if sweep_json.is_file():
+        ids = _read_json(sweep_json).get("runs")
+        if isinstance(ids, list):
+            expected = [str(i) for i in ids]
+    runs, rows, missing = [], [], {}
+    run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    for run_dir in run_dirs:
+        if not (run_dir / "run.json").is_file():
+            missing[run_dir.name] = "no run.json (not planned or interrupted before start)"
+            continue
+        run = _read_json(run_dir / "run.json")
+        runs.append(run)
+        run_rows = _rows_of_run(run, run_dir)
+        if not run_rows:
+            missing[run.get("run_id", run_dir.name)] = "no evaluation yet (eval.jsonl empty or absent)"
+        rows.extend(run_rows)
+    found = {r.get("run_id", "") for r in runs} | set(missing)
+    for rid in expected or []:
+        if rid not in found:
+            missing[rid] = "no run folder (not started)"
+    if not rows:
+        raise HarnessError(
+            f"{runs_dir}: no evaluation records for sweep '{name}' "
+            f"({len(run_dirs)} run folder(s), none with eval.jsonl); run `harness sweep sweeps/{name}.yaml` "
+            f"first, or pass --results with the folder that holds {name}/runs/")
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ["gflops", "train_compute", "cfg_scale", *METRICS, "train_wall_s", "eval_wall_s"]:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
+    frame = frame.sort_values(["model", "conditioning", "seed", "step", "sampling_steps", "cfg_scale"],
+                              na_position="last", kind="stable").reset_index(drop=True)
+    spec = root / "spec.yaml"
+    spec_text = spec.read_text() if spec.is_file() else None
+    if missing:
+        log.warning("sweep %s: %d run(s) without evaluation: %s", name, len(missing), ", ".join(sorted(missing)))
+    return SweepResults(name=name, root=root, frame=frame, runs=runs, expected=expected,
+                        missing=dict(sorted(missing.items())), spec_text=spec_text)
+
+
+def load_results(results_root: str | Path, sweep: str | Path) -> pd.DataFrame:
+    """The tidy DataFrame of a sweep (one row per evaluation record; columns COLUMNS)."""
+    return load_sweep(results_root, sweep).frame
+
+
+def default_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the most common sampling setting (sampling_steps, sampler, cfg_scale, guidance,
+    feature_space), preferring cfg_scale 1.0 (no guidance), as the paper's scaling figures do."""
+    keys = ["sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space"]
+    key = pd.Series(["|".join(map(str, row)) for row in frame[keys].itertuples(index=False)], index=frame.index)
+    cfg = frame["cfg_scale"].astype(float)
+    unguided = cfg.isna() | np.isclose(cfg.fillna(1.0), 1.0)
+    pool = key[unguided] if unguided.any() else key
+    top = pool.value_counts(sort=True).index[0]
+    return frame[key == top]
