@@ -1,0 +1,31 @@
+"""`harness bench`: real timings of a tiny model, the stated flops convention, table and JSON output."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from harness.bench import CONVENTION, bench, peak_tflops
+from harness.cli import main
+
+
+def test_bench_measures_and_applies_the_flops_convention():
+    r = bench("DiT-2x32x2/2", batch=4, steps=2, warmup=1, input_size=8, in_channels=4)
+    assert r.train_steps_per_s > 0 and r.sample_forward_per_s > 0
+    assert r.train_images_per_s == r.train_steps_per_s * 4
+    assert r.sample_images_per_s_one_step == r.sample_forward_per_s * 4
+    assert r.gflops > 0 and r.params > 0
+    # Gflops (multiply-adds) x 2 flops x 3 passes x images/s
+    assert abs(r.achieved_tflops - r.gflops * 6 * r.train_images_per_s / 1e3) < 1e-12
+    assert r.mfu is None and peak_tflops(torch.device("cpu"), "bf16") is None
+
+
+def test_bench_cli_json_and_table(capsys):
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--input-size", "8", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "DiT-2x32x2/2" and out["batch"] == 2 and out["convention"] == CONVENTION
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--input-size", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "2 flops/multiply-add x 3 (forward+backward)" in table and "ONE denoising step" in table
