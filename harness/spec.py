@@ -276,7 +276,8 @@ class _Where:
         line = self.line(path)
         loc = f"{self.file}:{line}" if line else self.file
         key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
-        return HarnessError(f"{loc}: {key or '(top level)'}: {problem}. Fix: {fix}.")
+        end = "" if fix.endswith((".", "?", "!")) else "."
+        return HarnessError(f"{loc}: {key or '(top level)'}: {problem}. Fix: {fix}{end}")
 
 
 def _walk(node: yaml.Node, path: tuple, where: _Where) -> None:

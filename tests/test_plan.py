@@ -1,0 +1,107 @@
+"""`harness plan`: per-run Gflops, params and compute, totals, accelerator-hours."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness import cli, paper
+from harness.errors import HarnessError
+from harness.flops import model_gflops
+from harness.plan import format_table, plan_sweep
+from harness.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "sweeps"
+
+SPEC = """\
+name: p
+models: [DiT-2x32x2/4, DiT-2x32x2/2]
+data: {dataset: digits, image_size: 8}
+train: {steps: 30, global_batch: 16}
+eval:
+  at_steps: [10, 30]
+  num_samples: 20
+  sampling_steps: [5, 10]
+  cfg_scales: [1.0, 1.5]
+"""
+
+
+def test_plan_arithmetic(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(SPEC)
+    plan = plan_sweep(load_spec(path), throughput=100.0)
+    assert [r["model"] for r in plan["runs"]] == ["DiT-2x32x2/4", "DiT-2x32x2/2"]
+    for r in plan["runs"]:
+        g, params = model_gflops(r["model"], "adaLN-Zero", 8, 1, 10)
+        assert r["gflops"] == g and r["params"] == params and g > 0
+        assert r["train_gflops"] == pytest.approx(g * 16 * 30 * 3)
+        # 2 eval steps x (5 + 10 sampling steps) x (1 + 2 for cfg 1.5) x 20 samples
+        assert r["sampling_forwards"] == 2 * (5 + 10) * 3 * 20
+        assert r["sampling_gflops"] == pytest.approx(g * r["sampling_forwards"])
+        assert r["eval_points"] == 2 * 2 * 2 and r["eval_samples"] == 8 * 20
+        assert r["train_accel_hours"] == pytest.approx(16 * 30 / 100.0 / 3600)
+        assert r["paper_gflops"] is None  # pixel-space digits: no paper row
+    # a patch of 2 sees 4x the tokens of a patch of 4: more compute
+    assert plan["runs"][1]["gflops"] > plan["runs"][0]["gflops"]
+    t = plan["totals"]
+    assert t["runs"] == 2 and t["train_gflops"] == pytest.approx(sum(r["train_gflops"] for r in plan["runs"]))
+    assert t["accel_hours"] == pytest.approx(t["train_accel_hours"] + t["sampling_accel_hours"])
+    table = format_table(plan)
+    assert "total (2 runs)" in table and plan["runs"][0]["run_id"] in table and "train_h" in table
+
+
+def test_throughput_model_scales_by_gflops(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(SPEC)
+    spec = load_spec(path)
+    plan = plan_sweep(spec, throughput=100.0, throughput_model="DiT-2x32x2/2")
+    small, big = plan["runs"]
+    assert big["train_accel_hours"] == pytest.approx(16 * 30 / 100.0 / 3600)  # measured on this one
+    assert small["train_accel_hours"] == pytest.approx(big["train_accel_hours"] * small["gflops"] / big["gflops"])
+    with pytest.raises(HarnessError, match="--throughput"):
+        plan_sweep(spec, throughput=0.0)
+
+
+def test_checkpoints_from_sweep_trains_nothing(tmp_path):
+    (tmp_path / "src.yaml").write_text(SPEC.replace("name: p", "name: src"))
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC.replace("name: p", "name: s\ncheckpoints_from: src"))
+    plan = plan_sweep(load_spec(path))
+    assert plan["checkpoints_from"] == "src" and plan["totals"]["train_gflops"] == 0
+    assert plan["totals"]["sampling_gflops"] > 0 and plan["runs"][0]["train_accel_hours"] is None
+
+
+def test_cli_plan_json_smoke(capsys):
+    assert cli.main(["plan", str(SWEEPS / "smoke.yaml"), "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["sweep"] == "smoke" and len(plan["runs"]) == 2
+    assert plan["totals"]["eval_samples"] == 2 * 2 * 100
+
+
+def test_cli_plan_subprocess_table():
+    exe = Path(sys.executable).with_name("harness")
+    proc = subprocess.run([str(exe), "plan", str(SWEEPS / "smoke.yaml"), "--throughput", "50"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "total (2 runs)" in proc.stdout and "accelerator-hours" in proc.stdout
+
+
+@pytest.mark.slow
+def test_plan_gflops_sweep_matches_paper():
+    """The 12 paper models: Gflops within 1% of Table 4, XL/2 training ~ 118.6 x 256 x 400K x 3.
+    Slow only with a cold flops cache (fvcore traces each model once, then it is cached)."""
+    plan = plan_sweep(load_spec(SWEEPS / "gflops.yaml"))
+    assert len(plan["runs"]) == 12
+    for r in plan["runs"]:
+        ref = paper.paper_gflops(r["model"], "adaLN-Zero", 256)
+        assert r["paper_gflops"] == ref
+        assert r["gflops"] == pytest.approx(ref, rel=0.01), r["model"]
+        assert r["train_gflops"] == pytest.approx(r["gflops"] * 256 * 400_000 * 3)
+    xl2 = next(r for r in plan["runs"] if r["model"] == "DiT-XL/2")
+    assert xl2["train_gflops"] == pytest.approx(3.64e10, rel=0.01)
+    assert plan["totals"]["train_gflops"] == pytest.approx(sum(r["train_gflops"] for r in plan["runs"]))
