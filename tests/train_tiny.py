@@ -1,0 +1,39 @@
+"""Tiny training runs shared by the trainer tests (not a test module itself)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
+
+TINY_MODEL = "DiT-2x32x2/2"
+
+
+def tiny_run(steps: int = 6, **train: object) -> RunSpec:
+    """A run of a 2-block, 32-wide DiT on 8x8 digits; no evaluation unless at_steps are given."""
+    at_steps = train.pop("at_steps", [])
+    ev = train.pop("eval", {})
+    base = dict(steps=steps, global_batch=16, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1, keep_last=2)
+    base.update(train)
+    return RunSpec(run_id="tiny", sweep="test", model=TINY_MODEL, conditioning="adaLN-Zero", seed=0,
+                   data=DataSpec(), train=TrainSpec(**base),
+                   eval=dataclasses.replace(EvalSpec(at_steps=list(at_steps), sampling_steps=[5]), **ev))
+
+
+def final_state(run_dir, step: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=False)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """model, ema and optimizer state of two checkpoints are bitwise equal."""
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"opt.state[{i}].{k} differs"
+    assert a["step"] == b["step"] and a["data_pos"] == b["data_pos"]
