@@ -87,3 +87,17 @@ def write_sweep(results: Path, name: str = "synth", conditioning_ablation: bool 
     (results / name / "sweep.json").write_text(json.dumps({"runs": evaluated + missing}))
     (results / name / "spec.yaml").write_text(f"name: {name}\nmodels: [{', '.join(MODELS)}]\nseeds: [0]\n")
     return {"evaluated": evaluated, "missing": missing}
+
+
+_RENDERED: dict[str, tuple[Path, dict, dict]] = {}
+
+
+def rendered_partial_sweep(tmp_root: Path) -> tuple[Path, dict, dict]:
+    """Render (once per test session) the report of a partial synthetic sweep with every figure kind.
+    Returns (report folder, manifest, {"evaluated": [...], "missing": [...]})."""
+    if "sweep" not in _RENDERED:
+        from harness.report import render_sweep_report
+        ids = write_sweep(tmp_root / "results", "synth", n_missing=2)
+        manifest = render_sweep_report(tmp_root / "results", "synth", tmp_root / "reports", n_boot=60)
+        _RENDERED["sweep"] = (tmp_root / "reports" / "synth", manifest, ids)
+    return _RENDERED["sweep"]

@@ -1,0 +1,43 @@
+"""Report rendering: figures (matplotlib), index.html (jinja2), report.pdf, the tidy CSV.
+
+`harness report SWEEP` -> reports/<sweep>/; `harness report --paper` -> reports/paper/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["cli_report", "render_sweep_report", "render_paper_report"]
+
+
+def render_sweep_report(results_root, sweep, out_root, n_boot: int = 500) -> dict:
+    from harness.report.sweep import render_sweep_report as _render
+    return _render(results_root, sweep, out_root, n_boot=n_boot)
+
+
+def render_paper_report(out_root, n_boot: int = 1000) -> dict:
+    from harness.report.paper import render_paper_report as _render
+    return _render(out_root, n_boot=n_boot)
+
+
+def cli_report(args: argparse.Namespace) -> int:
+    """`harness report [SWEEP] [--paper] [--results ROOT] [--out ROOT]`."""
+    if not args.paper and not args.sweep:
+        raise HarnessError("harness report: name a sweep (sweeps/NAME.yaml or NAME), or pass --paper")
+    if args.paper:
+        manifest = render_paper_report(args.out)
+        print(f"wrote {Path(args.out) / manifest['name'] / 'index.html'} and report.pdf")
+        for note in manifest["notes"][:1]:
+            print(note)
+    if args.sweep:
+        manifest = render_sweep_report(args.results, args.sweep, args.out)
+        out = Path(args.out) / manifest["name"]
+        print(f"wrote {out / 'index.html'}, {out / 'report.pdf'}, {out / manifest['csv']}")
+        if manifest["missing"]:
+            print(f"partial sweep: {len(manifest['missing'])} run(s) missing: {', '.join(manifest['missing'])}")
+    return 0

@@ -1,0 +1,135 @@
+"""The rendered report: files, HTML content, PDF pages (pdftoppm), the paper report, partial sweeps."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.report import figures as F
+from harness.report.sweep import paper_setup_matches
+from report_synth import rendered_partial_sweep
+
+SWEEP_FIGURES = ["fid_vs_steps", "fid_vs_gflops", "fid_vs_train_compute", "conditioning", "sampling_compute",
+                 "samples"]
+
+
+@pytest.fixture(scope="session")
+def sweep_report(tmp_path_factory):
+    return rendered_partial_sweep(tmp_path_factory.mktemp("sweep-report"))
+
+
+@pytest.fixture(scope="session")
+def paper_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper-report")
+    assert main(["report", "--paper", "--out", str(out)]) == 0
+    return out / "paper"
+
+
+def _pdf_pages(pdf: Path, tmp: Path) -> list[np.ndarray]:
+    """Render every page with poppler's pdftoppm; grayscale arrays in page order."""
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm absent: apt-get install -y poppler-utils")
+    subprocess.run(["pdftoppm", "-r", "40", "-gray", "-png", str(pdf), str(tmp / "page")], check=True, timeout=120)
+    files = sorted(tmp.glob("page-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return [np.asarray(Image.open(f).convert("L"), dtype=float) for f in files]
+
+
+def _assert_not_blank(pages: list[np.ndarray]) -> None:
+    for i, px in enumerate(pages, 1):
+        inked = (px < 200).mean()
+        assert px.std() > 3.0 and inked > 0.002, f"page {i} looks blank (std {px.std():.2f}, inked {inked:.4f})"
+
+
+def test_sweep_report_files_and_figures(sweep_report):
+    folder, manifest, _ = sweep_report
+    assert manifest["figures"] == SWEEP_FIGURES
+    for name in SWEEP_FIGURES:
+        png = Image.open(folder / "figures" / f"{name}.png")
+        assert png.width > 300 and png.height > 200
+        assert (folder / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    table = pd.read_csv(folder / "results.csv")
+    assert table["run_id"].nunique() == 4 and len(table) == 25
+    assert not list(folder.glob(".*.tmp"))  # atomic writes left no temporaries behind
+
+
+def test_sweep_report_html_content(sweep_report):
+    folder, manifest, ids = sweep_report
+    html = (folder / "index.html").read_text()
+    for src in re.findall(r'<img src="([^"]+)"', html):
+        assert (folder / src).is_file(), src
+    assert len(re.findall(r"<img ", html)) == len(SWEEP_FIGURES)
+    assert "Missing runs" in html
+    for rid in ids["missing"]:
+        assert rid in html and rid in manifest["missing"]
+    assert "name: synth" in html                      # the spec text
+    assert manifest["git_revision"] in html
+    assert "matplotlib" in html and "scipy" in html   # package versions
+    assert "<td>digits</td>" in html                  # the feature space of the metrics
+    assert "Pearson r between log10(Gflops) and FID" in html
+
+
+def test_digits_sweep_has_no_paper_overlay(sweep_report):
+    folder, manifest, _ = sweep_report
+    assert any("not overlaid" in n for n in manifest["notes"])
+    for name in ("fid_vs_gflops", "fid_vs_train_compute", "fid_vs_steps"):
+        assert "paper, Table 4" not in (folder / "figures" / f"{name}.svg").read_text()
+
+
+def test_paper_overlay_only_where_setup_matches():
+    base = dict(feature_space="inception", image_size=256, num_classes=1000, dataset="imagefolder")
+    assert paper_setup_matches(pd.DataFrame([base, base]))
+    for key, bad in [("feature_space", "digits"), ("image_size", 8), ("num_classes", 10), ("dataset", "digits")]:
+        assert not paper_setup_matches(pd.DataFrame([base, {**base, key: bad}])), key
+    models = pd.DataFrame({"label": ["DiT-S/2"], "gflops": [6.06], "fid": [70.0], "size": ["S"], "patch": [2]})
+    fig = F.fid_vs_gflops(models, None, None, 400000, paper_rows=[{"gflops": 6.06, "fid50k": 68.4}])
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "paper, Table 4 (400K steps)" in labels
+
+
+def test_sweep_pdf_pages(sweep_report, tmp_path):
+    folder, manifest, _ = sweep_report
+    pages = _pdf_pages(folder / "report.pdf", tmp_path)
+    expected = manifest["pdf_pages"]
+    assert len(pages) == len(expected)
+    # summary first, one page per figure in order, then tables and the spec
+    assert expected[0].startswith("summary")
+    assert [p.split(" ", 1)[1] for p in expected if p.startswith("figure")] == SWEEP_FIGURES
+    assert any(p.startswith("tables") for p in expected) and expected[-1].startswith("spec")
+    _assert_not_blank(pages)
+
+
+def test_paper_report(paper_report, tmp_path):
+    manifest = __import__("json").loads((paper_report / "manifest.json").read_text())
+    note = manifest["notes"][0]
+    r = float(re.search(r"r = (-?\d\.\d+)", note).group(1))
+    assert r == pytest.approx(-0.930, abs=5e-4)        # the paper reports -0.93
+    assert "-0.93" in note
+    assert manifest["figures"] == ["fid_vs_gflops", "fid_vs_train_compute", "conditioning"]
+    svg = (paper_report / "figures" / "fid_vs_gflops.svg").read_text()
+    assert "-0.930" in svg and "DiT-XL/2" in svg
+    pages = _pdf_pages(paper_report / "report.pdf", tmp_path)
+    assert len(pages) == len(manifest["pdf_pages"]) == 5
+    _assert_not_blank(pages)
+    tidy = pd.read_csv(paper_report / "table4_tidy.csv")
+    xl = tidy[(tidy["model"] == "DiT-XL/2") & (tidy["step"] == 400000) & (tidy["conditioning"] == "adaLN-Zero")
+              & (tidy["image_size"] == 256)]
+    assert xl["train_compute"].iloc[0] == pytest.approx(118.64 * 256 * 400000 * 3)
+
+
+def test_report_cli_errors(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert "--paper" in capsys.readouterr().err
+    (tmp_path / "results" / "none" / "runs").mkdir(parents=True)
+    assert main(["report", "none", "--results", str(tmp_path / "results"), "--out", str(tmp_path)]) == 2
+    assert "no evaluation records" in capsys.readouterr().err
+    with pytest.raises(HarnessError):
+        from harness.report import render_sweep_report
+        render_sweep_report(tmp_path / "results", "none", tmp_path)
