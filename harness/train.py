@@ -421,8 +421,9 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: t
     if not todo:
         return 0
     ev = run.eval
-    extractor = get_feature_extractor(ev.features)
-    reference = load_reference(ev.reference, extractor)
+    extractor = (get_feature_extractor(ev.features, weights=ev.inception_weights, device=device)
+                 if ev.features == "inception" else get_feature_extractor(ev.features, device=device))
+    reference = load_reference(ev.reference, extractor, image_size=run.data.image_size, batch_size=ev.batch_size)
     for setting in todo:
         t0 = time.perf_counter()
         labels = balanced_labels(ev.num_samples, run.data.num_classes)

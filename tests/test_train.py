@@ -94,3 +94,31 @@ def test_training_on_digits_lowers_the_loss(tmp_path):
     print("mse per 5 steps:", [round(x, 3) for x in losses])
     assert first > 0.8  # adaLN-Zero starts by predicting zero noise: mse ~ 1
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_evaluation_in_training_appends_each_setting_once(tmp_path):
+    run = tiny_run(steps=4, at_steps=[2, 4], eval={"num_samples": 20, "sampling_steps": [2, 3],
+                                                   "cfg_scales": [1.0, 2.0], "metrics": ["fid", "is", "precision"],
+                                                   "batch_size": 20})
+    run_training(run, tmp_path, stop_at=2)
+    recs = list(read_jsonl(tmp_path / "eval.jsonl"))
+    assert sorted((r["step"], r["sampling_steps"], r["cfg_scale"]) for r in recs) == [
+        (2, 2, 1.0), (2, 2, 2.0), (2, 3, 1.0), (2, 3, 2.0)]
+    for r in recs:
+        assert r["feature_space"] == "digits" and r["reference"] == "digits" and r["num_samples"] == 20
+        assert r["fid"] > 0 and r["inception_score"] >= 1.0 and 0 <= r["precision"] <= 1
+        assert r["sfid"] is None and r["recall"] is None  # not requested: recorded as null
+        assert r["sampler"] == "ddim" and r["wall_s"] > 0
+    assert (tmp_path / "samples" / "samples_step_0000002_k2_cfg2.npz").exists()
+    run_training(run, tmp_path)  # resumes at 2: step 2 already recorded, so only step 4 is added
+    run_training(run, tmp_path)  # done: nothing added
+    recs = list(read_jsonl(tmp_path / "eval.jsonl"))
+    assert len(recs) == 8 and sorted({r["step"] for r in recs}) == [2, 4]
+    # the eval checkpoints are kept beyond keep_last
+    assert (tmp_path / "checkpoints" / "step_0000002.pt").exists()
+    # a setting added later is evaluated from the retained checkpoint of step 2, once
+    run.eval.cfg_scales = [1.0, 2.0, 3.0]
+    run_training(run, tmp_path)
+    recs = list(read_jsonl(tmp_path / "eval.jsonl"))
+    assert len(recs) == 12 and sum(r["cfg_scale"] == 3.0 and r["step"] == 2 for r in recs) == 2
