@@ -18,7 +18,7 @@ import fcntl
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,7 @@ class LatentCache:
 
     root: Path
     manifest: dict
+    _arrays: tuple[ShardedArray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | Path) -> "LatentCache":
@@ -257,9 +258,10 @@ class LatentCache:
 
     def arrays(self) -> tuple[ShardedArray, np.ndarray]:
         """(latents (N, 2, C, h, w) memory-mapped, [:, 1] = flipped image; labels int64 (N,))."""
-        shards = [np.load(self.root / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
-        labels = np.load(self.root / "labels.npy")
-        return ShardedArray(shards), labels
+        if self._arrays is None:
+            shards = [np.load(self.root / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+            self._arrays = (ShardedArray(shards), np.load(self.root / "labels.npy"))
+        return self._arrays
 
     def batch(self, indices: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """float32 (B, C, h, w) latents of items `indices`, flipped where `flips` is 1."""

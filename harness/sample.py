@@ -73,8 +73,8 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
                   autoencoder: Any = None, progress: bool = False) -> np.ndarray:
     """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
 
-    model: a DiT (its in_channels/input_size give the latent shape; label `model.num_classes` is the
-    null class). run: the run (RunSpec or run.json dict) naming data.autoencoder, unless
+    model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
+    shape; label `model.num_classes` is the null class). run: the run (RunSpec or run.json dict) naming data.autoencoder, unless
     `autoencoder` is given. Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
     """
@@ -83,7 +83,7 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
 
     if sampler not in SAMPLERS:
         raise HarnessError(f"sampler {sampler!r} (key eval.sampler or --sampler): use one of {', '.join(SAMPLERS)}.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     ae = autoencoder if autoencoder is not None else autoencoder_for(run)
     ae.to(device)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
