@@ -104,6 +104,8 @@ def _bootstrap(fit_once, n: int, groups, n_boot: int, seed: int, min_points: int
     Resamples with fewer than `min_points` distinct points, or where the fit fails, are skipped."""
     rng = np.random.default_rng(seed)
     idx = _groups_index(n, groups)
+    if len(idx) < 3:  # resampling fewer than 3 runs says nothing about the spread: no interval
+        return np.empty((0, 0))
     out = []
     for _ in range(n_boot):
         pick = rng.integers(0, len(idx), len(idx))
@@ -122,6 +124,13 @@ def _ci(samples: np.ndarray, level: float) -> tuple[float, float]:
         return (float("nan"), float("nan"))
     lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
     return (float(lo), float(hi))
+
+
+def ci_text(ci: tuple[float, float], fmt: str = ".3f") -> str:
+    """'[lo, hi]', or 'CI n/a (< 3 runs)' when the bootstrap had too few runs to give one."""
+    if not all(np.isfinite(ci)):
+        return "[CI n/a: < 3 runs]"
+    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 @dataclass
@@ -371,6 +380,8 @@ def fit_frontier(frame: pd.DataFrame, metric: str = "fid", x: str = "train_compu
     rng = np.random.default_rng(seed)
     keys = list(cv)
     boot = []
+    if len(keys) < 3:  # too few runs for a bootstrap interval
+        n_boot = 0
     for _ in range(n_boot):
         pick = rng.integers(0, len(keys), len(keys))
         counts = np.bincount(pick, minlength=len(keys))

@@ -133,3 +133,21 @@ def test_report_cli_errors(tmp_path, capsys):
     with pytest.raises(HarnessError):
         from harness.report import render_sweep_report
         render_sweep_report(tmp_path / "results", "none", tmp_path)
+
+
+@pytest.mark.parametrize("models,steps", [(["DiT-S/2"], [250, 500, 1000]), (["DiT-S/4", "DiT-S/2"], [500])])
+def test_degenerate_sweeps_still_report(tmp_path, models, steps):
+    """One model, or one evaluated step: no crash; fits without enough runs carry no interval."""
+    import numpy as np
+    from harness.report.sweep import build_sweep_report
+    from harness.results import load_sweep
+    from report_synth import write_run
+    rng = np.random.default_rng(0)
+    for m in models:
+        write_run(tmp_path / "tiny" / "runs", m, "adaLN-Zero", 0, rng, steps=steps, grid=False)
+    rep = build_sweep_report(load_sweep(tmp_path, "tiny"), n_boot=20)
+    names = [f.name for f in rep.figures]
+    assert names[:2] == ["fid_vs_steps", "fid_vs_gflops"] and "samples" not in names
+    fits = next(t for t in rep.tables if t.title == "Fits")
+    for row in fits.rows:  # < 3 runs: the interval is reported as unknown, never as a fake zero width
+        assert "CI n/a" in row[3] and "nan" not in row[3]

@@ -118,7 +118,7 @@ def fid_vs_gflops(models: pd.DataFrame, corr: analysis.Correlation | None, fit: 
         xs = np.geomspace(models["gflops"].min() / 1.3, models["gflops"].max() * 1.3, 100)
         lo, hi = fit.interval(xs)
         ax.plot(xs, fit.predict(xs), color="black", linewidth=1.2,
-                label=f"fit {fit.a:.3g}·G^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]")
+                label=f"fit {fit.a:.3g}·G^{fit.b:.3f} {analysis.ci_text(fit.b_ci)}")
         if np.all(np.isfinite(lo)):
             ax.fill_between(xs, lo, hi, color="black", alpha=0.08, linewidth=0)
     if paper_rows:
@@ -160,7 +160,7 @@ def fid_vs_train_compute(frame: pd.DataFrame, front: analysis.Frontier | None, f
         hi_x = max(front.grid.max() if front is not None else 0, extrap.target if extrap else 0)
         xs = np.geomspace(front.grid.min() if front is not None else hi_x / 100, hi_x, 100)
         ax.plot(xs, fit.predict(xs), color="black", linewidth=1,
-                label=f"frontier fit {fit.a:.3g}·C^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]")
+                label=f"frontier fit {fit.a:.3g}·C^{fit.b:.3f} {analysis.ci_text(fit.b_ci)}")
     if extrap is not None and np.isfinite(extrap.value):
         yerr = None
         if np.isfinite(extrap.lo):

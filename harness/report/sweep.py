@@ -109,7 +109,7 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
     if ok.sum() >= 3 and models.loc[ok, "gflops"].nunique() >= 2:
         gfit = analysis.fit_power_law(models.loc[ok, "gflops"], models.loc[ok, "fid"], n_boot=n_boot)
         fits.append([f"FID vs Gflops (step {step:,})", gfit.form, f"a = {_g(gfit.a)}",
-                     f"b = {gfit.b:.4f} [{gfit.b_ci[0]:.4f}, {gfit.b_ci[1]:.4f}]", str(gfit.n), _g(gfit.r2, 3)])
+                     f"b = {gfit.b:.4f} {analysis.ci_text(gfit.b_ci, '.4f')}", str(gfit.n), _g(gfit.r2, 3)])
     if fid_corr is not None and np.isfinite(fid_corr.pearson_r):
         rep.notes.append(f"At step {step:,}, Pearson r between log10(Gflops) and FID over {fid_corr.n} models is "
                          f"{fid_corr.pearson_r:.3f} (p = {fid_corr.pearson_p:.2g}); Spearman ρ = "
@@ -127,19 +127,19 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
         target = EXTRAPOLATE_FACTOR * float(main["train_compute"].max())
         extrap = analysis.extrapolate(ffit, target)
         fits.append(["FID vs training compute (frontier)", ffit.form, f"a = {_g(ffit.a)}",
-                     f"b = {ffit.b:.4f} [{ffit.b_ci[0]:.4f}, {ffit.b_ci[1]:.4f}]", str(ffit.n), _g(ffit.r2, 3)])
+                     f"b = {ffit.b:.4f} {analysis.ci_text(ffit.b_ci, '.4f')}", str(ffit.n), _g(ffit.r2, 3)])
         rep.notes.append(f"Frontier power law: FID ≈ {ffit.a:.3g}·C^{ffit.b:.3f} (95% CI of the exponent "
-                         f"[{ffit.b_ci[0]:.3f}, {ffit.b_ci[1]:.3f}]); extrapolated to C = {target:.3g} Gflops: "
-                         f"FID {extrap.value:.3g} [{extrap.lo:.3g}, {extrap.hi:.3g}].")
+                         f"{analysis.ci_text(ffit.b_ci)}); extrapolated to C = {target:.3g} Gflops: "
+                         f"FID {extrap.value:.3g} {analysis.ci_text((extrap.lo, extrap.hi), '.3g')}.")
         fx, fy, fk = analysis.frontier_points(analysis.curves(main, "fid", "train_compute", by="run_id"))
         try:
             sat = analysis.fit_saturating(fx, fy, fk, n_boot=min(n_boot, 200))
             sx = analysis.extrapolate(sat, target)
             fits.append(["FID vs training compute (frontier)", sat.form,
-                         f"F_inf = {_g(sat.f_inf)} [{_g(sat.f_inf_ci[0])}, {_g(sat.f_inf_ci[1])}], A = {_g(sat.A)}",
-                         f"alpha = {sat.alpha:.4f} [{sat.alpha_ci[0]:.4f}, {sat.alpha_ci[1]:.4f}]", str(sat.n), "–"])
+                         f"F_inf = {_g(sat.f_inf)} {analysis.ci_text(sat.f_inf_ci, '.4g')}, A = {_g(sat.A)}",
+                         f"alpha = {sat.alpha:.4f} {analysis.ci_text(sat.alpha_ci, '.4f')}", str(sat.n), "–"])
             rep.notes.append(f"Saturating fit on the frontier: F_inf = {sat.f_inf:.3g}, alpha = {sat.alpha:.3f}; "
-                             f"at C = {target:.3g}: FID {sx.value:.3g} [{sx.lo:.3g}, {sx.hi:.3g}].")
+                             f"at C = {target:.3g}: FID {sx.value:.3g} {analysis.ci_text((sx.lo, sx.hi), '.3g')}.")
         except HarnessError as err:
             log.info("saturating fit skipped: %s", err)
     except HarnessError as err:
