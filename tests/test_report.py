@@ -1,6 +1,7 @@
 """The rendered report: files, HTML content, PDF pages (pdftoppm), the paper report, partial sweeps."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -107,7 +108,7 @@ def test_sweep_pdf_pages(sweep_report, tmp_path):
 
 
 def test_paper_report(paper_report, tmp_path):
-    manifest = __import__("json").loads((paper_report / "manifest.json").read_text())
+    manifest = json.loads((paper_report / "manifest.json").read_text())
     note = manifest["notes"][0]
     r = float(re.search(r"r = (-?\d\.\d+)", note).group(1))
     assert r == pytest.approx(-0.930, abs=5e-4)        # the paper reports -0.93
@@ -138,7 +139,6 @@ def test_report_cli_errors(tmp_path, capsys):
 @pytest.mark.parametrize("models,steps", [(["DiT-S/2"], [250, 500, 1000]), (["DiT-S/4", "DiT-S/2"], [500])])
 def test_degenerate_sweeps_still_report(tmp_path, models, steps):
     """One model, or one evaluated step: no crash; fits without enough runs carry no interval."""
-    import numpy as np
     from harness.report.sweep import build_sweep_report
     from harness.results import load_sweep
     from report_synth import write_run
