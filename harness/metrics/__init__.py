@@ -1,0 +1,102 @@
+"""Evaluation: FID, sFID, Inception Score, Precision and Recall, defined as ADM's evaluator defines them.
+
+    extractor = get_feature_extractor("digits")            # or "inception", weights=PATH
+    reference = load_reference("digits", extractor)         # or an ADM npz, or an image folder
+    compute_metrics(images_uint8_NHWC, reference, extractor)
+    -> {"fid": .., "sfid": .., "inception_score": .., "precision": .., "recall": ..,
+        "feature_space": "digits", "num_samples": N}
+
+Every number carries its feature space; numbers from different spaces are never comparable.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.metrics.features import FeatureExtractor, Features, check_images
+from harness.metrics.reference import ReferenceStats, load_reference
+from harness.metrics.stats import (frechet_distance, gaussian_stats, inception_score,
+                                   precision_recall)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compute_metrics", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
+           "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "FEATURE_SPACES"]
+
+METRICS = ("fid", "sfid", "is", "precision", "recall")
+METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
+_ALIASES = {"inception_score": "is", "isc": "is", "prec": "precision", "rec": "recall"}
+FEATURE_SPACES = ("inception", "digits")
+
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
+
+
+def normalize_metrics(metrics: Iterable[str]) -> list[str]:
+    """Canonical metric names (fid, sfid, is, precision, recall) in a fixed order; HarnessError on others."""
+    wanted = set()
+    for m in metrics:
+        key = _ALIASES.get(str(m).strip().lower(), str(m).strip().lower())
+        if key not in METRICS:
+            raise HarnessError(f"unknown metric {m!r} (--metrics / eval.metrics); choose from {', '.join(METRICS)}")
+        wanted.add(key)
+    if not wanted:
+        raise HarnessError(f"no metrics requested (--metrics / eval.metrics); choose from {', '.join(METRICS)}")
+    return [m for m in METRICS if m in wanted]
+
+
+def get_feature_extractor(name: str, **kw) -> FeatureExtractor:
+    """The feature space `name` ('inception' or 'digits'), built once per process and reused.
+
+    Keywords: device (default cuda if available); for inception, weights (or inception_weights):
+    a local FID weights file (default: $HARNESS_INCEPTION_WEIGHTS, then the torch hub cache).
+    """
+    weights = kw.pop("weights", None) or kw.pop("inception_weights", None)
+    device = kw.pop("device", None)
+    if kw:
+        raise TypeError(f"get_feature_extractor: unexpected arguments {sorted(kw)}")
+    key = (name, str(weights), str(device))
+    if key in _EXTRACTORS:
+        return _EXTRACTORS[key]
+    if name == "inception":
+        from harness.metrics.inception import InceptionFeatures
+        extractor: FeatureExtractor = InceptionFeatures(weights=weights, device=device)
+    elif name == "digits":
+        from harness.metrics.digits import DigitsFeatures
+        extractor = DigitsFeatures(device=device)
+    else:
+        raise HarnessError(f"unknown feature space {name!r} (--features / eval.features); "
+                           f"choose from {', '.join(FEATURE_SPACES)}")
+    _EXTRACTORS[key] = extractor
+    return extractor
+
+
+def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: FeatureExtractor,
+                    metrics: Iterable[str] = METRICS, batch_size: int = 100) -> dict:
+    """The requested metrics of samples uint8 (N, H, W, 3) against `reference`, in `extractor`'s space.
+
+    Returns {fid, sfid, inception_score, precision, recall (None when not requested),
+    feature_space, num_samples}.
+    """
+    wanted = normalize_metrics(metrics)
+    if reference.feature_identity != extractor.identity:
+        raise HarnessError(f"reference {reference.source} was computed in feature space "
+                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")
+    images = check_images(images, "samples")
+    feats = extractor.extract(images, batch_size)
+    out: dict = {v: None for v in METRIC_KEYS.values()}
+    if "fid" in wanted:
+        out["fid"] = frechet_distance(*gaussian_stats(feats.pool), reference.mu, reference.sigma)
+    if "sfid" in wanted:
+        out["sfid"] = frechet_distance(*gaussian_stats(feats.spatial), reference.mu_s, reference.sigma_s)
+    if "is" in wanted:
+        out["inception_score"] = inception_score(feats.logits)
+    if "precision" in wanted or "recall" in wanted:
+        precision, recall = precision_recall(reference.pool_features(), feats.pool, device=extractor.device)
+        out["precision"] = precision if "precision" in wanted else None
+        out["recall"] = recall if "recall" in wanted else None
+    out["feature_space"] = extractor.name
+    out["num_samples"] = int(images.shape[0])
+    return out

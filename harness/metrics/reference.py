@@ -1,0 +1,268 @@
+"""Reference statistics: the real-data side of every metric, computed once and cached.
+
+A reference is one of
+- 'digits': all 1,797 real digits (8x8, channels repeated to RGB);
+- an npz in the ADM layout: `arr_0` (N, H, W, 3) uint8 images, and optionally ADM's precomputed
+  Inception statistics `mu`, `sigma`, `mu_s`, `sigma_s` (e.g. VIRTUAL_imagenet256_labeled.npz),
+  which are used as they are when the feature space is the official FID Inception;
+- an image folder (any depth; ImageNet train layout works), centre-cropped ADM-style to `image_size`.
+
+The cache (harness cache dir, `reference/`) is keyed by the dataset identity, its resolution and the
+exact feature space (weights included). Pool features (for precision/recall) are kept too; for ADM
+batches with precomputed statistics they are extracted from `arr_0` only when first needed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.io import atomic_write, cache_dir
+from harness.metrics.features import FeatureExtractor, Features, check_images
+from harness.metrics.stats import gaussian_stats
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+@dataclass
+class ReferenceStats:
+    """Gaussian statistics of the reference in one feature space, plus its pool features.
+
+    mu (D,), sigma (D, D): pool features; mu_s (Ds,), sigma_s (Ds, Ds): spatial features.
+    `pool_features()` -> (N, D) for precision/recall (computed on first use when not yet cached).
+    """
+    source: str
+    identity: str
+    feature_space: str
+    feature_identity: str
+    resolution: int
+    num_images: int
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    _pool: np.ndarray | None = field(default=None, repr=False)
+    _pool_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+
+    def pool_features(self) -> np.ndarray:
+        if self._pool is None:
+            if self._pool_loader is None:
+                raise HarnessError(f"reference {self.source} has no pool features for precision/recall; "
+                                   "give an npz with arr_0 images or an image folder")
+            self._pool = self._pool_loader()
+        return self._pool
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _npz_identity(path: Path) -> str:
+    """Cheap content identity of a (possibly multi-GB) file: name, size, first and last 4 MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        if size > 8 << 20:
+            f.seek(size - (4 << 20))
+            h.update(f.read())
+    return f"npz:{path.name}:{h.hexdigest()[:16]}"
+
+
+def _npz_member_shape(path: Path, key: str) -> tuple[int, ...] | None:
+    """Shape of one array in an npz, read from its header only (no multi-GB load)."""
+    with zipfile.ZipFile(path) as zf:
+        if f"{key}.npy" not in zf.namelist():
+            return None
+        with zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, _ = read(f)
+    return tuple(shape)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _extract_stream(batches: Iterator[np.ndarray], extractor: FeatureExtractor, batch_size: int) -> Features:
+    parts = [extractor.extract(b, batch_size) for b in batches]
+    if not parts:
+        raise HarnessError("the reference holds no images")
+    return Features(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
+
+
+def _chunks(images: np.ndarray, size: int = 1000) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), size):
+        yield images[start:start + size]
+
+
+# ---- image folders ---------------------------------------------------------------------------------
+
+def list_images(root: Path, max_images: int | None = None) -> list[Path]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if max_images is not None and len(files) > max_images:
+        keep = np.random.RandomState(0).choice(len(files), max_images, replace=False)
+        files = [files[i] for i in sorted(keep)]
+    return files
+
+
+def center_crop(image, size: int) -> np.ndarray:
+    """PIL image -> uint8 (size, size, 3): halve with box filter while large, bicubic resize, centre crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def _folder_batches(files: list[Path], size: int, chunk: int = 500) -> Iterator[np.ndarray]:
+    from PIL import Image
+
+    for start in range(0, len(files), chunk):
+        out = []
+        for p in files[start:start + chunk]:
+            try:
+                with Image.open(p) as im:
+                    out.append(center_crop(im, size))
+            except OSError as err:
+                raise HarnessError(f"reference image {p} cannot be read ({err}); remove or replace it") from err
+        yield np.stack(out)
+
+
+# ---- the entry point -------------------------------------------------------------------------------
+
+def load_reference(reference: str, extractor: FeatureExtractor, image_size: int | None = None,
+                   batch_size: int = 100, max_images: int | None = None,
+                   use_cache: bool = True) -> ReferenceStats:
+    """Reference statistics of `reference` ('digits', an ADM npz, or an image folder) in `extractor`'s space.
+
+    image_size: folder references are centre-cropped to it (default: the first image's shorter side);
+    npz and digits references keep their own resolution (the extractor resizes as it needs).
+    """
+    ref = str(reference)
+    images: np.ndarray | None = None
+    files: list[Path] = []
+    adm_stats: dict[str, np.ndarray] | None = None
+    npz_path: Path | None = None
+    if ref == "digits":
+        from harness.data import load_digits
+
+        gray, _ = load_digits()
+        images = np.repeat(gray[..., None], 3, axis=-1)
+        identity = f"digits:{hashlib.sha256(gray.tobytes()).hexdigest()[:16]}"
+        resolution, count = gray.shape[1], len(gray)
+    else:
+        path = Path(ref).expanduser()
+        if path.is_file() and path.suffix == ".npz":
+            npz_path = path
+            identity = _npz_identity(path)
+            with np.load(path) as npz:
+                keys = set(npz.files)
+                if all(k in keys for k in ADM_STAT_KEYS) and extractor.name == "inception":
+                    adm_stats = {k: npz[k] for k in ADM_STAT_KEYS}
+            if "arr_0" not in keys and adm_stats is None:
+                raise HarnessError(
+                    f"reference {path} has no key 'arr_0' (images, N x H x W x 3 uint8)"
+                    + (" and its precomputed mu/sigma/mu_s/sigma_s are Inception statistics, unusable in "
+                       f"feature space {extractor.name!r}" if all(k in keys for k in ADM_STAT_KEYS) else "")
+                    + "; save the reference images as arr_0 (np.savez)")
+            resolution, count = -1, -1  # filled in from arr_0 when it is read
+        elif path.is_dir():
+            files = list_images(path, max_images)
+            if not files:
+                raise HarnessError(f"reference folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                   "point --reference / eval.reference at an image folder, an npz or 'digits'")
+            if image_size is None:
+                from PIL import Image
+                with Image.open(files[0]) as im:
+                    image_size = min(im.size)
+            rel = [(str(p.relative_to(path)), p.stat().st_size) for p in files]
+            identity = f"folder:{path.name}:{_sha(rel)[:16]}"
+            resolution, count = int(image_size), len(files)
+        else:
+            raise HarnessError(f"reference {ref!r} (--reference / eval.reference) is neither 'digits', an existing "
+                               ".npz file, nor an image folder; fix the path")
+
+    key = _sha({"identity": identity, "feature": extractor.identity,
+                "resolution": resolution if npz_path is None else "arr_0", "max_images": max_images})[:20]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in identity.split(":")[1])[:40]
+    cache = cache_dir("reference")
+    stats_path = cache / f"{slug}-{extractor.identity}-{key}.npz"
+    pool_path = stats_path.with_suffix(".pool.npy")
+
+    def read_images() -> np.ndarray:
+        if images is not None:
+            return images
+        with np.load(npz_path) as npz:
+            return check_images(npz["arr_0"], f"reference {npz_path} key arr_0")
+
+    def compute_pool() -> np.ndarray:
+        if use_cache and pool_path.is_file():
+            return np.load(pool_path)
+        log.info("reference %s: extracting %s pool features for precision/recall", ref, extractor.name)
+        feats = _extract_stream(_chunks(read_images()), extractor, batch_size)
+        if use_cache:
+            atomic_write(pool_path, lambda f: np.save(f, feats.pool))
+        return feats.pool
+
+    def build(meta: dict, arrays: dict, pool: np.ndarray | None) -> ReferenceStats:
+        return ReferenceStats(source=ref, identity=identity, feature_space=extractor.name,
+                              feature_identity=extractor.identity, resolution=int(meta["resolution"]),
+                              num_images=int(meta["num_images"]), _pool=pool, _pool_loader=compute_pool,
+                              **{k: np.asarray(arrays[k], np.float64) for k in ADM_STAT_KEYS})
+
+    if use_cache and stats_path.is_file():
+        try:
+            with np.load(stats_path) as npz:
+                meta = json.loads(str(npz["meta"]))
+                arrays = {k: npz[k] for k in ADM_STAT_KEYS}
+            log.info("reference %s: cached %s statistics %s", ref, extractor.name, stats_path)
+            return build(meta, arrays, None)
+        except (OSError, KeyError, ValueError) as err:
+            log.warning("ignoring unreadable reference cache %s (%s)", stats_path, err)
+
+    pool = None
+    if adm_stats is not None:
+        log.info("reference %s: using ADM's precomputed Inception statistics", ref)
+        shape = _npz_member_shape(npz_path, "arr_0") or (0, 0)
+        arrays, resolution, count = adm_stats, int(shape[1]), int(shape[0])
+    else:
+        log.info("reference %s: computing %s statistics (once; cached)", ref, extractor.name)
+        if files:
+            feats = _extract_stream(_folder_batches(files, resolution), extractor, batch_size)
+        else:
+            imgs = read_images()
+            resolution, count = int(imgs.shape[1]), int(imgs.shape[0])
+            feats = _extract_stream(_chunks(imgs), extractor, batch_size)
+        mu, sigma = gaussian_stats(feats.pool)
+        mu_s, sigma_s = gaussian_stats(feats.spatial)
+        arrays = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+        pool = feats.pool
+        if use_cache:
+            atomic_write(pool_path, lambda f: np.save(f, pool))
+    meta = {"source": ref, "identity": identity, "feature_space": extractor.name,
+            "feature_identity": extractor.identity, "resolution": resolution, "num_images": count}
+    if use_cache:
+        _save_npz(stats_path, meta=np.array(json.dumps(meta)), **arrays)
+    return build(meta, arrays, pool)
