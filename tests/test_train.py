@@ -122,3 +122,21 @@ def test_evaluation_in_training_appends_each_setting_once(tmp_path):
     run_training(run, tmp_path)
     recs = list(read_jsonl(tmp_path / "eval.jsonl"))
     assert len(recs) == 12 and sum(r["cfg_scale"] == 3.0 and r["step"] == 2 for r in recs) == 2
+
+
+def test_warmup_grad_checkpointing_and_bf16(tmp_path):
+    base = tiny_run(steps=2, ckpt_every=2)
+    warm = tiny_run(steps=2, ckpt_every=2, warmup_steps=4)
+    run_training(warm, tmp_path / "warm")
+    assert [r["lr"] for r in read_jsonl(tmp_path / "warm" / "train.jsonl")] == [2.5e-4, 5e-4]
+    # gradient checkpointing recomputes the same activations: identical weights
+    run_training(base, tmp_path / "plain")
+    gc = tiny_run(steps=2, ckpt_every=2, grad_checkpointing=True)
+    run_training(gc, tmp_path / "gc")
+    assert_bitwise_equal(final_state(tmp_path / "plain", 2), final_state(tmp_path / "gc", 2))
+    # bf16 autocast runs (on the CPU too) and trains to a finite, different result
+    bf = tiny_run(steps=2, ckpt_every=2, precision="bf16")
+    run_training(bf, tmp_path / "bf16")
+    a, b = final_state(tmp_path / "bf16", 2), final_state(tmp_path / "plain", 2)
+    assert all(torch.isfinite(v).all() for v in a["model"].values())
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
