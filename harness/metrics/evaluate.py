@@ -1,0 +1,63 @@
+"""`harness evaluate`: the five metrics of an ADM-layout npz of samples, as a table and as JSON."""
+from __future__ import annotations
+
+import logging
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.io import atomic_write_json
+from harness.metrics import compute_metrics, get_feature_extractor, load_reference, normalize_metrics
+from harness.metrics.features import check_images
+
+log = logging.getLogger(__name__)
+
+
+def load_samples(path: str | Path) -> np.ndarray:
+    """arr_0 of an ADM-layout npz: uint8 (N, H, W, 3)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HarnessError(f"samples file {path} (--samples) does not exist; write it with `harness sample`")
+    try:
+        with np.load(path) as npz:
+            if "arr_0" not in npz.files:
+                raise HarnessError(f"samples file {path} has no key 'arr_0' (keys: {', '.join(npz.files)}); "
+                                   "save the images as the first positional array of np.savez")
+            images = npz["arr_0"]
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise HarnessError(f"samples file {path} is not a readable npz ({err}); regenerate it") from err
+    return check_images(images, f"samples file {path} key arr_0")
+
+
+def format_table(result: dict) -> str:
+    rows = [("feature space", result["feature_space"]), ("samples", str(result["num_samples"])),
+            ("reference", str(result["reference"]))]
+    for key, label in (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
+                       ("precision", "Precision"), ("recall", "Recall")):
+        if result.get(key) is not None:
+            rows.append((label, f"{result[key]:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def cli_evaluate(args) -> int:
+    t0 = time.perf_counter()
+    metrics = normalize_metrics(args.metrics)  # cheap checks first: no model is built for a typo
+    if args.reference != "digits" and not Path(args.reference).expanduser().exists():
+        raise HarnessError(f"reference {args.reference} (--reference) does not exist; give an ADM npz, "
+                           "an image folder, or 'digits'")
+    images = load_samples(args.samples)
+    extractor = get_feature_extractor(args.features, weights=args.inception_weights)
+    reference = load_reference(args.reference, extractor, image_size=int(images.shape[1]),
+                               batch_size=args.batch_size)
+    result = compute_metrics(images, reference, extractor, metrics=metrics, batch_size=args.batch_size)
+    result.update(samples=str(args.samples), reference=str(args.reference),
+                  feature_identity=extractor.identity, wall_s=round(time.perf_counter() - t0, 3))
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+        log.info("wrote %s", args.json)
+    return 0
