@@ -78,6 +78,8 @@ class DataSpec:
     autoencoder: str = _opt("identity", kind=str, choices=AUTOENCODERS)
     autoencoder_path: str | None = _opt(None, kind=str, nullable=True)
     num_classes: int = _opt(10, kind=int, min=1)
+    flip: bool = _opt(True, kind=bool)  # random horizontal flips (the paper's only augmentation);
+    #                                     off for data that is not mirror-symmetric, such as digits
 
     @property
     def channels(self) -> int:

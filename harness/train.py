@@ -307,6 +307,8 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
         s = step + 1
         idx, flip = order.take(data_pos, tr.global_batch)
         idx, flip = idx[lo:hi], flip[lo:hi]
+        if not run.data.flip:
+            flip = np.zeros_like(flip)
         sel = np.argsort(idx, kind="stable")  # memmap reads in file order
         x_np = np.empty((local_batch, C, H, W), np.float32)
         x_np[sel] = latents[idx[sel], flip[sel]]
