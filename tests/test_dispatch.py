@@ -1,0 +1,144 @@
+"""`harness sweep` / `harness status`: real submitit jobs (debug in-process; Slurm on the local cluster)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.dispatch import dispatch, run_statuses, sweep_lock
+from harness.errors import HarnessError
+from harness.io import read_jsonl
+from harness.spec import load_spec
+
+EXE = Path(sys.executable).with_name("harness")
+
+TINY = """\
+name: {name}
+models: [DiT-2x32x2/4]
+data: {{dataset: digits, image_size: 8}}
+train: {{steps: {steps}, global_batch: 16, lr: 1.0e-3, ckpt_every: 10, log_every: 5, keep_last: 2}}
+eval: {{at_steps: [{steps}], num_samples: 20, sampling_steps: [4], sampler: ddim, metrics: [fid], batch_size: 20}}
+launcher: {{kind: {kind}, cpus_per_task: 1, mem_gb: 2, timeout_min: 10}}
+"""
+
+
+def tiny(tmp_path: Path, name: str = "tiny", steps: int = 10, kind: str = "debug") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, steps=steps, kind=kind))
+    return path
+
+
+def test_bad_spec_dispatches_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.format(name="bad", steps=10, kind="debug").replace("steps: 10,", "stepz: 10,"))
+    results = tmp_path / "results"
+    proc = subprocess.run([str(EXE), "sweep", str(bad), "--results", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.stepz" in proc.stderr and "did you mean 'steps'" in proc.stderr
+    assert not results.exists()
+
+
+def test_second_dispatch_is_locked_out(tmp_path):
+    spec = load_spec(tiny(tmp_path))
+    with sweep_lock(tmp_path / "results" / spec.name):
+        with pytest.raises(HarnessError, match="being dispatched by pid"):
+            dispatch(spec, tmp_path / "results", "debug")
+    assert not (tmp_path / "results" / spec.name / "runs").exists()
+
+
+def test_missing_source_sweep_is_refused(tmp_path):
+    (tmp_path / "src.yaml").write_text(TINY.format(name="src", steps=10, kind="debug"))
+    path = tmp_path / "evalonly.yaml"
+    path.write_text(TINY.format(name="evalonly", steps=10, kind="debug").replace(
+        "name: evalonly", "name: evalonly\ncheckpoints_from: src"))
+    with pytest.raises(HarnessError, match="no results of sweep 'src'"):
+        dispatch(load_spec(path), tmp_path / "results", "debug")
+
+
+@pytest.mark.slow
+def test_debug_sweep_runs_reruns_and_reuses_checkpoints(tmp_path):
+    results = tmp_path / "results"
+    spec = load_spec(tiny(tmp_path, "src"))
+    [status] = dispatch(spec, results, "debug")
+    assert status.state == "done" and status.evals == (1, 1), status
+    run = json.loads((status.dir / "run.json").read_text())
+    assert run["run_id"] == status.run.run_id and run["gflops"] > 0 and run["depth"] == 2
+    lines = (status.dir / "train.jsonl").read_text()
+    # a rerun skips the finished run: no new records
+    [again] = dispatch(spec, results, "debug")
+    assert again.state == "done" and (status.dir / "train.jsonl").read_text() == lines
+    # an evaluation-only sweep reuses the checkpoint at step 10 and trains nothing
+    path = tmp_path / "evalonly.yaml"
+    path.write_text(TINY.format(name="evalonly", steps=10, kind="debug").replace(
+        "name: evalonly", "name: evalonly\ncheckpoints_from: src").replace("sampling_steps: [4]",
+                                                                            "sampling_steps: [2, 4]"))
+    [ev] = dispatch(load_spec(path), results, "debug")
+    assert ev.state == "done" and ev.evals == (2, 2) and ev.run.run_id == status.run.run_id
+    assert not (ev.dir / "train.jsonl").exists()
+    assert {r["sampling_steps"] for r in read_jsonl(ev.dir / "eval.jsonl")} == {2, 4}
+
+
+# --------------------------------------------------------------------------- real Slurm
+def _need_slurm() -> None:
+    if shutil.which("sinfo") is None:
+        pytest.skip("Slurm is not installed: `sinfo` is absent (start one with `sudo scripts/local-slurm.sh`)")
+    if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("no Slurm controller answers `sinfo`; start one with `sudo scripts/local-slurm.sh`")
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_cancelled_run_fails_with_reason_then_finishes(tmp_path, monkeypatch):
+    _need_slurm()
+    monkeypatch.setenv("HARNESS_POLL_S", "1")
+    results = tmp_path / "results"
+    spec = load_spec(tiny(tmp_path, "cancel", steps=10, kind="slurm"))
+    [st] = dispatch(spec, results, wait=False)
+    assert st.state in ("pending", "running") and st.job_id
+    subprocess.run(["scancel", st.job_id], check=True, timeout=30)
+    _wait(lambda: run_statuses(spec, results)[0].state == "failed", 60, "the cancelled job to show as failed")
+    failed = run_statuses(spec, results)[0]
+    assert failed.reason.startswith("CANCELLED"), failed.reason
+    proc = subprocess.run([str(EXE), "status", str(spec.path), "--results", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert "failed" in proc.stdout and "CANCELLED" in proc.stdout
+    [done] = dispatch(spec, results)  # the next sweep resubmits it and waits
+    assert done.state == "done" and done.job_id != st.job_id
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
+    _need_slurm()
+    monkeypatch.setenv("HARNESS_POLL_S", "1")
+    results = tmp_path / "results"
+    spec = load_spec(tiny(tmp_path, "requeue", steps=60, kind="slurm"))
+    [st] = dispatch(spec, results, wait=False)
+    ckpt = st.dir / "checkpoints" / "step_0000010.pt.sha256"
+    _wait(ckpt.exists, 240, "the first checkpoint")
+    subprocess.run(["scontrol", "requeue", st.job_id], check=True, timeout=30)
+    time.sleep(1)
+    # Slurm delays a requeued job's start; let it go now
+    subprocess.run(["scontrol", "update", f"JobId={st.job_id}", "StartTime=now"], timeout=30)
+    [done] = dispatch(spec, results)  # waits on the same job (not resubmitted)
+    assert done.state == "done" and done.job_id == st.job_id
+    steps = [r["step"] for r in read_jsonl(st.dir / "train.jsonl")]
+    assert steps.count(5) == 1 and steps.count(10) == 1, steps  # never restarted from step 0
+    assert steps[-1] == 60
+    assert "resumed" in (st.dir / "logs" / "job.log").read_text()
