@@ -29,7 +29,7 @@ import torch
 
 from harness import checkpoint as ckpt
 from harness.errors import HarnessError
-from harness.io import append_jsonl, atomic_write_json, atomic_write_text
+from harness.io import append_jsonl, atomic_write_json
 
 log = logging.getLogger(__name__)
 
