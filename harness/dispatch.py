@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -249,20 +250,55 @@ def make_executor(kind: str, spec: SweepSpec, folder: Path) -> Any:
     return ex
 
 
+def _job_error(job: Any) -> str | None:
+    """The last line of the traceback a submitit job recorded, or None (no result, or success)."""
+    from submitit.core.utils import pickle_load
+
+    path = Path(job.paths.result_pickle)
+    if not path.exists():
+        return None
+    try:
+        outcome, payload = pickle_load(path)
+    except Exception:  # noqa: BLE001 - a torn or foreign result file says nothing useful
+        return None
+    if outcome != "error":
+        return None
+    lines = [x for x in str(payload).strip().splitlines() if x.strip()]
+    return lines[-1].strip() if lines else "error"
+
+
 def _job_reason(job: Any, state: str) -> str:
     """A one-line failure reason: the scheduler state and the last line of the job's error."""
-    detail = ""
-    try:
-        err = job.exception()
-        if err is not None:
-            lines = [x for x in str(err).strip().splitlines() if x.strip()]
-            detail = lines[-1].strip() if lines else type(err).__name__
-    except Exception as err:  # noqa: BLE001 - no result file (cancelled, killed, timed out)
-        detail = ""
-        lines = [x for x in str(err).strip().splitlines() if x.strip()]
-        if lines and "has not produced any output" not in lines[0]:
-            detail = lines[-1].strip()
+    detail = _job_error(job)
     return f"{state}: {detail}" if detail else state
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: Slurm state} straight from sacct (submitit's watcher polls at most once a minute).
+    Array tasks not yet started show in sacct as "ID_[0-3]"; they are reported PENDING."""
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}
+    try:
+        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("sacct failed: %s", err)
+        return {}
+    seen: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        jid, _, st = line.partition("|")
+        if jid.strip():
+            seen[jid.strip()] = (st.split() or ["UNKNOWN"])[0]
+    out = {}
+    for j in ids:
+        if j in seen:
+            out[j] = seen[j]
+        elif "_" in j and any(k.startswith(j.split("_")[0] + "_[") for k in seen):
+            out[j] = "PENDING"
+        else:
+            out[j] = "UNKNOWN"
+    return out
 
 
 def _slurm_job(state_entry: dict) -> Any:
@@ -298,6 +334,8 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
     sdir = sweep_dir(spec, results)
     state = load_state(sdir)
     out = []
+    slurm_ids = [e.get("job_id") for e in state["runs"].values() if e.get("launcher") == "slurm"]
+    sched_states = sacct_states(slurm_ids) if query_scheduler else {}
     for run in spec.expand():
         rdir = run_dir(spec, results, run)
         entry = state["runs"].get(run.run_id, {})
@@ -307,7 +345,7 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
         if is_complete(run, rdir):
             st, reason = "done", None
         elif entry.get("launcher") == "slurm" and job_id and query_scheduler:
-            sched = _slurm_job(entry).state
+            sched = sched_states.get(job_id, "UNKNOWN")
             if sched in ACTIVE_STATES and sched != "UNKNOWN":
                 st, reason = ("pending" if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD") else "running"), None
             elif sched == "UNKNOWN" and time.time() - entry.get("submitted", 0) < 60:
@@ -458,8 +496,9 @@ def _wait_slurm(spec: SweepSpec, jobs: dict[str, Any], state: dict, sdir: Path) 
     last: dict[str, str] = {}
     pending = dict(jobs)
     while pending:
+        now = sacct_states([job.job_id for job in pending.values()])
         for run_id, job in list(pending.items()):
-            sched = job.state
+            sched = now.get(job.job_id, "UNKNOWN")
             if sched != last.get(run_id):
                 log.info("%s: job %s %s", run_id, job.job_id, sched)
                 last[run_id] = sched
@@ -468,8 +507,9 @@ def _wait_slurm(spec: SweepSpec, jobs: dict[str, Any], state: dict, sdir: Path) 
                     pass  # sacct never heard of it: treat as ended below
                 else:
                     continue
-            if sched == "COMPLETED":
-                _finish(run_id, job, state, sched)
+            error = _job_error(job)
+            if sched == "COMPLETED" and error is None:
+                state["runs"][run_id]["reason"] = None
             else:
                 state["runs"][run_id]["reason"] = _job_reason(job, sched)
                 log.warning("run %s failed: %s", run_id, state["runs"][run_id]["reason"])

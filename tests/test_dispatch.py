@@ -133,8 +133,13 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
     ckpt = st.dir / "checkpoints" / "step_0000010.pt.sha256"
     _wait(ckpt.exists, 240, "the first checkpoint")
     subprocess.run(["scontrol", "requeue", st.job_id], check=True, timeout=30)
-    time.sleep(1)
-    # Slurm delays a requeued job's start; let it go now
+
+    def requeued_pending() -> bool:
+        out = subprocess.run(["squeue", "-h", "-j", st.job_id, "-o", "%T"], capture_output=True, text=True)
+        return out.stdout.strip() == "PENDING"
+
+    _wait(requeued_pending, 120, "the requeued job to be pending again")
+    # Slurm holds a requeued job back for a while (BeginTime); let it start now
     subprocess.run(["scontrol", "update", f"JobId={st.job_id}", "StartTime=now"], timeout=30)
     [done] = dispatch(spec, results)  # waits on the same job (not resubmitted)
     assert done.state == "done" and done.job_id == st.job_id
