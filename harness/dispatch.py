@@ -187,14 +187,23 @@ def stage_checkpoints(run: RunSpec, source_dir: Path, rdir: Path) -> None:
 
 
 class SweepJob:
-    """submitit callable for one run: `SweepJob()(run_dict, run_dir, source_dir)`.
+    """submitit callable for one run: `SweepJob(cpus)(run_dict, run_dir, source_dir)`.
 
     Checkpointable: on preemption or timeout submitit calls `checkpoint`, which requeues the same
-    call; the trainer resumes from the newest valid checkpoint.
+    call; the trainer resumes from the newest valid checkpoint. On a CPU the job uses
+    `cpus_per_task` torch threads, so concurrent local jobs do not oversubscribe the cores.
     """
 
+    def __init__(self, cpus_per_task: int | None = None):
+        self.cpus_per_task = cpus_per_task
+
     def __call__(self, run: dict, rdir: str, source_dir: str | None = None) -> str:
+        import torch
+
         from harness.train import run_training
+
+        if self.cpus_per_task and not torch.cuda.is_available():
+            torch.set_num_threads(self.cpus_per_task)
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         path = Path(rdir)
@@ -223,7 +232,7 @@ class SweepJob:
     def checkpoint(self, run: dict, rdir: str, source_dir: str | None = None) -> Any:
         import submitit
 
-        return submitit.helpers.DelayedSubmission(SweepJob(), run, rdir, source_dir)
+        return submitit.helpers.DelayedSubmission(SweepJob(self.cpus_per_task), run, rdir, source_dir)
 
 
 # --------------------------------------------------------------------------- executors
@@ -448,7 +457,7 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
             if kind == "slurm":
                 if todo:
                     with ex.batch():
-                        submitted = [ex.submit(SweepJob(), *a) for a in args]
+                        submitted = [ex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for a in args]
                     for s, job in zip(todo, submitted):
                         record(s, job)
                     save_state(sdir, state)
@@ -461,7 +470,7 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
                 _run_local(ex, spec, todo, args, record, state, sdir, spec.launcher.max_concurrent_local)
             else:
                 for s, a in zip(todo, args):
-                    job = ex.submit(SweepJob(), *a)
+                    job = ex.submit(SweepJob(spec.launcher.cpus_per_task), *a)
                     record(s, job)
                     save_state(sdir, state)
                     _finish(s.run.run_id, job, state, "FAILED", debug=True)
@@ -527,7 +536,7 @@ def _run_local(ex: Any, spec: SweepSpec, todo: list[RunStatus], args: list[tuple
         while queue or running:
             while queue and len(running) < max_concurrent:
                 s, a = queue.pop(0)
-                job = ex.submit(SweepJob(), *a)
+                job = ex.submit(SweepJob(spec.launcher.cpus_per_task), *a)
                 record(s, job)
                 save_state(sdir, state)
                 running[s.run.run_id] = job

@@ -53,6 +53,14 @@ def test_default_table_lists_twelve_variants_then_the_ablation(monkeypatch):
     assert rows[0]["paper_gflops"] == 0.36
 
 
+@pytest.mark.parametrize("conditioning", ["adaLN-Zero", "in-context", "cross-attention", "adaLN"])
+def test_depth_extrapolation_equals_a_full_count(conditioning):
+    # model_gflops measures depth 1 and 2 and extrapolates; a full trace of all 12 blocks must agree.
+    full = count_flops(build_model("DiT-S/4", conditioning, input_size=32, in_channels=4), 32, 4)
+    fast = model_gflops("DiT-S/4", conditioning, input_size=32, in_channels=4, use_cache=False)
+    assert fast[0] == pytest.approx(full[0], rel=1e-12) and fast[1] == full[1]
+
+
 def test_cache_returns_the_measured_value():
     first = model_gflops("DiT-2x32x2/2", "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
     again = model_gflops("DiT-2x32x2/2", "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
