@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/mini.yaml
 
-.PHONY: venv sweep report plan status test test-fast slurm slurm-down system-deps clean-venv
+.PHONY: venv sweep report report-paper plan status test test-fast slurm slurm-down system-deps clean-venv
 
 venv: $(STAMP)
 
@@ -22,17 +22,21 @@ sweep: venv  ## run a sweep end to end (default: the CPU mini study), then rende
 report: venv  ## render reports/<sweep>/index.html and report.pdf again
 	$(BIN)/harness report $(SWEEP)
 
+report-paper: venv  ## the paper's own Table 4 as a report: reports/paper/
+	$(BIN)/harness report --paper
+
 plan: venv  ## runs, Gflops and compute of a sweep, without running it
 	$(BIN)/harness plan $(SWEEP)
 
 status: venv
 	$(BIN)/harness status $(SWEEP)
 
+# Tiny models: one intra-op thread per process beats two threads fighting over two cores.
 test: venv  ## the whole suite, slow tests included (what CI runs)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
 system-deps:  ## Debian packages for the browser and PDF checks (root)
 	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver poppler-utils >/dev/null

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["table", "json"], default="table")
     s.add_argument("--throughput", type=float, default=None,
                    help="measured training images/s per accelerator (from `harness bench`)")
+    s.add_argument("--throughput-model", default=None,
+                   help="the model --throughput was measured on; other runs scale by its Gflops")
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")
