@@ -377,7 +377,7 @@ def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
     for s in statuses:
         steps = s.run.train.steps if not s.run.checkpoints_from else max(s.run.eval.at_steps)
         rows.append([s.run.run_id, s.state, f"{s.step}/{steps}", f"{s.evals[0]}/{s.evals[1]}",
-                     s.job_id or "-", (s.reason or "")[:100]])
+                     s.job_id or "-", (s.reason or "").replace(str(s.dir), "run")[:160]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     counts: dict[str, int] = {}
@@ -493,8 +493,9 @@ def _finish(run_id: str, job: Any, state: dict, sched: str, debug: bool = False)
             job.result()
         entry["reason"] = None
     except Exception as err:  # noqa: BLE001 - any failure of the job is recorded, not raised
+        # submitit's FailedJobError ends with the log paths: the job's own error is in its result pickle
         lines = [x for x in str(err).strip().splitlines() if x.strip()]
-        detail = lines[-1].strip() if lines else type(err).__name__
+        detail = (None if debug else _job_error(job)) or (lines[-1].strip() if lines else type(err).__name__)
         if "has not produced any output" in detail or not detail:
             detail = ""
         entry["reason"] = f"{sched}: {detail}" if detail else sched
@@ -528,10 +529,42 @@ def _wait_slurm(spec: SweepSpec, jobs: dict[str, Any], state: dict, sdir: Path) 
             time.sleep(POLL_S)
 
 
+class SweepStopped(SystemExit):
+    """SIGTERM/SIGHUP reached `harness sweep` (`kill PID`, a closed terminal): stop like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _stop_on_term() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into an exception while local jobs run, so their cleanup (stopping
+    the child jobs, recording why) runs; Python's default would exit without it and leave orphans."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SweepStopped(128 + signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _run_local(ex: Any, spec: SweepSpec, todo: list[RunStatus], args: list[tuple], record: Any,
                state: dict, sdir: Path, max_concurrent: int) -> None:
     queue = list(zip(todo, args))
     running: dict[str, Any] = {}
+    with _stop_on_term():
+        _run_local_loop(ex, spec, queue, running, record, state, sdir, max_concurrent)
+
+
+def _run_local_loop(ex: Any, spec: SweepSpec, queue: list, running: dict[str, Any], record: Any,
+                    state: dict, sdir: Path, max_concurrent: int) -> None:
     try:
         while queue or running:
             while queue and len(running) < max_concurrent:
@@ -553,6 +586,11 @@ def _run_local(ex: Any, spec: SweepSpec, todo: list[RunStatus], args: list[tuple
             with contextlib.suppress(Exception):
                 job.cancel(check=False)
             state["runs"][run_id]["reason"] = "interrupted: harness sweep was stopped"
+        deadline = time.monotonic() + 15  # submitit's controller SIGKILLs a task 1 s after SIGINT
+        for job in running.values():
+            with contextlib.suppress(Exception):
+                while not job.done() and time.monotonic() < deadline:
+                    time.sleep(0.1)
         raise
 
 
@@ -577,7 +615,8 @@ def cli_sweep(args: Any) -> int:
             from harness.cli import main as cli_main
         except ImportError:  # pragma: no cover
             return 0
-        return cli_main(["report", str(spec.path), "--results", str(_results_root(args))])
+        return cli_main(["report", str(spec.path), "--results", str(_results_root(args)),
+                         "--out", str(getattr(args, "reports", None) or "reports")])
     return 0
 
 
