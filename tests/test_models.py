@@ -121,4 +121,4 @@ def test_unknown_conditioning_is_rejected():
 
 def test_resolve_custom_shape():
     shape = resolve_shape("DiT-6x128x4/2")
-    assert (shape.depth, shape.hidden, shape.heads, shape.patch, shape.size) == (6, 128, 4, 2, "custom")
+    assert (shape.depth, shape.hidden, shape.heads, shape.patch, shape.size) == (6, 128, 4, 2, "6x128x4")

@@ -25,7 +25,7 @@ _CUSTOM = re.compile(r"^DiT-(\d+)x(\d+)x(\d+)/(\d+)$")
 @dataclass(frozen=True)
 class ModelShape:
     name: str
-    size: str  # "S" | "B" | "L" | "XL" | "custom"
+    size: str  # "S" | "B" | "L" | "XL", or "<depth>x<hidden>x<heads>" for a custom size
     depth: int
     hidden: int
     heads: int
@@ -53,7 +53,7 @@ def resolve_shape(name: str) -> ModelShape:
             f"or a custom size 'DiT-<depth>x<hidden>x<heads>/<patch>' such as 'DiT-4x64x2/2'"
         )
     depth, hidden, heads, patch = (int(g) for g in match.groups())
-    shape = ModelShape(name, "custom", depth, hidden, heads, patch)
+    shape = ModelShape(name, f"{depth}x{hidden}x{heads}", depth, hidden, heads, patch)
     check_shape(shape)
     return shape
 
