@@ -8,6 +8,8 @@ Schema (every key optional unless marked; defaults are the dataclass defaults be
                                         # DiT-<depth>x<hidden>x<heads>/<patch>), or a grid
                                         # {sizes: [S, B, L, XL], patches: [8, 4, 2]}
     conditioning: [adaLN-Zero] # in-context | cross-attention | adaLN | adaLN-Zero
+    ablation: {models: [DiT-4x64x2/2], conditioning: [in-context, cross-attention, adaLN]}
+                               # optional: more blocks on some of the models (the paper's ablation)
     seeds: [0]
     checkpoints_from: null     # name of another sweep whose final checkpoints this sweep evaluates
     data: {...}     train: {...}     eval: {...}     launcher: {...}   # see the dataclasses
@@ -203,22 +205,27 @@ class SweepSpec:
     conditioning: list[str] = field(default_factory=lambda: ["adaLN-Zero"])
     seeds: list[int] = field(default_factory=lambda: [0])
     checkpoints_from: str | None = None
+    # the conditioning ablation: these blocks also run on these models (already in `models`)
+    ablation_models: list[str] = field(default_factory=list)
+    ablation_conditioning: list[str] = field(default_factory=list)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
 
     def expand(self) -> list[RunSpec]:
-        """All runs: models x conditioning x seeds, in that nesting order."""
+        """All runs: models x conditioning x seeds, in that nesting order, then the ablation's
+        ablation_models x ablation_conditioning x seeds that the cross product does not hold."""
+        pairs = [(m, c) for m in self.models for c in self.conditioning]
+        pairs += [(m, c) for m in self.ablation_models for c in self.ablation_conditioning if (m, c) not in pairs]
         runs = []
-        for model in self.models:
-            for cond in self.conditioning:
-                for seed in self.seeds:
-                    runs.append(RunSpec(
-                        run_id=make_run_id(model, cond, seed, self.data, self.train), sweep=self.name,
-                        model=model, conditioning=cond, seed=seed, data=copy.deepcopy(self.data),
-                        train=copy.deepcopy(self.train), eval=copy.deepcopy(self.eval),
-                        checkpoints_from=self.checkpoints_from))
+        for model, cond in pairs:
+            for seed in self.seeds:
+                runs.append(RunSpec(
+                    run_id=make_run_id(model, cond, seed, self.data, self.train), sweep=self.name,
+                    model=model, conditioning=cond, seed=seed, data=copy.deepcopy(self.data),
+                    train=copy.deepcopy(self.train), eval=copy.deepcopy(self.eval),
+                    checkpoints_from=self.checkpoints_from))
         return runs
 
 
@@ -526,8 +533,31 @@ def _check_source_sweep(spec: SweepSpec, where: _Where) -> None:
                               "only eval may differ")
 
 
-TOP_KEYS = ["name", "description", "models", "conditioning", "seeds", "checkpoints_from",
+TOP_KEYS = ["name", "description", "models", "conditioning", "seeds", "ablation", "checkpoints_from",
             "data", "train", "eval", "launcher"]
+
+
+def _ablation(raw: Any, models: list[str], where: _Where) -> tuple[list[str], list[str]]:
+    """`ablation: {models: [...], conditioning: [...]}` -> (models, blocks); models must be in the sweep."""
+    if raw is None:
+        return [], []
+    path = ("ablation",)
+    if not isinstance(raw, dict):
+        raise where.error(path, f"expected a mapping, got {_typename(raw)}",
+                          "write ablation: {models: [DiT-XL/2], conditioning: [in-context, cross-attention, adaLN]}")
+    _check_keys(raw, ["models", "conditioning"], path, where)
+    for key in ("models", "conditioning"):
+        if key not in raw:
+            raise where.error(path, f"the ablation needs `{key}`",
+                              "write ablation: {models: [...], conditioning: [...]}")
+    names = _value(raw["models"], {"kind": list, "item": str, "nonempty": True}, path + ("models",), where)
+    for i, name in enumerate(names):
+        if name not in models:
+            raise where.error(path + ("models", i), f"{name} is not one of this sweep's models",
+                              f"add it to `models` or choose among {', '.join(models)}")
+    blocks = _value(raw["conditioning"], {"kind": list, "item": str, "nonempty": True, "choices": CONDITIONINGS},
+                    path + ("conditioning",), where)
+    return names, blocks
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -568,6 +598,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     for i, model in enumerate(spec.models):
         if model in spec.models[:i]:
             raise where.error(("models", i), f"{model} is listed twice", "remove the duplicate")
+    spec.ablation_models, spec.ablation_conditioning = _ablation(raw.get("ablation"), spec.models, where)
     _cross_checks(spec, where)
     if source is not None:
         _check_source_sweep(spec, where)

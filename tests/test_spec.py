@@ -85,6 +85,15 @@ def test_run_id_stable_under_launcher_eval_and_bookkeeping(tmp_path):
     assert lr_c.expand()[0].run_id != base
 
 
+def test_ablation_adds_blocks_on_chosen_models_only(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD.replace("[DiT-2x32x2/4]", "[DiT-2x32x2/4, DiT-2x32x2/2]")
+                           + "ablation: {models: [DiT-2x32x2/2], conditioning: [in-context, adaLN-Zero, adaLN]}\n"))
+    pairs = [(r.model, r.conditioning) for r in spec.expand()]
+    assert pairs == [("DiT-2x32x2/4", "adaLN-Zero"), ("DiT-2x32x2/2", "adaLN-Zero"),
+                     ("DiT-2x32x2/2", "in-context"), ("DiT-2x32x2/2", "adaLN")]
+    assert len({r.run_id for r in spec.expand()}) == 4
+
+
 def test_runspec_round_trip(tmp_path):
     run = load_spec(SWEEPS / "gflops.yaml").expand()[-1]
     d = run.to_dict()
@@ -145,6 +154,11 @@ BAD = [
     ("missing-models", "name: t\n", ["models", "add e.g."], None),
     ("null-steps", GOOD.replace("steps: 30", "steps:"), ["train.steps", "null"], 7),
     ("ema", GOOD.replace("global_batch: 8", "global_batch: 8\n  ema_decay: 1.5"), ["train.ema_decay", "< 1.0"], 9),
+    ("ablation-model", GOOD + "ablation: {models: [DiT-S/2], conditioning: [adaLN]}\n",
+     ["ablation.models[0]", "not one of this sweep's models"], 12),
+    ("ablation-block", GOOD + "ablation: {models: [DiT-2x32x2/4], conditioning: [adaln]}\n",
+     ["ablation.conditioning[0]", "adaLN"], 12),
+    ("ablation-missing", GOOD + "ablation: {models: [DiT-2x32x2/4]}\n", ["ablation", "needs `conditioning`"], 12),
 ]
 
 
