@@ -64,9 +64,9 @@ def sweep_name(sweep: str | Path) -> str:
             doc = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise HarnessError(f"{path}: not valid YAML ({err}); fix the file") from err
-        name = doc.get("name") if isinstance(doc, dict) else None
+        name = doc.get("name", path.stem) if isinstance(doc, dict) else None
         if not isinstance(name, str) or not name.strip():
-            raise HarnessError(f"{path}: key 'name' is missing or empty; add e.g. `name: {path.stem}`")
+            raise HarnessError(f"{path}: key 'name' is empty; write e.g. `name: {path.stem}`")
         return name.strip()
     if not text or "/" in text or text.startswith("."):
         raise HarnessError(f"'{text}' is not a sweep name; pass sweeps/NAME.yaml or NAME")
@@ -113,7 +113,7 @@ def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
             "step": int(step), "gflops": gflops, "params": run.get("params"), "train_compute": compute,
             "sampling_steps": ev.get("sampling_steps"), "sampler": ev.get("sampler"),
             "cfg_scale": ev.get("cfg_scale"), "guidance_channels": ev.get("guidance_channels"),
-            "feature_space": ev.get("feature_space"), "reference": ev.get("reference"),
+            "feature_space": ev.get("features_id") or ev.get("feature_space"), "reference": ev.get("reference"),
             "num_samples": ev.get("num_samples"),
             "train_wall_s": _train_wall(train, int(step)), "eval_wall_s": ev.get("wall_s"),
         }
@@ -175,9 +175,11 @@ def load_results(results_root: str | Path, sweep: str | Path) -> pd.DataFrame:
 
 
 def default_setting(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the most common sampling setting (sampling_steps, sampler, cfg_scale, guidance,
-    feature_space), preferring cfg_scale 1.0 (no guidance), as the paper's scaling figures do."""
-    keys = ["sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space"]
+    """Rows of the most common evaluation protocol (sampling_steps, sampler, cfg_scale, guidance,
+    feature_space, reference, num_samples), preferring cfg_scale 1.0 (no guidance), as the paper's
+    scaling figures do: FID-10K and FID-50K never share a curve or a fit."""
+    keys = ["sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
+            "num_samples"]
     key = pd.Series(["|".join(map(str, row)) for row in frame[keys].itertuples(index=False)], index=frame.index)
     cfg = frame["cfg_scale"].astype(float)
     unguided = cfg.isna() | np.isclose(cfg.fillna(1.0), 1.0)

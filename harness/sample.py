@@ -47,7 +47,10 @@ def autoencoder_for(run: Any) -> Any:
     """The run's autoencoder (data.autoencoder, data.autoencoder_path), loaded once per process."""
     from harness.autoencoder import load_autoencoder
 
-    key = (_data_field(run, "autoencoder", "identity"), _data_field(run, "autoencoder_path"))
+    from harness.spec import expand_path
+
+    key = (_data_field(run, "autoencoder", "identity"),
+           expand_path(_data_field(run, "autoencoder_path"), "data.autoencoder_path"))
     if key not in _AUTOENCODERS:
         _AUTOENCODERS[key] = load_autoencoder(*key)
     return _AUTOENCODERS[key]

@@ -99,6 +99,9 @@ class DataSpec:
         """data.path with ${VAR} and ~ expanded; HarnessError if a variable is unset."""
         return expand_path(self.path, "data.path")
 
+    def resolved_autoencoder_path(self) -> str | None:
+        return expand_path(self.autoencoder_path, "data.autoencoder_path")
+
 
 @dataclass
 class TrainSpec:
@@ -130,6 +133,13 @@ class EvalSpec:
     reference: str = _opt("digits", kind=str)
     batch_size: int = _opt(250, kind=int, min=1)
     inception_weights: str | None = _opt(None, kind=str, nullable=True)
+
+    def resolved_reference(self) -> str:
+        """eval.reference with ${VAR} and ~ expanded ('digits' stays 'digits')."""
+        return expand_path(self.reference, "eval.reference")
+
+    def resolved_inception_weights(self) -> str | None:
+        return expand_path(self.inception_weights, "eval.inception_weights")
 
 
 @dataclass

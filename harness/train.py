@@ -165,7 +165,7 @@ def load_training_arrays(run: Any) -> tuple[np.ndarray, np.ndarray]:
 
     d = run.data
     source = d.resolved_path() if d.dataset == "imagefolder" else d.dataset
-    cache = build_latent_cache(source, load_autoencoder(d.autoencoder, d.autoencoder_path), d.image_size)
+    cache = build_latent_cache(source, load_autoencoder(d.autoencoder, d.resolved_autoencoder_path()), d.image_size)
     latents, labels = cache.arrays()
     return latents, labels
 
@@ -423,9 +423,10 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: t
     if not todo:
         return 0
     ev = run.eval
-    extractor = (get_feature_extractor(ev.features, weights=ev.inception_weights, device=device)
+    extractor = (get_feature_extractor(ev.features, weights=ev.resolved_inception_weights(), device=device)
                  if ev.features == "inception" else get_feature_extractor(ev.features, device=device))
-    reference = load_reference(ev.reference, extractor, image_size=run.data.image_size, batch_size=ev.batch_size)
+    reference = load_reference(ev.resolved_reference(), extractor, image_size=run.data.image_size,
+                               batch_size=ev.batch_size)
     for setting in todo:
         t0 = time.perf_counter()
         labels = balanced_labels(ev.num_samples, run.data.num_classes)
@@ -439,6 +440,9 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: t
         rec = dict(setting)
         for key in ("fid", "sfid", "inception_score", "precision", "recall"):
             rec[key] = metrics.get(key)
+        # the requested space stays in `feature_space` (the setting's key); the network that
+        # computed the numbers ("inception" only for the official FID weights) in `features_id`
+        rec["features_id"] = metrics.get("feature_space", extractor.name)
         rec.update(wall_s=time.perf_counter() - t0, time=time.time())
         append_jsonl(run_dir / "eval.jsonl", rec)
         log.info("eval step %d %s", step, {k: rec[k] for k in ("sampling_steps", "cfg_scale", "fid")})

@@ -85,9 +85,11 @@ def test_digits_sweep_has_no_paper_overlay(sweep_report):
 
 
 def test_paper_overlay_only_where_setup_matches():
-    base = dict(feature_space="inception", image_size=256, num_classes=1000, dataset="imagefolder")
+    base = dict(feature_space="inception", image_size=256, num_classes=1000, dataset="imagefolder",
+                num_samples=50000, cfg_scale=1.0)
     assert paper_setup_matches(pd.DataFrame([base, base]))
-    for key, bad in [("feature_space", "digits"), ("image_size", 8), ("num_classes", 10), ("dataset", "digits")]:
+    for key, bad in [("feature_space", "digits"), ("image_size", 8), ("num_classes", 10), ("dataset", "digits"),
+                     ("feature_space", "inception-custom-1a2b3c4d"), ("num_samples", 10000), ("cfg_scale", 1.5)]:
         assert not paper_setup_matches(pd.DataFrame([base, {**base, key: bad}])), key
     models = pd.DataFrame({"label": ["DiT-S/2"], "gflops": [6.06], "fid": [70.0], "size": ["S"], "patch": [2]})
     fig = F.fid_vs_gflops(models, None, None, 400000, paper_rows=[{"gflops": 6.06, "fid50k": 68.4}])

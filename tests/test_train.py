@@ -13,13 +13,6 @@ from harness.train import DataOrder, run_training
 from train_tiny import assert_bitwise_equal, final_state, tiny_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: bitwise-reproducible and fast on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_data_order_is_a_pure_function_of_seed_epoch_position():
@@ -122,6 +115,21 @@ def test_evaluation_in_training_appends_each_setting_once(tmp_path):
     run_training(run, tmp_path)
     recs = list(read_jsonl(tmp_path / "eval.jsonl"))
     assert len(recs) == 12 and sum(r["cfg_scale"] == 3.0 and r["step"] == 2 for r in recs) == 2
+
+
+def test_eval_paths_expand_environment_variables_when_the_run_starts(tmp_path, monkeypatch):
+    from harness.data import load_digits
+    from harness.sample import save_npz
+
+    images, labels = load_digits()
+    save_npz(np.repeat(images[:300, :, :, None], 3, axis=3), labels[:300], tmp_path / "ref" / "digits300.npz")
+    monkeypatch.setenv("DIGITS_REF", str(tmp_path / "ref"))
+    run = tiny_run(steps=2, at_steps=[2], eval={"num_samples": 20, "metrics": ["fid"], "batch_size": 20,
+                                                "reference": "${DIGITS_REF}/digits300.npz"})
+    run_training(run, tmp_path / "run")
+    (rec,) = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert rec["reference"] == "${DIGITS_REF}/digits300.npz"  # the record keeps the portable form
+    assert rec["features_id"] == "digits" and rec["fid"] > 0
 
 
 def test_warmup_grad_checkpointing_and_bf16(tmp_path):

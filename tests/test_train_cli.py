@@ -10,12 +10,6 @@ from harness.cli import main
 from harness.io import read_jsonl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.slow

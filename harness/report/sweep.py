@@ -26,11 +26,12 @@ def _g(x: float, digits: int = 4) -> str:
 
 
 def paper_setup_matches(frame: pd.DataFrame) -> bool:
-    """The paper's numbers are a valid reference only for Inception features, 256px, ImageNet (1000
-    classes, not the digits study)."""
+    """The paper's numbers are a valid reference only for its protocol: official Inception features,
+    256px ImageNet (1000 classes, not the digits study), FID-50K without guidance."""
     return bool(len(frame)) and bool(
         (frame["feature_space"] == "inception").all() and (frame["image_size"] == 256).all()
-        and (frame["num_classes"] == 1000).all() and (frame["dataset"] != "digits").all())
+        and (frame["num_classes"] == 1000).all() and (frame["dataset"] != "digits").all()
+        and (frame["num_samples"] == 50000).all() and (frame["cfg_scale"].astype(float) == 1.0).all())
 
 
 def _paper_400k(conditioning: str = "adaLN-Zero") -> list[dict]:
