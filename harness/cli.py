@@ -27,6 +27,17 @@ COMMANDS = {
 }
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer >= 1, else a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -40,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", help="e.g. DiT-XL/2 or DiT-4x64x2/2 (repeatable)")
     s.add_argument("--conditioning", action="append",
                    help="in-context | cross-attention | adaLN | adaLN-Zero (repeatable)")
-    s.add_argument("--image-size", type=int, default=256, help="pixels; the latent is size/8 unless --pixel")
+    s.add_argument("--image-size", type=_positive_int, default=256, help="pixels; the latent is size/8 unless --pixel")
     s.add_argument("--pixel", action="store_true", help="count in pixel space (no VAE downsampling)")
-    s.add_argument("--in-channels", type=int, default=None, help="default 4 (latent) or 3 (--pixel)")
+    s.add_argument("--in-channels", type=_positive_int, default=None, help="default 4 (latent) or 3 (--pixel)")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     s = sub.add_parser("latents", help="pre-extract autoencoder latents into the shared cache")
     s.add_argument("--data", required=True, help="'digits' or an ImageFolder path (ImageNet train layout)")
     s.add_argument("--autoencoder", default="sd-vae-ft-ema", help="sd-vae-ft-ema | sd-vae-ft-mse | identity")
     s.add_argument("--autoencoder-path", default=None, help="local folder of the VAE weights")
-    s.add_argument("--image-size", type=int, default=256)
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--image-size", type=_positive_int, default=256)
+    s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--allow-download", action="store_true", help="let diffusers fetch the VAE from the hub")
 
     s = sub.add_parser("train", help="train one model (standalone, or the body of a sweep job)")
@@ -59,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="standalone: model name (writes RUN_DIR/run.json)")
     s.add_argument("--conditioning", default="adaLN-Zero")
     s.add_argument("--data", default="digits")
-    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--image-size", type=_positive_int, default=None)
     s.add_argument("--autoencoder", default=None)
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--batch", type=int, default=None, help="global batch")
+    s.add_argument("--steps", type=_positive_int, default=None)
+    s.add_argument("--batch", type=_positive_int, default=None, help="global batch")
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     s.add_argument("--compile", action="store_true")
@@ -71,26 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="training and sampling throughput on this device")
     s.add_argument("--model", required=True)
     s.add_argument("--conditioning", default="adaLN-Zero")
-    s.add_argument("--batch", type=int, default=8)
-    s.add_argument("--steps", type=int, default=10)
-    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--batch", type=_positive_int, default=8)
+    s.add_argument("--steps", type=_positive_int, default=10)
+    s.add_argument("--warmup", type=_positive_int, default=2)
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--compile", action="store_true")
     s.add_argument("--grad-checkpointing", action="store_true")
-    s.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px through the SD VAE)")
-    s.add_argument("--in-channels", type=int, default=4)
+    s.add_argument("--input-size", type=_positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
+    s.add_argument("--in-channels", type=_positive_int, default=4)
     s.add_argument("--format", choices=["table", "json"], default="table")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a grid and an ADM npz")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--num-samples", type=int, default=64)
+    s.add_argument("--num-samples", type=_positive_int, default=64)
     s.add_argument("--labels", choices=["balanced", "random"], default="balanced")
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--guidance-channels", choices=["3", "all"], default="3")
-    s.add_argument("--steps", type=int, default=250, help="sampling steps (respaced)")
+    s.add_argument("--steps", type=_positive_int, default=250, help="sampling steps (respaced)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
 
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", type=_csv_list, default=["fid", "sfid", "is", "precision", "recall"])
     s.add_argument("--features", choices=["inception", "digits"], default="inception")
     s.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
-    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--batch-size", type=_positive_int, default=100)
     s.add_argument("--json", default=None, help="write the metrics here too")
 
     s = sub.add_parser("plan", help="runs, Gflops and compute of a sweep, without running it")

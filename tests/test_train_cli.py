@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from harness.cli import main
 from harness.io import read_jsonl
