@@ -98,7 +98,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     while time.monotonic() < end:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -128,10 +128,13 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
     _need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")
     results = tmp_path / "results"
-    spec = load_spec(tiny(tmp_path, "requeue", steps=60, kind="slurm"))
+    # ~70 steps/s on a CPU: 400 steps leave seconds to requeue it mid-training (with 60 steps the job
+    # could finish, and retention delete step 10, between two polls)
+    steps = 400
+    spec = load_spec(tiny(tmp_path, "requeue", steps=steps, kind="slurm"))
     [st] = dispatch(spec, results, wait=False)
-    ckpt = st.dir / "checkpoints" / "step_0000010.pt.sha256"
-    _wait(ckpt.exists, 240, "the first checkpoint")
+    _wait(lambda: any((st.dir / "checkpoints").glob("step_*.pt.sha256")), 240, "the first checkpoint")
+    assert not (st.dir / "done").exists(), "the run finished before it could be requeued"
     subprocess.run(["scontrol", "requeue", st.job_id], check=True, timeout=30)
 
     def requeued_pending() -> bool:
@@ -143,7 +146,7 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
     subprocess.run(["scontrol", "update", f"JobId={st.job_id}", "StartTime=now"], timeout=30)
     [done] = dispatch(spec, results)  # waits on the same job (not resubmitted)
     assert done.state == "done" and done.job_id == st.job_id
-    steps = [r["step"] for r in read_jsonl(st.dir / "train.jsonl")]
-    assert steps.count(5) == 1 and steps.count(10) == 1, steps  # never restarted from step 0
-    assert steps[-1] == 60
+    logged = [r["step"] for r in read_jsonl(st.dir / "train.jsonl")]
+    assert logged.count(5) == 1 and logged.count(10) == 1, logged  # never restarted from step 0
+    assert logged[-1] == steps
     assert "resumed" in (st.dir / "logs" / "job.log").read_text()
