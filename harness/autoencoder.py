@@ -13,8 +13,6 @@ Cache layout under `harness.io.cache_dir("latents", key)`:
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from harness.errors import HarnessError
-from harness.io import atomic_write, atomic_write_json, cache_dir
+from harness.io import atomic_write, atomic_write_json, cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -281,17 +279,6 @@ def _is_complete(root: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive file lock, so concurrent jobs of a sweep build a cache once."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def cache_key(dataset_identity: str, autoencoder: Autoencoder, image_size: int, channels: int) -> str:
     blob = json.dumps({"version": CACHE_VERSION, "data": dataset_identity, "ae": autoencoder.name,
                        "weights": autoencoder.fingerprint, "size": image_size, "channels": channels},
@@ -320,7 +307,7 @@ def build_latent_cache(dataset_name_or_path: str | Path, autoencoder: Autoencode
     if _is_complete(root):
         log.info("latent cache %s: reusing (%d items)", root, len(data))
         return LatentCache.open(root)
-    with _locked(root / ".lock"):
+    with file_lock(root / ".lock"):
         if _is_complete(root):  # another job finished it while we waited
             return LatentCache.open(root)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

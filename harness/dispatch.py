@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.errors import HarnessError
+from harness.evaluation import eval_progress
 from harness.io import atomic_write_json, read_jsonl
 from harness.spec import RunSpec, SweepSpec, expand_path, load_spec
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep_state.json"
 LOCK_FILE = ".sweep.lock"
-RUN_LOCK = ".run.lock"
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}
 POLL_S = float(os.environ.get("HARNESS_POLL_S", "5"))
@@ -102,22 +102,6 @@ def sweep_lock(sdir: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- run progress on disk
-def eval_progress(run: RunSpec, rdir: Path) -> tuple[int, int]:
-    """(evaluation settings recorded, settings expected) from eval.jsonl."""
-    ev = run.eval
-    want = {(int(s), int(k), float(c)) for s in ev.at_steps for k in ev.sampling_steps for c in ev.cfg_scales}
-    have = set()
-    for rec in read_jsonl(rdir / "eval.jsonl"):
-        try:
-            key = (int(rec["step"]), int(rec["sampling_steps"]), float(rec["cfg_scale"]))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if (key in want and rec.get("num_samples") == ev.num_samples and rec.get("sampler") == ev.sampler
-                and rec.get("feature_space") == ev.features and rec.get("reference") == ev.reference):
-            have.add(key)
-    return len(have), len(want)
-
-
 def train_progress(rdir: Path) -> int:
     """The last step recorded in train.jsonl, or the newest checkpoint's step, or 0."""
     last = 0
@@ -144,19 +128,6 @@ def _global_rank() -> int:
         return submitit.JobEnvironment().global_rank
     except Exception:  # noqa: BLE001 - not in a submitit job
         return 0
-
-
-@contextlib.contextmanager
-def run_lock(rdir: Path) -> Iterator[None]:
-    """Blocking flock on runs/<id>/.run.lock: one trainer per run at a time."""
-    rdir.mkdir(parents=True, exist_ok=True)
-    with open(rdir / RUN_LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s is locked by another trainer; waiting for it to finish", rdir)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def stage_checkpoints(run: RunSpec, source_dir: Path, rdir: Path) -> None:
@@ -216,13 +187,12 @@ class SweepJob:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger().addHandler(handler)
         try:
-            with run_lock(path) if rank == 0 else contextlib.nullcontext():
-                if spec.checkpoints_from:
-                    if rank == 0:
-                        stage_checkpoints(spec, Path(source_dir), path)
-                    # evaluate only: never train past the staged checkpoints (steps is not in the id)
-                    spec.train = dataclasses.replace(spec.train, steps=max(spec.eval.at_steps))
-                run_training(spec, path)
+            if spec.checkpoints_from:
+                if rank == 0:
+                    stage_checkpoints(spec, Path(source_dir), path)
+                # evaluate only: never train past the staged checkpoints (steps is not in the id)
+                spec.train = dataclasses.replace(spec.train, steps=max(spec.eval.at_steps))
+            run_training(spec, path)  # holds the run folder's lock while it trains
         finally:
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
@@ -405,7 +375,8 @@ def _check_runnable(spec: SweepSpec, results: Path) -> None:
                            "--results where they live.")
 
 
-def _write_run_json(run: RunSpec, rdir: Path) -> None:
+def _write_run_json(run: RunSpec, rdir: Path) -> float:
+    """Write run.json (the run, its shape, Gflops and params); return its planned compute in Gflops."""
     from harness.plan import plan_run
 
     p = plan_run(run)
@@ -414,6 +385,7 @@ def _write_run_json(run: RunSpec, rdir: Path) -> None:
     record.pop("name", None)
     record.update(gflops=p.gflops, params=p.params, input_size=p.input_size, in_channels=p.in_channels)
     atomic_write_json(rdir / "run.json", record)
+    return p.train_gflops + p.sampling_gflops
 
 
 def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | None = None,
@@ -437,9 +409,12 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         active = [s for s in statuses if s.state in ("pending", "running")]
         log.info("sweep %s: %d runs, %d done, %d already queued or running, %d to submit", spec.name,
                  len(statuses), sum(s.state == "done" for s in statuses), len(active), len(todo))
+        costs = {}
         for s in todo:
             s.dir.mkdir(parents=True, exist_ok=True)
-            _write_run_json(s.run, s.dir)
+            costs[s.run.run_id] = _write_run_json(s.run, s.dir)
+        # costliest first: with a few local workers the longest run no longer starts last and runs alone
+        todo.sort(key=lambda s: -costs[s.run.run_id])
         args = [(s.run.to_dict(), str(s.dir),
                  str(results / spec.checkpoints_from / "runs" / s.run.run_id) if spec.checkpoints_from else None)
                 for s in todo]

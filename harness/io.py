@@ -1,11 +1,16 @@
 """Atomic, durable file writes and append-only JSON-lines records."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,6 +79,23 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if needed), waiting for it if another process has it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s is held by another process; waiting for it", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cache_dir(*parts: str) -> Path:

@@ -29,11 +29,13 @@ import torch
 
 from harness import checkpoint as ckpt
 from harness.errors import HarnessError
-from harness.io import append_jsonl, atomic_write_json
+from harness.evaluation import missing_settings
+from harness.io import append_jsonl, atomic_write_json, file_lock
 
 log = logging.getLogger(__name__)
 
 _TAG_EPOCH, _TAG_STEP, _TAG_EVAL = 1, 2, 3
+RUN_LOCK = ".run.lock"
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -214,7 +216,10 @@ def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -
     run_dir = Path(run_dir)
     dist = setup_distributed()
     try:
-        _train(run, run_dir, dist, stop_at)
+        # one trainer per run folder: a sweep job and a stray `harness train`, or an orphaned job of
+        # a killed sweep and its replacement, never write the same checkpoints at once
+        with file_lock(run_dir / RUN_LOCK) if dist.rank == 0 else nullcontext():
+            _train(run, run_dir, dist, stop_at)
     finally:
         if dist.initialised_here:
             torch.distributed.destroy_process_group()
@@ -389,26 +394,6 @@ def _save_grid(run: Any, run_dir: Path, ema: torch.nn.Module, device: torch.devi
     path = run_dir / "samples" / f"grid_step_{step:07d}.png"
     save_grid(images, path)
     return path
-
-
-def _setting_key(rec: dict) -> tuple:
-    return tuple(str(rec.get(k)) for k in ("step", "num_samples", "sampling_steps", "sampler", "cfg_scale",
-                                             "guidance_channels", "feature_space", "reference"))
-
-
-def _settings(run: Any, step: int) -> list[dict]:
-    ev = run.eval
-    return [{"step": step, "num_samples": ev.num_samples, "sampling_steps": int(k), "sampler": ev.sampler,
-             "cfg_scale": float(c), "guidance_channels": ev.guidance_channels, "feature_space": ev.features,
-             "reference": ev.reference} for k in ev.sampling_steps for c in ev.cfg_scales]
-
-
-def missing_settings(run: Any, run_dir: str | Path, step: int) -> list[dict]:
-    """The evaluation settings of `step` not yet in eval.jsonl (so a rerun never duplicates)."""
-    from harness.io import read_jsonl
-
-    done = {_setting_key(r) for r in read_jsonl(Path(run_dir) / "eval.jsonl")}
-    return [s for s in _settings(run, step) if _setting_key(s) not in done]
 
 
 def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: torch.device, step: int) -> int:

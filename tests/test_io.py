@@ -18,3 +18,34 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 2})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def _hold(lock, log, ready):
+    import time
+
+    from harness.io import file_lock
+
+    with file_lock(lock):
+        ready.set()
+        with open(log, "a") as f:
+            f.write("A-start\n")
+        time.sleep(0.5)
+        with open(log, "a") as f:
+            f.write("A-end\n")
+
+
+def test_file_lock_makes_a_second_process_wait(tmp_path):
+    import multiprocessing as mp
+
+    from harness.io import file_lock
+
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(tmp_path / ".run.lock", tmp_path / "log", ready))
+    holder.start()
+    assert ready.wait(60)
+    with file_lock(tmp_path / ".run.lock"):
+        with open(tmp_path / "log", "a") as f:
+            f.write("B\n")
+    holder.join(60)
+    assert (tmp_path / "log").read_text().split() == ["A-start", "A-end", "B"]
