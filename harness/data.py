@@ -52,6 +52,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def list_image_files(folder: str | Path) -> list[str]:
+    """Image files under `folder`, recursively (following symlinked folders), in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, fn) for fn in sorted(filenames) if fn.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """ADM's centre crop: halve with BOX while the short side >= 2x target, BICUBIC-resize the
     short side to the target, then take the central square. Returns uint8 (S, S, 3)."""
@@ -86,11 +95,7 @@ class ImageFolder(Dataset):
                 "as in ImageNet's train split.")
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
-            for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
-                dirnames.sort()
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, fn), label))
+            self.samples += [(path, label) for path in list_image_files(self.root / name)]
         if not self.samples:
             raise HarnessError(f"{self.root}: class folders hold no images with extensions {IMAGE_EXTENSIONS} "
                                "(key data.path).")

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from harness.data import IMAGE_EXTENSIONS, center_crop_arr, list_image_files
 from harness.errors import HarnessError
 from harness.io import atomic_write, cache_dir
 from harness.metrics.features import FeatureExtractor, Features, check_images
@@ -31,7 +32,6 @@ from harness.metrics.stats import gaussian_stats
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
@@ -115,25 +115,11 @@ def _chunks(images: np.ndarray, size: int = 1000) -> Iterator[np.ndarray]:
 # ---- image folders ---------------------------------------------------------------------------------
 
 def list_images(root: Path, max_images: int | None = None) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = [Path(p) for p in list_image_files(root)]
     if max_images is not None and len(files) > max_images:
         keep = np.random.RandomState(0).choice(len(files), max_images, replace=False)
         files = [files[i] for i in sorted(keep)]
     return files
-
-
-def center_crop(image, size: int) -> np.ndarray:
-    """PIL image -> uint8 (size, size, 3): halve with box filter while large, bicubic resize, centre crop."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
 
 
 def _folder_batches(files: list[Path], size: int, chunk: int = 500) -> Iterator[np.ndarray]:
@@ -144,7 +130,7 @@ def _folder_batches(files: list[Path], size: int, chunk: int = 500) -> Iterator[
         for p in files[start:start + chunk]:
             try:
                 with Image.open(p) as im:
-                    out.append(center_crop(im, size))
+                    out.append(center_crop_arr(im.convert("RGB"), size))
             except OSError as err:
                 raise HarnessError(f"reference image {p} cannot be read ({err}); remove or replace it") from err
         yield np.stack(out)
