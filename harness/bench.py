@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from harness import paper
+
 log = logging.getLogger(__name__)
 
 FLOPS_PER_MAC = 2
-TRAIN_PASSES = 3  # forward + backward (twice the forward)
 CONVENTION = ("TFLOP/s = Gflops (fvcore forward multiply-adds per image) x 2 flops/multiply-add "
               "x 3 (forward+backward) x images/s")
 
@@ -138,7 +139,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     fwd_ps = steps / (time.perf_counter() - t0)
 
     images = train_sps * batch
-    tflops = gflops * FLOPS_PER_MAC * TRAIN_PASSES * images / 1e3
+    tflops = gflops * FLOPS_PER_MAC * paper.TRAIN_PASSES * images / 1e3
     peak = peak_tflops(device, precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return BenchResult(model_name, conditioning, name, precision, compile, grad_checkpointing, batch, input_size,

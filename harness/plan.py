@@ -24,7 +24,6 @@ from harness.errors import HarnessError
 from harness.spec import RunSpec, SweepSpec, load_spec
 
 log = logging.getLogger(__name__)
-TRAIN_FORWARD_EQUIVALENTS = 3  # forward + backward ~ 3 forward passes (the paper's compute definition)
 
 
 @dataclass
@@ -73,13 +72,13 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
         run_id=run.run_id, model=run.model, conditioning=run.conditioning, seed=run.seed,
         input_size=data.input_size, in_channels=data.channels, gflops=gflops, params=params,
         paper_gflops=paper_g, train_steps=train.steps if trains else 0, global_batch=train.global_batch,
-        train_gflops=gflops * train_images * TRAIN_FORWARD_EQUIVALENTS, eval_points=points,
+        train_gflops=paper.train_compute(gflops, train.global_batch, train.steps) if trains else 0.0, eval_points=points,
         eval_samples=points * ev.num_samples, sampling_forwards=forwards, sampling_gflops=gflops * forwards)
     if throughput is not None:
         if reference_gflops:
             throughput = throughput * reference_gflops / gflops
         plan.train_accel_hours = train_images / throughput / 3600.0
-        plan.sampling_accel_hours = forwards / (TRAIN_FORWARD_EQUIVALENTS * throughput) / 3600.0
+        plan.sampling_accel_hours = forwards / (paper.TRAIN_PASSES * throughput) / 3600.0
     return plan
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.io import read_jsonl
+from harness.paper import train_compute
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ COLUMNS = [
     "num_samples", *METRICS, "train_wall_s", "eval_wall_s",
 ]
 
-TRAIN_PASS_FACTOR = 3  # forward + backward (2x forward)
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
             continue
         compute = None
         if gflops is not None and batch is not None:
-            compute = float(gflops) * float(batch) * float(step) * TRAIN_PASS_FACTOR
+            compute = train_compute(gflops, batch, step)
         row = {
             "run_id": run.get("run_id", run_dir.name), "model": run.get("model"), "size": run.get("size"),
             "patch": run.get("patch"), "depth": run.get("depth"), "hidden": run.get("hidden"),

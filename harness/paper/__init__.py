@@ -10,6 +10,13 @@ import csv
 from importlib import resources
 
 PAPER_CORRELATION_LOG_GFLOPS_FID = -0.93  # the figure quoted in the paper (Pearson on log Gflops)
+PAPER_GLOBAL_BATCH = 256
+TRAIN_PASSES = 3  # a training step costs ~3 forward passes (forward + a backward twice as costly)
+
+
+def train_compute(gflops: float, global_batch: int, steps: int) -> float:
+    """Training compute in Gflops as the paper defines it: model Gflops x batch x steps x 3."""
+    return float(gflops) * float(global_batch) * float(steps) * TRAIN_PASSES
 
 
 def _read(name: str) -> list[dict]:

@@ -8,12 +8,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness import analysis
-from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, headline, table4
+from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, headline, table4, train_compute
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table, write_report
 
-PAPER_BATCH = 256  # the paper's global batch
-TRAIN_PASS_FACTOR = 3  # forward + backward
 
 
 def paper_frame() -> pd.DataFrame:
@@ -24,9 +22,9 @@ def paper_frame() -> pd.DataFrame:
             "run_id": f"{r['model']}|{r['conditioning']}|{r['image_size']}px|{r['train_steps']}",
             "model": r["model"], "size": r["size"], "patch": r["patch"], "depth": r["depth"],
             "hidden": r["hidden"], "conditioning": r["conditioning"], "seed": 0, "dataset": "imagenet",
-            "image_size": r["image_size"], "num_classes": 1000, "global_batch": PAPER_BATCH,
+            "image_size": r["image_size"], "num_classes": 1000, "global_batch": PAPER_GLOBAL_BATCH,
             "step": r["train_steps"], "gflops": float(r["gflops"]), "params": r["params_m"] * 1e6,
-            "train_compute": float(r["gflops"]) * PAPER_BATCH * r["train_steps"] * TRAIN_PASS_FACTOR,
+            "train_compute": train_compute(r["gflops"], PAPER_GLOBAL_BATCH, r["train_steps"]),
             "sampling_steps": 250, "sampler": "ddpm", "cfg_scale": 1.0, "guidance_channels": None,
             "feature_space": "inception", "reference": "ADM ImageNet 256 train", "num_samples": 50000,
             "fid": float(r["fid50k"]), "sfid": np.nan, "inception_score": np.nan, "precision": np.nan,

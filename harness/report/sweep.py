@@ -9,7 +9,7 @@ import pandas as pd
 
 from harness import analysis
 from harness.errors import HarnessError
-from harness.paper import table4
+from harness.paper import PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table, write_report
 from harness.results import METRICS, SweepResults, default_setting, load_sweep
@@ -146,7 +146,7 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
     except HarnessError as err:
         log.info("frontier fit skipped: %s", err)
     if front is not None:
-        paper_pts = ([(r["model"], r["gflops"] * 256 * r["train_steps"] * 3, r["fid50k"]) for r in paper_rows]
+        paper_pts = ([(r["model"], train_compute(r["gflops"], PAPER_GLOBAL_BATCH, r["train_steps"]), r["fid50k"]) for r in paper_rows]
                      if paper_rows else None)
         rep.figures.append(FigureSpec("fid_vs_train_compute", "FID vs training compute",
                                       "Log-log; grey band: the compute-efficient frontier (best model at each "
