@@ -67,41 +67,45 @@ def test_label_dropout_and_null_class():
     assert torch.equal(forced[0], null) and not torch.equal(forced[1], null)
 
 
-def test_state_dict_matches_the_official_checkpoint_layout():
-    with torch.device("meta"):
-        model = build_model("DiT-XL/2", "adaLN-Zero", input_size=32, in_channels=4, num_classes=1000)
-    sd = model.state_dict()
-    d = 1152
-    expected = {
-        "pos_embed": (1, 256, d),
-        "x_embedder.proj.weight": (d, 4, 2, 2), "x_embedder.proj.bias": (d,),
+def official_layout(depth: int, d: int, patch: int, channels: int, classes: int, tokens: int) -> dict:
+    """Keys and shapes of the officially released adaLN-Zero checkpoints, written out by hand."""
+    layout = {
+        "pos_embed": (1, tokens, d),
+        "x_embedder.proj.weight": (d, channels, patch, patch), "x_embedder.proj.bias": (d,),
         "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
         "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
-        "y_embedder.embedding_table.weight": (1001, d),
-        "final_layer.linear.weight": (2 * 2 * 8, d), "final_layer.linear.bias": (32,),
+        "y_embedder.embedding_table.weight": (classes + 1, d),
+        "final_layer.linear.weight": (patch * patch * 2 * channels, d),
+        "final_layer.linear.bias": (patch * patch * 2 * channels,),
         "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
     }
-    for n in range(28):
-        expected.update({
+    for n in range(depth):
+        layout.update({
             f"blocks.{n}.attn.qkv.weight": (3 * d, d), f"blocks.{n}.attn.qkv.bias": (3 * d,),
             f"blocks.{n}.attn.proj.weight": (d, d), f"blocks.{n}.attn.proj.bias": (d,),
             f"blocks.{n}.mlp.fc1.weight": (4 * d, d), f"blocks.{n}.mlp.fc1.bias": (4 * d,),
             f"blocks.{n}.mlp.fc2.weight": (d, 4 * d), f"blocks.{n}.mlp.fc2.bias": (d,),
             f"blocks.{n}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{n}.adaLN_modulation.1.bias": (6 * d,),
         })
-    assert {k: tuple(v.shape) for k, v in sd.items()} == expected  # no LayerNorm affine parameters
+    return layout
 
 
-def test_strict_load_of_a_saved_official_layout_state_dict(tmp_path):
-    small = build_model("DiT-2x64x4/2", input_size=8, in_channels=4, num_classes=10)
-    path = tmp_path / "ckpt.pt"
-    torch.save(small.state_dict(), path)
-    fresh = build_model("DiT-2x64x4/2", input_size=8, in_channels=4, num_classes=10)
-    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    x = torch.randn(2, 4, 8, 8)
-    t, y = torch.tensor([5, 6]), torch.tensor([1, 2])
-    small.eval(), fresh.eval()
-    assert torch.equal(small(x, t, y), fresh(x, t, y))
+def test_state_dict_matches_the_official_checkpoint_layout():
+    with torch.device("meta"):
+        model = build_model("DiT-XL/2", "adaLN-Zero", input_size=32, in_channels=4, num_classes=1000)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == official_layout(28, 1152, 2, 4, 1000, 256)  # no LayerNorm affine parameters
+
+
+def test_a_file_in_the_official_layout_loads_strictly_with_weights_only(tmp_path):
+    # a checkpoint written from the hand-made key list, not from our model's own state dict
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(shape, generator=gen) for k, shape in official_layout(2, 64, 2, 4, 10, 16).items()}
+    torch.save(weights, tmp_path / "DiT-tiny-2-8x8.pt")
+    model = build_model("DiT-2x64x4/2", input_size=8, in_channels=4, num_classes=10)
+    model.load_state_dict(torch.load(tmp_path / "DiT-tiny-2-8x8.pt", weights_only=True), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
 
 
 @pytest.mark.parametrize("name, message", [
