@@ -532,16 +532,27 @@ def _stop_on_term() -> Iterator[None]:
 
 def _run_local(ex: Any, spec: SweepSpec, todo: list[RunStatus], args: list[tuple], record: Any,
                state: dict, sdir: Path, max_concurrent: int) -> None:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     queue = list(zip(todo, args))
     running: dict[str, Any] = {}
-    with _stop_on_term():
-        _run_local_loop(ex, spec, queue, running, record, state, sdir, max_concurrent)
+    # a progress bar over the training steps of this dispatch (shown on a terminal only)
+    with _stop_on_term(), logging_redirect_tqdm(), tqdm(total=sum(s.run.train.steps for s in todo), unit="step",
+                                                        desc=f"sweep {spec.name}", disable=None) as bar:
+        def progress() -> None:
+            bar.n = sum(min(train_progress(s.dir), s.run.train.steps) for s in todo)
+            bar.set_postfix_str(f"{sum((s.dir / 'done').exists() for s in todo)}/{len(todo)} runs done")
+
+        _run_local_loop(ex, spec, queue, running, record, state, sdir, max_concurrent, progress)
+        progress()
 
 
 def _run_local_loop(ex: Any, spec: SweepSpec, queue: list, running: dict[str, Any], record: Any,
-                    state: dict, sdir: Path, max_concurrent: int) -> None:
+                    state: dict, sdir: Path, max_concurrent: int, progress: Any = lambda: None) -> None:
     try:
         while queue or running:
+            progress()
             while queue and len(running) < max_concurrent:
                 s, a = queue.pop(0)
                 job = ex.submit(SweepJob(spec.launcher.cpus_per_task), *a)
