@@ -173,7 +173,9 @@ def test_sweep_name_from_yaml_or_bare(tmp_path):
     spec.write_text("name: gflops\nmodels: [DiT-S/2]\n")
     assert sweep_name(spec) == "gflops"
     assert sweep_name("mini") == "mini"
-    (tmp_path / "bad.yaml").write_text("models: []\n")
+    (tmp_path / "unnamed.yaml").write_text("models: [DiT-S/2]\n")
+    assert sweep_name(tmp_path / "unnamed.yaml") == "unnamed"  # as load_spec names it: the file's stem
+    (tmp_path / "bad.yaml").write_text("name: ''\nmodels: []\n")
     with pytest.raises(HarnessError, match="'name'"):
         sweep_name(tmp_path / "bad.yaml")
     with pytest.raises(HarnessError, match="not found"):
