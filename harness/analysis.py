@@ -54,6 +54,31 @@ def per_model(frame: pd.DataFrame, step: int | None = None) -> tuple[pd.DataFram
     return out.rename(columns={"seed": "n_seeds"}), step
 
 
+def patch_pairs(models: pd.DataFrame, metric: str = "fid") -> list[dict]:
+    """At each model size evaluated with several patch sizes: each pair of neighbouring patch sizes
+    (smaller, larger) with their metric and whether the smaller patch scores lower (the paper's
+    finding). `models`: per_model() rows of one conditioning block."""
+    pairs = []
+    for size, group in models.dropna(subset=[metric]).groupby("size", sort=False):
+        group = group.sort_values("patch")
+        for (_, small), (_, large) in zip(group.iterrows(), group.iloc[1:].iterrows()):
+            pairs.append({"size": size, "small_patch": int(small["patch"]), "large_patch": int(large["patch"]),
+                          "small": float(small[metric]), "large": float(large[metric]),
+                          "smaller_wins": bool(small[metric] < large[metric])})
+    return pairs
+
+
+def conditioning_ranking(models: pd.DataFrame, metric: str = "fid") -> dict[str, list[tuple[str, float]]]:
+    """For each model evaluated with several conditioning blocks: [(block, metric)] best first.
+    `models`: per_model() rows over all blocks."""
+    ranking = {}
+    for model, group in models.dropna(subset=[metric]).groupby("model", sort=False):
+        if group["conditioning"].nunique() > 1:
+            group = group.sort_values(metric)
+            ranking[model] = [(c, float(v)) for c, v in zip(group["conditioning"], group[metric])]
+    return ranking
+
+
 # ----------------------------------------------------------------------------------- correlation
 @dataclass
 class Correlation:

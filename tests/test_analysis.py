@@ -180,3 +180,19 @@ def test_sweep_name_from_yaml_or_bare(tmp_path):
         sweep_name(tmp_path / "bad.yaml")
     with pytest.raises(HarnessError, match="not found"):
         sweep_name(tmp_path / "absent.yaml")
+
+
+def test_patch_pairs_and_conditioning_ranking():
+    from harness.analysis import conditioning_ranking, patch_pairs
+
+    models = pd.DataFrame({
+        "model": ["A/4", "A/2", "B/8", "B/4", "B/2", "C/2", "B/2", "B/2"],
+        "size": ["A", "A", "B", "B", "B", "C", "B", "B"],
+        "patch": [4, 2, 8, 4, 2, 2, 2, 2],
+        "conditioning": ["adaLN-Zero"] * 6 + ["adaLN", "in-context"],
+        "fid": [20.0, 25.0, 30.0, 12.0, 8.0, 5.0, 9.0, 14.0],
+    })
+    pairs = patch_pairs(models[models["conditioning"] == "adaLN-Zero"])
+    assert [(p["size"], p["small_patch"], p["large_patch"], p["smaller_wins"]) for p in pairs] == [
+        ("A", 2, 4, False), ("B", 2, 4, True), ("B", 4, 8, True)]  # C has one patch: no pair
+    assert conditioning_ranking(models) == {"B/2": [("adaLN-Zero", 8.0), ("adaLN", 9.0), ("in-context", 14.0)]}

@@ -115,6 +115,19 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
         rep.notes.append(f"At step {step:,}, Pearson r between log10(Gflops) and FID over {fid_corr.n} models is "
                          f"{fid_corr.pearson_r:.3f} (p = {fid_corr.pearson_p:.2g}); Spearman ρ = "
                          f"{fid_corr.spearman_rho:.3f}. The paper reports -0.93 for its 12 models at 400K steps.")
+    pairs = analysis.patch_pairs(models)
+    if pairs:
+        wins = sum(p["smaller_wins"] for p in pairs)
+        detail = "; ".join(f"{p['size']}: /{p['small_patch']} {p['small']:.3g} vs /{p['large_patch']} {p['large']:.3g}"
+                           for p in pairs)
+        rep.notes.append(f"Patch size at fixed model size (step {step:,}): the smaller patch has the lower FID in "
+                         f"{wins} of {len(pairs)} pairs ({detail}). The paper finds smaller patches better at "
+                         "every size.")
+    all_blocks, _ = analysis.per_model(frame, step)
+    for model, ranked in analysis.conditioning_ranking(all_blocks).items():
+        order = " < ".join(f"{c} {v:.3g}" for c, v in ranked)
+        rep.notes.append(f"Conditioning ablation on {model} (FID, step {step:,}): {order}; best: {ranked[0][0]}. "
+                         "The paper's order on DiT-XL/2: adaLN-Zero < adaLN < cross-attention < in-context.")
     if models["fid"].notna().any():
         rep.figures.append(FigureSpec("fid_vs_gflops", "FID vs transformer Gflops",
                                       "One point per model at one step (seed mean); log x; black: power-law fit "
