@@ -128,7 +128,10 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | list[int]) -
         if count < 1 or count > size:
             raise ValueError(f"cannot take {count} steps from a section of {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept.extend(start + round(j * stride) for j in range(count))
+        position = 0.0
+        for _ in range(count):  # accumulate the float stride as ADM does, so every count keeps ADM's steps
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 

@@ -474,3 +474,11 @@ def test_guided_sampling_runs_through_the_sampler():
         out = d.ddim_sample_loop(fn, x.shape, noise=x, model_kwargs={"y": y})
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.allclose(out[:3], out[3:])    # deterministic DDIM: halves identical
+
+
+def test_respacing_keeps_the_steps_adm_keeps_for_odd_counts():
+    # ADM accumulates a float stride; for 21 of 1000 its 11th step is 499 (j * stride would round 499.5 to 500)
+    from harness.diffusion import space_timesteps
+
+    kept = space_timesteps(1000, 21)
+    assert len(kept) == 21 and kept[0] == 0 and kept[-1] == 999 and kept[10] == 499
