@@ -184,6 +184,13 @@ class PowerLawFit:
         return (np.quantile(preds, (1 - self.level) / 2, axis=0), np.quantile(preds, (1 + self.level) / 2, axis=0))
 
 
+def _positive_points(c, y, groups=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The points (c, y) with both finite and positive (fits run in log space), and their groups."""
+    c, y = np.asarray(c, float), np.asarray(y, float)
+    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
+    return c[ok], y[ok], None if groups is None else np.asarray(groups)[ok]
+
+
 def _loglog(c: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
     slope, intercept = np.polyfit(np.log10(c), np.log10(y), 1, w=None if w is None else np.sqrt(w))
     return float(10 ** intercept), float(slope)
@@ -191,11 +198,7 @@ def _loglog(c: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[
 
 def fit_power_law(c, y, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> PowerLawFit:
     """Fit y = a * C^b; `groups` (e.g. run ids, one per point) is the bootstrap unit."""
-    c, y = np.asarray(c, float), np.asarray(y, float)
-    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
-    if groups is not None:
-        groups = np.asarray(groups)[ok]
-    c, y = c[ok], y[ok]
+    c, y, groups = _positive_points(c, y, groups)
     if len(c) < 3 or len(np.unique(c)) < 2:
         raise HarnessError(f"a power-law fit needs >= 3 points at >= 2 compute values; got {len(c)}")
     a, b = _loglog(c, y)
@@ -258,11 +261,7 @@ def _saturating_once(c: np.ndarray, y: np.ndarray, c0: float) -> tuple[float, fl
 
 def fit_saturating(c, y, groups=None, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> SaturatingFit:
     """Fit y = F_inf + A * C^-alpha (scipy least_squares, loss='soft_l1'); bootstrap over groups."""
-    c, y = np.asarray(c, float), np.asarray(y, float)
-    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
-    if groups is not None:
-        groups = np.asarray(groups)[ok]
-    c, y = c[ok], y[ok]
+    c, y, groups = _positive_points(c, y, groups)
     if len(c) < 4 or len(np.unique(c)) < 3:
         raise HarnessError(f"a saturating fit needs >= 4 points at >= 3 compute values; got {len(c)}")
     c0 = float(np.exp(np.mean(np.log(c))))
