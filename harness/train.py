@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 _TAG_EPOCH, _TAG_STEP, _TAG_EVAL = 1, 2, 3
 RUN_LOCK = ".run.lock"
+#: test hook: sleep this many seconds before each step, so tests that kill or requeue a job
+#: mid-training do not race a tiny model that trains in a second or two.
+STEP_DELAY_ENV = "HARNESS_TEST_STEP_DELAY_S"
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -308,8 +311,11 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
     while step < tr.steps:
         s = step + 1
+        if step_delay:
+            time.sleep(step_delay)
         idx, flip = order.take(data_pos, tr.global_batch)
         idx, flip = idx[lo:hi], flip[lo:hi]
         if not run.data.flip:

@@ -127,9 +127,10 @@ def test_slurm_cancelled_run_fails_with_reason_then_finishes(tmp_path, monkeypat
 def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
     _need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")
+    # 400 steps of a tiny model take 2-6 s: slowed to >= 20 s (sbatch exports this environment to the
+    # job, also after the requeue) so the requeue always lands mid-training
+    monkeypatch.setenv("HARNESS_TEST_STEP_DELAY_S", "0.05")
     results = tmp_path / "results"
-    # ~70 steps/s on a CPU: 400 steps leave seconds to requeue it mid-training (with 60 steps the job
-    # could finish, and retention delete step 10, between two polls)
     steps = 400
     spec = load_spec(tiny(tmp_path, "requeue", steps=steps, kind="slurm"))
     [st] = dispatch(spec, results, wait=False)

@@ -43,8 +43,10 @@ def sweep_cmd(spec: Path, results: Path, *extra: str) -> list[str]:
 
 
 def start_sweep(spec: Path, results: Path) -> subprocess.Popen:
-    """`harness sweep` in its own process group (its local jobs inherit the group)."""
-    return subprocess.Popen(sweep_cmd(spec, results, "--no-report"), cwd=ROOT, env=ENV, start_new_session=True,
+    """`harness sweep` in its own process group (its local jobs inherit the group), its training
+    slowed to >= 15 s per run so that a kill always lands mid-training (a tiny run takes ~3 s)."""
+    env = dict(ENV, HARNESS_TEST_STEP_DELAY_S="0.05")
+    return subprocess.Popen(sweep_cmd(spec, results, "--no-report"), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -107,7 +109,7 @@ def assert_records_whole(spec_path: Path, results: Path) -> dict[str, list[int]]
 
 
 def _long_spec(tmp_path: Path, name: str) -> Path:
-    # ~300 steps at ~70 steps/s: a few seconds of training per run, checkpoints every 20 steps
+    # 300 steps, a checkpoint every 20: ~3 s per run when rerun, >= 15 s while start_sweep slows it
     return derived_spec(tmp_path, name, train={"steps": 300, "ckpt_every": 20, "log_every": 10},
                         eval={"at_steps": [150, 300]}, launcher={"max_concurrent_local": 2})
 
