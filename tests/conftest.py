@@ -16,3 +16,18 @@ def pytest_configure(config):
     # Tiny models on a 2-core machine: one intra-op thread avoids oversubscription when the
     # suite or its subprocesses run side by side.
     torch.set_num_threads(1)
+
+
+SYSTEM_MARKERS = ("browser", "slurm", "system")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With HARNESS_REQUIRE_SYSTEM=1 (set by .ci/run, which installs chromium, poppler and Slurm),
+    a browser, PDF or Slurm test that skips for a missing tool fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    required = os.environ.get("HARNESS_REQUIRE_SYSTEM") == "1"
+    if required and report.skipped and any(item.get_closest_marker(m) for m in SYSTEM_MARKERS):
+        report.outcome = "failed"
+        report.longrepr = f"HARNESS_REQUIRE_SYSTEM=1 but the test skipped: {report.longrepr}"

@@ -97,6 +97,7 @@ def test_paper_overlay_only_where_setup_matches():
     assert "paper, Table 4 (400K steps)" in labels
 
 
+@pytest.mark.system
 def test_sweep_pdf_pages(sweep_report, tmp_path):
     folder, manifest, _ = sweep_report
     pages = _pdf_pages(folder / "report.pdf", tmp_path)
@@ -109,6 +110,7 @@ def test_sweep_pdf_pages(sweep_report, tmp_path):
     _assert_not_blank(pages)
 
 
+@pytest.mark.system
 def test_paper_report(paper_report, tmp_path):
     manifest = json.loads((paper_report / "manifest.json").read_text())
     note = manifest["notes"][0]
