@@ -523,6 +523,10 @@ def _stop_on_term() -> Iterator[None]:
         raise SweepStopped(128 + signum)
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started in the background (`nohup ... &`): the local jobs would inherit an ignored SIGINT,
+        # and submitit cancels a local job with SIGINT -- they would keep training after we stop
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
