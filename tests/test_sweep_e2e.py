@@ -21,7 +21,9 @@ from harness.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HARNESS_POLL_S="0.3", PYTHONPATH=str(ROOT))
+def subprocess_env(**extra: str) -> dict:
+    """The subprocesses' environment, read at call time so it carries the test's own HARNESS_CACHE."""
+    return dict(os.environ, OMP_NUM_THREADS="1", HARNESS_POLL_S="0.3", PYTHONPATH=str(ROOT), **extra)
 
 
 def derived_spec(tmp_path: Path, name: str, models: list[str] | None = None, **changes: dict) -> Path:
@@ -45,13 +47,13 @@ def sweep_cmd(spec: Path, results: Path, *extra: str) -> list[str]:
 def start_sweep(spec: Path, results: Path) -> subprocess.Popen:
     """`harness sweep` in its own process group (its local jobs inherit the group), its training
     slowed to >= 15 s per run so that a kill always lands mid-training (a tiny run takes ~3 s)."""
-    env = dict(ENV, HARNESS_TEST_STEP_DELAY_S="0.05")
+    env = subprocess_env(HARNESS_TEST_STEP_DELAY_S="0.05")
     return subprocess.Popen(sweep_cmd(spec, results, "--no-report"), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def run_sweep(spec: Path, results: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_cmd(spec, results, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+    return subprocess.run(sweep_cmd(spec, results, *extra), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -167,7 +169,7 @@ def test_sweep_stopped_by_sigterm_stops_its_jobs_then_rerun_completes(tmp_path):
     assert logged and all(p.read_text() == text for p, text in logged.items()), "a job still trains"
     assert not any(runs.glob("*/done")), "a run finished although the sweep was stopped mid-training"
     status = subprocess.run([sys.executable, "-m", "harness", "status", str(spec), "--results", str(results)],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "harness sweep was stopped" in status.stdout, status.stdout
 
     again = run_sweep(spec, results, "--no-report")
@@ -186,7 +188,7 @@ def test_failing_run_shows_its_reason_and_is_resubmitted(tmp_path):
     first = run_sweep(spec, results, "--no-report")
     assert first.returncode == 1, first.stdout + first.stderr
     status = subprocess.run([sys.executable, "-m", "harness", "status", str(spec), "--results", str(results)],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     [row] = [line for line in status.stdout.splitlines() if line.startswith("DiT-")]
     assert " failed " in row and "NaN or Inf" in row, status.stdout
     [entry] = load_state(results / "diverge")["runs"].values()
@@ -207,7 +209,7 @@ def test_smoke_sweep_end_to_end_with_report(tmp_path):
     results, reports = tmp_path / "results", tmp_path / "reports"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "harness", "sweep", str(SMOKE), "--results", str(results),
-                           "--reports", str(reports)], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                           "--reports", str(reports)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
                           timeout=240)
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
