@@ -391,8 +391,6 @@ def _write_run_json(run: RunSpec, rdir: Path) -> float:
 def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | None = None,
              wait: bool = True) -> list[RunStatus]:
     """Submit every run of `spec` that needs work; wait (unless `wait` is False); return statuses."""
-    import submitit
-
     results = Path(results)
     kind = launcher or spec.launcher.kind
     if kind == "slurm" and shutil.which("sbatch") is None:

@@ -44,7 +44,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -391,7 +391,7 @@ def _scalar(value: Any, kind: Any, meta: dict, path: tuple, where: _Where) -> An
         if "min" in meta and value < meta["min"]:
             raise where.error(path, f"must be >= {meta['min']}, got {value}", f"use a value >= {meta['min']}")
         if "gt" in meta and value <= meta["gt"]:
-            raise where.error(path, f"must be > {meta['gt']}, got {value}", f"use a positive value")
+            raise where.error(path, f"must be > {meta['gt']}, got {value}", "use a positive value")
         if "lt" in meta and value >= meta["lt"]:
             raise where.error(path, f"must be < {meta['lt']}, got {value}", f"use a value below {meta['lt']}")
     return value

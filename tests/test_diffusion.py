@@ -21,7 +21,6 @@ import torch
 from scipy.stats import norm
 
 from harness.diffusion import (
-    GaussianDiffusion,
     create_diffusion,
     discretized_gaussian_log_likelihood,
     guided_model_fn,

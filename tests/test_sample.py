@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.autoencoder import IdentityAutoencoder
 from harness.checkpoint import save_checkpoint
 from harness.models import build_model
 from harness.sample import balanced_labels, make_grid, sample_images, save_grid, save_npz
