@@ -458,27 +458,7 @@ def _pending_evals(run: Any, run_dir: Path, ema_now: torch.nn.Module, device: to
         evaluate_step(run, run_dir, ema, device, s)
 
 
-# ----------------------------------------------------------------------------- submitit and CLI
-class TrainJob:
-    """A submitit-checkpointable callable: `executor.submit(TrainJob(), run_dict, run_dir)`.
-
-    On preemption or timeout submitit calls `checkpoint`, which requeues the same call; the
-    requeued job resumes from the newest valid checkpoint on disk.
-    """
-
-    def __call__(self, run: Any, run_dir: str) -> str:
-        from harness.spec import RunSpec
-
-        spec = RunSpec.from_dict(run) if isinstance(run, dict) else run
-        run_training(spec, Path(run_dir))
-        return str(run_dir)
-
-    def checkpoint(self, run: Any, run_dir: str) -> Any:
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainJob(), run, run_dir)
-
-
+# ----------------------------------------------------------------------------- CLI
 def cli_train(args: Any) -> int:
     """`harness train`: train from RUN_DIR/run.json (or --config), or a standalone run from --model."""
     import json
