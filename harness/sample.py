@@ -19,10 +19,10 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write
+from harness.spec import SAMPLERS  # the spec owns the choices it validates
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddpm", "ddim")
 _AUTOENCODERS: dict[tuple[str, str | None], Any] = {}  # loaded once per process
 
 

@@ -20,13 +20,13 @@ from harness.metrics.features import FeatureExtractor, Features, check_images
 from harness.metrics.reference import ReferenceStats, load_reference
 from harness.metrics.stats import (frechet_distance, gaussian_stats, inception_score,
                                    precision_recall)
+from harness.spec import METRICS  # the spec owns the choices it validates
 
 log = logging.getLogger(__name__)
 
 __all__ = ["compute_metrics", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
            "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "FEATURE_SPACES"]
 
-METRICS = ("fid", "sfid", "is", "precision", "recall")
 METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
 _ALIASES = {"inception_score": "is", "isc": "is", "prec": "precision", "rec": "recall"}
 FEATURE_SPACES = ("inception", "digits")
