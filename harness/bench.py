@@ -86,7 +86,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     from harness.diffusion import create_diffusion
     from harness.flops import model_gflops
     from harness.models import build_model
-    from harness.train import _peak_mem_mb, ema_update
+    from harness.runtime import ema_update, peak_mem_mb
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -144,7 +144,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return BenchResult(model_name, conditioning, name, precision, compile, grad_checkpointing, batch, input_size,
                        in_channels, torch.get_num_threads(), gflops, params, train_sps, images, fwd_ps,
-                       fwd_ps * batch, tflops, (tflops / peak) if peak else None, _peak_mem_mb(device))
+                       fwd_ps * batch, tflops, (tflops / peak) if peak else None, peak_mem_mb(device))
 
 
 def format_table(r: BenchResult) -> str:

@@ -13,14 +13,10 @@ global batch (up to floating-point reduction order).
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import logging
 import os
-import random
-import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,86 +25,21 @@ import torch
 
 from harness import checkpoint as ckpt
 from harness.errors import HarnessError
-from harness.evaluation import missing_settings
+from harness.evaluation import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock
+from harness.runtime import (Dist, all_reduce, barrier, derive_seed, ema_update, peak_mem_mb, rng_state,
+                             seed_everything, set_rng_state, setup_distributed)
 
 log = logging.getLogger(__name__)
 
-_TAG_EPOCH, _TAG_STEP, _TAG_EVAL = 1, 2, 3
+_TAG_EPOCH, _TAG_STEP = 1, 2  # seed tags; evaluation uses harness.evaluation.TAG_EVAL
 RUN_LOCK = ".run.lock"
 #: test hook: sleep this many seconds before each step, so tests that kill or requeue a job
 #: mid-training do not race a tiny model that trains in a second or two.
 STEP_DELAY_ENV = "HARNESS_TEST_STEP_DELAY_S"
 
 
-# ----------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialised_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, or submitit's job environment) and join the group.
-
-    Device: cuda:(LOCAL_RANK mod visible GPUs) when CUDA is present (correct whether or not the
-    scheduler already narrowed CUDA_VISIBLE_DEVICES), else the CPU with the gloo backend.
-    """
-    import torch.distributed as tdist
-
-    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
-        try:
-            from submitit.helpers import TorchDistributedEnvironment
-
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        except Exception as err:  # noqa: BLE001 - not inside a submitit job after all
-            log.debug("no submitit distributed environment: %s", err)
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    here = False
-    if world > 1 and not tdist.is_initialized():
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise HarnessError(f"WORLD_SIZE={world} but environment variable {key} is not set: launch "
-                                   "with torchrun or submitit, or unset WORLD_SIZE for one process")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, rank=rank, world_size=world,
-                                 timeout=_dt.timedelta(hours=2))  # rank 0 evaluates while others wait
-        here = True
-    return Dist(rank, world, local_rank, device, here)
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        torch.distributed.barrier()
-
-
-def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
-    if dist.world > 1:
-        rop = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}[op]
-        torch.distributed.all_reduce(t, op=rop)
-    return t
-
-
 # ----------------------------------------------------------------------------- determinism
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of the integers given (numpy SeedSequence mixing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
 class DataOrder:
     """Global sample positions -> (dataset index, flip). Epoch e is a permutation and a flip draw
     seeded by (seed, e), so a position is a pure function of (seed, epoch, offset)."""
@@ -138,26 +69,6 @@ class DataOrder:
         return idx, flip
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 # ----------------------------------------------------------------------------- pieces
 def _spec_dict(run: Any) -> dict:
     return run.to_dict() if hasattr(run, "to_dict") else dict(run)
@@ -175,30 +86,13 @@ def load_training_arrays(run: Any) -> tuple[np.ndarray, np.ndarray]:
     return latents, labels
 
 
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, on parameters; buffers are copied."""
-    with torch.no_grad():
-        e = [p for p in ema.parameters()]
-        m = [p.detach() for p in model.parameters()]
-        torch._foreach_mul_(e, decay)
-        torch._foreach_add_(e, m, alpha=1.0 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
-            be.copy_(bm)
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB -> MiB
-
-
 def _lr_at(step: int, lr: float, warmup: int) -> float:
     """Learning rate for optimizer step `step` (1-based): linear warmup over `warmup` steps, then flat."""
     return lr if warmup <= 0 else lr * min(1.0, step / warmup)
 
 
 def _check_finite(bad: torch.Tensor, dist: Dist, run_dir: Path) -> None:
-    first = int(_all_reduce(bad.clone(), dist, "min").item())
+    first = int(all_reduce(bad.clone(), dist, "min").item())
     if first < _NO_BAD:
         raise HarnessError(
             f"{run_dir}: the training loss became NaN or Inf at step {first}. Fix: lower train.lr in the "
@@ -250,10 +144,10 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
 
     if dist.main:  # build the latent cache once; the other ranks then open it
         load_training_arrays(run)
-    _barrier(dist)
+    barrier(dist)
     latents, labels = load_training_arrays(run)
     n, _, C, H, W = latents.shape
-    _seed_everything(derive_seed(run.seed, 0))
+    seed_everything(derive_seed(run.seed, 0))
     model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
                         num_classes=run.data.num_classes, class_dropout_prob=tr.class_dropout).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -273,18 +167,18 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
         opt.load_state_dict(state["opt"])
         step, data_pos = int(state["step"]), int(state["data_pos"])
         if dist.world == 1:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         else:
-            _seed_everything(derive_seed(run.seed, dist.rank, step))
+            seed_everything(derive_seed(run.seed, dist.rank, step))
         log.info("resumed %s at step %d", path_box[0], step)
         del state, found
     else:
-        _seed_everything(derive_seed(run.seed, dist.rank))
+        seed_everything(derive_seed(run.seed, dist.rank))
 
     # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
     if dist.main:
-        _pending_evals(run, run_dir, ema, device, upto=step, current=step)
-    _barrier(dist)
+        pending_evals(run, run_dir, ema, device, upto=step, current=step)
+    barrier(dist)
     if step >= tr.steps:
         if dist.main:
             _write_done(run_dir, step)
@@ -352,13 +246,13 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
-            tot = _all_reduce(sums.clone(), dist) / (count * dist.world)
+            tot = all_reduce(sums.clone(), dist) / (count * dist.world)
             sps = count / max(now - t_log, 1e-9)
             if dist.main:
                 append_jsonl(run_dir / "train.jsonl", {
                     "step": s, "loss": tot[0].item(), "mse": tot[1].item(), "vb": tot[2].item(),
                     "lr": opt.param_groups[0]["lr"], "steps_per_s": sps, "images_per_s": sps * tr.global_batch,
-                    "peak_mem_mb": _peak_mem_mb(device), "wall_s": now - wall0, "time": time.time()})
+                    "peak_mem_mb": peak_mem_mb(device), "wall_s": now - wall0, "time": time.time()})
                 log.info("step %d loss %.4f (%.2f steps/s)", s, tot[0].item(), sps)
             sums.zero_()
             count, t_log = 0, time.perf_counter()
@@ -366,13 +260,13 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
             if dist.main:
                 ckpt.save_checkpoint(ckpt_dir, s, {
                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "step": s, "rng": _rng_state(), "data_pos": data_pos, "run": _spec_dict(run),
+                    "step": s, "rng": rng_state(), "data_pos": data_pos, "run": _spec_dict(run),
                     "world_size": dist.world})
                 ckpt.apply_retention(ckpt_dir, tr.keep_last, ckpt_steps)
-                _save_grid(run, run_dir, ema, device, s)
+                save_grid(run, run_dir, ema, device, s)
                 if s in ckpt_steps:
                     evaluate_step(run, run_dir, ema, device, s)
-            _barrier(dist)
+            barrier(dist)
             t_log = time.perf_counter()  # checkpoint/eval time is not training throughput
         if stop_at is not None and s >= stop_at:
             log.info("stopping at step %d as asked (stop_at)", s)
@@ -384,78 +278,6 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
 def _write_done(run_dir: Path, step: int) -> None:
     if not (run_dir / "done").exists():
         atomic_write_json(run_dir / "done", {"step": step, "time": time.time()})
-
-
-# ----------------------------------------------------------------------------- grids and evaluation
-def _save_grid(run: Any, run_dir: Path, ema: torch.nn.Module, device: torch.device, step: int,
-               n: int = 16) -> Path | None:
-    """A grid of `n` class-balanced EMA samples: samples/grid_step_XXXXXXX.png."""
-    from harness.sample import balanced_labels, sample_images, save_grid
-
-    ev = run.eval
-    labels = balanced_labels(n, run.data.num_classes)
-    images = sample_images(ema, run, labels, sampling_steps=min(ev.sampling_steps), sampler=ev.sampler,
-                           cfg_scale=max(ev.cfg_scales), guidance_channels=ev.guidance_channels,
-                           seed=derive_seed(run.seed, _TAG_EVAL, step), device=device)
-    path = run_dir / "samples" / f"grid_step_{step:07d}.png"
-    save_grid(images, path)
-    return path
-
-
-def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: torch.device, step: int) -> int:
-    """Sample eval.num_samples class-balanced images per missing (sampling_steps, cfg_scale) with the
-    EMA model, compute eval.metrics in eval.features space against eval.reference, append eval.jsonl.
-    Returns the number of records appended."""
-    from harness.metrics import compute_metrics, get_feature_extractor, load_reference
-    from harness.sample import balanced_labels, sample_images, save_npz
-
-    run_dir = Path(run_dir)
-    todo = missing_settings(run, run_dir, step)
-    if not todo:
-        return 0
-    ev = run.eval
-    extractor = (get_feature_extractor(ev.features, weights=ev.resolved_inception_weights(), device=device)
-                 if ev.features == "inception" else get_feature_extractor(ev.features, device=device))
-    reference = load_reference(ev.resolved_reference(), extractor, image_size=run.data.image_size,
-                               batch_size=ev.batch_size)
-    for setting in todo:
-        t0 = time.perf_counter()
-        labels = balanced_labels(ev.num_samples, run.data.num_classes)
-        images = sample_images(ema, run, labels, sampling_steps=setting["sampling_steps"], sampler=ev.sampler,
-                               cfg_scale=setting["cfg_scale"], guidance_channels=ev.guidance_channels,
-                               seed=derive_seed(run.seed, _TAG_EVAL, step, setting["sampling_steps"]),
-                               device=device, batch_size=ev.batch_size)
-        name = f"samples_step_{step:07d}_k{setting['sampling_steps']}_cfg{setting['cfg_scale']:g}.npz"
-        save_npz(images, labels, run_dir / "samples" / name)
-        metrics = compute_metrics(images, reference, extractor, list(ev.metrics), ev.batch_size)
-        rec = dict(setting)
-        for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-            rec[key] = metrics.get(key)
-        # the requested space stays in `feature_space` (the setting's key); the network that
-        # computed the numbers ("inception" only for the official FID weights) in `features_id`
-        rec["features_id"] = metrics.get("feature_space", extractor.name)
-        rec.update(wall_s=time.perf_counter() - t0, time=time.time())
-        append_jsonl(run_dir / "eval.jsonl", rec)
-        log.info("eval step %d %s", step, {k: rec[k] for k in ("sampling_steps", "cfg_scale", "fid")})
-    return len(todo)
-
-
-def _pending_evals(run: Any, run_dir: Path, ema_now: torch.nn.Module, device: torch.device,
-                   upto: int, current: int) -> None:
-    """Evaluate eval steps <= `upto` whose records are missing, from their retained checkpoints."""
-    for s in sorted(int(x) for x in run.eval.at_steps):
-        if s > upto or not missing_settings(run, run_dir, s):
-            continue
-        if s == current:
-            evaluate_step(run, run_dir, ema_now, device, s)
-            continue
-        path = ckpt.checkpoint_path(run_dir / "checkpoints", s)
-        if not path.exists():
-            log.warning("eval step %d has no retained checkpoint; its evaluation is skipped", s)
-            continue
-        ema = copy.deepcopy(ema_now)
-        ema.load_state_dict(ckpt.load_checkpoint(path)["ema"])
-        evaluate_step(run, run_dir, ema, device, s)
 
 
 # ----------------------------------------------------------------------------- CLI
