@@ -97,7 +97,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: t
         save_npz(images, labels, run_dir / "samples" / name)
         metrics = compute_metrics(images, reference, extractor, list(ev.metrics), ev.batch_size)
         rec = dict(setting)
-        for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        for key in ("fid", "sfid", "inception_score", "precision", "recall", "fid_se"):
             rec[key] = metrics.get(key)
         # the requested space stays in `feature_space` (the setting's key); the network that
         # computed the numbers ("inception" only for the official FID weights) in `features_id`

@@ -31,7 +31,7 @@ COLUMNS = [
     "dataset", "image_size", "num_classes", "global_batch",
     "step", "gflops", "params", "train_compute",
     "sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
-    "num_samples", *METRICS, "train_wall_s", "eval_wall_s",
+    "num_samples", *METRICS, "fid_se", "train_wall_s", "eval_wall_s",
 ]
 
 
@@ -119,6 +119,7 @@ def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
         }
         for m in METRICS:
             row[m] = ev.get(m)
+        row["fid_se"] = ev.get("fid_se")  # FID's bootstrap standard error over the samples (may be absent)
         rows.append(row)
     return rows
 
@@ -157,7 +158,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
             f"({len(run_dirs)} run folder(s), none with eval.jsonl); run `harness sweep sweeps/{name}.yaml` "
             f"first, or pass --results with the folder that holds {name}/runs/")
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ["gflops", "train_compute", "cfg_scale", *METRICS, "train_wall_s", "eval_wall_s"]:
+    for col in ["gflops", "train_compute", "cfg_scale", *METRICS, "fid_se", "train_wall_s", "eval_wall_s"]:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     frame = frame.sort_values(["model", "conditioning", "seed", "step", "sampling_steps", "cfg_scale"],
                               na_position="last", kind="stable").reset_index(drop=True)

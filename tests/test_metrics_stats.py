@@ -117,3 +117,34 @@ def test_normalize_metrics():
     assert normalize_metrics(["inception_score"]) == ["is"]
     with pytest.raises(HarnessError, match="eval.metrics"):
         normalize_metrics(["kid"])
+
+
+def test_fid_bootstrap_matches_the_spread_of_independent_draws():
+    """The bootstrap standard error over one sample set estimates the standard deviation of FID over
+    fresh sample sets from the same distribution; stated tolerance: within a factor of 1.6."""
+    from harness.metrics.stats import fid_bootstrap, frechet_distance_features, gaussian_stats
+
+    rng = np.random.default_rng(0)
+    d, n = 6, 400
+    ref = rng.normal(size=(20000, d))
+    mu, sigma = gaussian_stats(ref)
+    shift = np.full(d, 0.3)
+    fresh = [frechet_distance_features(rng.normal(size=(n, d)) + shift, ref) for _ in range(60)]
+    est = fid_bootstrap(rng.normal(size=(n, d)) + shift, mu, sigma, n_boot=60, seed=1)
+    assert est["fid_boot"] == 60
+    ratio = est["fid_se"] / np.std(fresh, ddof=1)
+    assert 1 / 1.6 < ratio < 1.6, ratio
+
+
+def test_fid_bootstrap_trace_identity_equals_frechet_distance():
+    """The eigenvalue shortcut inside fid_bootstrap gives the plain Frechet distance on one set."""
+    from harness.metrics import stats
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(300, 5)), rng.normal(size=(300, 5)) @ np.diag([1, 2, 1, 0.5, 1]) + 0.2
+    mu, sigma = stats.gaussian_stats(b)
+    root = stats._psd_sqrt(sigma)
+    m1, s1 = stats.gaussian_stats(a)
+    eig = np.linalg.eigvalsh(root @ s1 @ root)
+    fast = (m1 - mu) @ (m1 - mu) + np.trace(s1) + np.trace(sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum()
+    assert abs(fast - stats.frechet_distance(m1, s1, mu, sigma)) < 1e-8

@@ -18,7 +18,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.metrics.features import FeatureExtractor, Features, check_images
 from harness.metrics.reference import ReferenceStats, load_reference
-from harness.metrics.stats import (frechet_distance, gaussian_stats, inception_score,
+from harness.metrics.stats import (fid_bootstrap, frechet_distance, gaussian_stats, inception_score,
                                    precision_recall)
 from harness.spec import METRICS  # the spec owns the choices it validates
 
@@ -78,6 +78,7 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     """The requested metrics of samples uint8 (N, H, W, 3) against `reference`, in `extractor`'s space.
 
     Returns {fid, sfid, inception_score, precision, recall (None when not requested),
+    fid_se (FID's bootstrap standard error over the samples, harness.metrics.stats.fid_bootstrap),
     feature_space, num_samples}.
     """
     wanted = normalize_metrics(metrics)
@@ -89,6 +90,7 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     out: dict = {v: None for v in METRIC_KEYS.values()}
     if "fid" in wanted:
         out["fid"] = frechet_distance(*gaussian_stats(feats.pool), reference.mu, reference.sigma)
+        out.update(fid_bootstrap(feats.pool, reference.mu, reference.sigma))
     if "sfid" in wanted:
         out["sfid"] = frechet_distance(*gaussian_stats(feats.spatial), reference.mu_s, reference.sigma_s)
     if "is" in wanted:

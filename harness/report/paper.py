@@ -28,7 +28,7 @@ def paper_frame() -> pd.DataFrame:
             "sampling_steps": 250, "sampler": "ddpm", "cfg_scale": 1.0, "guidance_channels": None,
             "feature_space": "inception", "reference": "ADM ImageNet 256 train", "num_samples": 50000,
             "fid": float(r["fid50k"]), "sfid": np.nan, "inception_score": np.nan, "precision": np.nan,
-            "recall": np.nan, "train_wall_s": np.nan, "eval_wall_s": np.nan,
+            "recall": np.nan, "fid_se": np.nan, "train_wall_s": np.nan, "eval_wall_s": np.nan,
         })
     return pd.DataFrame(rows)
 
