@@ -24,6 +24,7 @@ COMMANDS = {
     "sweep": "harness.dispatch:cli_sweep",
     "status": "harness.dispatch:cli_status",
     "report": "harness.report:cli_report",
+    "forecast": "harness.forecast:cli_forecast",
 }
 
 
@@ -140,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--paper", action="store_true", help="render the paper's own Table 4 numbers")
     s.add_argument("--results", default="results")
     s.add_argument("--out", default="reports", help="reports root")
+
+    s = sub.add_parser("forecast", help="back-test scaling laws: fit on the smaller runs, predict the held-out ones")
+    s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")
+    s.add_argument("--paper", action="store_true", help="back-test on the paper's Table 4 (12 models, 400K steps)")
+    s.add_argument("--hold-out", required=True,
+                   help="largest:K (by Gflops), size:S, patch:P, or comma-separated model names / run ids")
+    s.add_argument("--select", choices=["llo", "loo"], default="llo",
+                   help="choose the law by leave-largest-out (default) or leave-one-out error inside the training runs")
+    s.add_argument("--step", type=_positive_int, default=None, help="evaluated step (default: the last most runs reached)")
+    s.add_argument("--n-boot", type=_positive_int, default=200, help="bootstrap resamples per law")
+    s.add_argument("--results", default="results")
+    s.add_argument("--format", choices=["table", "json"], default="table")
     return p
 
 

@@ -29,7 +29,7 @@ METRICS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "
 COLUMNS = [
     "run_id", "model", "size", "patch", "depth", "hidden", "conditioning", "seed",
     "dataset", "image_size", "num_classes", "global_batch",
-    "step", "gflops", "params", "train_compute",
+    "step", "gflops", "params", "tokens", "train_compute",
     "sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
     "num_samples", *METRICS, "fid_se", "train_wall_s", "eval_wall_s",
 ]
@@ -90,6 +90,12 @@ def _train_wall(train_records: list[dict], step: int) -> float | None:
     return None if best is None else float(best[1])
 
 
+def _tokens(run: dict) -> float | None:
+    """Tokens per image: (input_size / patch)^2, the DiT sequence length."""
+    size, patch = run.get("input_size"), run.get("patch")
+    return float((size // patch) ** 2) if size and patch else None
+
+
 def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
     evals = list(read_jsonl(run_dir / "eval.jsonl"))
     train = list(read_jsonl(run_dir / "train.jsonl"))
@@ -110,7 +116,8 @@ def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
             "conditioning": run.get("conditioning"), "seed": run.get("seed"),
             "dataset": data.get("dataset"), "image_size": data.get("image_size"),
             "num_classes": data.get("num_classes"), "global_batch": batch,
-            "step": int(step), "gflops": gflops, "params": run.get("params"), "train_compute": compute,
+            "step": int(step), "gflops": gflops, "params": run.get("params"), "tokens": _tokens(run),
+            "train_compute": compute,
             "sampling_steps": ev.get("sampling_steps"), "sampler": ev.get("sampler"),
             "cfg_scale": ev.get("cfg_scale"), "guidance_channels": ev.get("guidance_channels"),
             "feature_space": ev.get("features_id") or ev.get("feature_space"), "reference": ev.get("reference"),
@@ -158,7 +165,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
             f"({len(run_dirs)} run folder(s), none with eval.jsonl); run `harness sweep sweeps/{name}.yaml` "
             f"first, or pass --results with the folder that holds {name}/runs/")
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ["gflops", "train_compute", "cfg_scale", *METRICS, "fid_se", "train_wall_s", "eval_wall_s"]:
+    for col in ["gflops", "tokens", "train_compute", "cfg_scale", *METRICS, "fid_se", "train_wall_s", "eval_wall_s"]:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     frame = frame.sort_values(["model", "conditioning", "seed", "step", "sampling_steps", "cfg_scale"],
                               na_position="last", kind="stable").reset_index(drop=True)

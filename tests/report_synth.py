@@ -38,7 +38,7 @@ def write_run(runs: Path, model: str, cond: str, seed: int, rng: np.random.Gener
     d = runs / rid
     atomic_write_json(d / "run.json", {
         "run_id": rid, "sweep": runs.parent.name, "model": model, "size": size, "patch": patch, "depth": depth,
-        "hidden": hidden, "heads": heads, "conditioning": cond, "seed": seed, "gflops": gflops,
+        "hidden": hidden, "heads": heads, "conditioning": cond, "seed": seed, "gflops": gflops, "input_size": 8,
         "params": int(1e6 * hidden / 100),
         "data": {"dataset": "digits", "image_size": 8, "num_classes": 10, "autoencoder": "identity"},
         "train": {"steps": max(steps), "global_batch": BATCH, "lr": 1e-4}, "eval": {}})

@@ -24,6 +24,7 @@ def paper_frame() -> pd.DataFrame:
             "hidden": r["hidden"], "conditioning": r["conditioning"], "seed": 0, "dataset": "imagenet",
             "image_size": r["image_size"], "num_classes": 1000, "global_batch": PAPER_GLOBAL_BATCH,
             "step": r["train_steps"], "gflops": float(r["gflops"]), "params": r["params_m"] * 1e6,
+            "tokens": float((r["image_size"] // 8 // r["patch"]) ** 2),
             "train_compute": train_compute(r["gflops"], PAPER_GLOBAL_BATCH, r["train_steps"]),
             "sampling_steps": 250, "sampler": "ddpm", "cfg_scale": 1.0, "guidance_channels": None,
             "feature_space": "inception", "reference": "ADM ImageNet 256 train", "num_samples": 50000,
