@@ -43,15 +43,32 @@ def curve_label(frame: pd.DataFrame) -> pd.Series:
 
 def per_model(frame: pd.DataFrame, step: int | None = None) -> tuple[pd.DataFrame, int]:
     """One row per (model, conditioning) at `step` in the default sampling setting, metrics averaged
-    over seeds (column n_seeds counts them)."""
+    over seeds (column n_seeds counts them). fid_se: the standard error of that FID -- the spread over
+    seeds / sqrt(seeds) with several seeds, else the evaluation's bootstrap over samples (NaN if absent)."""
     rows = default_setting(frame)
     step = choose_step(rows, step)
     rows = rows[rows["step"] == step].copy()
     rows["label"] = curve_label(rows)
     agg = {m: "mean" for m in METRICS}
-    agg.update(gflops="mean", params="mean", train_compute="mean", size="first", patch="first", seed="nunique")
-    out = rows.groupby(["label", "model", "conditioning"], as_index=False).agg(agg)
-    return out.rename(columns={"seed": "n_seeds"}), step
+    agg.update(gflops="mean", params="mean", tokens="mean", train_compute="mean", size="first", patch="first",
+               seed="nunique", fid_se="mean")
+    keys = ["label", "model", "conditioning"]
+    out = rows.groupby(keys, as_index=False).agg(agg).rename(columns={"seed": "n_seeds"})
+    sd = rows.groupby(keys)["fid"].std().to_numpy()
+    seeds_se = sd / np.sqrt(out["n_seeds"].to_numpy())
+    out["fid_se"] = np.where(out["n_seeds"] > 1, seeds_se, out["fid_se"])
+    return out, step
+
+
+RESOLVE_Z = 1.645  # a difference is resolved when it exceeds 1.645 standard errors (two-sided 90%)
+
+
+def compare(a: float, se_a: float, b: float, se_b: float) -> str:
+    """'resolved' when |a - b| > RESOLVE_Z * sqrt(se_a^2 + se_b^2), 'not resolved at this budget'
+    when not, 'no uncertainty recorded' when either standard error is missing."""
+    if not (np.isfinite(se_a) and np.isfinite(se_b)):
+        return "no uncertainty recorded"
+    return "resolved" if abs(a - b) > RESOLVE_Z * np.hypot(se_a, se_b) else "not resolved at this budget"
 
 
 def patch_pairs(models: pd.DataFrame, metric: str = "fid") -> list[dict]:
@@ -62,20 +79,25 @@ def patch_pairs(models: pd.DataFrame, metric: str = "fid") -> list[dict]:
     for size, group in models.dropna(subset=[metric]).groupby("size", sort=False):
         group = group.sort_values("patch")
         for (_, small), (_, large) in zip(group.iterrows(), group.iloc[1:].iterrows()):
+            se = (float(small.get("fid_se", np.nan)), float(large.get("fid_se", np.nan))) if metric == "fid" \
+                else (np.nan, np.nan)
             pairs.append({"size": size, "small_patch": int(small["patch"]), "large_patch": int(large["patch"]),
                           "small": float(small[metric]), "large": float(large[metric]),
-                          "smaller_wins": bool(small[metric] < large[metric])})
+                          "small_se": se[0], "large_se": se[1],
+                          "smaller_wins": bool(small[metric] < large[metric]),
+                          "status": compare(float(small[metric]), se[0], float(large[metric]), se[1])})
     return pairs
 
 
-def conditioning_ranking(models: pd.DataFrame, metric: str = "fid") -> dict[str, list[tuple[str, float]]]:
-    """For each model evaluated with several conditioning blocks: [(block, metric)] best first.
-    `models`: per_model() rows over all blocks."""
+def conditioning_ranking(models: pd.DataFrame, metric: str = "fid") -> dict[str, list[tuple[str, float, float]]]:
+    """For each model evaluated with several conditioning blocks: [(block, metric, its standard error
+    or NaN)] best first. `models`: per_model() rows over all blocks."""
     ranking = {}
     for model, group in models.dropna(subset=[metric]).groupby("model", sort=False):
         if group["conditioning"].nunique() > 1:
             group = group.sort_values(metric)
-            ranking[model] = [(c, float(v)) for c, v in zip(group["conditioning"], group[metric])]
+            se = group["fid_se"] if metric == "fid" and "fid_se" in group else pd.Series(np.nan, group.index)
+            ranking[model] = [(c, float(v), float(e)) for c, v, e in zip(group["conditioning"], group[metric], se)]
     return ranking
 
 

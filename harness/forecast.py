@@ -187,7 +187,7 @@ def backtest(points: pd.DataFrame, spec: str, criterion: str = "llo", n_boot: in
     best = chosen(cands, criterion)
     rows = []
     for c in cands:
-        row = {"law": c.choice.label, "family": c.choice.law, "llo_error": c.llo, "loo_error": c.loo,
+        row = {"law": c.choice.label, "choice": dict(c.choice.__dict__), "llo_error": c.llo, "loo_error": c.loo,
                "eligible": c.eligible, "why_not": c.why_not, "chosen": c is best, "predictions": []}
         if c.fit is not None:
             pred = c.fit.predict(_X(test))
@@ -203,6 +203,13 @@ def backtest(points: pd.DataFrame, spec: str, criterion: str = "llo", n_boot: in
             "train": train["name"].tolist(), "test": test["name"].tolist(), "chosen": best.choice.label,
             "chosen_by_other": chosen(cands, "loo" if criterion == "llo" else "llo").choice.label,
             "candidates": rows}
+
+
+def backtest_fit(points: pd.DataFrame, res: dict) -> laws.Fit:
+    """The chosen law of a `backtest` result refitted (no bootstrap) to its training runs."""
+    best = next(c for c in res["candidates"] if c["chosen"])
+    train = points[~points["name"].isin(res["test"])]
+    return laws.fit(laws.Choice(**best["choice"]), _X(train), train["fid"])
 
 
 def forecast_next(points: pd.DataFrame, criterion: str = "llo", n_boot: int = 200, level: float = LEVEL,
@@ -245,6 +252,17 @@ def format_backtest(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _finite(obj):
+    """The back-test dict with non-finite floats as null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def cli_forecast(args) -> int:
     """`harness forecast [SWEEP | --paper] --hold-out SPEC [--select llo|loo] [--format json]`."""
     if args.paper == bool(args.sweep):
@@ -255,5 +273,79 @@ def cli_forecast(args) -> int:
         from harness.results import load_sweep
         points, _ = sweep_points(load_sweep(args.results, args.sweep).frame, args.step)
     res = backtest(points, args.hold_out, args.select, n_boot=args.n_boot)
-    print(json.dumps(res, indent=2) if args.format == "json" else format_backtest(res))
+    print(json.dumps(_finite(res), indent=2) if args.format == "json" else format_backtest(res))
     return 0
+
+
+# ----------------------------------------------------------------------------------- compute-optimal
+@dataclass
+class ComputeOptimal:
+    """FID at fixed training-compute budgets across models, read along each model's curve (never past
+    its last checkpoint), the best model per budget, and log10(optimal Gflops) = c + slope * log10(budget)."""
+
+    budgets: np.ndarray            # (B,) training compute, Gflops
+    models: list[str]              # curve labels, by Gflops
+    gflops: np.ndarray             # (M,)
+    fid: np.ndarray                # (M, B), NaN where a model's curve does not reach the budget
+    best: list[str]                # (B,)
+    slope: float
+    intercept: float
+    slope_ci: tuple[float, float]
+    level: float
+    why_not: str = ""              # non-empty: the slope is not identified
+
+    def best_gflops(self) -> np.ndarray:
+        return np.array([self.gflops[self.models.index(b)] for b in self.best])
+
+
+def _best_per_budget(fid: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Index of the lowest FID per budget among rows `keep` (M,) bool; -1 where none is defined."""
+    masked = np.where(keep[:, None] & np.isfinite(fid), fid, np.inf)
+    idx = np.argmin(masked, axis=0)
+    return np.where(np.isfinite(masked.min(axis=0)), idx, -1)
+
+
+def compute_optimal(frame: pd.DataFrame, n_budgets: int = 8, n_boot: int = 500, level: float = LEVEL,
+                    seed: int = 0) -> ComputeOptimal | None:
+    """The compute-optimal view of a sweep evaluated at several checkpoints; None when fewer than 2
+    models have 2 or more checkpoints. The slope's interval resamples models (with replacement)."""
+    from harness.analysis import _interp, curves
+    from harness.report.figures import main_conditioning
+
+    main = frame[frame["conditioning"] == main_conditioning(frame)]
+    cv = {k: v for k, v in curves(main, "fid", "train_compute").items() if len(v[0]) >= 2}
+    if len(cv) < 2:
+        return None
+    g = main.groupby("model")["gflops"].mean()
+    models = sorted(cv, key=lambda k: g.get(k, np.nan))
+    gflops = np.array([g.get(k, np.nan) for k in models], float)
+    lo, hi = min(cv[k][0][0] for k in models), max(cv[k][0][-1] for k in models)
+    grid = np.geomspace(lo, hi, 4 * n_budgets)
+    fid = np.array([[_interp(*cv[k], b) for b in grid] for k in models])
+    grid_ok = np.isfinite(fid).sum(axis=0) >= 2  # budgets where at least two models can be compared
+    if grid_ok.sum() < 2:
+        return None
+    budgets = np.geomspace(grid[grid_ok].min(), grid[grid_ok].max(), n_budgets)
+    fid = np.array([[_interp(*cv[k], b) for b in budgets] for k in models])
+    best_idx = _best_per_budget(fid, np.ones(len(models), bool))
+    best = [models[i] for i in best_idx]
+
+    def slope_of(idx: np.ndarray) -> tuple[float, float]:
+        ok = idx >= 0
+        if ok.sum() < 2 or len(set(idx[ok])) < 2:
+            return 0.0, float(np.log10(gflops[idx[ok]].mean())) if ok.any() else float("nan")
+        s, c = np.polyfit(np.log10(budgets[ok]), np.log10(gflops[idx[ok]]), 1)
+        return float(s), float(c)
+
+    slope, intercept = slope_of(best_idx)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        keep = np.zeros(len(models), bool)
+        keep[rng.integers(0, len(models), len(models))] = True
+        boot.append(slope_of(_best_per_budget(fid, keep))[0])
+    ci = tuple(float(v) for v in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
+    why = ""
+    if len(set(best)) < 2:
+        why = f"the same model ({best[0]}) is best at every budget"
+    return ComputeOptimal(budgets, models, gflops, fid, best, slope, intercept, ci, level, why)

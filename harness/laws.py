@@ -158,6 +158,8 @@ class Fit:
                 out[name] = f"{name} ended on a bound of the fit ({self.params()[name]:.3g})"
             elif not (np.isfinite(lo) and np.isfinite(hi)):
                 out[name] = "no bootstrap interval (too few runs)"
+            elif kind == "offset" and self.choice.offset == "nonneg" and lo <= 1e-6 * self.scale:
+                out[name] = f"its {level:.0%} interval reaches the bound 0 (upper end {hi:.3g})"
             elif kind == "offset" and hi - lo > span:
                 out[name] = f"its {level:.0%} interval [{lo:.3g}, {hi:.3g}] is wider than the observed FID range ({span:.3g})"
             elif kind != "offset" and (lo <= 0 or hi / lo > SPAN_MAX):

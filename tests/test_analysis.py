@@ -191,8 +191,20 @@ def test_patch_pairs_and_conditioning_ranking():
         "patch": [4, 2, 8, 4, 2, 2, 2, 2],
         "conditioning": ["adaLN-Zero"] * 6 + ["adaLN", "in-context"],
         "fid": [20.0, 25.0, 30.0, 12.0, 8.0, 5.0, 9.0, 14.0],
+        "fid_se": [1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.5],
     })
     pairs = patch_pairs(models[models["conditioning"] == "adaLN-Zero"])
     assert [(p["size"], p["small_patch"], p["large_patch"], p["smaller_wins"]) for p in pairs] == [
         ("A", 2, 4, False), ("B", 2, 4, True), ("B", 4, 8, True)]  # C has one patch: no pair
-    assert conditioning_ranking(models) == {"B/2": [("adaLN-Zero", 8.0), ("adaLN", 9.0), ("in-context", 14.0)]}
+    # 25 vs 20 with se 1 each: |5| > 1.645 * 1.41 -> resolved; 8 vs 12 (se .5): resolved
+    assert [p["status"] for p in pairs] == ["resolved", "resolved", "resolved"]
+    assert conditioning_ranking(models) == {"B/2": [("adaLN-Zero", 8.0, 0.5), ("adaLN", 9.0, 2.0),
+                                                    ("in-context", 14.0, 0.5)]}
+
+
+def test_compare_needs_the_interval_to_separate():
+    from harness.analysis import compare
+
+    assert compare(10.0, 1.0, 12.0, 1.0) == "not resolved at this budget"  # 2 < 1.645 * 1.414
+    assert compare(10.0, 1.0, 13.0, 1.0) == "resolved"                     # 3 > 2.33
+    assert compare(10.0, float("nan"), 13.0, 1.0) == "no uncertainty recorded"

@@ -60,6 +60,8 @@ class Report:
     spec_text: str | None = None
     csv_name: str | None = None
     csv_text: str | None = None
+    headline: str | None = None                 # name of the figure on the PDF's first page
+    findings: Table | None = None               # the findings with their intervals, on that page
 
 
 def package_versions() -> list[tuple[str, str]]:
@@ -131,11 +133,43 @@ def _summary_lines(rep: Report, versions, rev: str, when: str) -> list[str]:
     return lines
 
 
+def _headline_page(rep: Report, fig: FigureSpec, when: str, size=(8.27, 11.69)) -> Figure:
+    """Page 1: the title, the headline figure and the findings with their intervals as a table."""
+    from matplotlib.image import imread
+
+    page = Figure(figsize=size, dpi=100)
+    page.text(0.06, 0.965, rep.title, fontsize=14, weight="bold", va="top")
+    page.text(0.06, 0.94, f"generated {when}", fontsize=8, color="0.4", va="top")
+    buf = io.BytesIO()
+    fig.figure.savefig(buf, format="png", dpi=150)
+    buf.seek(0)
+    ax = page.add_axes((0.04, 0.52, 0.92, 0.40))
+    ax.imshow(imread(buf))
+    ax.axis("off")
+    page.text(0.06, 0.515, textwrap.fill(f"{fig.title}. {fig.caption}", 120), fontsize=7.5, va="top", color="0.2")
+    if rep.findings is not None and rep.findings.rows:
+        tab = page.add_axes((0.04, 0.06, 0.92, 0.40))
+        tab.axis("off")
+        tab.set_title(rep.findings.title, fontsize=10, loc="left")
+        rows = [[textwrap.shorten(str(x), 60) for x in r] for r in rep.findings.rows[:24]]
+        t = tab.table(cellText=rows, colLabels=rep.findings.columns, loc="upper left", cellLoc="left",
+                      colWidths=[0.44, 0.17, 0.2, 0.19])
+        t.auto_set_font_size(False)
+        t.set_fontsize(6.5)
+        t.scale(1, 1.25)
+        page.text(0.06, 0.04, textwrap.fill(rep.findings.note, 130), fontsize=6.5, color="0.3", va="top")
+    return page
+
+
 def pdf_pages(rep: Report, versions, rev: str, when: str) -> list[tuple[str, Figure]]:
-    """(page title, Figure) in order: summary, one page per figure, tables, the spec."""
-    pages = [(f"summary {i}", p) for i, p in enumerate(_text_pages(rep.title, _summary_lines(rep, versions, rev, when)))]
+    """(page title, Figure) in order: the headline page (when the report names a headline figure),
+    summary, one page per other figure, tables, the spec."""
+    head = next((f for f in rep.figures if f.name == rep.headline), None)
+    pages = [("headline", _headline_page(rep, head, when))] if head is not None else []
+    pages += [(f"summary {i}", p) for i, p in enumerate(_text_pages(rep.title, _summary_lines(rep, versions, rev, when)))]
     for f in rep.figures:
-        pages.append((f"figure {f.name}", f.figure))
+        if f is not head:
+            pages.append((f"figure {f.name}", f.figure))
     lines: list[str] = []
     for t in rep.tables:
         lines += [t.title.upper(), *_table_lines(t), ""]

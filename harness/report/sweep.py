@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import analysis
+from harness import analysis, laws
 from harness.errors import HarnessError
 from harness.paper import PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
+from harness.report.forecast_section import add_forecast_section
 from harness.report.render import FigureSpec, Report, Table, write_report
 from harness.results import METRICS, SweepResults, default_setting, load_sweep
 
@@ -23,6 +24,11 @@ def _g(x: float, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
     return "0" if abs(x) < 1e-9 else f"{x:.{digits}g}"
+
+
+def _pm(value: float, se: float) -> str:
+    """'12.3 ± 0.4' (± 1.645 standard errors, a 90% interval), or the value alone without an error."""
+    return f"{value:.3g} ± {1.645 * se:.2g}" if np.isfinite(se) else f"{value:.3g}"
 
 
 def paper_setup_matches(frame: pd.DataFrame) -> bool:
@@ -95,6 +101,7 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
         rep.notes.append("The paper's published numbers are not overlaid: its setup (Inception features, "
                          "256px ImageNet) differs from this sweep's.")
     fits: list[list[str]] = []
+    findings: list[list[str]] = []  # [finding, value, interval, status]: the PDF's first page
 
     # FID vs training steps
     if main["fid"].notna().any():
@@ -111,6 +118,8 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
         gfit = analysis.fit_power_law(models.loc[ok, "gflops"], models.loc[ok, "fid"], n_boot=n_boot)
         fits.append([f"FID vs Gflops (step {step:,})", gfit.form, f"a = {_g(gfit.a)}",
                      f"b = {gfit.b:.4f} {analysis.ci_text(gfit.b_ci, '.4f')}", str(gfit.n), _g(gfit.r2, 3)])
+        findings.append([f"FID vs Gflops exponent (step {step:,})", f"{gfit.b:.3f}", analysis.ci_text(gfit.b_ci),
+                         "resolved" if gfit.b_ci[1] < 0 else "not resolved at this budget"])
     if fid_corr is not None and np.isfinite(fid_corr.pearson_r):
         rep.notes.append(f"At step {step:,}, Pearson r between log10(Gflops) and FID over {fid_corr.n} models is "
                          f"{fid_corr.pearson_r:.3f} (p = {fid_corr.pearson_p:.2g}); Spearman ρ = "
@@ -118,17 +127,28 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
     pairs = analysis.patch_pairs(models)
     if pairs:
         wins = sum(p["smaller_wins"] for p in pairs)
-        detail = "; ".join(f"{p['size']}: /{p['small_patch']} {p['small']:.3g} vs /{p['large_patch']} {p['large']:.3g}"
-                           for p in pairs)
+        resolved = sum(p["status"] == "resolved" for p in pairs)
+        detail = "; ".join(f"{p['size']}: /{p['small_patch']} {_pm(p['small'], p['small_se'])} vs /{p['large_patch']} "
+                           f"{_pm(p['large'], p['large_se'])} ({p['status']})" for p in pairs)
         rep.notes.append(f"Patch size at fixed model size (step {step:,}): the smaller patch has the lower FID in "
-                         f"{wins} of {len(pairs)} pairs ({detail}). The paper finds smaller patches better at "
-                         "every size.")
+                         f"{wins} of {len(pairs)} pairs, {resolved} of them resolved ({detail}). The paper finds "
+                         "smaller patches better at every size.")
+        for p in pairs:
+            findings.append([f"{p['size']}: patch /{p['small_patch']} vs /{p['large_patch']} (FID)",
+                             f"{p['small']:.3g} vs {p['large']:.3g}",
+                             f"± {1.645 * p['small_se']:.2g} / ± {1.645 * p['large_se']:.2g}", p["status"]])
     all_blocks, _ = analysis.per_model(frame, step)
     for model, ranked in analysis.conditioning_ranking(all_blocks).items():
-        order = " < ".join(f"{c} {v:.3g}" for c, v in ranked)
-        rep.notes.append(f"Conditioning ablation on {model} (FID, step {step:,}): {order}; best: {ranked[0][0]}. "
-                         "The paper's order on DiT-XL/2: adaLN-Zero < adaLN < cross-attention < in-context.")
+        order = " < ".join(f"{c} {_pm(v, e)}" for c, v, e in ranked)
+        steps_ = [analysis.compare(a[1], a[2], b[1], b[2]) for a, b in zip(ranked, ranked[1:])]
+        rep.notes.append(f"Conditioning ablation on {model} (FID, step {step:,}): {order}; neighbours: "
+                         f"{', '.join(steps_)}. The paper's order on DiT-XL/2: adaLN-Zero < adaLN < "
+                         "cross-attention < in-context.")
+        for a, b, st in zip(ranked, ranked[1:], steps_):
+            findings.append([f"{model}: {a[0]} vs {b[0]} (FID)", f"{a[1]:.3g} vs {b[1]:.3g}",
+                             f"± {1.645 * a[2]:.2g} / ± {1.645 * b[2]:.2g}", st])
     if models["fid"].notna().any():
+        rep.headline = "fid_vs_gflops"
         rep.figures.append(FigureSpec("fid_vs_gflops", "FID vs transformer Gflops",
                                       "One point per model at one step (seed mean); log x; black: power-law fit "
                                       "with its 95% bootstrap band.",
@@ -147,13 +167,14 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
                          f"FID {extrap.value:.3g} {analysis.ci_text((extrap.lo, extrap.hi), '.3g')}.")
         fx, fy, fk = analysis.frontier_points(analysis.curves(main, "fid", "train_compute", by="run_id"))
         try:
-            sat = analysis.fit_saturating(fx, fy, fk, n_boot=min(n_boot, 200))
-            sx = analysis.extrapolate(sat, target)
-            fits.append(["FID vs training compute (frontier)", sat.form,
-                         f"F_inf = {_g(sat.f_inf)} {analysis.ci_text(sat.f_inf_ci, '.4g')}, A = {_g(sat.A)}",
-                         f"alpha = {sat.alpha:.4f} {analysis.ci_text(sat.alpha_ci, '.4f')}", str(sat.n), "–"])
-            rep.notes.append(f"Saturating fit on the frontier: F_inf = {sat.f_inf:.3g}, alpha = {sat.alpha:.3f}; "
-                             f"at C = {target:.3g}: FID {sx.value:.3g} {analysis.ci_text((sx.lo, sx.hi), '.3g')}.")
+            sat = laws.fit(laws.Choice("saturating", "log", "squares", "nonneg"), {"compute": fx}, fy, fk,
+                           n_boot=min(n_boot, 200))
+            ident, cis, vals = sat.identification(fy), sat.param_intervals(), sat.params()
+            text = {k: (f"{vals[k]:.3g} [{cis[k][0]:.3g}, {cis[k][1]:.3g}]" if ident[k] is None
+                        else f"not identified: {ident[k]}") for k in vals}
+            fits.append(["FID vs training compute (frontier)", sat.law.formula + f", C0 = {sat.x0[0]:.3g}",
+                         f"E = {text['E']}; A = {text['A']}", f"alpha = {text['alpha']}", str(sat.n), "–"])
+            rep.notes.append(f"Saturating fit on the frontier (log FID): E = {text['E']}; alpha = {text['alpha']}.")
         except HarnessError as err:
             log.info("saturating fit skipped: %s", err)
     except HarnessError as err:
@@ -170,6 +191,10 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
                                                                            "best above"],
                                 [[_g(c.compute), c.before, c.after] for c in front.crossovers] or
                                 [["–", front.best[0] or "–", "(no crossover in the measured range)"]]))
+    add_forecast_section(rep, frame, findings, n_boot=min(n_boot, 200))
+    rep.findings = Table("Findings and their uncertainty", ["finding", "value", "interval", "status"], findings,
+                         "Intervals: 95% bootstrap over runs for fits, 90% for forecasts and the compute-optimal "
+                         "slope; comparisons: ± 1.645 standard errors (bootstrap over samples, or over seeds).")
     # conditioning ablation
     if frame.groupby("model")["conditioning"].nunique().max() > 1:
         rows = _paper_400k_all() if matches else None
