@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured training images/s per accelerator (from `harness bench`)")
     s.add_argument("--throughput-model", default=None,
                    help="the model --throughput was measured on; other runs scale by its Gflops")
+    s.add_argument("--forecast-from", default=None, metavar="SWEEP",
+                   help="a finished smaller sweep: show each run's forecast FID from its chosen scaling law")
+    s.add_argument("--results", default="results", help="results root of --forecast-from")
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")

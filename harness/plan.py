@@ -44,8 +44,12 @@ class RunPlan:
     eval_samples: int            # images sampled over all evaluations
     sampling_forwards: int       # network forward passes (per image) over all evaluations
     sampling_gflops: float
+    tokens: int = 0              # tokens per image: (input_size / patch)^2
     train_accel_hours: float | None = None
     sampling_accel_hours: float | None = None
+    forecast_fid: float | None = None        # with --forecast-from: the chosen law's FID and interval
+    forecast_lo: float | None = None
+    forecast_hi: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -73,7 +77,8 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
         input_size=data.input_size, in_channels=data.channels, gflops=gflops, params=params,
         paper_gflops=paper_g, train_steps=train.steps if trains else 0, global_batch=train.global_batch,
         train_gflops=paper.train_compute(gflops, train.global_batch, train.steps) if trains else 0.0, eval_points=points,
-        eval_samples=points * ev.num_samples, sampling_forwards=forwards, sampling_gflops=gflops * forwards)
+        eval_samples=points * ev.num_samples, sampling_forwards=forwards, sampling_gflops=gflops * forwards,
+        tokens=(data.input_size // run.shape.patch) ** 2)
     if throughput is not None:
         if reference_gflops:
             throughput = throughput * reference_gflops / gflops
@@ -127,6 +132,9 @@ def format_table(plan: dict) -> str:
     cols = ["run_id", "gflops", "paper", "params_m", "train_gflops", "eval_samples", "sampling_gflops"]
     if hours:
         cols += ["train_h", "sampling_h"]
+    fc = plan.get("forecast_from") is not None
+    if fc:
+        cols += ["forecast_fid"]
     rows = []
     for r in plan["runs"]:
         row = [r["run_id"], f"{r['gflops']:.2f}" if r["gflops"] >= 0.1 else f"{r['gflops']:.2g}", "-" if r["paper_gflops"] is None else f"{r['paper_gflops']:.2f}",
@@ -134,12 +142,17 @@ def format_table(plan: dict) -> str:
                _sci(r["sampling_gflops"])]
         if hours:
             row += [f"{r['train_accel_hours']:.1f}", f"{r['sampling_accel_hours']:.1f}"]
+        if fc:
+            row += [f"{r['forecast_fid']:.3g} [{r['forecast_lo']:.3g}, {r['forecast_hi']:.3g}]"
+                    if r["forecast_fid"] is not None else "-"]
         rows.append(row)
     t = plan["totals"]
     total = [f"total ({t['runs']} runs)", "", "", "", _sci(t["train_gflops"]), str(t["eval_samples"]),
              _sci(t["sampling_gflops"])]
     if hours:
         total += [f"{t['train_accel_hours']:.1f}", f"{t['sampling_accel_hours']:.1f}"]
+    if fc:
+        total += [""]
     widths = [max(len(c), *(len(r[i]) for r in rows + [total])) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"sweep {plan['sweep']}: {plan['description']}".rstrip(": ")]
@@ -153,12 +166,42 @@ def format_table(plan: dict) -> str:
         on = f" on {plan['throughput_model']}, scaled by Gflops" if plan["throughput_model"] else ""
         out.append(f"accelerator-hours estimated from {plan['throughput_images_per_s']:g} training images/s "
                    f"per accelerator{on}; total {t['accel_hours']:.1f} h")
+    if fc:
+        f = plan["forecast_from"]
+        out.append(f"forecast_fid: {f['law']} fitted to sweep '{f['sweep']}' ({f['runs']} runs at step {f['step']:,}, "
+                   f"{f['feature_space']} features), {f['level']:.0%} interval; comparable only with that sweep's "
+                   "protocol and training length")
     return "\n".join(out)
+
+
+def add_forecast(plan: dict, results_root: str, source: str) -> dict:
+    """Add each planned run's forecast FID from the chosen law of a finished smaller sweep `source`."""
+    import numpy as np
+
+    from harness import forecast
+    from harness.results import load_sweep
+
+    res = load_sweep(results_root, source)
+    points, step = forecast.sweep_points(res.frame)
+    nxt = forecast.forecast_next(points)  # chooses and fits the law on all of the source's runs
+    fit = nxt["fit"]
+    X = {"compute": np.array([r["gflops"] for r in plan["runs"]], float),
+         "params": np.array([r["params"] for r in plan["runs"]], float),
+         "tokens": np.array([r["tokens"] for r in plan["runs"]], float)}
+    pred, (lo, hi) = fit.predict(X), fit.interval(X, nxt["level"])
+    for r, p, a, b in zip(plan["runs"], pred, lo, hi):
+        r.update(forecast_fid=float(p), forecast_lo=float(a), forecast_hi=float(b))
+    spaces = sorted(res.frame["feature_space"].dropna().astype(str).unique())
+    plan["forecast_from"] = {"sweep": res.name, "law": nxt["law"], "step": step, "runs": len(points),
+                             "feature_space": ", ".join(spaces) or "unknown", "level": nxt["level"]}
+    return plan
 
 
 def cli_plan(args) -> int:
     spec = load_spec(args.sweep)
     plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None))
+    if getattr(args, "forecast_from", None):
+        add_forecast(plan, args.results, args.forecast_from)
     if args.format == "json":
         print(json.dumps(plan, indent=2))
     else:

@@ -101,3 +101,42 @@ def rendered_partial_sweep(tmp_root: Path) -> tuple[Path, dict, dict]:
         manifest = render_sweep_report(tmp_root / "results", "synth", tmp_root / "reports", n_boot=60)
         _RENDERED["sweep"] = (tmp_root / "reports" / "synth", manifest, ids)
     return _RENDERED["sweep"]
+
+
+def rendered_scaling_sweep(tmp_root: Path) -> tuple[Path, dict]:
+    """Render (once per session) the report of write_scaling_sweep: (report folder, manifest)."""
+    if "scaling" not in _RENDERED:
+        from harness.report import render_sweep_report
+        write_scaling_sweep(tmp_root / "results")
+        manifest = render_sweep_report(tmp_root / "results", "scaling", tmp_root / "reports", n_boot=40)
+        _RENDERED["scaling"] = (tmp_root / "reports" / "scaling", manifest)
+    return _RENDERED["scaling"]
+
+
+SCALING = {  # six models of one family: name -> (size, patch, depth, hidden, heads, gflops)
+    "DiT-S/4": ("S", 4, 12, 384, 6, 0.05), "DiT-S/2": ("S", 2, 12, 384, 6, 0.2),
+    "DiT-B/4": ("B", 4, 12, 768, 12, 0.2), "DiT-B/2": ("B", 2, 12, 768, 12, 0.8),
+    "DiT-L/4": ("L", 4, 24, 1024, 16, 0.7), "DiT-L/2": ("L", 2, 24, 1024, 16, 2.8),
+}
+
+
+def write_scaling_sweep(results: Path, name: str = "scaling", seed: int = 0) -> list[str]:
+    """results/<name>/ with six adaLN-Zero models of SCALING on the law of true_fid, four checkpoints
+    each, and FID's bootstrap standard error in every record (as evaluation writes it)."""
+    rng = np.random.default_rng(seed)
+    saved = dict(MODELS)
+    MODELS.update(SCALING)
+    try:
+        ids = [write_run(results / name / "runs", m, "adaLN-Zero", 0, rng, noise=0.01) for m in SCALING]
+    finally:
+        MODELS.clear()
+        MODELS.update(saved)
+    for rid in ids:  # params grow with hidden x depth, as a DiT's do
+        path = results / name / "runs" / rid / "run.json"
+        run = json.loads(path.read_text())
+        run["params"] = int(run["depth"] * run["hidden"] ** 2 * 12)
+        path.write_text(json.dumps(run))
+        ev = results / name / "runs" / rid / "eval.jsonl"
+        recs = [json.loads(line) for line in ev.read_text().splitlines()]
+        ev.write_text("".join(json.dumps({**r, "fid_se": 0.02 * r["fid"]}) + "\n" for r in recs))
+    return ids

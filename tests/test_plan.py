@@ -104,3 +104,30 @@ def test_plan_gflops_sweep_matches_paper():
     xl2 = next(r for r in plan["runs"] if r["model"] == "DiT-XL/2")
     assert xl2["train_gflops"] == pytest.approx(3.64e10, rel=0.01)
     assert plan["totals"]["train_gflops"] == pytest.approx(sum(r["train_gflops"] for r in plan["runs"]))
+
+
+def test_plan_shows_forecast_fid_from_a_smaller_sweep(tmp_path, capsys):
+    """--forecast-from: each planned run gets the chosen law's FID (fitted to the recorded sweep) with
+    its interval, and the table names the law, the source sweep and its feature space."""
+    import json
+
+    import numpy as np
+
+    from harness import forecast
+    from harness.cli import main
+    from harness.results import load_sweep
+    from report_synth import write_scaling_sweep
+
+    write_scaling_sweep(tmp_path)
+    assert main(["plan", "sweeps/smoke.yaml", "--forecast-from", "scaling", "--results", str(tmp_path),
+                 "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["forecast_from"]["sweep"] == "scaling" and plan["forecast_from"]["feature_space"] == "digits"
+    points, _ = forecast.sweep_points(load_sweep(tmp_path, "scaling").frame)
+    fit = forecast.forecast_next(points)["fit"]
+    for r in plan["runs"]:
+        want = fit.predict({"compute": np.array([r["gflops"]]), "params": np.array([float(r["params"])]),
+                            "tokens": np.array([float(r["tokens"])])})[0]
+        assert r["forecast_fid"] == pytest.approx(want) and r["forecast_lo"] <= r["forecast_hi"]
+    assert main(["plan", "sweeps/smoke.yaml", "--forecast-from", "scaling", "--results", str(tmp_path)]) == 0
+    assert "fitted to sweep 'scaling'" in capsys.readouterr().out

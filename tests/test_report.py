@@ -16,10 +16,10 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.report import figures as F
 from harness.report.sweep import paper_setup_matches
-from report_synth import rendered_partial_sweep
+from report_synth import rendered_partial_sweep, rendered_scaling_sweep
 
-SWEEP_FIGURES = ["fid_vs_steps", "fid_vs_gflops", "fid_vs_train_compute", "conditioning", "sampling_compute",
-                 "samples"]
+SWEEP_FIGURES = ["fid_vs_steps", "fid_vs_gflops", "fid_vs_train_compute", "compute_optimal", "conditioning",
+                 "sampling_compute", "samples"]
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +103,11 @@ def test_sweep_pdf_pages(sweep_report, tmp_path):
     pages = _pdf_pages(folder / "report.pdf", tmp_path)
     expected = manifest["pdf_pages"]
     assert len(pages) == len(expected)
-    # summary first, one page per figure in order, then tables and the spec
-    assert expected[0].startswith("summary")
-    assert [p.split(" ", 1)[1] for p in expected if p.startswith("figure")] == SWEEP_FIGURES
+    # the headline figure with the findings table first, the summary, every other figure in order,
+    # then tables and the spec
+    assert expected[0] == "headline" and expected[1].startswith("summary")
+    assert [p.split(" ", 1)[1] for p in expected if p.startswith("figure")] == [
+        f for f in SWEEP_FIGURES if f != "fid_vs_gflops"]
     assert any(p.startswith("tables") for p in expected) and expected[-1].startswith("spec")
     _assert_not_blank(pages)
 
@@ -155,3 +157,22 @@ def test_degenerate_sweeps_still_report(tmp_path, models, steps):
     fits = next(t for t in rep.tables if t.title == "Fits")
     for row in fits.rows:  # < 3 runs: the interval is reported as unknown, never as a fake zero width
         assert "CI n/a" in row[3] and "nan" not in row[3]
+
+
+def test_scaling_sweep_report_has_the_forecast_section(tmp_path_factory):
+    """Six models: the report back-tests the laws (largest:1), shows the isoFLOP view, the forecast for
+    a larger model, and states every comparison as resolved or not; no fitted number is printed for a
+    parameter that is not identified."""
+    folder, manifest = rendered_scaling_sweep(tmp_path_factory.mktemp("scaling-report"))
+    assert {"forecast_backtest", "compute_optimal", "fid_vs_gflops"} <= set(manifest["figures"])
+    html = (folder / "index.html").read_text()
+    assert "Forecast back-test" in html and "Findings and their uncertainty" in html
+    assert 'href="#fig-forecast_backtest"' in html
+    notes = " ".join(manifest["notes"])
+    assert "Back-test (step 2,000): holding out largest:1" in notes
+    assert "Forecast for a larger model" in notes and "Compute-optimal model size" in notes
+    assert re.search(r"\((resolved|not resolved at this budget)\)", notes)
+    assert "F_inf" not in html
+    for m in re.finditer(r"E = (\S+)", notes):  # the saturating offset: an interval or 'not identified'
+        assert m.group(1) == "not" or "[" in notes[m.end():m.end() + 40]
+    assert manifest["pdf_pages"][0] == "headline"

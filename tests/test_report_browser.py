@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from report_synth import rendered_partial_sweep
+from report_synth import rendered_partial_sweep, rendered_scaling_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -85,6 +85,22 @@ def test_report_in_headless_chromium(browser, tmp_path_factory, tmp_path):
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("REPORT_SCREENSHOT_DIR"):  # let a person look at it
         shutil.copy(shot, Path(os.environ["REPORT_SCREENSHOT_DIR"]) / "report_screenshot.png")
+
+
+def test_forecast_figures_in_headless_chromium(browser, tmp_path_factory):
+    """The forecast section's figures (back-test, isoFLOP) load and the findings table is shown."""
+    folder, manifest = rendered_scaling_sweep(tmp_path_factory.mktemp("browser-scaling"))
+    browser.get_log("browser")
+    images = _open(browser, folder / "index.html")
+    srcs = {i["src"]: i for i in images}
+    for name in ("forecast_backtest", "compute_optimal"):
+        img = srcs[f"figures/{name}.png"]
+        assert img["complete"] and img["w"] > 300 and img["h"] > 200, img
+    assert not _severe(browser), _severe(browser)
+    text = browser.find_element("tag name", "body").text
+    assert "Findings and their uncertainty" in text and "Forecast back-test" in text
+    assert browser.find_element("css selector", 'a[href="#fig-forecast_backtest"]').is_displayed()
+    assert browser.find_element("css selector", "#fig-forecast_backtest img").is_displayed()
 
 
 def test_paper_report_in_headless_chromium(browser, tmp_path):
