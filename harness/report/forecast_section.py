@@ -109,6 +109,9 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
     out: dict = {"backtest": None, "next": None, "compute_optimal": None}
     try:
         points, step = forecast.sweep_points(frame)
+        if points["name"].nunique() < 4:
+            raise HarnessError(f"it needs at least 4 evaluated models at one step (3 to fit, 1 to predict); "
+                               f"step {step:,} has {points['name'].nunique()}")
         spec = hold_out_spec(points)
         res = forecast.backtest(points, spec, n_boot=n_boot)
     except HarnessError as err:
