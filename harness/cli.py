@@ -38,6 +38,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _auto_or_positive_int(text: str) -> int | str:
+    """argparse type: 'auto' or an integer >= 1."""
+    return text if text == "auto" else _positive_int(text)
+
+
 def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -80,13 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("bench", help="training and sampling throughput on this device")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", default=None, help="one model, e.g. DiT-XL/2")
+    s.add_argument("--suite", nargs="?", const="paper", default=None,
+                   help="bench several models in each configuration worth trying: 'paper' (the 12, default) "
+                        "or M1,M2,...; prints a markdown table with the best configuration per model")
+    s.add_argument("--out", default=None, help="write the JSON here (a suite also writes the .md table beside it)")
     s.add_argument("--conditioning", default="adaLN-Zero")
-    s.add_argument("--batch", type=_positive_int, default=8)
+    s.add_argument("--batch", type=_positive_int, default=8, help="batch per device (the paper: 256 on one GPU)")
+    s.add_argument("--micro-batch", type=_auto_or_positive_int, default="auto",
+                   help="auto (the largest that fits, as training does) or a divisor of --batch")
     s.add_argument("--steps", type=_positive_int, default=10)
     s.add_argument("--warmup", type=_positive_int, default=2)
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    s.add_argument("--compile", action="store_true")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="auto: compiled on CUDA, eager on the CPU (as training)")
     s.add_argument("--grad-checkpointing", action="store_true")
     s.add_argument("--input-size", type=_positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
     s.add_argument("--in-channels", type=_positive_int, default=4)

@@ -211,7 +211,7 @@ def make_executor(kind: str, spec: SweepSpec, folder: Path) -> Any:
 
     L = spec.launcher
     ex = submitit.AutoExecutor(folder=folder / "%j", cluster=kind)
-    tasks = max(1, L.gpus_per_node)
+    tasks = L.ranks_per_node
     params: dict[str, Any] = {"name": f"dit-{spec.name}", "timeout_min": L.timeout_min}
     if kind == "slurm":
         params.update(nodes=L.nodes, tasks_per_node=tasks, cpus_per_task=L.cpus_per_task, mem_gb=L.mem_gb,

@@ -125,3 +125,30 @@ def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB -> MiB
+
+
+# ----------------------------------------------------------------------------- throughput
+FLOPS_PER_MAC = 2
+# Dense peak TFLOP/s by (device-name fragment, precision), first match wins; fp32 training on these
+# GPUs runs its matmuls in TF32.
+PEAK_TFLOPS = [
+    ("H200", "bf16", 989.0), ("H200", "fp32", 494.7),
+    ("H100 PCIe", "bf16", 756.0), ("H100 PCIe", "fp32", 378.0),
+    ("H100", "bf16", 989.0), ("H100", "fp32", 494.7),   # SXM
+    ("A100", "bf16", 312.0), ("A100", "fp32", 156.0),
+]
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak TFLOP/s for `precision`, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for frag, prec, peak in PEAK_TFLOPS if frag in name and prec == precision), None)
+
+
+def train_tflops(gflops: float, images_per_s: float) -> float:
+    """Achieved training TFLOP/s: Gflops (forward multiply-adds per image) x 2 x 3 x images/s / 1000."""
+    from harness.paper import TRAIN_PASSES
+
+    return gflops * FLOPS_PER_MAC * TRAIN_PASSES * images_per_s / 1e3

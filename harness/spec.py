@@ -20,7 +20,7 @@ normalised training identity -- model, conditioning, seed, the data keys that ch
 (dataset, image_size, autoencoder, num_classes) and the train keys that change the maths (global_batch,
 lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision). Deliberately excluded: the
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
-bookkeeping (ckpt_every, keep_last, log_every, compile, grad_checkpointing) and train.steps (raising
+bookkeeping (ckpt_every, keep_last, log_every, compile, micro_batch, grad_checkpointing) and train.steps (raising
 the step count continues the same runs instead of starting new ones).
 
 `checkpoints_from: gflops` (the sampling study): the sweep trains nothing; each of its runs evaluates
@@ -113,7 +113,8 @@ class TrainSpec:
     ema_decay: float = _opt(0.9999, kind=float, min=0.0, lt=1.0)
     class_dropout: float = _opt(0.1, kind=float, min=0.0, lt=1.0)
     precision: str = _opt("fp32", kind=str, choices=PRECISIONS)
-    compile: bool = _opt(False, kind=bool)
+    compile: bool | str = _opt("auto", kind="auto_bool")  # auto: compiled on CUDA, eager on the CPU
+    micro_batch: int | str = _opt("auto", kind="auto_int")  # per-GPU micro-batch; auto: largest that fits
     grad_checkpointing: bool = _opt(False, kind=bool)
     ckpt_every: int = _opt(500, kind=int, min=1)
     keep_last: int = _opt(2, kind=int, min=1)
@@ -150,6 +151,8 @@ class LauncherSpec:
     qos: str | None = _opt(None, kind=str, nullable=True)
     nodes: int = _opt(1, kind=int, min=1)
     gpus_per_node: int = _opt(0, kind=int, min=0)
+    tasks_per_node: int | None = _opt(None, kind=int, min=1, nullable=True)  # training ranks per node;
+    #                            default gpus_per_node (one rank per GPU), or 1 without GPUs
     cpus_per_task: int = _opt(2, kind=int, min=1)
     mem_gb: float = _opt(8.0, kind=float, gt=0.0)
     timeout_min: int = _opt(60, kind=int, min=1)
@@ -157,9 +160,15 @@ class LauncherSpec:
     max_concurrent_local: int = _opt(1, kind=int, min=1)
     additional: dict = _opt({}, kind=dict)
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Training processes per node: tasks_per_node, else one per GPU, else 1."""
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
 
 # train keys that do not change the maths, hence not the run id
-_TRAIN_ID_EXCLUDED = ("steps", "compile", "grad_checkpointing", "ckpt_every", "keep_last", "log_every")
+_TRAIN_ID_EXCLUDED = ("steps", "compile", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
+                      "log_every")
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
 # keys the planner adds to run.json; from_dict ignores them
 PLAN_KEYS = ("size", "patch", "depth", "hidden", "heads", "gflops", "params", "input_size", "in_channels")
@@ -403,6 +412,17 @@ def _value(value: Any, meta: dict, path: tuple, where: _Where) -> Any:
         if meta.get("nullable"):
             return None
         raise where.error(path, "must not be empty (null)", "give it a value or delete the line for the default")
+    if kind == "auto_bool":
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise where.error(path, f"unknown value {value!r}", "use auto, true or false")
+    if kind == "auto_int":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise where.error(path, f"expected a positive integer or auto, got {value!r}",
+                              "write auto (the largest that fits the GPU) or a divisor of the per-GPU batch")
+        return value
     if kind == "guidance":
         if value in (3, "3"):
             return 3
@@ -515,10 +535,16 @@ def _cross_checks(spec: SweepSpec, where: _Where) -> None:
     if t.warmup_steps > t.steps:
         raise where.error(("train", "warmup_steps"), f"{t.warmup_steps} is beyond train.steps {t.steps}",
                           "use a shorter warmup")
-    gpus = launch.nodes * launch.gpus_per_node
+    gpus = launch.nodes * launch.ranks_per_node
     if gpus > 1 and t.global_batch % gpus:
-        raise where.error(("train", "global_batch"), f"{t.global_batch} does not split over {gpus} GPUs "
-                          f"(launcher.nodes x launcher.gpus_per_node)", f"use a multiple of {gpus}")
+        raise where.error(("train", "global_batch"), f"{t.global_batch} does not split over {gpus} ranks "
+                          f"(launcher.nodes x launcher.tasks_per_node, default gpus_per_node)",
+                          f"use a multiple of {gpus}")
+    per_gpu = t.global_batch // max(gpus, 1)
+    if t.micro_batch != "auto" and per_gpu % t.micro_batch:
+        raise where.error(("train", "micro_batch"), f"{t.micro_batch} does not divide the per-GPU batch of "
+                          f"{per_gpu} (train.global_batch / GPUs)",
+                          f"use a divisor of {per_gpu} such as {per_gpu // 2 or 1}, or auto")
     if e.features == "inception" and e.reference == "digits" and d.dataset != "digits":
         raise where.error(("eval", "reference"), "reference 'digits' does not match the dataset",
                           "point eval.reference at an ADM reference npz or an image folder")
