@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured training images/s per accelerator (from `harness bench`)")
     s.add_argument("--throughput-model", default=None,
                    help="the model --throughput was measured on; other runs scale by its Gflops")
+    s.add_argument("--throughput-from", default=None,
+                   help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")

@@ -11,7 +11,8 @@ With `--throughput T` (training images/s per accelerator, from `harness bench`),
 training = global_batch x steps / T; sampling = forward passes / (3 T), since a training image costs
 about three forward passes. Without `--throughput-model M` one T applies to every run; with it, T is
 M's throughput and each run's is scaled by Gflops(M) / Gflops(run) (compute-bound estimate). Either
-way it is an estimate, labelled as such.
+way it is an estimate, labelled as such. `--throughput-from BENCH.json` (from `harness bench --suite
+... --out BENCH.json`) gives every run the measured speed of its own model instead.
 """
 from __future__ import annotations
 
@@ -82,9 +83,13 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
     return plan
 
 
-def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None) -> dict:
+def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None,
+               throughput_from: str | None = None) -> dict:
     """{"sweep", "description", "checkpoints_from", "throughput_images_per_s", "throughput_model",
-    "runs": [RunPlan dicts], "totals"}. `throughput_model`: the model `throughput` was measured on."""
+    "runs": [RunPlan dicts], "totals"}. `throughput_model`: the model `throughput` was measured on.
+    `throughput_from`: a `harness bench` JSON with each run's own model measured."""
+    if throughput_from is not None:
+        return _plan_measured(spec, throughput_from)
     if throughput is not None and not throughput > 0:
         raise HarnessError(f"--throughput: must be a positive number of images/s, got {throughput}. "
                            "Fix: measure it with `harness bench --model ...` and pass its images/s.")
@@ -115,6 +120,28 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
             "checkpoints_from": spec.checkpoints_from, "throughput_images_per_s": throughput,
             "throughput_model": throughput_model,
             "runs": [p.to_dict() for p in plans], "totals": totals}
+
+
+def _plan_measured(spec: SweepSpec, bench_json: str) -> dict:
+    """plan_sweep with each run's training images/s read from `bench_json` for its own model."""
+    from harness.bench import read_throughput
+
+    measured = read_throughput(bench_json)
+    runs = spec.expand()
+    missing = sorted({r.model for r in runs} - set(measured))
+    if missing:
+        raise HarnessError(f"{bench_json}: no measurement for {', '.join(missing)}. Fix: "
+                           f"`harness bench --suite {','.join(missing)} --out {bench_json}` on the same device")
+    plans = [plan_run(run, measured[run.model]) for run in runs]
+    out = plan_sweep(spec)
+    out["runs"] = [p.to_dict() for p in plans]
+    out["throughput_images_per_s"] = {m: measured[m] for m in sorted({r.model for r in runs})}
+    out["throughput_model"] = f"measured per model ({bench_json})"
+    totals = out["totals"]
+    totals["train_accel_hours"] = sum(p.train_accel_hours for p in plans)
+    totals["sampling_accel_hours"] = sum(p.sampling_accel_hours for p in plans)
+    totals["accel_hours"] = totals["train_accel_hours"] + totals["sampling_accel_hours"]
+    return out
 
 
 def _sci(x: float | None) -> str:
@@ -149,7 +176,11 @@ def format_table(plan: dict) -> str:
     out += [line(["-" * w for w in widths]), line(total)]
     out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
                "sampling = gflops x steps x samples (x2 with cfg > 1)")
-    if hours:
+    if hours and isinstance(plan["throughput_images_per_s"], dict):
+        speeds = ", ".join(f"{m} {v:,.0f}" for m, v in plan["throughput_images_per_s"].items())
+        out.append(f"accelerator-hours from training images/s {plan['throughput_model']}: {speeds}; "
+                   f"total {t['accel_hours']:.1f} h")
+    elif hours:
         on = f" on {plan['throughput_model']}, scaled by Gflops" if plan["throughput_model"] else ""
         out.append(f"accelerator-hours estimated from {plan['throughput_images_per_s']:g} training images/s "
                    f"per accelerator{on}; total {t['accel_hours']:.1f} h")
@@ -158,7 +189,8 @@ def format_table(plan: dict) -> str:
 
 def cli_plan(args) -> int:
     spec = load_spec(args.sweep)
-    plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None))
+    plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None),
+                      getattr(args, "throughput_from", None))
     if args.format == "json":
         print(json.dumps(plan, indent=2))
     else:
