@@ -207,3 +207,30 @@ def test_ddp_two_ranks_with_micro_batches_give_the_one_batch_gradient(tmp_path):
     assert ddp.keys() == ref.keys()
     for name in ref:
         torch.testing.assert_close(ddp[name], ref[name], rtol=0, atol=GRAD_TOL, msg=name)
+
+
+def test_a_compiler_failure_falls_back_to_eager_in_one_line(monkeypatch, caplog):
+    """If compiling fails at the first step, the step warns once, leaves no half-accumulated
+    gradient, and the result equals the eager step's."""
+    import harness.step
+
+    def broken_compile(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("inductor: no backend for this platform\n  long compiler log ...")
+        return call
+
+    caplog.set_level(logging.WARNING, logger="harness")
+    monkeypatch.setattr(harness.step.torch, "compile", broken_compile)
+    eager, failing = _step(4), _step(4)
+    failing.compiled = True
+    failing._set_functions()
+    batch = _batch()
+    sums_eager = eager(batch, 1e-3)
+    sums_failing = failing(batch, 1e-3)
+    assert not failing.compiled
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "torch.compile failed (RuntimeError: inductor: no backend" in warnings[0]
+    assert "\n" not in warnings[0]
+    assert torch.equal(sums_eager, sums_failing)
+    for (n, a), b in zip(eager.model.named_parameters(), failing.model.parameters()):
+        assert torch.equal(a, b), n
