@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from harness.models import build_model
 from harness.runtime import Dist
 from harness.step import Batch, TrainStep, check_micro_batch, resolve_compile
 from harness.train import run_training
-from train_tiny import TINY_MODEL, assert_bitwise_equal, final_state, tiny_run
+from train_tiny import as_rank, free_port, TINY_MODEL, assert_bitwise_equal, final_state, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
 SHAPE = (1, 8, 8)
@@ -173,17 +171,9 @@ def test_auto_probe_does_not_disturb_training_randomness(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_grads(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, TESTS)
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_rank(rank, world, port)
     from harness.runtime import setup_distributed
 
     dist = setup_distributed()
@@ -199,7 +189,7 @@ def test_ddp_two_ranks_with_micro_batches_give_the_one_batch_gradient(tmp_path):
     """2 gloo ranks x 2 micro-batches of 2 (no_sync on the first): the synchronised gradient is
     the gradient of the mean over all 8, as one process computes it in one pass."""
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_grads, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_grads, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     whole = _step(8)
     whole.accumulate(_batch())
