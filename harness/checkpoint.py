@@ -42,7 +42,7 @@ def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:07d}.pt"
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
@@ -81,7 +81,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
             f.write(data)
 
     atomic_write(path, write, mode="wb")
-    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
     log.info("saved checkpoint %s (%.1f MB)", path, len(data) / 2**20)
     return path
 
@@ -102,7 +102,7 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 def verify_checkpoint(path: str | Path) -> str | None:
     """None if the checkpoint's checksum sidecar exists and matches; else the reason it is invalid."""
     path = Path(path)
-    side = _sidecar(path)
+    side = sidecar_path(path)
     if not side.exists():
         return f"no checksum file {side.name} (the save did not finish)"
     text = side.read_text().split()
@@ -140,7 +140,7 @@ def load_latest_valid(ckpt_dir: str | Path, map_location: str | torch.device = "
             if quarantine:
                 try:
                     os.replace(path, path.with_name(path.name + ".corrupt"))
-                    _sidecar(path).unlink(missing_ok=True)
+                    sidecar_path(path).unlink(missing_ok=True)
                 except OSError as move_err:
                     log.warning("could not quarantine %s: %s", path, move_err)
     return None
@@ -175,7 +175,7 @@ def apply_retention(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[i
         if step in newest or step in keep:
             continue
         path.unlink(missing_ok=True)
-        _sidecar(path).unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
         deleted.append(path)
     if deleted:
         log.info("retention removed %s", ", ".join(p.name for p in deleted))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.dispatch import is_complete, load_state
+from harness.layout import load_state
+from harness.status import is_complete
 from harness.io import read_jsonl
 from harness.spec import load_spec
 
