@@ -13,7 +13,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,10 +20,10 @@ from typing import Any, Iterable
 import torch
 
 from harness.io import atomic_write, atomic_write_text
+from harness.layout import checkpoint_name, checkpoint_step, sidecar_path
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{7,})\.pt$")
 #: test hook "STEP:SECONDS": stall that long halfway through writing the checkpoint of STEP
 #: (simulates a slow save on a network file system, so a test can kill the process mid-write).
 SLOW_SAVE_ENV = "HARNESS_TEST_SLOW_SAVE"
@@ -39,11 +38,7 @@ def _slow_save_seconds(step: int) -> float:
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:07d}.pt"
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    return Path(ckpt_dir) / checkpoint_name(step)
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -93,9 +88,9 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
+        step = checkpoint_step(p.name)
+        if step is not None and p.is_file():
+            found.append((step, p))
     return sorted(found)
 
 

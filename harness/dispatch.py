@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from harness import layout
 from harness.errors import HarnessError
 from harness.job import SweepJob
-from harness.spec import RunSpec, SweepSpec, expand_path, load_spec
+from harness.spec import SweepSpec, expand_path, load_spec
 from harness.status import (ACTIVE_STATES, POLL_S, RunStatus, format_status, job_error, job_reason,
                             record_outcome, run_statuses, sacct_states, slurm_job)
 
@@ -86,7 +86,7 @@ def make_executor(kind: str, spec: SweepSpec, folder: Path) -> Any:
 
 
 def _link_logs(rdir: Path, job: Any) -> None:
-    logs = rdir / "logs"
+    logs = layout.RunFolder(rdir).logs
     logs.mkdir(parents=True, exist_ok=True)
     target = Path(job.paths.folder)
     link = logs / f"job-{job.job_id}"
@@ -107,24 +107,10 @@ def _check_runnable(spec: SweepSpec, results: Path) -> None:
     expand_path(d.autoencoder_path, "data.autoencoder_path")
     expand_path(spec.eval.reference, "eval.reference")
     expand_path(spec.eval.inception_weights, "eval.inception_weights")
-    if spec.checkpoints_from and not (results / spec.checkpoints_from / "runs").is_dir():
+    if spec.checkpoints_from and not (layout.sweep_dir(results, spec.checkpoints_from) / layout.RUNS_DIR).is_dir():
         raise HarnessError(f"{spec.path}: checkpoints_from: no results of sweep {spec.checkpoints_from!r} under "
                            f"{results}. Fix: run `harness sweep sweeps/{spec.checkpoints_from}.yaml` first, or pass "
                            "--results where they live.")
-
-
-def _write_run_json(run: RunSpec, rdir: Path) -> float:
-    """Write run.json (the run, its shape, Gflops and params); return its planned compute in Gflops."""
-    from harness.io import atomic_write_json
-    from harness.plan import plan_run
-
-    p = plan_run(run)
-    record = run.to_dict()
-    record.update(run.shape.to_dict())
-    record.pop("name", None)
-    record.update(gflops=p.gflops, params=p.params, input_size=p.input_size, in_channels=p.in_channels)
-    atomic_write_json(rdir / "run.json", record)
-    return p.train_gflops + p.sampling_gflops
 
 
 def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | None = None,
@@ -141,6 +127,7 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
     with sweep_lock(sdir):
         state = layout.load_state(sdir)
         state.update(sweep=spec.name, spec=str(spec.path))
+        layout.write_sweep_record(sdir, [r.run_id for r in spec.expand()], spec.path.read_text())
         statuses = run_statuses(spec, results)
         todo = [s for s in statuses if s.state in ("new", "interrupted", "failed")]
         active = [s for s in statuses if s.state in ("pending", "running")]
@@ -149,7 +136,8 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         costs = {}
         for s in todo:
             s.dir.mkdir(parents=True, exist_ok=True)
-            costs[s.run.run_id] = _write_run_json(s.run, s.dir)
+            p = layout.write_run_json(s.run, s.dir)
+            costs[s.run.run_id] = p.train_gflops + p.sampling_gflops
         # costliest first: with a few local workers the longest run no longer starts last and runs alone
         todo.sort(key=lambda s: -costs[s.run.run_id])
         args = [(s.run.to_dict(), str(s.dir),

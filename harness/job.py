@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.layout import RunFolder, sidecar_path
 from harness.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def stage_checkpoints(run: RunSpec, source_dir: Path, rdir: Path) -> None:
     """Link (or copy) the source run's checkpoints at eval.at_steps, with their checksum files."""
-    from harness.checkpoint import checkpoint_path, sidecar_path
-
-    dst_dir = rdir / "checkpoints"
-    dst_dir.mkdir(parents=True, exist_ok=True)
+    src_run, dst_run = RunFolder(source_dir), RunFolder(rdir)
+    dst_run.checkpoints.mkdir(parents=True, exist_ok=True)
     for step in run.eval.at_steps:
-        src, dst = checkpoint_path(source_dir / "checkpoints", step), checkpoint_path(dst_dir, step)
+        src, dst = src_run.checkpoint(step), dst_run.checkpoint(step)
         if not src.exists():
             raise HarnessError(
                 f"{src}: missing, but sweep {run.sweep!r} (checkpoints_from: {run.checkpoints_from}) evaluates "
@@ -87,8 +86,8 @@ class SweepJob:
         handler = None
         rank = _global_rank()
         if rank == 0:
-            (path / "logs").mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path / "logs" / "job.log")
+            RunFolder(path).logs.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(RunFolder(path).job_log)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger().addHandler(handler)
         try:

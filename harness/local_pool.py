@@ -61,7 +61,7 @@ def run_local(ex: Any, spec: SweepSpec, todo: list[RunStatus], args: list[tuple]
                                                         desc=f"sweep {spec.name}", disable=None) as bar:
         def progress() -> None:
             bar.n = sum(min(train_progress(s.dir), s.run.train.steps) for s in todo)
-            bar.set_postfix_str(f"{sum((s.dir / 'done').exists() for s in todo)}/{len(todo)} runs done")
+            bar.set_postfix_str(f"{sum(layout.RunFolder(s.dir).done.exists() for s in todo)}/{len(todo)} runs done")
 
         _loop(ex, spec, queue, running, record, state, sdir, progress)
         progress()

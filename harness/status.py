@@ -30,17 +30,14 @@ POLL_S = float(os.environ.get("HARNESS_POLL_S", "5"))
 # --------------------------------------------------------------------------- run progress on disk
 def train_progress(rdir: Path) -> int:
     """The last step recorded in train.jsonl, or the newest checkpoint's step, or 0."""
-    last = 0
-    for rec in read_jsonl(rdir / "train.jsonl"):
-        last = max(last, int(rec.get("step", 0)))
-    ckpts = sorted(int(p.name[5:12]) for p in (rdir / "checkpoints").glob("step_*.pt")
-                   if p.name[5:12].isdigit()) if (rdir / "checkpoints").is_dir() else []
-    return max([last] + ckpts)
+    folder = layout.RunFolder(rdir)
+    last = max([int(rec.get("step", 0)) for rec in read_jsonl(folder.train_log)], default=0)
+    return max([last] + folder.checkpoint_steps())
 
 
 def is_complete(run: RunSpec, rdir: Path) -> bool:
     done, want = eval_progress(run, rdir)
-    return (rdir / "done").exists() and done >= want
+    return layout.RunFolder(rdir).done.exists() and done >= want
 
 
 # --------------------------------------------------------------------------- how a job ended

@@ -27,6 +27,7 @@ from harness import checkpoint as ckpt
 from harness.errors import HarnessError
 from harness.evaluation import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock
+from harness.layout import RunFolder, write_run_json
 from harness.runtime import (Dist, all_reduce, barrier, derive_seed, ema_update, peak_mem_mb, rng_state,
                              seed_everything, set_rng_state, setup_distributed)
 
@@ -131,8 +132,8 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
     device = dist.device
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "run.json").exists():
-            atomic_write_json(run_dir / "run.json", _spec_dict(run))
+        if not RunFolder(run_dir).run_json.exists():  # a standalone `harness train`: the same writer as sweeps
+            write_run_json(run, run_dir)
         ckpt.clean_partial_writes(ckpt_dir)
     if tr.global_batch % dist.world:
         raise HarnessError(f"{run_dir}/run.json: train.global_batch={tr.global_batch} is not divisible by "
