@@ -13,7 +13,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,10 +20,10 @@ from typing import Any, Iterable
 import torch
 
 from harness.io import atomic_write, atomic_write_text
+from harness.layout import checkpoint_name, checkpoint_step, sidecar_path
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{7,})\.pt$")
 #: test hook "STEP:SECONDS": stall that long halfway through writing the checkpoint of STEP
 #: (simulates a slow save on a network file system, so a test can kill the process mid-write).
 SLOW_SAVE_ENV = "HARNESS_TEST_SLOW_SAVE"
@@ -39,11 +38,7 @@ def _slow_save_seconds(step: int) -> float:
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:07d}.pt"
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    return Path(ckpt_dir) / checkpoint_name(step)
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -81,7 +76,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
             f.write(data)
 
     atomic_write(path, write, mode="wb")
-    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
     log.info("saved checkpoint %s (%.1f MB)", path, len(data) / 2**20)
     return path
 
@@ -93,16 +88,16 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
+        step = checkpoint_step(p.name)
+        if step is not None and p.is_file():
+            found.append((step, p))
     return sorted(found)
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
     """None if the checkpoint's checksum sidecar exists and matches; else the reason it is invalid."""
     path = Path(path)
-    side = _sidecar(path)
+    side = sidecar_path(path)
     if not side.exists():
         return f"no checksum file {side.name} (the save did not finish)"
     text = side.read_text().split()
@@ -140,7 +135,7 @@ def load_latest_valid(ckpt_dir: str | Path, map_location: str | torch.device = "
             if quarantine:
                 try:
                     os.replace(path, path.with_name(path.name + ".corrupt"))
-                    _sidecar(path).unlink(missing_ok=True)
+                    sidecar_path(path).unlink(missing_ok=True)
                 except OSError as move_err:
                     log.warning("could not quarantine %s: %s", path, move_err)
     return None
@@ -175,7 +170,7 @@ def apply_retention(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[i
         if step in newest or step in keep:
             continue
         path.unlink(missing_ok=True)
-        _sidecar(path).unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
         deleted.append(path)
     if deleted:
         log.info("retention removed %s", ", ".join(p.name for p in deleted))

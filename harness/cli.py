@@ -22,7 +22,7 @@ COMMANDS = {
     "evaluate": "harness.metrics.evaluate:cli_evaluate",
     "plan": "harness.plan:cli_plan",
     "sweep": "harness.dispatch:cli_sweep",
-    "status": "harness.dispatch:cli_status",
+    "status": "harness.status:cli_status",
     "report": "harness.report:cli_report",
 }
 

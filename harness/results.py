@@ -1,12 +1,11 @@
 """Run records <-> one tidy pandas DataFrame.
 
-Reads results/<sweep>/runs/<run_id>/{run.json, eval.jsonl, train.jsonl} (the shared record schema)
-and, when present, results/<sweep>/sweep.json ({"runs": [run_id, ...]}, the dispatcher's list of
-expected runs) to say which runs of a partial sweep are missing. One row per evaluation record.
+Reads each run folder's run.json, eval.jsonl and train.jsonl and, when present, the sweep's
+sweep.json (the runs `harness sweep` expects) and spec.yaml (the files are named by
+`harness.layout`), to say which runs of a partial sweep are missing. One row per evaluation record.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from harness import layout
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.paper import train_compute
@@ -73,13 +73,6 @@ def sweep_name(sweep: str | Path) -> str:
     return text
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise HarnessError(f"{path}: unreadable run record ({err}); delete the run folder and rerun it") from err
-
-
 def _train_wall(train_records: list[dict], step: int) -> float | None:
     """Training wall time (s) at the last log line at or before `step`."""
     best = None
@@ -91,8 +84,9 @@ def _train_wall(train_records: list[dict], step: int) -> float | None:
 
 
 def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
-    evals = list(read_jsonl(run_dir / "eval.jsonl"))
-    train = list(read_jsonl(run_dir / "train.jsonl"))
+    folder = layout.RunFolder(run_dir)
+    evals = list(read_jsonl(folder.eval_log))
+    train = list(read_jsonl(folder.train_log))
     data, tr = run.get("data") or {}, run.get("train") or {}
     gflops = run.get("gflops")
     batch = tr.get("global_batch")
@@ -127,21 +121,16 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     """Load every run record of a sweep. A partial sweep loads (missing runs are listed);
     a sweep with no evaluation at all raises HarnessError."""
     name = sweep_name(sweep)
-    root = Path(results_root) / name
-    runs_dir = root / "runs"
-    expected = None
-    sweep_json = root / "sweep.json"
-    if sweep_json.is_file():
-        ids = _read_json(sweep_json).get("runs")
-        if isinstance(ids, list):
-            expected = [str(i) for i in ids]
+    root = layout.sweep_dir(results_root, name)
+    runs_dir = root / layout.RUNS_DIR
+    expected = layout.read_expected_runs(root)
     runs, rows, missing = [], [], {}
     run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     for run_dir in run_dirs:
-        if not (run_dir / "run.json").is_file():
+        if not layout.RunFolder(run_dir).run_json.is_file():
             missing[run_dir.name] = "no run.json (not planned or interrupted before start)"
             continue
-        run = _read_json(run_dir / "run.json")
+        run = layout.read_run_json(run_dir)
         runs.append(run)
         run_rows = _rows_of_run(run, run_dir)
         if not run_rows:
@@ -150,7 +139,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     found = {r.get("run_id", "") for r in runs} | set(missing)
     for rid in expected or []:
         if rid not in found:
-            missing[rid] = "no run folder (not started)"
+            missing[rid] = "no run folder (never started, or removed)"
     if not rows:
         raise HarnessError(
             f"{runs_dir}: no evaluation records for sweep '{name}' "
@@ -161,8 +150,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     frame = frame.sort_values(["model", "conditioning", "seed", "step", "sampling_steps", "cfg_scale"],
                               na_position="last", kind="stable").reset_index(drop=True)
-    spec = root / "spec.yaml"
-    spec_text = spec.read_text() if spec.is_file() else None
+    spec_text = layout.read_spec_text(root)
     if missing:
         log.warning("sweep %s: %d run(s) without evaluation: %s", name, len(missing), ", ".join(sorted(missing)))
     return SweepResults(name=name, root=root, frame=frame, runs=runs, expected=expected,

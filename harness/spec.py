@@ -51,6 +51,7 @@ from typing import Any
 import yaml
 
 from harness.errors import HarnessError
+from harness.layout import RUN_JSON_PLAN_KEYS
 from harness.models import CONDITIONINGS, SIZES, VARIANTS, check_shape, resolve_shape
 
 DATASETS = ("digits", "imagefolder")
@@ -170,8 +171,6 @@ class LauncherSpec:
 _TRAIN_ID_EXCLUDED = ("steps", "compile", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
                       "log_every")
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
-# keys the planner adds to run.json; from_dict ignores them
-PLAN_KEYS = ("size", "patch", "depth", "hidden", "heads", "gflops", "params", "input_size", "in_channels")
 
 
 @dataclass
@@ -194,7 +193,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
         known = {f.name for f in fields(cls)}
-        extra = set(d) - known - set(PLAN_KEYS)
+        extra = set(d) - known - set(RUN_JSON_PLAN_KEYS)
         if extra:
             raise HarnessError(f"run.json: unknown keys {sorted(extra)}. Fix: regenerate it with `harness sweep`.")
         try:

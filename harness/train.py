@@ -27,6 +27,7 @@ from harness import checkpoint as ckpt
 from harness.errors import HarnessError
 from harness.evaluation import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock
+from harness.layout import RunFolder, write_run_json
 from harness.runtime import (Dist, all_reduce, barrier, derive_seed, peak_mem_mb, rng_state, seed_everything,
                              set_rng_state, setup_distributed)
 
@@ -210,8 +211,8 @@ class Trainer:
             check_micro_batch(int(tr.micro_batch), self.per_rank)
         if dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.run_dir / "run.json").exists():
-                atomic_write_json(self.run_dir / "run.json", _spec_dict(run))
+            if not RunFolder(self.run_dir).run_json.exists():  # a standalone `harness train`: the sweep's writer
+                write_run_json(run, self.run_dir)
             ckpt.clean_partial_writes(self.ckpt_dir)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.dispatch import dispatch, run_statuses, sweep_lock
+from harness.dispatch import dispatch, sweep_lock
+from harness.status import run_statuses
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.spec import load_spec

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import analysis
+from harness import analysis, layout
 from harness.errors import HarnessError
 from harness.paper import PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
@@ -189,10 +189,10 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
     # sample grids
     grids = []
     for run in sorted(res.runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", ""))):
-        found = sorted((res.root / "runs" / run.get("run_id", "") / "samples").glob("grid_step_*.png"))
-        if found:
-            step_n = int(found[-1].stem.rsplit("_", 1)[-1])
-            grids.append((f"{run.get('model')} {run.get('conditioning')} s{run.get('seed')} @ {step_n:,}", found[-1]))
+        newest = layout.RunFolder(layout.run_dir(res.root.parent, res.name, run.get("run_id", ""))).newest_grid()
+        if newest:
+            step_n, path = newest
+            grids.append((f"{run.get('model')} {run.get('conditioning')} s{run.get('seed')} @ {step_n:,}", path))
     if grids:
         rep.figures.append(FigureSpec("samples", "Sample grids", "The newest sample grid of each run.",
                                       F.sample_grids(grids)))
