@@ -1,8 +1,8 @@
 """`harness sweep`: submit a sweep's runs as submitit jobs and record them in the sweep state.
 
 The files it writes under results/<sweep>/ are named by `harness.layout`. Launchers: `slurm`
-submits all runs that need work as one job array (submitit's batch), with
-`tasks_per_node = gpus_per_node` for DDP (the trainer reads submitit's distributed environment);
+submits all runs that need work as one job array (submitit's batch), with `launcher.tasks_per_node`
+ranks per node for DDP (default: one per GPU; the trainer reads submitit's distributed environment);
 `local` runs them as local processes through `harness.local_pool`; `debug` runs them one after the
 other in this process. What runs inside each job is `harness.job.SweepJob`; where each run stands
 is `harness.status`.
