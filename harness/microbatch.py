@@ -100,11 +100,12 @@ def _fits_cuda(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes
 def _activation_bytes(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int) -> int:
     """Bytes of the tensors autograd saves for backward in one forward at micro-batch m (+ backward)."""
     saved = [0]
-    seen: set[int] = set()
+    # weights (and views of them, such as a transposed weight a linear layer saves) are not activations
+    seen: set[int] = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage().data_ptr()
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
+        if key not in seen:
             seen.add(key)
             saved[0] += t.untyped_storage().nbytes()
         return t
