@@ -118,7 +118,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
                      compile=compiled, ema_decay=0.9999)
     shape = (in_channels, input_size, input_size)
     key = cache_key(model_name, conditioning, shape, num_classes, device, precision, compiled, batch)
-    step.micro_batch = resolve_micro_batch(micro_batch, step, batch, key, shape, num_classes)
+    step.micro_batch = resolve_micro_batch(micro_batch, step, batch, key, shape, num_classes, "--micro-batch")
     g = torch.Generator(device=device).manual_seed(0)
     data = Batch(torch.randn(batch, *shape, generator=g, device=device),
                  torch.randint(0, num_classes, (batch,), generator=g, device=device),

@@ -149,11 +149,11 @@ def find_micro_batch(step: TrainStep, per_rank: int, shape: tuple[int, int, int]
 
 
 def resolve_micro_batch(setting: int | str, step: TrainStep, per_rank: int, key: str,
-                        shape: tuple[int, int, int], num_classes: int) -> int:
+                        shape: tuple[int, int, int], num_classes: int, where: str = "train.micro_batch") -> int:
     """The micro-batch for `setting` (an int, or 'auto': cached, else probed). With several ranks
     each probes its own device and all take the smallest answer."""
     if setting != "auto":
-        check_micro_batch(int(setting), per_rank)
+        check_micro_batch(int(setting), per_rank, where)
         return int(setting)
     m = _auto_micro_batch(step, per_rank, key, shape, num_classes)
     if step.dist.world > 1:

@@ -75,8 +75,8 @@ def resolve_compile(setting: bool | str, device: torch.device, where: str = "tra
 def check_micro_batch(micro_batch: int, per_rank: int, where: str = "train.micro_batch") -> None:
     if micro_batch < 1 or per_rank % micro_batch:
         divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
-        raise HarnessError(f"{where}: {micro_batch} does not divide the per-GPU batch of {per_rank} "
-                           f"(train.global_batch / GPUs). Fix: use one of {divisors[-6:]}, or auto")
+        raise HarnessError(f"{where}: {micro_batch} does not divide the per-GPU batch of {per_rank}. "
+                           f"Fix: use one of {divisors[-6:]}, or auto")
 
 
 def autocast(device: torch.device, precision: str) -> Any:

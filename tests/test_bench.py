@@ -64,4 +64,4 @@ def test_bench_micro_batch_and_compile_flags(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["micro_batch"] == 2 and r["compile"] is False and r["batch"] == 4
     assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "4", "--micro-batch", "3"]) == 2
-    assert "does not divide" in capsys.readouterr().err
+    assert "--micro-batch: 3 does not divide the per-GPU batch of 4" in capsys.readouterr().err
