@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
-
 from harness import layout
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.paper import train_compute
+from harness.specfile import Where, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +59,7 @@ def sweep_name(sweep: str | Path) -> str:
     if text.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise HarnessError(f"{path}: sweep spec not found; pass an existing sweeps/NAME.yaml or a bare sweep name")
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise HarnessError(f"{path}: not valid YAML ({err}); fix the file") from err
+        doc = read_yaml(path, Where(str(path)))  # bounded: a hostile file is refused, not expanded
         name = doc.get("name", path.stem) if isinstance(doc, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise HarnessError(f"{path}: key 'name' is empty; write e.g. `name: {path.stem}`")
