@@ -51,16 +51,14 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.layout import RUN_JSON_PLAN_KEYS
 from harness.specfile import Where, check_keys, check_value, read_yaml, section, typename
-from harness.models import CONDITIONINGS, SIZES, VARIANTS, check_shape, resolve_shape
+from harness.metrics import FEATURE_SPACES, METRICS
+from harness.models import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
+from harness.samplers import SAMPLERS
 
 DATASETS = ("digits", "imagefolder")
 AUTOENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-ft-mse")
 PRECISIONS = ("fp32", "bf16")
-SAMPLERS = ("ddpm", "ddim")
-METRICS = ("fid", "sfid", "is", "precision", "recall")
-FEATURES = ("digits", "inception")
 LAUNCHERS = ("slurm", "local", "debug")
-VAE_DOWNSAMPLE = 8
 #: the most runs one sweep may expand to (a bound, so a typo cannot plan a million runs)
 MAX_RUNS = 10_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -89,7 +87,7 @@ class DataSpec:
     def channels(self) -> int:
         """Channels the DiT sees: 4 through an SD VAE, else the images' own (1 digits, 3 RGB)."""
         if self.autoencoder != "identity":
-            return 4
+            return VAE_CHANNELS
         return 1 if self.dataset == "digits" else 3
 
     @property
@@ -127,11 +125,11 @@ class EvalSpec:
     at_steps: list[int] = _opt([2000], kind=list, item=int, min=1, nonempty=True)
     num_samples: int = _opt(1000, kind=int, min=1)
     sampling_steps: list[int] = _opt([50], kind=list, item=int, min=1, nonempty=True)
-    sampler: str = _opt("ddim", kind=str, choices=SAMPLERS)
+    sampler: str = _opt("ddim", kind=str, choices=tuple(SAMPLERS))
     cfg_scales: list[float] = _opt([1.0], kind=list, item=float, min=1.0, nonempty=True)
     guidance_channels: int | str = _opt(3, kind="guidance")
     metrics: list[str] = _opt(list(METRICS), kind=list, item=str, choices=METRICS, nonempty=True)
-    features: str = _opt("digits", kind=str, choices=FEATURES)
+    features: str = _opt("digits", kind=str, choices=FEATURE_SPACES)
     reference: str = _opt("digits", kind=str)
     batch_size: int = _opt(250, kind=int, min=1)
     inception_weights: str | None = _opt(None, kind=str, nullable=True)
