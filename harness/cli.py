@@ -49,6 +49,7 @@ def _csv_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: one flat declaration per sub-command, read as a table of the CLI's options.
     p = argparse.ArgumentParser(prog="harness", description="DiT scaling-study harness.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
