@@ -5,7 +5,11 @@ A checkpoint is a plain `torch.save` file `checkpoints/step_XXXXXXX.pt` holding 
 next to a sidecar `step_XXXXXXX.pt.sha256` written atomically *after* the checkpoint. A checkpoint
 counts as valid only if its sidecar exists, the file's SHA-256 matches it and `torch.load` succeeds;
 a crash mid-save therefore never yields a checkpoint that is resumed, and a file truncated or
-corrupted later is detected, logged and skipped in favour of the previous one.
+corrupted later is detected, logged and skipped in favour of the previous one. A failed write (a
+full disk) leaves the previous checkpoint as the resume point and says so. Every load is
+`torch.load(weights_only=True)`: the RNG states are tensors and plain values (harness.runtime), and
+a file that carries a pickled callable is refused without running it (the sidecar only proves the
+file is whole, not that it is ours).
 """
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from harness.errors import HarnessError
 from harness.io import atomic_write, atomic_write_text
 from harness.layout import checkpoint_name, checkpoint_step, sidecar_path
 
@@ -75,7 +81,13 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
         else:
             f.write(data)
 
-    atomic_write(path, write, mode="wb")
+    try:
+        atomic_write(path, write, mode="wb")  # on failure the temp file is removed, `path` untouched
+    except OSError as err:
+        older = [p.name for s, p in list_checkpoints(ckpt_dir) if s < step and sidecar_path(p).exists()]
+        keep = f"the previous checkpoint {older[-1]} stays the resume point" if older else "no earlier checkpoint"
+        raise HarnessError(f"{path}: could not write the checkpoint ({err.strerror or err}); {keep}. Fix: free "
+                           "space on that file system (or move results/), then run the same command again.") from err
     atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
     log.info("saved checkpoint %s (%.1f MB)", path, len(data) / 2**20)
     return path
@@ -108,16 +120,24 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint after verifying its checksum; raises ValueError naming the problem."""
     path = Path(path)
     problem = verify_checkpoint(path)
     if problem:
         raise ValueError(f"{path}: {problem}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights_only: tensors and plain values; a pickled callable is refused, never run
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: refused: it holds Python objects beyond tensors and plain values, which "
+                         f"could run code when loaded ({_first_line(err)})") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise ValueError(f"{path}: torch.load failed: {err}") from err
+        raise ValueError(f"{path}: torch.load failed: {_first_line(err)}") from err
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise ValueError(f"{path}: not a harness training checkpoint (missing 'step'/'model')")
     return state

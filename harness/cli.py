@@ -11,6 +11,12 @@ import logging
 import sys
 
 from harness.errors import HarnessError
+from harness.metrics import FEATURE_SPACES, METRICS
+from harness.models import CONDITIONINGS
+from harness.samplers import GUIDANCE_CHANNELS, SAMPLERS
+from harness.spec import AUTOENCODERS, LAUNCHERS, PRECISIONS
+
+# The choices below come from the layer that owns each vocabulary; all of these import without torch.
 
 # sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
 COMMANDS = {
@@ -48,14 +54,14 @@ def _csv_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: one flat declaration per sub-command, read as a table of the CLI's options.
     p = argparse.ArgumentParser(prog="harness", description="DiT scaling-study harness.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("flops", help="Gflops and parameters of DiT variants (fvcore)")
     s.add_argument("--model", action="append", help="e.g. DiT-XL/2 or DiT-4x64x2/2 (repeatable)")
-    s.add_argument("--conditioning", action="append",
-                   help="in-context | cross-attention | adaLN | adaLN-Zero (repeatable)")
+    s.add_argument("--conditioning", action="append", choices=CONDITIONINGS, help="conditioning block (repeatable)")
     s.add_argument("--image-size", type=_positive_int, default=256, help="pixels; the latent is size/8 unless --pixel")
     s.add_argument("--pixel", action="store_true", help="count in pixel space (no VAE downsampling)")
     s.add_argument("--in-channels", type=_positive_int, default=None, help="default 4 (latent) or 3 (--pixel)")
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("latents", help="pre-extract autoencoder latents into the shared cache")
     s.add_argument("--data", required=True, help="'digits' or an ImageFolder path (ImageNet train layout)")
-    s.add_argument("--autoencoder", default="sd-vae-ft-ema", help="sd-vae-ft-ema | sd-vae-ft-mse | identity")
+    s.add_argument("--autoencoder", default="sd-vae-ft-ema", choices=AUTOENCODERS)
     s.add_argument("--autoencoder-path", default=None, help="local folder of the VAE weights")
     s.add_argument("--image-size", type=_positive_int, default=256)
     s.add_argument("--batch-size", type=_positive_int, default=32)
@@ -73,14 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", required=True, help="run folder; resumes from its newest checkpoint")
     s.add_argument("--config", default=None, help="run.json to train from (default: RUN_DIR/run.json)")
     s.add_argument("--model", default=None, help="standalone: model name (writes RUN_DIR/run.json)")
-    s.add_argument("--conditioning", default="adaLN-Zero")
+    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
     s.add_argument("--data", default="digits")
     s.add_argument("--image-size", type=_positive_int, default=None)
-    s.add_argument("--autoencoder", default=None)
+    s.add_argument("--autoencoder", default=None, choices=AUTOENCODERS)
     s.add_argument("--steps", type=_positive_int, default=None)
     s.add_argument("--batch", type=_positive_int, default=None, help="global batch")
     s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    s.add_argument("--precision", choices=PRECISIONS, default=None)
     s.add_argument("--compile", action="store_true")
     s.add_argument("--seed", type=int, default=0)
 
@@ -90,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench several models in each configuration worth trying: 'paper' (the 12, default) "
                         "or M1,M2,...; prints a markdown table with the best configuration per model")
     s.add_argument("--out", default=None, help="write the JSON here (a suite also writes the .md table beside it)")
-    s.add_argument("--conditioning", default="adaLN-Zero")
+    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
     s.add_argument("--batch", type=_positive_int, default=8, help="batch per device (the paper: 256 on one GPU)")
     s.add_argument("--micro-batch", type=_auto_or_positive_int, default="auto",
                    help="auto (the largest that fits, as training does) or a divisor of --batch")
     s.add_argument("--steps", type=_positive_int, default=10)
     s.add_argument("--warmup", type=_positive_int, default=2)
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32")
     s.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="auto: compiled on CUDA, eager on the CPU (as training)")
     s.add_argument("--grad-checkpointing", action="store_true")
@@ -109,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=_positive_int, default=64)
     s.add_argument("--labels", choices=["balanced", "random"], default="balanced")
     s.add_argument("--cfg-scale", type=float, default=1.0)
-    s.add_argument("--guidance-channels", choices=["3", "all"], default="3")
+    s.add_argument("--guidance-channels", choices=[str(c) for c in GUIDANCE_CHANNELS], default="3")
     s.add_argument("--steps", type=_positive_int, default=250, help="sampling steps (respaced)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
@@ -120,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="FID, sFID, IS, precision and recall of an npz of samples")
     s.add_argument("--samples", required=True, help="npz in the ADM layout (arr_0: N x H x W x 3 uint8)")
     s.add_argument("--reference", required=True, help="ADM reference npz, an image folder, or 'digits'")
-    s.add_argument("--metrics", type=_csv_list, default=["fid", "sfid", "is", "precision", "recall"])
-    s.add_argument("--features", choices=["inception", "digits"], default="inception")
+    s.add_argument("--metrics", type=_csv_list, default=list(METRICS), help=f"comma-separated: {','.join(METRICS)}")
+    s.add_argument("--features", choices=FEATURE_SPACES, default="inception")
     s.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
     s.add_argument("--batch-size", type=_positive_int, default=100)
     s.add_argument("--json", default=None, help="write the metrics here too")
@@ -138,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")
-    s.add_argument("--launcher", choices=["slurm", "local", "debug"], default=None,
+    s.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help="override the spec's launcher.kind")
     s.add_argument("--results", default="results", help="results root")
     s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")

@@ -95,6 +95,52 @@ def _link_logs(rdir: Path, job: Any) -> None:
             link.symlink_to(os.path.relpath(target, logs))
 
 
+# (words in sbatch's refusal, the spec key to change, how to find a value the cluster accepts); first
+# match wins, so "Invalid account or account/partition combination" names the account
+_SBATCH_REFUSALS = (
+    ("gres", "launcher.gpus_per_node", "use a GPU count a node of the partition has (0 where there are none)"),
+    ("account", "launcher.account", "`sacctmgr show assoc user=$USER format=account,partition` lists yours"),
+    ("qos", "launcher.qos", "`sacctmgr show qos format=name` lists them"),
+    ("time limit", "launcher.timeout_min", "stay within the partition's limit (`sinfo -o '%P %l'`)"),
+    ("partition", "launcher.partition", "`sinfo -s` lists the partitions"),
+    ("memory", "launcher.mem_gb", "ask for at most a node's memory (`sinfo -o '%P %m'`)"),
+    ("node configuration", "launcher.gpus_per_node, cpus_per_task or mem_gb",
+     "ask for what one node has (`sinfo -o '%P %c %m %G'`)"),
+)
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what child processes (sbatch) write to stderr; replay it unless the block raised, so a
+    refusal is reported once, in our one line, and not also as sbatch's raw lines."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def _sbatch_refusal(spec: SweepSpec, err: Exception) -> HarnessError:
+    """One line for a job array sbatch refused: the spec key to change and sbatch's own words."""
+    said = [x.strip().removeprefix("sbatch: error: ") for x in str(err).splitlines() if "error" in x.lower()]
+    said = said or [x.strip() for x in str(err).splitlines() if x.strip()][:1]
+    text = " ".join(said).lower()
+    key, how = next(((k, h) for word, k, h in _SBATCH_REFUSALS if word in text),
+                    ("launcher (partition, account, qos, gpus_per_node, timeout_min or additional)",
+                     "compare with `sinfo` and your site's documentation"))
+    return HarnessError(f"{spec.path}: Slurm refused the job array (sbatch: {'; '.join(said)}). Fix: change "
+                        f"{key} in the spec; {how}. Nothing was submitted.")
+
+
 # --------------------------------------------------------------------------- dispatch
 def _check_runnable(spec: SweepSpec, results: Path) -> None:
     """What validation cannot know until dispatch: environment variables and source checkpoints."""
@@ -157,8 +203,13 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         try:
             if kind == "slurm":
                 if todo:
-                    with ex.batch():
-                        submitted = [ex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for a in args]
+                    from submitit.core.utils import FailedJobError
+
+                    try:  # one sbatch for the whole array: it is submitted whole or not at all
+                        with _held_stderr(), ex.batch():
+                            submitted = [ex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for a in args]
+                    except FailedJobError as err:  # submitit carries sbatch's stderr
+                        raise _sbatch_refusal(spec, err) from None
                     for s, job in zip(todo, submitted):
                         record(s, job)
                     layout.save_state(sdir, state)

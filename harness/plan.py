@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from harness import paper
 from harness.errors import HarnessError
+from harness.samplers import guidance_on
 from harness.spec import RunSpec, SweepSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
     forwards = 0
     for steps in ev.sampling_steps:
         for cfg in ev.cfg_scales:
-            forwards += steps * (2 if cfg > 1.0 else 1) * ev.num_samples * len(ev.at_steps)
+            forwards += steps * (2 if guidance_on(cfg) else 1) * ev.num_samples * len(ev.at_steps)
     points = len(ev.at_steps) * len(ev.sampling_steps) * len(ev.cfg_scales)
     plan = RunPlan(
         run_id=run.run_id, model=run.model, conditioning=run.conditioning, seed=run.seed,
@@ -175,7 +176,7 @@ def format_table(plan: dict) -> str:
     out += [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out += [line(["-" * w for w in widths]), line(total)]
     out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
-               "sampling = gflops x steps x samples (x2 with cfg > 1)")
+               "sampling = gflops x steps x samples (x2 with guidance, cfg != 1)")
     if hours and isinstance(plan["throughput_images_per_s"], dict):
         speeds = ", ".join(f"{m} {v:,.0f}" for m, v in plan["throughput_images_per_s"].items())
         out.append(f"accelerator-hours from training images/s {plan['throughput_model']}: {speeds}; "

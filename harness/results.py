@@ -10,19 +10,19 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import yaml
-
 from harness import layout
 from harness.errors import HarnessError
 from harness.io import read_jsonl
+from harness.metrics import METRIC_LABELS
 from harness.paper import train_compute
+from harness.samplers import guidance_on
+from harness.specfile import Where, read_yaml
 
 log = logging.getLogger(__name__)
 
-# Metric column -> the label used in tables and figures.
-METRICS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
+# Metric column -> the label used in tables and figures (the metrics package owns both).
+METRICS = METRIC_LABELS
 
 # The tidy table's columns, in order. train_compute is in Gflops: gflops x global_batch x step x 3
 # (the backward pass costs twice the forward), the paper's convention.
@@ -60,10 +60,7 @@ def sweep_name(sweep: str | Path) -> str:
     if text.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise HarnessError(f"{path}: sweep spec not found; pass an existing sweeps/NAME.yaml or a bare sweep name")
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise HarnessError(f"{path}: not valid YAML ({err}); fix the file") from err
+        doc = read_yaml(path, Where(str(path)))  # bounded: a hostile file is refused, not expanded
         name = doc.get("name", path.stem) if isinstance(doc, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise HarnessError(f"{path}: key 'name' is empty; write e.g. `name: {path.stem}`")
@@ -169,8 +166,7 @@ def default_setting(frame: pd.DataFrame) -> pd.DataFrame:
     keys = ["sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
             "num_samples"]
     key = pd.Series(["|".join(map(str, row)) for row in frame[keys].itertuples(index=False)], index=frame.index)
-    cfg = frame["cfg_scale"].astype(float)
-    unguided = cfg.isna() | np.isclose(cfg.fillna(1.0), 1.0)
+    unguided = ~frame["cfg_scale"].map(guidance_on).astype(bool)
     pool = key[unguided] if unguided.any() else key
     top = pool.value_counts(sort=True).index[0]
     return frame[key == top]

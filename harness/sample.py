@@ -19,7 +19,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write
-from harness.spec import SAMPLERS  # the spec owns the choices it validates
+from harness.samplers import SAMPLERS, guidance_on
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
     shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     learn_sigma = int(model.out_channels) == 2 * shape[0]
     diffusion = create_diffusion(str(int(sampling_steps)), learn_sigma=learn_sigma)
-    guided = float(cfg_scale) != 1.0
+    guided = guidance_on(cfg_scale)
     channels = _channels_arg(guidance_channels)
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

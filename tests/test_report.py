@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import re
 import shutil
 import subprocess
@@ -155,3 +157,22 @@ def test_degenerate_sweeps_still_report(tmp_path, models, steps):
     fits = next(t for t in rep.tables if t.title == "Fits")
     for row in fits.rows:  # < 3 runs: the interval is reported as unknown, never as a fake zero width
         assert "CI n/a" in row[3] and "nan" not in row[3]
+
+
+@pytest.mark.slow
+def test_report_written_under_umask_022_is_readable_by_the_group(tmp_path):
+    """index.html, report.pdf, results.csv and the figures: 0644 under umask 022 (issue 14)."""
+    from report_synth import write_sweep
+
+    from harness.report import render_sweep_report
+
+    write_sweep(tmp_path / "results", "umask", conditioning_ablation=False, sampling=False)
+    old = os.umask(0o022)
+    try:
+        render_sweep_report(tmp_path / "results", "umask", tmp_path / "reports", n_boot=20)
+    finally:
+        os.umask(old)
+    out = tmp_path / "reports" / "umask"
+    files = [out / "index.html", out / "report.pdf", out / "results.csv", *sorted((out / "figures").iterdir())]
+    assert len(files) > 5
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}

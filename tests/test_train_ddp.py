@@ -36,7 +36,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for key in ("model", "ema"):
         for name, w in b[key].items():
             torch.testing.assert_close(a[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
-    init = torch.load(tmp_path / "single" / "checkpoints" / "step_0000002.pt", weights_only=False)
+    init = torch.load(tmp_path / "single" / "checkpoints" / "step_0000002.pt", weights_only=True)
     for name, w in b["model"].items():
         moved = max(moved, (w - init["model"][name]).abs().max().item())
     assert moved > 1e-3  # the weights did train, so the agreement is not trivial

@@ -22,7 +22,7 @@ def tiny_run(steps: int = 6, **train: object) -> RunSpec:
 
 
 def final_state(run_dir, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=True)
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

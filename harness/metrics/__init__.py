@@ -7,27 +7,44 @@
         "feature_space": "digits", "num_samples": N}
 
 Every number carries its feature space; numbers from different spaces are never comparable.
+The metric and feature-space names live here, importable without torch (the spec validates against
+them); the extractors and statistics load on first use.
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterable
 
 from harness.errors import HarnessError
-from harness.metrics.features import FeatureExtractor, Features, check_images
-from harness.metrics.reference import ReferenceStats, load_reference
-from harness.metrics.stats import (frechet_distance, gaussian_stats, inception_score,
-                                   precision_recall)
-from harness.spec import METRICS  # the spec owns the choices it validates
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from harness.metrics.features import FeatureExtractor, Features
+    from harness.metrics.reference import ReferenceStats
 
 log = logging.getLogger(__name__)
 
 __all__ = ["compute_metrics", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
-           "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "FEATURE_SPACES"]
+           "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "METRIC_LABELS", "FEATURE_SPACES"]
 
+_LAZY = {"FeatureExtractor": "features", "Features": "features", "check_images": "features",
+         "ReferenceStats": "reference", "load_reference": "reference"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:  # torch-heavy: imported on first use
+        import importlib
+
+        return getattr(importlib.import_module(f"harness.metrics.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'harness.metrics' has no attribute {name!r}")
+
+#: metric names as eval.metrics and --metrics spell them
+METRICS = ("fid", "sfid", "is", "precision", "recall")
+#: metric name -> its key in an evaluation record (eval.jsonl, the results table)
 METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
+#: record key -> its label in tables and figures
+METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
 _ALIASES = {"inception_score": "is", "isc": "is", "prec": "precision", "rec": "recall"}
 FEATURE_SPACES = ("inception", "digits")
 
@@ -80,6 +97,9 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     Returns {fid, sfid, inception_score, precision, recall (None when not requested),
     feature_space, num_samples}.
     """
+    from harness.metrics.features import check_images
+    from harness.metrics.stats import frechet_distance, gaussian_stats, inception_score, precision_recall
+
     wanted = normalize_metrics(metrics)
     if reference.feature_identity != extractor.identity:
         raise HarnessError(f"reference {reference.source} was computed in feature space "

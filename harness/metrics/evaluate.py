@@ -10,7 +10,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json
-from harness.metrics import compute_metrics, get_feature_extractor, load_reference, normalize_metrics
+from harness.metrics import METRIC_LABELS, compute_metrics, get_feature_extractor, load_reference, normalize_metrics
 from harness.metrics.features import check_images
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ def load_samples(path: str | Path) -> np.ndarray:
 def format_table(result: dict) -> str:
     rows = [("feature space", result["feature_space"]), ("samples", str(result["num_samples"])),
             ("reference", str(result["reference"]))]
-    for key, label in (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
-                       ("precision", "Precision"), ("recall", "Recall")):
+    for key, label in METRIC_LABELS.items():
         if result.get(key) is not None:
             rows.append((label, f"{result[key]:.4f}"))
     width = max(len(r[0]) for r in rows)
