@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
 from harness import layout
 from harness.errors import HarnessError
 from harness.io import read_jsonl
@@ -47,6 +49,7 @@ class SweepResults:
     expected: list[str] | None      # run ids from sweep.json, if present
     missing: dict[str, str] = field(default_factory=dict)  # run_id -> why it has no evaluation
     spec_text: str | None = None    # results/<name>/spec.yaml, if present
+    throughput: dict[str, dict] = field(default_factory=dict)  # run_id -> train_throughput(train.jsonl)
 
     @property
     def run_ids(self) -> list[str]:
@@ -78,6 +81,26 @@ def _train_wall(train_records: list[dict], step: int) -> float | None:
         if s is not None and w is not None and s <= step and (best is None or s >= best[0]):
             best = (s, w)
     return None if best is None else float(best[1])
+
+
+def train_throughput(train_records: list[dict]) -> dict | None:
+    """A run's training speed from its train.jsonl: medians over the log lines after the first (which
+    holds start-up and compilation) of images/s, steps/s, TFLOP/s per device and MFU; the micro-batch
+    and compilation of the last line; the largest peak memory. None without log lines."""
+    recs = [r for r in train_records if r.get("images_per_s") is not None]
+    if not recs:
+        return None
+    steady = recs[1:] or recs
+
+    def median(key: str) -> float | None:
+        vals = [float(r[key]) for r in steady if r.get(key) is not None]
+        return float(np.median(vals)) if vals else None
+
+    peaks = [float(r["peak_mem_mb"]) for r in recs if r.get("peak_mem_mb") is not None]
+    return {"images_per_s": median("images_per_s"), "steps_per_s": median("steps_per_s"),
+            "tflops_per_device": median("tflops_per_device"), "mfu": median("mfu"),
+            "micro_batch": recs[-1].get("micro_batch"), "compiled": recs[-1].get("compiled"),
+            "peak_mem_mb": max(peaks) if peaks else None, "log_lines": len(recs)}
 
 
 def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
@@ -121,7 +144,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     root = layout.sweep_dir(results_root, name)
     runs_dir = root / layout.RUNS_DIR
     expected = layout.read_expected_runs(root)
-    runs, rows, missing = [], [], {}
+    runs, rows, missing, throughput = [], [], {}, {}
     run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     for run_dir in run_dirs:
         if not layout.RunFolder(run_dir).run_json.is_file():
@@ -129,6 +152,9 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
             continue
         run = layout.read_run_json(run_dir)
         runs.append(run)
+        speed = train_throughput(list(read_jsonl(layout.RunFolder(run_dir).train_log)))
+        if speed is not None:
+            throughput[run.get("run_id", run_dir.name)] = speed
         run_rows = _rows_of_run(run, run_dir)
         if not run_rows:
             missing[run.get("run_id", run_dir.name)] = "no evaluation yet (eval.jsonl empty or absent)"
@@ -151,7 +177,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     if missing:
         log.warning("sweep %s: %d run(s) without evaluation: %s", name, len(missing), ", ".join(sorted(missing)))
     return SweepResults(name=name, root=root, frame=frame, runs=runs, expected=expected,
-                        missing=dict(sorted(missing.items())), spec_text=spec_text)
+                        missing=dict(sorted(missing.items())), spec_text=spec_text, throughput=throughput)
 
 
 def load_results(results_root: str | Path, sweep: str | Path) -> pd.DataFrame:

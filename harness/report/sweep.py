@@ -210,7 +210,29 @@ def _sample_grids(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
 
 
 #: the report's sections in order; a new analysis adds a function here
-SECTIONS = (_overview, _steps_and_gflops, _training_compute, _conditioning, _sampling_compute, _sample_grids)
+def _throughput(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """Training speed per run from train.jsonl (medians after the first log line)."""
+    rows = []
+    for run in _runs_by_gflops(v.res):
+        t = v.res.throughput.get(run.get("run_id", ""))
+        if t is None:
+            continue
+        mfu = "–" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+        compiled = {True: "compiled", False: "eager"}.get(t["compiled"], "–")
+        rows.append([run.get("run_id", ""), run.get("model", ""), _g(t["images_per_s"], 4), _g(t["steps_per_s"], 3),
+                     _g(t["tflops_per_device"], 3), mfu, str(t["micro_batch"] or "–"), compiled,
+                     _g(t["peak_mem_mb"] / 1024 if t["peak_mem_mb"] else None, 3)])
+    if rows:
+        rep.tables.append(Table("Training throughput", ["run id", "model", "images/s", "steps/s",
+                                                        "TFLOP/s per device", "MFU", "micro-batch", "step",
+                                                        "peak memory (GB)"], rows,
+                                "Medians over each run's train.jsonl log lines after the first (start-up and "
+                                "compilation). TFLOP/s = Gflops × 2 × 3 × images/s per device; MFU against the "
+                                "device's dense peak where it is known (– on CPUs)."))
+
+
+SECTIONS = (_overview, _steps_and_gflops, _training_compute, _conditioning, _sampling_compute, _sample_grids,
+            _throughput)
 
 
 # --------------------------------------------------------------------------- tables that lead the report
