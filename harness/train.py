@@ -176,8 +176,7 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
         seed_everything(derive_seed(run.seed, dist.rank))
 
     # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
-    if dist.main:
-        pending_evals(run, run_dir, ema, device, upto=step, current=step)
+    pending_evals(run, run_dir, ema, dist, upto=step, current=step)  # every rank samples its share
     barrier(dist)
     if step >= tr.steps:
         if dist.main:
@@ -263,9 +262,9 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
                     "step": s, "rng": rng_state(), "data_pos": data_pos, "run": _spec_dict(run),
                     "world_size": dist.world})
                 ckpt.apply_retention(ckpt_dir, tr.keep_last, ckpt_steps)
-                save_grid(run, run_dir, ema, device, s)
-                if s in ckpt_steps:
-                    evaluate_step(run, run_dir, ema, device, s)
+            save_grid(run, run_dir, ema, dist, s)  # rank 0 only
+            if s in ckpt_steps:
+                evaluate_step(run, run_dir, ema, dist, s)  # every rank samples its share
             barrier(dist)
             t_log = time.perf_counter()  # checkpoint/eval time is not training throughput
         if stop_at is not None and s >= stop_at:

@@ -24,7 +24,7 @@ from harness.spec import METRICS  # the spec owns the choices it validates
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compute_metrics", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
+__all__ = ["compute_metrics", "metrics_from_features", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
            "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "FEATURE_SPACES"]
 
 METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
@@ -81,11 +81,16 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     feature_space, num_samples}.
     """
     wanted = normalize_metrics(metrics)
-    if reference.feature_identity != extractor.identity:
-        raise HarnessError(f"reference {reference.source} was computed in feature space "
-                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")
+    _check_space(reference, extractor)
     images = check_images(images, "samples")
-    feats = extractor.extract(images, batch_size)
+    return metrics_from_features(extractor.extract(images, batch_size), reference, extractor, wanted)
+
+
+def metrics_from_features(feats: Features, reference: ReferenceStats, extractor: FeatureExtractor,
+                          metrics: Iterable[str] = METRICS) -> dict:
+    """compute_metrics from features already extracted (e.g. on every rank, gathered to one)."""
+    wanted = normalize_metrics(metrics)
+    _check_space(reference, extractor)
     out: dict = {v: None for v in METRIC_KEYS.values()}
     if "fid" in wanted:
         out["fid"] = frechet_distance(*gaussian_stats(feats.pool), reference.mu, reference.sigma)
@@ -98,5 +103,11 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
         out["precision"] = precision if "precision" in wanted else None
         out["recall"] = recall if "recall" in wanted else None
     out["feature_space"] = extractor.name
-    out["num_samples"] = int(images.shape[0])
+    out["num_samples"] = len(feats)
     return out
+
+
+def _check_space(reference: ReferenceStats, extractor: FeatureExtractor) -> None:
+    if reference.feature_identity != extractor.identity:
+        raise HarnessError(f"reference {reference.source} was computed in feature space "
+                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")
