@@ -15,7 +15,7 @@ from harness.errors import HarnessError
 # sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
 COMMANDS = {
     "flops": "harness.flops:cli_flops",
-    "latents": "harness.autoencoder:cli_latents",
+    "latents": "harness.latents:cli_latents",
     "train": "harness.train:cli_train",
     "bench": "harness.bench:cli_bench",
     "sample": "harness.sample:cli_sample",
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=_positive_int, default=256)
     s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--allow-download", action="store_true", help="let diffusers fetch the VAE from the hub")
+    s.add_argument("--shard", default=None, help="I/N: encode only task I's share of N (shards I, I+N, ...); "
+                   "'slurm': this Slurm task's (SLURM_PROCID/SLURM_NTASKS)")
+    s.add_argument("--tasks", type=_positive_int, default=1, help="run N tasks here (one per GPU), then finish")
+    s.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per task (default: the task's CPUs less one)")
 
     s = sub.add_parser("train", help="train one model (standalone, or the body of a sweep job)")
     s.add_argument("--run-dir", required=True, help="run folder; resumes from its newest checkpoint")
