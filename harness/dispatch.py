@@ -41,6 +41,7 @@ from typing import Any, Iterator
 from harness.errors import HarnessError
 from harness.evaluation import eval_progress
 from harness.io import atomic_write_json, read_jsonl
+from harness.latents import run_latent_stage  # issue 15
 from harness.spec import RunSpec, SweepSpec, expand_path, load_spec
 
 log = logging.getLogger(__name__)
@@ -417,6 +418,9 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
                  str(results / spec.checkpoints_from / "runs" / s.run.run_id) if spec.checkpoints_from else None)
                 for s in todo]
         ex = make_executor(kind, spec, sdir / "jobs")
+        # issue 15: the latent stage first (Slurm: its own job; the training jobs wait for it, afterok)
+        state["latent_jobs"] = run_latent_stage(spec, [s.run for s in todo], kind, ex,
+                                                make_executor(kind, spec, sdir / "jobs")) or state.get("latent_jobs", [])
         jobs: dict[str, Any] = {}
 
         def record(s: RunStatus, job: Any) -> None:
