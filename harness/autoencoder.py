@@ -110,6 +110,13 @@ class VAEAutoencoder(Autoencoder):
         return self.vae.decode(z.to(self.device, torch.float32) / self.scale).sample.clamp(-1.0, 1.0)
 
 
+#: Stable Diffusion's VAE architecture (sd-vae-ft-ema/mse share it): `harness bench` times it with
+#: random weights when no weights are at hand (the speed does not depend on the values)
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=256)
+
+
 def fetch_command(name: str, local_dir: str | Path) -> str:
     return (f"`hf download {VAE_REPOS[name]} --local-dir {local_dir}` "
             f"(older huggingface_hub: `huggingface-cli download {VAE_REPOS[name]} --local-dir {local_dir}`)")

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grad-checkpointing", action="store_true")
     s.add_argument("--input-size", type=_positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
     s.add_argument("--in-channels", type=_positive_int, default=4)
+    s.add_argument("--latents", action="store_true",
+                   help="also time the latent stage: SD VAE encodes/s at input-size x 8 px, --batch images")
+    s.add_argument("--sampling-steps", type=_positive_int, default=None,
+                   help="also time sampling end to end (DDPM, VAE decode) with this many steps, --batch images")
+    s.add_argument("--autoencoder-path", default=None,
+                   help="SD VAE weights for --latents/--sampling-steps (default: its architecture, random weights)")
     s.add_argument("--format", choices=["table", "json"], default="table")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a grid and an ADM npz")
@@ -126,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured training images/s per accelerator (from `harness bench`)")
     s.add_argument("--throughput-model", default=None,
                    help="the model --throughput was measured on; other runs scale by its Gflops")
+    s.add_argument("--sampling-throughput", type=float, default=None,
+                   help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
+    s.add_argument("--latent-throughput", type=float, default=None,
+                   help="measured VAE encodes/s per accelerator (`harness bench --latents`)")
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")

@@ -29,3 +29,13 @@ def test_bench_cli_json_and_table(capsys):
                  "--input-size", "8"]) == 0
     table = capsys.readouterr().out
     assert "2 flops/multiply-add x 3 (forward+backward)" in table and "ONE denoising step" in table
+
+
+def test_bench_latent_stage_and_end_to_end_sampling(capsys):
+    """The SD VAE's real architecture (random weights) encodes; sampling runs sample_images itself."""
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--input-size", "2", "--latents", "--sampling-steps", "2", "--format", "json"]) == 0
+    latents, sampling = json.loads(capsys.readouterr().out)["stages"]
+    assert latents["stage"] == "latents" and latents["image_size"] == 16 and latents["encodes_per_s"] > 0
+    assert sampling["decode"] == "sd-vae-ft-ema" and sampling["sampling_steps"] == 2
+    assert sampling["images_per_s_per_step"] == sampling["images_per_s"] * 2 > 0
