@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError
 from harness.io import atomic_write, atomic_write_json, cache_dir, file_lock
