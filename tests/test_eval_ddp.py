@@ -106,3 +106,20 @@ def test_a_missing_rank_fails_the_barrier_after_the_bound(tmp_path):
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     assert not r0["ok"] and r0["waited_s"] < 5, r0
     assert "did not arrive within 0:00:02" in r0["error"] and "1" in r0["error"], r0
+
+
+def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    from harness.train import run_training
+
+    _join(rank, world, port)
+    run_training(tiny_run(steps=4, at_steps=[2, 4], eval=EVAL), Path(run_dir))
+
+
+@pytest.mark.slow
+def test_two_rank_training_evaluates_on_both_ranks(tmp_path):
+    """train.py's call sites: every rank enters the evaluation at each eval step, rank 0 records it."""
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    records = list(read_jsonl(tmp_path / "eval.jsonl"))
+    assert sorted((r["step"], r["cfg_scale"]) for r in records) == [(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
+    assert all(r["ranks"] == 2 and r["fid"] > 0 for r in records) and (tmp_path / "done").exists()
+    assert (tmp_path / "samples" / "grid_step_0000004.png").exists()
