@@ -231,9 +231,10 @@ def suite_markdown(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def read_throughput(path: str | Path) -> dict[str, float]:
-    """{model: best training images/s per device} from a `harness bench --suite` JSON (or one
-    `harness bench --format json` result). HarnessError naming the file if it is not one."""
+def read_throughput(path: str | Path) -> dict[str, tuple[float, float]]:
+    """{model: (training images/s, sampling images/s for one denoising step)} per device, from the best
+    configuration of each model in a `harness bench --suite` JSON (or one `harness bench --out` result).
+    HarnessError naming the file if it is not one."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -243,7 +244,7 @@ def read_throughput(path: str | Path) -> dict[str, float]:
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise HarnessError(f"{path}: not a `harness bench` JSON ({err}). Fix: write one with "
                            "`harness bench --suite MODELS --out FILE.json`") from err
-    return {m: r.train_images_per_s for m, r in best_per_model(results).items()}
+    return {m: (r.train_images_per_s, r.sample_images_per_s_one_step) for m, r in best_per_model(results).items()}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -268,6 +269,82 @@ def format_table(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- latent stage and sampling
+def _sd_vae(path: str | None) -> Any:
+    """The SD VAE from `path`, else its architecture with random weights (same speed)."""
+    from harness.autoencoder import SD_VAE_CONFIG, VAEAutoencoder, load_autoencoder
+
+    if path:
+        return load_autoencoder("sd-vae-ft-ema", path)
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return VAEAutoencoder("sd-vae-ft-ema", AutoencoderKL(**SD_VAE_CONFIG))
+
+
+def bench_latents(image_size: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1,
+                  autoencoder_path: str | None = None, device: torch.device | None = None) -> dict:
+    """VAE encodes/s as the latent stage runs them (posterior sample; bf16 autocast on a GPU) on
+    random (batch, 3, image_size, image_size) images. Image decoding and cropping (the loader
+    workers' job) are not included."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ae = _sd_vae(autoencoder_path).to(device)
+    x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for _ in range(warmup):
+            ae.encode(x, gen)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ae.encode(x, gen)
+        _sync(device)
+    wall = time.perf_counter() - t0
+    return {"stage": "latents", "device": _device_name(device), "image_size": image_size, "batch": batch,
+            "precision": "bf16" if device.type == "cuda" else "fp32", "encodes_per_s": steps * batch / wall}
+
+
+def bench_sampling(model_name: str, conditioning: str = "adaLN-Zero", sampling_steps: int = 4, batch: int = 8,
+                   input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                   autoencoder_path: str | None = None, device: torch.device | None = None) -> dict:
+    """Finished images/s of harness.sample.sample_images (DDPM, no guidance, VAE decode included when
+    in_channels is 4) with `sampling_steps` steps, after one warm-up batch; images/s per denoising
+    step = that x sampling_steps (what `harness plan --sampling-throughput` takes)."""
+    from harness.autoencoder import IdentityAutoencoder
+    from harness.models import build_model
+    from harness.sample import balanced_labels, sample_images
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
+                        num_classes=num_classes).to(device)
+    ae = _sd_vae(autoencoder_path) if in_channels == 4 else IdentityAutoencoder()
+    labels = balanced_labels(batch, num_classes)
+    kw = dict(sampler="ddpm", cfg_scale=1.0, device=device, batch_size=batch, autoencoder=ae)
+    sample_images(model, None, labels, sampling_steps=2, **kw)  # warm-up (1 step would respace to log(0))
+    _sync(device)
+    t0 = time.perf_counter()
+    sample_images(model, None, labels, sampling_steps=sampling_steps, **kw)
+    _sync(device)
+    images_per_s = batch / (time.perf_counter() - t0)
+    return {"stage": "sampling", "device": _device_name(device), "model": model_name, "batch": batch,
+            "sampling_steps": sampling_steps, "decode": ae.name, "precision": "fp32",
+            "images_per_s": images_per_s, "images_per_s_per_step": images_per_s * sampling_steps}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_stage(r: dict) -> str:
+    if r["stage"] == "latents":
+        return (f"latent stage        {r['encodes_per_s']:.2f} VAE encodes/s ({r['image_size']}px, batch {r['batch']}, "
+                f"{r['precision']}, {r['device']}); the stage encodes each image and its flip")
+    return (f"sampling (e2e)      {r['images_per_s']:.3f} finished images/s at {r['sampling_steps']} DDPM steps = "
+            f"{r['images_per_s_per_step']:.2f} images/s per denoising step (batch {r['batch']}, decode "
+            f"{r['decode']}, {r['precision']}, {r['device']})")
+
+
 def cli_bench(args: Any) -> int:
     from harness.io import atomic_write_json, atomic_write_text
 
@@ -290,7 +367,14 @@ def cli_bench(args: Any) -> int:
         raise HarnessError("harness bench: give --model NAME, or --suite [paper | M1,M2,...]")
     r = bench(args.model, batch=args.batch, micro_batch=args.micro_batch,
               grad_checkpointing=args.grad_checkpointing, **kw)
+    stages = []
+    if getattr(args, "latents", False):
+        stages.append(bench_latents(args.input_size * 8, args.batch, args.steps, autoencoder_path=args.autoencoder_path))
+    if getattr(args, "sampling_steps", None):
+        stages.append(bench_sampling(args.model, args.conditioning, args.sampling_steps, args.batch, args.input_size,
+                                     args.in_channels, autoencoder_path=args.autoencoder_path))
+    record = {**asdict(r), "stages": stages}
     if args.out:
-        atomic_write_json(Path(args.out), asdict(r))
-    print(json.dumps(asdict(r), indent=2) if args.format == "json" else format_table(r))
+        atomic_write_json(Path(args.out), record)
+    print(json.dumps(record, indent=2) if args.format == "json" else "\n".join([format_table(r), *map(format_stage, stages)]))
     return 0

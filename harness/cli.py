@@ -21,7 +21,7 @@ from harness.spec import AUTOENCODERS, LAUNCHERS, PRECISIONS
 # sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
 COMMANDS = {
     "flops": "harness.flops:cli_flops",
-    "latents": "harness.autoencoder:cli_latents",
+    "latents": "harness.latents:cli_latents",
     "train": "harness.train:cli_train",
     "bench": "harness.bench:cli_bench",
     "sample": "harness.sample:cli_sample",
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=_positive_int, default=256)
     s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--allow-download", action="store_true", help="let diffusers fetch the VAE from the hub")
+    s.add_argument("--shard", default=None, help="I/N: encode only task I's share of N (shards I, I+N, ...); "
+                   "'slurm': this Slurm task's (SLURM_PROCID/SLURM_NTASKS)")
+    s.add_argument("--tasks", type=_positive_int, default=1, help="run N tasks here (one per GPU), then finish")
+    s.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per task (default: the task's CPUs less one)")
 
     s = sub.add_parser("train", help="train one model (standalone, or the body of a sweep job)")
     s.add_argument("--run-dir", required=True, help="run folder; resumes from its newest checkpoint")
@@ -108,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grad-checkpointing", action="store_true")
     s.add_argument("--input-size", type=_positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
     s.add_argument("--in-channels", type=_positive_int, default=4)
+    s.add_argument("--latents", action="store_true",
+                   help="also time the latent stage: SD VAE encodes/s at input-size x 8 px, --batch images")
+    s.add_argument("--sampling-steps", type=_positive_int, default=None,
+                   help="also time sampling end to end (DDPM, VAE decode) with this many steps, --batch images")
+    s.add_argument("--autoencoder-path", default=None,
+                   help="SD VAE weights for --latents/--sampling-steps (default: its architecture, random weights)")
     s.add_argument("--format", choices=["table", "json"], default="table")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a grid and an ADM npz")
@@ -141,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model --throughput was measured on; other runs scale by its Gflops")
     s.add_argument("--throughput-from", default=None,
                    help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
+    s.add_argument("--sampling-throughput", type=float, default=None,
+                   help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
+    s.add_argument("--latent-throughput", type=float, default=None,
+                   help="measured VAE encodes/s per accelerator (`harness bench --latents`)")
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")

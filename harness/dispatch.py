@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from harness import layout
 from harness.errors import HarnessError
 from harness.job import SweepJob
+from harness.latents import run_latent_stage
 from harness.spec import SweepSpec, expand_path, load_spec
 from harness.status import (ACTIVE_STATES, POLL_S, RunStatus, format_status, job_error, job_reason,
                             record_outcome, run_statuses, sacct_states, slurm_job)
@@ -191,6 +192,15 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
                 for s in todo]
         jobs_dir = sdir / layout.JOBS_DIR
         ex = make_executor(kind, spec, jobs_dir)
+        # the latent stage first (Slurm: its own job, and the training jobs wait for it: afterok)
+        from submitit.core.utils import FailedJobError
+
+        try:
+            with _held_stderr():
+                latent_jobs = run_latent_stage(spec, [s.run for s in todo], kind, ex, make_executor(kind, spec, jobs_dir))
+        except FailedJobError as err:  # sbatch refuses the latent job as it would the array
+            raise _sbatch_refusal(spec, err) from None
+        state["latent_jobs"] = latent_jobs or state.get("latent_jobs", [])
         jobs: dict[str, Any] = {}
 
         def record(s: RunStatus, job: Any) -> None:
@@ -203,8 +213,6 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         try:
             if kind == "slurm":
                 if todo:
-                    from submitit.core.utils import FailedJobError
-
                     try:  # one sbatch for the whole array: it is submitted whole or not at all
                         with _held_stderr(), ex.batch():
                             submitted = [ex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for a in args]

@@ -17,8 +17,11 @@ from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
-#: how long a rank waits in a collective before the process group gives up
-PROCESS_GROUP_TIMEOUT = _dt.timedelta(minutes=int(os.environ.get("HARNESS_PG_TIMEOUT_MIN", "120")))
+#: how long a rank waits in a training collective before the process group gives up; nothing
+#: long (latent encoding, evaluation) runs on one rank while the others wait in the training group
+PROCESS_GROUP_TIMEOUT = _dt.timedelta(minutes=int(os.environ.get("HARNESS_PG_TIMEOUT_MIN", "30")))
+#: the longest any rank waits for the others at an evaluation gather or barrier (logged when used)
+COLLECTIVE_TIMEOUT = _dt.timedelta(seconds=float(os.environ.get("HARNESS_COLLECTIVE_TIMEOUT_S", "900")))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -81,6 +84,54 @@ def all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
         rop = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}[op]
         torch.distributed.all_reduce(t, op=rop)
     return t
+
+
+_BOUNDED_GROUPS: dict[float, Any] = {}
+
+
+def _bounded_group(timeout: _dt.timedelta) -> Any:
+    """A gloo group over every rank whose collectives fail after `timeout` (created once; every
+    rank must reach the first call, as for any collective)."""
+    key = timeout.total_seconds()
+    if key not in _BOUNDED_GROUPS:
+        _BOUNDED_GROUPS[key] = torch.distributed.new_group(backend="gloo", timeout=timeout)
+    return _BOUNDED_GROUPS[key]
+
+
+def bounded_barrier(dist: Dist, what: str, timeout: _dt.timedelta | None = None) -> None:
+    """Wait for every rank, at most `timeout` (default COLLECTIVE_TIMEOUT); past it, fail naming
+    the ranks that did not arrive (gloo's monitored barrier) instead of hanging."""
+    if dist.world == 1:
+        return
+    timeout = timeout or COLLECTIVE_TIMEOUT
+    try:
+        torch.distributed.monitored_barrier(_bounded_group(timeout), timeout=timeout, wait_all_ranks=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"rank {dist.rank}: {what}: the other ranks did not arrive within {timeout} "
+                           f"(HARNESS_COLLECTIVE_TIMEOUT_S): {err}") from err
+
+
+def gather_to_main(obj: Any, dist: Dist, what: str, timeout: _dt.timedelta | None = None) -> list | None:
+    """Every rank calls; rank 0 gets [obj of rank 0, obj of rank 1, ...], the others None. Picklable
+    CPU objects only (numpy arrays); bounded by `timeout` like bounded_barrier."""
+    if dist.world == 1:
+        return [obj]
+    timeout = timeout or COLLECTIVE_TIMEOUT
+    bounded_barrier(dist, what, timeout)  # names a missing rank; the gather itself is then quick
+    out: list | None = [None] * dist.world if dist.main else None
+    torch.distributed.gather_object(obj, out, dst=0, group=_bounded_group(timeout))
+    return out
+
+
+def broadcast_from_main(obj: Any, dist: Dist, what: str, timeout: _dt.timedelta | None = None) -> Any:
+    """Rank 0's `obj` on every rank (so all ranks take the same decision), bounded like bounded_barrier."""
+    if dist.world == 1:
+        return obj
+    timeout = timeout or COLLECTIVE_TIMEOUT
+    bounded_barrier(dist, what, timeout)
+    box = [obj if dist.main else None]
+    torch.distributed.broadcast_object_list(box, src=0, group=_bounded_group(timeout))
+    return box[0]
 
 
 # ----------------------------------------------------------------------------- seeds

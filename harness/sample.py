@@ -3,8 +3,10 @@ images, written as an image grid (PNG) and an ADM-layout .npz (arr_0: N x H x W 
 labels int64).
 
 Determinism: for a given seed, each sample's starting noise comes from its own generator (seeded by
-seed and the sample's index), so DDIM (eta = 0) gives the same image for sample i whatever the batch
-size. DDPM also draws noise at every step, per batch, so it is reproducible for a (seed, batch_size).
+seed and the sample's global index), so DDIM (eta = 0) gives the same image for sample i whatever the
+batch size. DDPM also draws noise at every step, from a generator seeded by the global index of the
+batch's first sample, so it is reproducible for a (seed, batch_size). A slice of a larger set (one
+rank's share, `first_index` = global index of its first label) gives the images the whole set would.
 """
 from __future__ import annotations
 
@@ -73,12 +75,13 @@ def _sample_seed(seed: int, index: int) -> int:
 def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.ndarray, sampling_steps: int = 250,
                   sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | str | None = 3,
                   seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
-                  autoencoder: Any = None, progress: bool = False) -> np.ndarray:
+                  autoencoder: Any = None, progress: bool = False, first_index: int = 0) -> np.ndarray:
     """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
 
     model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
     shape; label `model.num_classes` is the null class). run: the run (RunSpec or run.json dict) naming data.autoencoder, unless
-    `autoencoder` is given. Guidance runs the conditional and null halves in one batch when
+    `autoencoder` is given. labels[j] is sample first_index + j of the set (its noise seeds).
+    Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
     """
     from harness.diffusion import create_diffusion, guided_model_fn
@@ -111,9 +114,10 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
         with torch.inference_mode():
             for start in range(0, len(labels), batch_size):
                 y = labels[start : start + batch_size].to(device)
+                first = first_index + start
                 noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
-                                     for i in range(start, start + len(y))]).to(device)
-                gen = torch.Generator().manual_seed(_sample_seed(seed, -1 - start))
+                                     for i in range(first, first + len(y))]).to(device)
+                gen = torch.Generator().manual_seed(_sample_seed(seed, -1 - first))
                 if guided:
                     noise = torch.cat([noise, noise])
                     y = torch.cat([y, torch.full_like(y, num_classes)])

@@ -254,8 +254,7 @@ class Trainer:
         else:
             seed_everything(derive_seed(run.seed, dist.rank))
         # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
-        if dist.main:
-            pending_evals(run, self.run_dir, self.ema, self.device, upto=self.step, current=self.step)
+        pending_evals(run, self.run_dir, self.ema, dist, upto=self.step, current=self.step)  # every rank samples
         barrier(dist)
 
     # -- the step machinery: micro-batch, compilation ------------------------------------------
@@ -370,10 +369,9 @@ class Trainer:
             ckpt.apply_retention(self.ckpt_dir, self.run.train.keep_last, ckpt_steps)
 
     def evaluate(self, s: int, ckpt_steps: set[int]) -> None:
-        if self.dist.main:
-            save_grid(self.run, self.run_dir, self.ema, self.device, s)
-            if s in ckpt_steps:
-                evaluate_step(self.run, self.run_dir, self.ema, self.device, s)
+        save_grid(self.run, self.run_dir, self.ema, self.dist, s)  # rank 0 only
+        if s in ckpt_steps:
+            evaluate_step(self.run, self.run_dir, self.ema, self.dist, s)  # every rank samples its share
         barrier(self.dist)
 
     def close(self) -> None:

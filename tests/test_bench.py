@@ -65,3 +65,13 @@ def test_bench_micro_batch_and_compile_flags(capsys):
     assert r["micro_batch"] == 2 and r["compile"] is False and r["batch"] == 4
     assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "4", "--micro-batch", "3"]) == 2
     assert "--micro-batch: 3 does not divide the per-GPU batch of 4" in capsys.readouterr().err
+
+
+def test_bench_latent_stage_and_end_to_end_sampling(capsys):
+    """The SD VAE's real architecture (random weights) encodes; sampling runs sample_images itself."""
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--input-size", "2", "--latents", "--sampling-steps", "2", "--format", "json"]) == 0
+    latents, sampling = json.loads(capsys.readouterr().out)["stages"]
+    assert latents["stage"] == "latents" and latents["image_size"] == 16 and latents["encodes_per_s"] > 0
+    assert sampling["decode"] == "sd-vae-ft-ema" and sampling["sampling_steps"] == 2
+    assert sampling["images_per_s_per_step"] == sampling["images_per_s"] * 2 > 0

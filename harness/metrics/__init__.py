@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compute_metrics", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
-           "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "METRIC_LABELS", "FEATURE_SPACES"]
+__all__ = ["compute_metrics", "metrics_from_features", "load_reference", "get_feature_extractor", "FeatureExtractor",
+           "Features", "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "METRIC_LABELS",
+           "FEATURE_SPACES"]
 
 _LAZY = {"FeatureExtractor": "features", "Features": "features", "check_images": "features",
          "ReferenceStats": "reference", "load_reference": "reference"}
@@ -98,14 +99,20 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     feature_space, num_samples}.
     """
     from harness.metrics.features import check_images
+
+    wanted = normalize_metrics(metrics)
+    _check_space(reference, extractor)
+    images = check_images(images, "samples")
+    return metrics_from_features(extractor.extract(images, batch_size), reference, extractor, wanted)
+
+
+def metrics_from_features(feats: Features, reference: ReferenceStats, extractor: FeatureExtractor,
+                          metrics: Iterable[str] = METRICS) -> dict:
+    """compute_metrics from features already extracted (e.g. on every rank, gathered to one)."""
     from harness.metrics.stats import frechet_distance, gaussian_stats, inception_score, precision_recall
 
     wanted = normalize_metrics(metrics)
-    if reference.feature_identity != extractor.identity:
-        raise HarnessError(f"reference {reference.source} was computed in feature space "
-                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")
-    images = check_images(images, "samples")
-    feats = extractor.extract(images, batch_size)
+    _check_space(reference, extractor)
     out: dict = {v: None for v in METRIC_KEYS.values()}
     if "fid" in wanted:
         out["fid"] = frechet_distance(*gaussian_stats(feats.pool), reference.mu, reference.sigma)
@@ -118,5 +125,11 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
         out["precision"] = precision if "precision" in wanted else None
         out["recall"] = recall if "recall" in wanted else None
     out["feature_space"] = extractor.name
-    out["num_samples"] = int(images.shape[0])
+    out["num_samples"] = len(feats)
     return out
+
+
+def _check_space(reference: ReferenceStats, extractor: FeatureExtractor) -> None:
+    if reference.feature_identity != extractor.identity:
+        raise HarnessError(f"reference {reference.source} was computed in feature space "
+                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")

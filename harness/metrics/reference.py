@@ -104,7 +104,7 @@ def _extract_stream(batches: Iterator[np.ndarray], extractor: FeatureExtractor, 
     parts = [extractor.extract(b, batch_size) for b in batches]
     if not parts:
         raise HarnessError("the reference holds no images")
-    return Features(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
+    return Features.concat(parts)
 
 
 def _chunks(images: np.ndarray, size: int = 1000) -> Iterator[np.ndarray]:
