@@ -11,6 +11,7 @@ import logging
 import sys
 
 from harness.errors import HarnessError
+from harness.samplers import SAMPLERS
 
 # sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
 COMMANDS = {
@@ -24,6 +25,8 @@ COMMANDS = {
     "sweep": "harness.dispatch:cli_sweep",
     "status": "harness.dispatch:cli_status",
     "report": "harness.report:cli_report",
+    "export": "harness.interop:cli_export",
+    "import": "harness.interop:cli_import",
 }
 
 
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--guidance-channels", choices=["3", "all"], default="3")
     s.add_argument("--steps", type=_positive_int, default=250, help="sampling steps (respaced)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
@@ -134,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="state and progress of each run of a sweep")
     s.add_argument("sweep")
     s.add_argument("--results", default="results")
+
+    s = sub.add_parser("export", help="write a checkpoint as a diffusers DiTPipeline folder")
+    s.add_argument("source", help="a checkpoint step_XXXXXXX.pt or a run folder (its newest valid checkpoint)")
+    s.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target layout")
+    s.add_argument("out", help="new folder to write")
+    s.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+
+    s = sub.add_parser("import", help="turn diffusers or official DiT weights into a state dict for train.init_from")
+    s.add_argument("source", help="a DiTPipeline (or transformer/) folder, or an official DiT .pt")
+    s.add_argument("--from", dest="fmt", choices=["diffusers", "official"], required=True)
+    s.add_argument("out", help="the .pt file to write (official layout)")
 
     s = sub.add_parser("report", help="render the HTML and PDF report of a sweep")
     s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")

@@ -76,6 +76,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: t
     from harness.metrics import compute_metrics, get_feature_extractor, load_reference
     from harness.runtime import derive_seed
     from harness.sample import balanced_labels, sample_images, save_npz
+    from harness.samplers import model_evaluations, provenance
 
     run_dir = Path(run_dir)
     todo = missing_settings(run, run_dir, step)
@@ -96,7 +97,8 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, device: t
         name = f"samples_step_{step:07d}_k{setting['sampling_steps']}_cfg{setting['cfg_scale']:g}.npz"
         save_npz(images, labels, run_dir / "samples" / name)
         metrics = compute_metrics(images, reference, extractor, list(ev.metrics), ev.batch_size)
-        rec = dict(setting)
+        rec = dict(setting, model_evaluations=model_evaluations(ev.sampler, setting["sampling_steps"]),
+                   **provenance(ev.sampler))
         for key in ("fid", "sfid", "inception_score", "precision", "recall"):
             rec[key] = metrics.get(key)
         # the requested space stays in `feature_space` (the setting's key); the network that

@@ -52,11 +52,11 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.models import CONDITIONINGS, SIZES, VARIANTS, check_shape, resolve_shape
+from harness.samplers import SAMPLERS  # the sampling layer owns its vocabulary
 
 DATASETS = ("digits", "imagefolder")
 AUTOENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-ft-mse")
 PRECISIONS = ("fp32", "bf16")
-SAMPLERS = ("ddpm", "ddim")
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 FEATURES = ("digits", "inception")
 LAUNCHERS = ("slurm", "local", "debug")
@@ -105,7 +105,7 @@ class DataSpec:
 
 @dataclass
 class TrainSpec:
-    steps: int = _opt(2000, kind=int, min=1)
+    steps: int = _opt(2000, kind=int, min=0)  # 0: evaluate train.init_from's weights, train nothing
     global_batch: int = _opt(64, kind=int, min=1)
     lr: float = _opt(1.0e-4, kind=float, gt=0.0)
     weight_decay: float = _opt(0.0, kind=float, min=0.0)
@@ -118,11 +118,14 @@ class TrainSpec:
     ckpt_every: int = _opt(500, kind=int, min=1)
     keep_last: int = _opt(2, kind=int, min=1)
     log_every: int = _opt(50, kind=int, min=1)
+    # weights to start from (harness checkpoint, official-layout state dict, diffusers DiT folder); the run id
+    # hashes the file's content, not its path; a fresh optimizer. See harness.interop.
+    init_from: str | None = _opt(None, kind=str, nullable=True)
 
 
 @dataclass
 class EvalSpec:
-    at_steps: list[int] = _opt([2000], kind=list, item=int, min=1, nonempty=True)
+    at_steps: list[int] = _opt([2000], kind=list, item=int, min=0, nonempty=True)
     num_samples: int = _opt(1000, kind=int, min=1)
     sampling_steps: list[int] = _opt([50], kind=list, item=int, min=1, nonempty=True)
     sampler: str = _opt("ddim", kind=str, choices=SAMPLERS)
@@ -243,6 +246,10 @@ def run_identity(model: str, conditioning: str, seed: int, data: DataSpec, train
     d = {k: v for k, v in asdict(data).items() if k not in _DATA_ID_EXCLUDED}
     t = {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(train).items()
          if k not in _TRAIN_ID_EXCLUDED}
+    if t.pop("init_from", None) is not None:  # by content (sha256), so moving the file keeps the id
+        from harness.interop import source_digest
+
+        t["init_from_sha256"] = source_digest(expand_path(train.init_from, "train.init_from"))
     return {"model": model, "conditioning": conditioning, "seed": int(seed), "data": d, "train": t}
 
 
@@ -510,6 +517,9 @@ def _cross_checks(spec: SweepSpec, where: _Where) -> None:
         if step > t.steps:
             raise where.error(("eval", "at_steps", i), f"step {step} is beyond train.steps {t.steps}",
                               f"use steps <= {t.steps} or raise train.steps")
+    if t.steps == 0 and not t.init_from:
+        raise where.error(("train", "steps"), "0 steps trains nothing from nothing",
+                          "set train.init_from to the weights to evaluate, or train for at least one step")
     if e.at_steps != sorted(e.at_steps):
         raise where.error(("eval", "at_steps"), "steps are not in increasing order", "sort them")
     if t.warmup_steps > t.steps:
@@ -524,6 +534,18 @@ def _cross_checks(spec: SweepSpec, where: _Where) -> None:
                           "point eval.reference at an ADM reference npz or an image folder")
     if launch.kind == "slurm" and launch.array_parallelism < 1:
         raise where.error(("launcher", "array_parallelism"), "must be >= 1", "use 1 or more")
+
+
+def _check_init_from(spec: SweepSpec, where: _Where) -> None:
+    """train.init_from exists, reads, and fits every run's model and block (before anything runs)."""
+    from harness.interop import check_init_source
+
+    path = ("train", "init_from")
+    try:
+        check_init_source(expand_path(spec.train.init_from, "train.init_from"), spec.expand())
+    except HarnessError as err:
+        raise where.error(path, str(err).rstrip("."), "point train.init_from at weights of this sweep's model "
+                          "(a checkpoint, `harness import` output or an official DiT .pt)") from None
 
 
 def _check_source_sweep(spec: SweepSpec, where: _Where) -> None:
@@ -610,6 +632,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise where.error(("models", i), f"{model} is listed twice", "remove the duplicate")
     spec.ablation_models, spec.ablation_conditioning = _ablation(raw.get("ablation"), spec.models, where)
     _cross_checks(spec, where)
+    if spec.train.init_from is not None:
+        _check_init_from(spec, where)
     if source is not None:
         _check_source_sweep(spec, where)
     return spec

@@ -142,11 +142,14 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if dist.main:  # build the latent cache once; the other ranks then open it
-        load_training_arrays(run)
-    barrier(dist)
-    latents, labels = load_training_arrays(run)
-    n, _, C, H, W = latents.shape
+    if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
+        n, C, H, W = 0, run.data.channels, run.data.input_size, run.data.input_size
+    else:
+        if dist.main:  # build the latent cache once; the other ranks then open it
+            load_training_arrays(run)
+        barrier(dist)
+        latents, labels = load_training_arrays(run)
+        n, _, C, H, W = latents.shape
     seed_everything(derive_seed(run.seed, 0))
     model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
                         num_classes=run.data.num_classes, class_dropout_prob=tr.class_dropout).to(device)
@@ -174,6 +177,10 @@ def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
         del state, found
     else:
         seed_everything(derive_seed(run.seed, dist.rank))
+        if tr.init_from:
+            from harness.interop import init_from_source
+
+            init_from_source(run, model, ema)
 
     # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
     if dist.main:
