@@ -500,7 +500,7 @@ def _cross_checks(spec: SweepSpec, where: _Where) -> None:
     if d.autoencoder != "identity" and d.image_size % VAE_DOWNSAMPLE:
         raise where.error(("data", "image_size"), f"{d.image_size} is not divisible by {VAE_DOWNSAMPLE}, "
                           f"the {d.autoencoder} downsampling factor", "use a multiple of 8 such as 256")
-    if d.dataset == "imagefolder" and not d.path:
+    if d.dataset == "imagefolder" and not d.path and t.steps > 0:
         raise where.error(("data", "path"), "dataset imagefolder needs a path",
                           "set data.path to the ImageNet train folder (root/<class>/<image>)")
     if d.dataset == "digits" and d.num_classes < 10:
@@ -541,6 +541,10 @@ def _check_init_from(spec: SweepSpec, where: _Where) -> None:
     from harness.interop import check_init_source
 
     path = ("train", "init_from")
+    unset = [v for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", spec.train.init_from) if v not in os.environ]
+    if unset:
+        raise where.error(path, f"{spec.train.init_from!r} uses the unset environment variable {unset[0]}",
+                          f"export {unset[0]}=/path/to/the/weights (the run id hashes the file, so it must be here)")
     try:
         check_init_source(expand_path(spec.train.init_from, "train.init_from"), spec.expand())
     except HarnessError as err:

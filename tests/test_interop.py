@@ -244,7 +244,7 @@ def test_eval_only_sweep_trains_nothing_and_records_step_0(tmp_path, digits_weig
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,match", [
-    ("shape", r"weights\.pt: .*has shape \[64, 1, 2, 2\], run .* wants \[128, 1, 2, 2\]"),
+    ("shape", r"weights\.pt: blocks\.0\.\S+ has shape \[\d+.*\], run \S+ \(DiT-2x64x2/2, adaLN-Zero\) wants \["),
     ("block", r"weights\.pt: holds a 'adaLN-Zero' DiT, but run .* asks for 'adaLN'"),
     ("corrupt", r"weights\.pt: cannot be read as a weights file"),
     ("missing", r"absent\.pt: no such file or folder"),
@@ -296,3 +296,16 @@ def test_sampler_records_name_implementation_and_compute():
                                    "sampler_version": diffusers.__version__}
     assert provenance("ddim")["sampler_impl"] == "harness.diffusion.ddim_sample_loop"
     assert model_evaluations("heun", 10) == 19 and model_evaluations("dpm-solver++", 10) == 10
+
+
+def test_reproduce_spec_needs_the_official_checkpoint_and_checks_it(tmp_path, monkeypatch):
+    spec = Path(__file__).resolve().parent.parent / "sweeps" / "reproduce.yaml"
+    monkeypatch.delenv("DIT_XL_2_256", raising=False)
+    with pytest.raises(HarnessError, match=r"reproduce\.yaml:\d+: train\.init_from: .*unset environment variable "
+                                           r"DIT_XL_2_256\. Fix: export DIT_XL_2_256="):
+        load_spec(spec)
+    small = tmp_path / "small.pt"
+    torch.save(build_model(MODEL, input_size=32, in_channels=4).state_dict(), small)
+    monkeypatch.setenv("DIT_XL_2_256", str(small))
+    with pytest.raises(HarnessError, match=r"small\.pt: .* has shape \[192\], run .*DiT-XL/2.* wants \[6912\]"):
+        load_spec(spec)
