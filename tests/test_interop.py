@@ -309,3 +309,12 @@ def test_reproduce_spec_needs_the_official_checkpoint_and_checks_it(tmp_path, mo
     monkeypatch.setenv("DIT_XL_2_256", str(small))
     with pytest.raises(HarnessError, match=r"small\.pt: .* has shape \[192\], run .*DiT-XL/2.* wants \[6912\]"):
         load_spec(spec)
+
+
+def test_sampler_comparison_sweeps_reuse_the_mini_runs():
+    sweeps = Path(__file__).resolve().parent.parent / "sweeps"
+    mini = {r.run_id for r in load_spec(sweeps / "mini.yaml").expand()}
+    ddim, dpm = (load_spec(sweeps / f"mini-sampler-{k}.yaml") for k in ("ddim", "dpm"))
+    assert (ddim.eval.sampler, dpm.eval.sampler) == ("ddim", "dpm-solver++")
+    assert ddim.eval.sampling_steps == dpm.eval.sampling_steps  # equal model evaluations, step for step
+    assert {r.run_id for r in ddim.expand()} == {r.run_id for r in dpm.expand()} <= mini

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 EXTRAPOLATE_FACTOR = 10.0  # extrapolate the frontier to 10x the largest training compute measured
 
 
+def _sampler_name(row) -> str:
+    """"dpm-solver++ (diffusers.DPMSolverMultistepScheduler 0.42.1)": the sampler and the code behind it."""
+    impl, version = row.get("sampler_impl"), row.get("sampler_version")
+    return f"{row['sampler']} ({impl} {version})" if isinstance(impl, str) and impl else str(row["sampler"])
+
+
 def _g(x: float, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
@@ -184,7 +190,7 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
                                       "model Gflops × steps, ×2 with classifier-free guidance.",
                                       F.sampling_compute(study)))
         rep.tables.append(Table("Sampling compute", ["model", "steps", "sampler", "cfg", "sampling Gflops", "FID"],
-                                [[r["label"], str(int(r["sampling_steps"])), str(r["sampler"]), _g(r["cfg_scale"]),
+                                [[r["label"], str(int(r["sampling_steps"])), _sampler_name(r), _g(r["cfg_scale"]),
                                   _g(r["sampling_compute"]), _g(r["fid"])] for _, r in study.iterrows()]))
     # sample grids
     grids = []
