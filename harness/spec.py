@@ -22,6 +22,8 @@ lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision). Deliberate
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
 bookkeeping (ckpt_every, keep_last, log_every, compile, grad_checkpointing) and train.steps (raising
 the step count continues the same runs instead of starting new ones).
+`train.init_from` (weights to start from) enters the identity as the sha256 of the file's bytes, so
+moving or renaming the file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
 
 `checkpoints_from: gflops` (the sampling study): the sweep trains nothing; each of its runs evaluates
 the checkpoints of the run with the same `run_id` in results/gflops/runs/<run_id>/. Because run ids
