@@ -253,7 +253,7 @@ def check_fits(source: Source, model: torch.nn.Module, conditioning: str, what: 
     """HarnessError naming the source and the first mismatch if its weights do not fit `model`."""
     have = source_conditioning(source.state_dict)
     if have != conditioning:
-        raise HarnessError(f"{source.path}: holds a {have!r} DiT, but {what} asks for {conditioning!r}.")
+        raise HarnessError(f"{source.path}: holds the {have!r} block, but {what} asks for {conditioning!r}.")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "pos_embed"}
     got = {k: tuple(v.shape) for k, v in source.state_dict.items() if k != "pos_embed"}
     for key in sorted(set(want) | set(got)):

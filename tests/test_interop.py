@@ -245,7 +245,7 @@ def test_eval_only_sweep_trains_nothing_and_records_step_0(tmp_path, digits_weig
 @pytest.mark.slow
 @pytest.mark.parametrize("case,match", [
     ("shape", r"weights\.pt: blocks\.0\.\S+ has shape \[\d+.*\], run \S+ \(DiT-2x64x2/2, adaLN-Zero\) wants \["),
-    ("block", r"weights\.pt: holds a 'adaLN-Zero' DiT, but run .* asks for 'adaLN'"),
+    ("block", r"weights\.pt: holds the 'adaLN-Zero' block, but run .* asks for 'adaLN'"),
     ("corrupt", r"weights\.pt: cannot be read as a weights file"),
     ("missing", r"absent\.pt: no such file or folder"),
 ])
