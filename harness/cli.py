@@ -30,6 +30,8 @@ COMMANDS = {
     "sweep": "harness.dispatch:cli_sweep",
     "status": "harness.status:cli_status",
     "report": "harness.report:cli_report",
+    "export": "harness.interop:cli_export",
+    "import": "harness.interop:cli_import",
 }
 
 
@@ -169,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="state and progress of each run of a sweep")
     s.add_argument("sweep")
     s.add_argument("--results", default="results")
+
+    s = sub.add_parser("export", help="write a checkpoint as a diffusers DiTPipeline folder")
+    s.add_argument("source", help="a checkpoint step_XXXXXXX.pt or a run folder (its newest valid checkpoint)")
+    s.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target layout")
+    s.add_argument("out", help="new folder to write")
+    s.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+
+    s = sub.add_parser("import", help="turn diffusers or official DiT weights into a state dict for train.init_from")
+    s.add_argument("source", help="a DiTPipeline (or transformer/) folder, or an official DiT .pt")
+    s.add_argument("--from", dest="fmt", choices=["diffusers", "official"], required=True)
+    s.add_argument("out", help="the .pt file to write (official layout)")
 
     s = sub.add_parser("report", help="render the HTML and PDF report of a sweep")
     s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")

@@ -146,7 +146,7 @@ def _sbatch_refusal(spec: SweepSpec, err: Exception) -> HarnessError:
 def _check_runnable(spec: SweepSpec, results: Path) -> None:
     """What validation cannot know until dispatch: environment variables and source checkpoints."""
     d = spec.data
-    if d.dataset == "imagefolder":
+    if d.dataset == "imagefolder" and spec.train.steps > 0:  # steps 0: evaluate train.init_from only
         path = Path(expand_path(d.path, "data.path"))
         if not path.is_dir():
             raise HarnessError(f"{spec.path}: data.path {path} is not a folder. Fix: point it (or the variable "

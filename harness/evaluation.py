@@ -104,6 +104,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dis
     from harness.metrics import Features, get_feature_extractor, load_reference, metrics_from_features
     from harness.runtime import COLLECTIVE_TIMEOUT, bounded_barrier, broadcast_from_main, gather_to_main
     from harness.sample import save_npz
+    from harness.samplers import model_evaluations, provenance
 
     run_dir = Path(run_dir)
     what = f"evaluation of step {step}"
@@ -135,7 +136,8 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dis
             save_npz(images, np.concatenate([b[2] for b in batches]), run_dir / "samples" / name)
             metrics = metrics_from_features(Features.concat([b[3] for b in batches]), reference, extractor,
                                             list(ev.metrics))
-            rec = dict(setting)
+            rec = dict(setting, model_evaluations=model_evaluations(ev.sampler, setting["sampling_steps"]),
+                       **provenance(ev.sampler))
             for key in ("fid", "sfid", "inception_score", "precision", "recall"):
                 rec[key] = metrics.get(key)
             # the requested space stays in `feature_space` (the setting's key); the network that

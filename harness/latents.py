@@ -53,6 +53,8 @@ def stages(runs: Iterable[Any]) -> list[LatentStage]:
     """The distinct latent caches `runs` (RunSpecs) train from, in first-seen order."""
     out: dict[LatentStage, None] = {}
     for run in runs:
+        if run.checkpoints_from or run.train.steps == 0:  # evaluates existing weights: trains on nothing
+            continue
         d = run.data
         source = d.resolved_path() if d.dataset == "imagefolder" else d.dataset
         out[LatentStage(str(source), d.autoencoder, d.resolved_autoencoder_path(), int(d.image_size))] = None

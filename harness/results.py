@@ -32,7 +32,7 @@ COLUMNS = [
     "run_id", "model", "size", "patch", "depth", "hidden", "conditioning", "seed",
     "dataset", "image_size", "num_classes", "global_batch",
     "step", "gflops", "params", "train_compute",
-    "sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
+    "sampling_steps", "sampler", "sampler_impl", "sampler_version", "model_evaluations", "cfg_scale", "guidance_channels", "feature_space", "reference",
     "num_samples", *METRICS, "train_wall_s", "eval_wall_s",
 ]
 
@@ -126,6 +126,8 @@ def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
             "num_classes": data.get("num_classes"), "global_batch": batch,
             "step": int(step), "gflops": gflops, "params": run.get("params"), "train_compute": compute,
             "sampling_steps": ev.get("sampling_steps"), "sampler": ev.get("sampler"),
+            "sampler_impl": ev.get("sampler_impl"), "sampler_version": ev.get("sampler_version"),
+            "model_evaluations": ev.get("model_evaluations", ev.get("sampling_steps")),
             "cfg_scale": ev.get("cfg_scale"), "guidance_channels": ev.get("guidance_channels"),
             "feature_space": ev.get("features_id") or ev.get("feature_space"), "reference": ev.get("reference"),
             "num_samples": ev.get("num_samples"),

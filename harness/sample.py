@@ -1,5 +1,5 @@
-"""Sampling from a trained DiT: batched DDPM/DDIM with classifier-free guidance, decoded to uint8
-images, written as an image grid (PNG) and an ADM-layout .npz (arr_0: N x H x W x 3 uint8, arr_1:
+"""Sampling from a trained DiT: batched, any sampler of harness.samplers, classifier-free guidance, decoded
+to uint8 images, written as an image grid (PNG) and an ADM-layout .npz (arr_0: N x H x W x 3 uint8, arr_1:
 labels int64).
 
 Determinism: for a given seed, each sample's starting noise comes from its own generator (seeded by
@@ -21,7 +21,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write
-from harness.samplers import SAMPLERS, guidance_on
+from harness.samplers import SAMPLERS, guidance_on, sample_loop
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
     Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
     """
-    from harness.diffusion import create_diffusion, guided_model_fn
+    from harness.diffusion import guided_model_fn
     from harness.data import to_uint8
 
     if sampler not in SAMPLERS:
@@ -98,7 +98,6 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
         raise HarnessError(f"labels must lie in 0..{num_classes - 1} for this model.")
     shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     learn_sigma = int(model.out_channels) == 2 * shape[0]
-    diffusion = create_diffusion(str(int(sampling_steps)), learn_sigma=learn_sigma)
     guided = guidance_on(cfg_scale)
     channels = _channels_arg(guidance_channels)
 
@@ -106,7 +105,6 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
         return model(x, t, y)
 
     model_fn = guided_model_fn(net, float(cfg_scale), channels) if guided else net
-    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     was_training = model.training
     model.eval()
     out = []
@@ -121,8 +119,7 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
                 if guided:
                     noise = torch.cat([noise, noise])
                     y = torch.cat([y, torch.full_like(y, num_classes)])
-                z = loop(model_fn, tuple(noise.shape), noise=noise, model_kwargs={"y": y}, device=device,
-                         progress=progress, generator=gen)
+                z = sample_loop(sampler, model_fn, noise, sampling_steps, {"y": y}, learn_sigma, gen, progress)
                 if guided:
                     z = z[: len(z) // 2]
                 images = ae.decode(z)

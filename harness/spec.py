@@ -22,6 +22,8 @@ lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision). Deliberate
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
 bookkeeping (ckpt_every, keep_last, log_every, compile, micro_batch, grad_checkpointing) and train.steps (raising
 the step count continues the same runs instead of starting new ones).
+`train.init_from` (weights to start from) enters the identity as the sha256 of the file's bytes, so
+moving or renaming the file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
 
 `checkpoints_from: gflops` (the sampling study): the sweep trains nothing; each of its runs evaluates
 the checkpoints of the run with the same `run_id` in results/gflops/runs/<run_id>/. Because run ids
@@ -105,7 +107,7 @@ class DataSpec:
 
 @dataclass
 class TrainSpec:
-    steps: int = _opt(2000, kind=int, min=1)
+    steps: int = _opt(2000, kind=int, min=0)  # 0: evaluate train.init_from's weights, train nothing
     global_batch: int = _opt(64, kind=int, min=1)
     lr: float = _opt(1.0e-4, kind=float, gt=0.0)
     weight_decay: float = _opt(0.0, kind=float, min=0.0)
@@ -119,11 +121,14 @@ class TrainSpec:
     ckpt_every: int = _opt(500, kind=int, min=1)
     keep_last: int = _opt(2, kind=int, min=1)
     log_every: int = _opt(50, kind=int, min=1)
+    # weights to start from (harness checkpoint, official-layout state dict, diffusers DiT folder); the run id
+    # hashes the file's content, not its path; a fresh optimizer. See harness.interop.
+    init_from: str | None = _opt(None, kind=str, nullable=True)
 
 
 @dataclass
 class EvalSpec:
-    at_steps: list[int] = _opt([2000], kind=list, item=int, min=1, nonempty=True)
+    at_steps: list[int] = _opt([2000], kind=list, item=int, min=0, nonempty=True)
     num_samples: int = _opt(1000, kind=int, min=1)
     sampling_steps: list[int] = _opt([50], kind=list, item=int, min=1, nonempty=True)
     sampler: str = _opt("ddim", kind=str, choices=tuple(SAMPLERS))
@@ -250,6 +255,10 @@ def run_identity(model: str, conditioning: str, seed: int, data: DataSpec, train
     d = {k: v for k, v in asdict(data).items() if k not in _DATA_ID_EXCLUDED}
     t = {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(train).items()
          if k not in _TRAIN_ID_EXCLUDED}
+    if t.pop("init_from", None) is not None:  # by content (sha256), so moving the file keeps the id
+        from harness.interop import source_digest
+
+        t["init_from_sha256"] = source_digest(expand_path(train.init_from, "train.init_from"))
     return {"model": model, "conditioning": conditioning, "seed": int(seed), "data": d, "train": t}
 
 
@@ -323,7 +332,7 @@ def _cross_checks(spec: SweepSpec, where: Where) -> None:
     if d.autoencoder != "identity" and d.image_size % VAE_DOWNSAMPLE:
         raise where.error(("data", "image_size"), f"{d.image_size} is not divisible by {VAE_DOWNSAMPLE}, "
                           f"the {d.autoencoder} downsampling factor", "use a multiple of 8 such as 256")
-    if d.dataset == "imagefolder" and not d.path:
+    if d.dataset == "imagefolder" and not d.path and t.steps > 0:
         raise where.error(("data", "path"), "dataset imagefolder needs a path",
                           "set data.path to the ImageNet train folder (root/<class>/<image>)")
     if d.dataset == "digits" and d.num_classes < 10:
@@ -340,6 +349,9 @@ def _cross_checks(spec: SweepSpec, where: Where) -> None:
         if step > t.steps:
             raise where.error(("eval", "at_steps", i), f"step {step} is beyond train.steps {t.steps}",
                               f"use steps <= {t.steps} or raise train.steps")
+    if t.steps == 0 and not t.init_from:
+        raise where.error(("train", "steps"), "0 steps trains nothing from nothing",
+                          "set train.init_from to the weights to evaluate, or train for at least one step")
     if e.at_steps != sorted(e.at_steps):
         raise where.error(("eval", "at_steps"), "steps are not in increasing order", "sort them")
     if t.warmup_steps > t.steps:
@@ -360,6 +372,22 @@ def _cross_checks(spec: SweepSpec, where: Where) -> None:
                           "point eval.reference at an ADM reference npz or an image folder")
     if launch.kind == "slurm" and launch.array_parallelism < 1:
         raise where.error(("launcher", "array_parallelism"), "must be >= 1", "use 1 or more")
+
+
+def _check_init_from(spec: SweepSpec, where: Where) -> None:
+    """train.init_from exists, reads, and fits every run's model and block (before anything runs)."""
+    from harness.interop import check_init_source
+
+    path = ("train", "init_from")
+    unset = [v for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", spec.train.init_from) if v not in os.environ]
+    if unset:
+        raise where.error(path, f"{spec.train.init_from!r} uses the unset environment variable {unset[0]}",
+                          f"export {unset[0]}=/path/to/the/weights (the run id hashes the file, so it must be here)")
+    try:
+        check_init_source(expand_path(spec.train.init_from, "train.init_from"), spec.expand())
+    except HarnessError as err:
+        raise where.error(path, str(err).rstrip("."), "point train.init_from at weights of this sweep's model "
+                          "(a checkpoint, `harness import` output or an official DiT .pt)") from None
 
 
 def _check_source_sweep(spec: SweepSpec, where: Where) -> None:
@@ -451,6 +479,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise where.error(("models",), f"{n_runs:,} runs (models x conditioning x seeds), over the limit of {MAX_RUNS:,}",
                           "split the study into several sweeps")
     _cross_checks(spec, where)
+    if spec.train.init_from is not None:
+        _check_init_from(spec, where)
     if source is not None:
         _check_source_sweep(spec, where)
     return spec

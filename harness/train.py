@@ -217,11 +217,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if dist.main:  # build the latent cache once; the other ranks then open it
-            load_training_arrays(run)
-        barrier(dist)
-        self.latents, self.labels = load_training_arrays(run)
-        n, _, C, H, W = self.latents.shape
+        if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
+            self.latents = self.labels = None
+            n, C, H, W = 0, run.data.channels, run.data.input_size, run.data.input_size
+        else:
+            if dist.main:  # build the latent cache once (if the latent stage has not); the others open it
+                load_training_arrays(run)
+            barrier(dist)
+            self.latents, self.labels = load_training_arrays(run)
+            n, _, C, H, W = self.latents.shape
         self.shape = (C, H, W)
         seed_everything(derive_seed(run.seed, 0))
         self.model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
@@ -253,6 +257,10 @@ class Trainer:
             log.info("resumed %s at step %d", path_box[0], self.step)
         else:
             seed_everything(derive_seed(run.seed, dist.rank))
+            if run.train.init_from:  # weights only: a fresh optimizer
+                from harness.interop import init_from_source
+
+                init_from_source(run, self.model, self.ema)
         # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
         pending_evals(run, self.run_dir, self.ema, dist, upto=self.step, current=self.step)  # every rank samples
         barrier(dist)

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 EXTRAPOLATE_FACTOR = 10.0  # extrapolate the frontier to 10x the largest training compute measured
 
 
+def _sampler_name(row) -> str:
+    """"dpm-solver++ (diffusers.DPMSolverMultistepScheduler 0.42.1)": the sampler and the code behind it."""
+    impl, version = row.get("sampler_impl"), row.get("sampler_version")
+    return f"{row['sampler']} ({impl} {version})" if isinstance(impl, str) and impl else str(row["sampler"])
+
+
 def _g(x: float, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
