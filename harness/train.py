@@ -13,6 +13,7 @@ global batch (up to floating-point reduction order).
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import logging
 import os
 import time
@@ -28,8 +29,8 @@ from harness.errors import HarnessError
 from harness.evaluation import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock
 from harness.layout import RunFolder, write_run_json
-from harness.runtime import (Dist, all_reduce, barrier, derive_seed, peak_mem_mb, rng_state, seed_everything,
-                             set_rng_state, setup_distributed)
+from harness.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
+                             seed_everything, set_rng_state, setup_distributed)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ RUN_LOCK = ".run.lock"
 #: test hook: sleep this many seconds before each step, so tests that kill or requeue a job
 #: mid-training do not race a tiny model that trains in a second or two.
 STEP_DELAY_ENV = "HARNESS_TEST_STEP_DELAY_S"
+#: how long other ranks wait for rank 0 to build a missing latent cache inside a training job
+LATENT_BUILD_TIMEOUT = _dt.timedelta(hours=float(os.environ.get("HARNESS_LATENT_BUILD_TIMEOUT_H", "24")))
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -223,7 +226,9 @@ class Trainer:
         else:
             if dist.main:  # build the latent cache once (if the latent stage has not); the others open it
                 load_training_arrays(run)
-            barrier(dist)
+            # a sweep's latent stage built the cache already; a run started by hand on an unbuilt cache
+            # waits here while rank 0 encodes (`harness latents --tasks N` first uses every GPU)
+            bounded_barrier(dist, "waiting for rank 0 to build the latent cache", LATENT_BUILD_TIMEOUT)
             self.latents, self.labels = load_training_arrays(run)
             n, _, C, H, W = self.latents.shape
         self.shape = (C, H, W)
