@@ -72,8 +72,9 @@ def test_broken_checkpoint_given_to_sample_gets_one_line(tmp_path, damage):
                             str(path), "no checksum file")
 
 
+@pytest.mark.parametrize("role", ["samples", "reference"])
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "pickled"])
-def test_broken_npz_given_to_evaluate_gets_one_line(tmp_path, damage):
+def test_broken_npz_given_to_evaluate_gets_one_line(tmp_path, damage, role):
     path = tmp_path / "samples.npz"
     np.savez(path, np.zeros((8, 8, 8, 3), np.uint8))
     data = bytearray(path.read_bytes())
@@ -87,8 +88,12 @@ def test_broken_npz_given_to_evaluate_gets_one_line(tmp_path, damage):
         np.savez(path, np.array([_Payload(tmp_path / "code-ran")], dtype=object))
         data = bytearray(path.read_bytes())
     path.write_bytes(bytes(data))
-    proc = harness_cli("evaluate", "--samples", str(path), "--reference", "digits", "--features", "digits")
-    assert_one_line_refusal(proc, str(path), "not a readable npz")
+    good = tmp_path / "good.npz"
+    np.savez(good, np.zeros((8, 8, 8, 3), np.uint8))
+    samples, reference = (str(path), "digits") if role == "samples" else (str(good), str(path))
+    proc = harness_cli("evaluate", "--samples", samples, "--reference", reference, "--features", "digits")
+    assert_one_line_refusal(proc, f"{'samples file' if role == 'samples' else 'reference'} {path}",
+                            "not a readable npz")
     assert not (tmp_path / "code-ran").exists()
 
 
