@@ -120,6 +120,24 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
+def _load_legacy(path: Path, map_location: Any) -> dict[str, Any]:
+    """A checkpoint written before RNG states were tensors holds numpy's get_state() (an ndarray):
+    load it with exactly those numpy types allow-listed, and only when nothing else is foreign;
+    else re-raise UnpicklingError."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    names = {f"{g.__module__}.{g.__qualname__}" for g in allowed} | {"numpy.dtype", "numpy.ndarray"}
+    if not set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) <= names:
+        raise pickle.UnpicklingError("foreign globals")
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def _first_line(err: BaseException) -> str:
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
     return lines[0] if lines else type(err).__name__
@@ -132,10 +150,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if problem:
         raise ValueError(f"{path}: {problem}")
     try:  # weights_only: tensors and plain values; a pickled callable is refused, never run
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            state = _load_legacy(path, map_location)
     except pickle.UnpicklingError as err:
+        foreign = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or _first_line(err)
         raise ValueError(f"{path}: refused: it holds Python objects beyond tensors and plain values, which "
-                         f"could run code when loaded ({_first_line(err)})") from err
+                         f"could run code when loaded ({foreign}); it was not loaded") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise ValueError(f"{path}: torch.load failed: {_first_line(err)}") from err
     if not isinstance(state, dict) or "step" not in state or "model" not in state:

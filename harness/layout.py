@@ -16,9 +16,11 @@
         done              written when training and every evaluation are complete
         .run.lock         held (flock) by the trainer of this run
 
-Writers and readers (dispatch, the trainer, status, results, the report) ask this module for the
-names and use its writers; none of them spells a file name itself. run.json has one writer,
-`write_run_json`. Nothing here imports torch.
+Writers and readers (dispatch, the job, status, the local pool, results, the report and
+checkpoint.py) ask this module for the names and use its writers. run.json has one writer,
+`write_run_json`, which the trainer also calls for a standalone `harness train`. (train.py and
+evaluation.py still spell train.jsonl, eval.jsonl, samples/, done and .run.lock themselves; they
+are being rewritten elsewhere and should take `RunFolder` then.) Nothing here imports torch.
 """
 from __future__ import annotations
 

@@ -34,7 +34,9 @@ checks that every run id exists there.
 Validation happens before anything runs: unknown keys (with a did-you-mean), wrong types, unknown
 models or blocks, sizes that don't divide, empty lists, non-positive counts, duplicate YAML keys,
 eval steps beyond train.steps. Every error is a HarnessError "FILE:LINE: KEY: problem. Fix: ...".
-YAML is read with a SafeLoader that also accepts `1e-4` as a float (YAML 1.1 would read a string).
+YAML is read by `harness.specfile`: a SafeLoader that also accepts `1e-4` as a float (YAML 1.1 would
+read a string), within stated bounds (64 KiB, 16 levels, 10,000 values after alias expansion); a sweep
+expands to at most MAX_RUNS runs.
 `${VAR}` in data.path, data.autoencoder_path, eval.reference and eval.inception_weights is expanded
 from the environment when a run starts (`DataSpec.resolved_path()`), not at load time.
 """

@@ -250,6 +250,7 @@ def test_anchors_within_the_bounds_still_load(tmp_path):
     assert spec.ablation_models == ["DiT-2x32x2/4", "DiT-2x32x2/2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["report", "status"])
 def test_hostile_yaml_refused_by_every_command_that_reads_a_spec(tmp_path, command):
     path = write(tmp_path, _laughs())

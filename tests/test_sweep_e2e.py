@@ -65,7 +65,9 @@ def wait_for_checkpoint(proc: subprocess.Popen, runs: Path, count: int = 2, time
     must start again from step 0, which would make "never trained twice from scratch" untestable."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if runs.is_dir() and sum(any(d.glob("checkpoints/step_*.pt")) for d in runs.iterdir()) >= count:
+        # a checkpoint counts once its checksum sidecar exists (written after the .pt): a kill between
+        # the two leaves an invalid checkpoint, and the run rightly starts again from step 0
+        if runs.is_dir() and sum(any(d.glob("checkpoints/step_*.pt.sha256")) for d in runs.iterdir()) >= count:
             return
         if proc.poll() is not None:
             pytest.fail("the sweep ended before every run had a checkpoint:\n" + proc.communicate()[0])

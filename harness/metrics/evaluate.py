@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def load_samples(path: str | Path) -> np.ndarray:
                 raise HarnessError(f"samples file {path} has no key 'arr_0' (keys: {', '.join(npz.files)}); "
                                    "save the images as the first positional array of np.savez")
             images = npz["arr_0"]
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise HarnessError(f"samples file {path} is not a readable npz ({err}); regenerate it") from err
     return check_images(images, f"samples file {path} key arr_0")
 

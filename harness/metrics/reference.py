@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -136,6 +137,16 @@ def _folder_batches(files: list[Path], size: int, chunk: int = 500) -> Iterator[
         yield np.stack(out)
 
 
+#: what np.load raises on a truncated, corrupt or pickle-carrying npz (pickles are never loaded)
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _unreadable(path: Path, err: BaseException) -> HarnessError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return HarnessError(f"reference {path} (--reference / eval.reference) is not a readable npz ({first}); "
+                        "regenerate it or point at another reference")
+
+
 # ---- the entry point -------------------------------------------------------------------------------
 
 def load_reference(reference: str, extractor: FeatureExtractor, image_size: int | None = None,
@@ -163,10 +174,13 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
         if path.is_file() and path.suffix == ".npz":
             npz_path = path
             identity = _npz_identity(path)
-            with np.load(path) as npz:
-                keys = set(npz.files)
-                if all(k in keys for k in ADM_STAT_KEYS) and extractor.name == "inception":
-                    adm_stats = {k: npz[k] for k in ADM_STAT_KEYS}
+            try:
+                with np.load(path) as npz:
+                    keys = set(npz.files)
+                    if all(k in keys for k in ADM_STAT_KEYS) and extractor.name == "inception":
+                        adm_stats = {k: npz[k] for k in ADM_STAT_KEYS}
+            except _NPZ_ERRORS as err:
+                raise _unreadable(path, err) from err
             if "arr_0" not in keys and adm_stats is None:
                 raise HarnessError(
                     f"reference {path} has no key 'arr_0' (images, N x H x W x 3 uint8)"
@@ -200,8 +214,12 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
     def read_images() -> np.ndarray:
         if images is not None:
             return images
-        with np.load(npz_path) as npz:
-            return check_images(npz["arr_0"], f"reference {npz_path} key arr_0")
+        try:
+            with np.load(npz_path) as npz:
+                arr = npz["arr_0"]
+        except _NPZ_ERRORS as err:
+            raise _unreadable(npz_path, err) from err
+        return check_images(arr, f"reference {npz_path} key arr_0")
 
     def compute_pool() -> np.ndarray:
         if use_cache and pool_path.is_file():
