@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.io import append_jsonl, read_jsonl
+from harness.layout import RunFolder
 
 if TYPE_CHECKING:
     import torch
@@ -45,13 +46,13 @@ def eval_settings(run: Any, step: int) -> list[dict]:
 
 def missing_settings(run: Any, run_dir: str | Path, step: int) -> list[dict]:
     """The settings of `step` not yet in eval.jsonl (so a rerun never duplicates a record)."""
-    done = {setting_key(r) for r in read_jsonl(Path(run_dir) / "eval.jsonl")}
+    done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     return [s for s in eval_settings(run, step) if setting_key(s) not in done]
 
 
 def eval_progress(run: Any, run_dir: str | Path) -> tuple[int, int]:
     """(settings recorded, settings asked for) over all of eval.at_steps."""
-    done = {setting_key(r) for r in read_jsonl(Path(run_dir) / "eval.jsonl")}
+    done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     want = [setting_key(s) for step in run.eval.at_steps for s in eval_settings(run, step)]
     return sum(k in done for k in want), len(want)
 
@@ -74,7 +75,7 @@ def save_grid(run: Any, run_dir: Path, ema: torch.nn.Module, dist: Dist, step: i
     images = sample_images(ema, run, labels, sampling_steps=min(ev.sampling_steps), sampler=ev.sampler,
                            cfg_scale=max(ev.cfg_scales), guidance_channels=ev.guidance_channels,
                            seed=derive_seed(run.seed, TAG_EVAL, step), device=dist.device)
-    path = run_dir / "samples" / f"grid_step_{step:07d}.png"
+    path = RunFolder(run_dir).grid(step)
     save_grid(images, path)
     return path
 
@@ -133,7 +134,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dis
         if dist.main:
             images = np.concatenate([b[1] for b in batches])
             name = f"samples_step_{step:07d}_k{setting['sampling_steps']}_cfg{setting['cfg_scale']:g}.npz"
-            save_npz(images, np.concatenate([b[2] for b in batches]), run_dir / "samples" / name)
+            save_npz(images, np.concatenate([b[2] for b in batches]), RunFolder(run_dir).samples / name)
             metrics = metrics_from_features(Features.concat([b[3] for b in batches]), reference, extractor,
                                             list(ev.metrics))
             rec = dict(setting, model_evaluations=model_evaluations(ev.sampler, setting["sampling_steps"]),
@@ -144,7 +145,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dis
             # computed the numbers ("inception" only for the official FID weights) in `features_id`
             rec["features_id"] = metrics.get("feature_space", extractor.name)
             rec.update(wall_s=time.perf_counter() - t0, time=time.time(), ranks=dist.world)
-            append_jsonl(run_dir / "eval.jsonl", rec)
+            append_jsonl(RunFolder(run_dir).eval_log, rec)
             log.info("eval step %d %s", step, {k: rec[k] for k in ("sampling_steps", "cfg_scale", "fid")})
         bounded_barrier(dist, what)  # everyone leaves together, after the record is written
     return len(todo)
@@ -162,7 +163,7 @@ def pending_evals(run: Any, run_dir: Path, ema_now: torch.nn.Module, dist: Dist,
         for s in sorted(int(x) for x in run.eval.at_steps):
             if s > upto or not missing_settings(run, run_dir, s):
                 continue
-            path = ckpt.checkpoint_path(run_dir / "checkpoints", s)
+            path = RunFolder(run_dir).checkpoint(s)
             if s != current and not path.exists():
                 log.warning("eval step %d has no retained checkpoint; its evaluation is skipped", s)
                 continue

@@ -8,7 +8,7 @@
       jobs/<job id>/      submitit's pickles and stdout/stderr of each job
       runs/<run_id>/      one run (`RunFolder`):
         run.json          the resolved run: RunSpec.to_dict() + RUN_JSON_PLAN_KEYS (shape, Gflops, params)
-        train.jsonl       step, loss, steps/s, images/s, peak memory (append-only)
+        train.jsonl       step, loss, steps/s, images/s, TFLOP/s, MFU, micro-batch, peak memory (append-only)
         eval.jsonl        one record per evaluation setting (append-only)
         checkpoints/      step_XXXXXXX.pt + step_XXXXXXX.pt.sha256
         samples/          grid_step_XXXXXXX.png, ADM-layout npz
@@ -16,11 +16,10 @@
         done              written when training and every evaluation are complete
         .run.lock         held (flock) by the trainer of this run
 
-Writers and readers (dispatch, the job, status, the local pool, results, the report and
-checkpoint.py) ask this module for the names and use its writers. run.json has one writer,
-`write_run_json`, which the trainer also calls for a standalone `harness train`. (train.py and
-evaluation.py still spell train.jsonl, eval.jsonl, samples/, done and .run.lock themselves; they
-are being rewritten elsewhere and should take `RunFolder` then.) Nothing here imports torch.
+Writers and readers (dispatch, the job, status, the local pool, the trainer, evaluation, results,
+the report and checkpoint.py) ask this module for the names and use its writers. run.json has one
+writer, `write_run_json`, which the trainer also calls for a standalone `harness train`. Nothing here
+imports torch.
 """
 from __future__ import annotations
 

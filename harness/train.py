@@ -35,7 +35,6 @@ from harness.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_
 log = logging.getLogger(__name__)
 
 _TAG_EPOCH, _TAG_STEP = 1, 2  # seed tags; evaluation uses harness.evaluation.TAG_EVAL
-RUN_LOCK = ".run.lock"
 #: test hook: sleep this many seconds before each step, so tests that kill or requeue a job
 #: mid-training do not race a tiny model that trains in a second or two.
 STEP_DELAY_ENV = "HARNESS_TEST_STEP_DELAY_S"
@@ -177,7 +176,7 @@ def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -
     try:
         # one trainer per run folder: a sweep job and a stray `harness train`, or an orphaned job of
         # a killed sweep and its replacement, never write the same checkpoints at once
-        with file_lock(run_dir / RUN_LOCK) if dist.rank == 0 else nullcontext():
+        with file_lock(RunFolder(run_dir).lock) if dist.rank == 0 else nullcontext():
             trainer = Trainer(run, run_dir, dist)
             try:
                 trainer.train(stop_at)
@@ -193,7 +192,8 @@ class Trainer:
 
     def __init__(self, run: Any, run_dir: Path, dist: Dist):
         self.run, self.run_dir, self.dist, self.device = run, run_dir, dist, dist.device
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.folder = RunFolder(run_dir)
+        self.ckpt_dir = self.folder.checkpoints
         self.step, self.data_pos = 0, 0
         self.source: BatchSource | None = None
         self.build()
@@ -214,7 +214,7 @@ class Trainer:
             check_micro_batch(int(tr.micro_batch), self.per_rank)
         if dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not RunFolder(self.run_dir).run_json.exists():  # a standalone `harness train`: the sweep's writer
+            if not self.folder.run_json.exists():  # a standalone `harness train`: the sweep's writer
                 write_run_json(run, self.run_dir)
             ckpt.clean_partial_writes(self.ckpt_dir)
         if self.device.type == "cuda":
@@ -361,7 +361,7 @@ class Trainer:
             images = sps * tr.global_batch
             tflops = train_tflops(self.gflops, images / self.dist.world) if self.gflops else None
             peak = peak_tflops(self.device, tr.precision)
-            append_jsonl(self.run_dir / "train.jsonl", {
+            append_jsonl(self.folder.train_log, {
                 "step": s, "loss": tot[0].item(), "mse": tot[1].item(), "vb": tot[2].item(),
                 "lr": self.opt.param_groups[0]["lr"], "steps_per_s": sps, "images_per_s": images,
                 "tflops_per_device": tflops, "mfu": (tflops / peak) if (tflops and peak) else None,
@@ -404,8 +404,9 @@ def _model_gflops(run: Any, shape: tuple[int, int, int]) -> float | None:
 
 
 def _write_done(run_dir: Path, step: int) -> None:
-    if not (run_dir / "done").exists():
-        atomic_write_json(run_dir / "done", {"step": step, "time": time.time()})
+    done = RunFolder(run_dir).done
+    if not done.exists():
+        atomic_write_json(done, {"step": step, "time": time.time()})
 
 
 # ----------------------------------------------------------------------------- CLI
