@@ -56,9 +56,9 @@ def _null_class_fractions(monkeypatch, run, tmp_path) -> list[float]:
 
 @pytest.mark.parametrize("rate", [0.1, 0.3])
 def test_class_dropout_rate_matches_the_spec_within_its_binomial_interval(tmp_path, monkeypatch, rate):
-    """One step of 8192 labels: the share replaced by the null class is train.class_dropout within
+    """One step of 4096 labels: the share replaced by the null class is train.class_dropout within
     4.5 binomial standard deviations (a false alarm once in ~150,000 runs)."""
-    n = 8192
+    n = 4096
     run = tiny_run(steps=1, global_batch=n, class_dropout=rate)
     fractions = _null_class_fractions(monkeypatch, run, tmp_path)
     assert len(fractions) >= 1
@@ -97,3 +97,22 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     assert grid_trained == got[True, "grid"]
     trained_fid = next(iter(read_jsonl(tmp_path / "trained" / "eval.jsonl")))["fid"]
     assert trained_fid == pytest.approx(got[True, "fid"], rel=1e-6)
+
+
+def test_ema_update_on_parameters_and_buffers():
+    """The formula on parameters, and buffers (BatchNorm running statistics) copied, not averaged."""
+    from harness.runtime import ema_update
+
+    torch.manual_seed(0)
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for p in (*model.parameters(), *ema.parameters()):
+            p.copy_(torch.randn_like(p))
+    model(torch.randn(8, 3))  # moves the running statistics of `model` only
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema_update(ema, model, 0.75)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(getattr(ema, name), 0.75 * before[name] + 0.25 * p)
+    for name, b in model.named_buffers():
+        assert torch.equal(getattr(ema, name), b), name
+    assert not torch.equal(before["running_mean"], model.running_mean)
