@@ -89,3 +89,17 @@ def test_the_identity_is_normalised(tmp_path):
         path.write_text(f"name: s\nmodels: [DiT-S/2]\ntrain: {{lr: {lr}, steps: 10}}\neval: {{at_steps: [10]}}\n")
         ids.add(load_spec(path).expand()[0].run_id)
     assert len(ids) == 1 and ids.pop().startswith("DiT-S-2_adaLN-Zero_s0_")
+
+
+def test_run_ids_of_the_smoke_sweep_are_stable():
+    """The ids results folders already carry: any change to what the hash reads or how (key names,
+    JSON layout, digest length) orphans every existing run folder, so it must be a deliberate
+    migration that updates these known answers (a new spec key changes them too unless excluded)."""
+    from pathlib import Path
+
+    from harness.spec import load_spec
+
+    smoke = Path(__file__).resolve().parent.parent / "sweeps" / "smoke.yaml"
+    assert [r.run_id for r in load_spec(smoke).expand()] == [
+        "DiT-2x32x2-4_adaLN-Zero_s0_d01564", "DiT-2x32x2-2_adaLN-Zero_s0_0b02bb"]
+    assert make_run_id(*BASE, DataSpec(), TrainSpec()) == "DiT-S-2_adaLN-Zero_s0_0fe440"
