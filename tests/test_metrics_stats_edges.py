@@ -93,3 +93,32 @@ def test_inception_score_in_float64_and_its_input_checks():
     for bad in (np.zeros(5), np.zeros((0, 4))):
         with pytest.raises(HarnessError, match=r"shape \(N, K\)"):
             inception_score(bad)
+
+
+def test_inception_score_edges():
+    """One prediction is a valid input (IS 1); a class with probability exactly 0 counts 0 * log 0 = 0;
+    splits run over predictions, not classes."""
+    assert inception_score(np.zeros((1, 5))) == pytest.approx(1.0, abs=1e-12)
+    logits = np.array([[0.0, -1e4, -1e4], [-1e4, 0.0, -1e4]])  # softmax underflows to exact zeros
+    assert inception_score(logits) == pytest.approx(2.0, rel=1e-12)
+    rng = np.random.default_rng(3)
+    many = rng.standard_normal((12, 3)) * 3
+    per_split = [inception_score(many[i:i + 2]) for i in range(0, 12, 2)]
+    assert inception_score(many, split_size=2) == pytest.approx(np.mean(per_split), rel=1e-12)
+
+
+def test_precision_recall_ball_boundaries_and_the_smallest_set():
+    """A point exactly on a k-NN ball's boundary is inside it (<=, as ADM); k + 1 points are enough."""
+    import torch
+
+    from harness.metrics.stats import manifold_radii, precision_recall
+
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])  # k = 3: every radius is the 3rd-neighbour distance
+    radii = manifold_radii(torch.as_tensor(real, dtype=torch.float32))
+    np.testing.assert_allclose(radii.numpy(), [9.0, 4.0, 4.0, 9.0])
+    # -3 and 6 lie exactly on the boundaries of the balls around 0 and 3 (squared radius 9), 5 inside, 7 out
+    fake = np.array([[-3.0], [5.0], [6.0], [7.0]])
+    precision, _ = precision_recall(real, fake)
+    assert precision == pytest.approx(0.75)
+    with pytest.raises(HarnessError, match="evaluate more samples"):
+        manifold_radii(torch.zeros(3, 2))
