@@ -10,6 +10,7 @@ mutmut's own settings under [tool.mutmut].
     python scripts/mutation.py                 # every module
     python scripts/mutation.py diffusion spec  # some of them
     python scripts/mutation.py --report        # the table again, from the last runs
+    python scripts/mutation.py --recheck stats # rerun only the last run's survivors, with today's tests
 
 Prints, per module: mutants, killed, survived (the names), equivalent (excluded), score =
 killed / (mutants - equivalent), and the wall time; writes .mutation/summary.json. Exit status 1 if a
@@ -39,16 +40,18 @@ def config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["harness-mutation"]
 
 
-def _scratch(name: str, module: dict) -> Path:
-    """A copy of the tree whose pyproject tells mutmut this module's files and tests."""
+def _scratch(name: str, module: dict, fresh: bool = True) -> Path:
+    """A copy of the tree whose pyproject tells mutmut this module's files and tests (`fresh=False`:
+    keep the last run's mutants and results, refresh only the tests and the configuration)."""
     where = WORK / name
-    if where.exists():
+    if fresh and where.exists():
         shutil.rmtree(where)
-    where.mkdir(parents=True)
-    for item in COPY:
+    where.mkdir(parents=True, exist_ok=True)
+    for item in COPY if fresh else ("tests", "pyproject.toml"):
         src = ROOT / item
         if src.is_dir():
-            shutil.copytree(src, where / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(src, where / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            dirs_exist_ok=True)
         else:
             shutil.copy2(src, where / item)
     text = (where / "pyproject.toml").read_text()
@@ -65,15 +68,19 @@ def _statuses(where: Path) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^\s+(\S+): (.+)$", out, re.M))
 
 
-def run_module(name: str, module: dict, env: dict) -> dict:
-    where = _scratch(name, module)
+def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = None) -> dict:
+    """Run mutmut on one module; `recheck`: only these mutants, in the last run's scratch copy."""
+    where = _scratch(name, module, fresh=recheck is None)
     t0 = time.monotonic()
     cmd = [str(ROOT / ".venv" / "bin" / "mutmut"), "run", "--max-children", str(env["MUTATION_JOBS"]),
-           *module.get("functions", [])]
-    log = (WORK / f"{name}.log").open("w")
+           *(recheck if recheck is not None else module.get("functions", []))]
+    log = (WORK / f"{name}{'.recheck' if recheck else ''}.log").open("w")
     subprocess.run(cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.monotonic() - t0
     summary = {"wall_s": round(wall, 1), "statuses": _statuses(where)}
+    if recheck is not None:  # the time of the full run stays the module's time; the recheck's beside it
+        last = json.loads((WORK / f"{name}.json").read_text())
+        summary["wall_s"], summary["recheck_wall_s"] = last["wall_s"], round(wall, 1)
     (WORK / f"{name}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("modules", nargs="*", choices=[[], *modules], help="default: all of them")
     p.add_argument("--report", action="store_true", help="print the table of the last runs; run nothing")
+    p.add_argument("--recheck", action="store_true", help="rerun only the survivors of each module's last run")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", 2)))
     args = p.parse_args(argv)
     names = args.modules or list(modules)
@@ -111,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists():
                 continue
             summary = json.loads(path.read_text())
+        elif args.recheck:
+            last = score(name, modules[name], json.loads((WORK / f"{name}.json").read_text()), {})
+            print(f"mutation: {name}: rechecking {len(last['survived'])} survivors ...", flush=True)
+            summary = (run_module(name, modules[name], env, recheck=list(last["survived"])) if last["survived"]
+                       else json.loads((WORK / f"{name}.json").read_text()))
         else:
             print(f"mutation: {name} ({', '.join(modules[name]['mutate'])}) ...", flush=True)
             summary = run_module(name, modules[name], env)

@@ -122,3 +122,12 @@ def test_precision_recall_ball_boundaries_and_the_smallest_set():
     assert precision == pytest.approx(0.75)
     with pytest.raises(HarnessError, match="evaluate more samples"):
         manifold_radii(torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("real,fake", [(np.zeros((5, 2)), np.zeros(5)), (np.zeros(5), np.zeros((5, 2))),
+                                       (np.zeros((5, 2)), np.zeros((5, 3)))])
+def test_precision_recall_shape_disagreement_is_a_harness_error(real, fake):
+    from harness.metrics.stats import precision_recall
+
+    with pytest.raises(HarnessError, match=r"got \(5.*\) and \(5.*\); recompute the reference"):
+        precision_recall(real, fake)
