@@ -90,11 +90,13 @@ def score(name: str, module: dict, summary: dict, equivalent: dict[str, str]) ->
     patterns = module.get("functions", ["*"])
     statuses = {k: s for k, s in summary["statuses"].items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
     eq = sorted(k for k in statuses if k in equivalent)
-    counted = {k: s for k, s in statuses.items() if k not in equivalent}
+    # a run stopped early leaves mutants "not checked": reported as such, outside the score
+    unchecked = sorted(k for k, s in statuses.items() if s == "not checked" and k not in equivalent)
+    counted = {k: s for k, s in statuses.items() if k not in equivalent and k not in unchecked}
     killed = sum(s in KILLED for s in counted.values())
     survived = sorted(k for k, s in counted.items() if s not in KILLED)
     total = len(counted)
-    return {"module": name, "mutants": len(statuses), "equivalent": eq, "killed": killed,
+    return {"module": name, "mutants": len(statuses), "equivalent": eq, "unchecked": len(unchecked), "killed": killed,
             "survived": {k: counted[k] for k in survived},
             "score": killed / total if total else float("nan"), "wall_s": summary["wall_s"]}
 
@@ -129,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_module(name, modules[name], env)
         rows.append(score(name, modules[name], summary, cfg.get("equivalent", {})))
         r = rows[-1]
-        print(f"  {name:12s} {r['killed']:4d}/{r['mutants'] - len(r['equivalent']):4d} killed = {r['score']:6.1%}"
-              f"  ({len(r['equivalent'])} equivalent excluded, {r['wall_s']:.0f} s)", flush=True)
+        checked = r["mutants"] - len(r["equivalent"]) - r["unchecked"]
+        print(f"  {name:12s} {r['killed']:4d}/{checked:4d} killed = {r['score']:6.1%}"
+              f"  ({len(r['equivalent'])} equivalent excluded, {r['wall_s']:.0f} s"
+              + (f"; PARTIAL: {r['unchecked']} not checked" if r["unchecked"] else "") + ")", flush=True)
         for k, status in r["survived"].items():
             print(f"      {status:10s} {k}")
     (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
