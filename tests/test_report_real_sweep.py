@@ -108,7 +108,7 @@ def test_report_of_a_real_sweep_lists_a_lost_run_as_missing(real_sweep, tmp_path
     if not (results / "smoke" / "sweep.json").is_file():
         pytest.xfail("harness sweep does not write results/<sweep>/sweep.json yet (the run-folder contract)")
     copy = tmp_path / "results"
-    shutil.copytree(results, copy)
+    shutil.copytree(results, copy, symlinks=True)  # logs/ holds links to job folders
     lost = load_spec(SMOKE).expand()[0].run_id
     shutil.rmtree(copy / "smoke" / "runs" / lost)
     manifest = render_sweep_report(copy, "smoke", tmp_path / "reports", n_boot=20)
