@@ -78,8 +78,9 @@ def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = N
     subprocess.run(cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.monotonic() - t0
     summary = {"wall_s": round(wall, 1), "statuses": _statuses(where)}
-    if recheck is not None:  # the time of the full run stays the module's time; the recheck's beside it
+    if recheck is not None:  # mutmut forgets the mutants it did not rerun: keep their last verdicts
         last = json.loads((WORK / f"{name}.json").read_text())
+        summary["statuses"] = {**last["statuses"], **{k: summary["statuses"][k] for k in recheck}}
         summary["wall_s"], summary["recheck_wall_s"] = last["wall_s"], round(wall, 1)
     (WORK / f"{name}.json").write_text(json.dumps(summary, indent=1))
     return summary
