@@ -17,7 +17,7 @@ Schema (every key optional unless marked; defaults are the dataclass defaults be
 Runs are the cross product models x conditioning x seeds. Each run's `run_id` is readable and stable,
 e.g. "DiT-S-2_adaLN-Zero_s0_3f9a1c": the prefix names model, block and seed, the suffix hashes the
 normalised training identity -- model, conditioning, seed, the data keys that change the pixels
-(dataset, image_size, autoencoder, num_classes) and the train keys that change the maths (global_batch,
+(dataset, image_size, autoencoder, num_classes, flip) and the train keys that change the maths (global_batch,
 lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision). Deliberately excluded: the
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
 bookkeeping (ckpt_every, keep_last, log_every, compile, micro_batch, grad_checkpointing) and train.steps (raising
