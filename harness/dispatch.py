@@ -192,15 +192,6 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
                 for s in todo]
         jobs_dir = sdir / layout.JOBS_DIR
         ex = make_executor(kind, spec, jobs_dir)
-        # the latent stage first (Slurm: its own job, and the training jobs wait for it: afterok)
-        from submitit.core.utils import FailedJobError
-
-        try:
-            with _held_stderr():
-                latent_jobs = run_latent_stage(spec, [s.run for s in todo], kind, ex, make_executor(kind, spec, jobs_dir))
-        except FailedJobError as err:  # sbatch refuses the latent job as it would the array
-            raise _sbatch_refusal(spec, err) from None
-        state["latent_jobs"] = latent_jobs or state.get("latent_jobs", [])
         jobs: dict[str, Any] = {}
 
         def record(s: RunStatus, job: Any) -> None:
@@ -210,7 +201,17 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
             _link_logs(s.dir, job)
             jobs[s.run.run_id] = job
 
+        from submitit.core.utils import FailedJobError
+
         try:
+            # the latent stage first (Slurm: its own job, and the training jobs wait for it: afterok)
+            try:
+                with _held_stderr() if kind == "slurm" else contextlib.nullcontext():
+                    latent_jobs = run_latent_stage(spec, [s.run for s in todo], kind, ex,
+                                                   make_executor(kind, spec, jobs_dir))
+            except FailedJobError as err:  # sbatch refuses the latent job as it would the array
+                raise _sbatch_refusal(spec, err) from None
+            state["latent_jobs"] = latent_jobs or state.get("latent_jobs", [])
             if kind == "slurm":
                 if todo:
                     try:  # one sbatch for the whole array: it is submitted whole or not at all
