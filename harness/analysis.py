@@ -447,11 +447,13 @@ def fit_frontier(frame: pd.DataFrame, metric: str = "fid", x: str = "train_compu
 # ----------------------------------------------------------------------------------- sampling compute
 def sampling_study(frame: pd.DataFrame) -> pd.DataFrame:
     """Each run's last evaluated step, every sampling setting, with sampling_compute (Gflops per image)
-    = gflops x sampling_steps x (2 when classifier-free guidance is on, cfg_scale != 1)."""
+    = gflops x model evaluations (sampling_steps but for Heun's 2 per step) x (2 with guidance, cfg_scale != 1)."""
     last = frame.groupby("run_id")["step"].transform("max")
     rows = frame[(frame["step"] == last) & frame["sampling_steps"].notna()].copy()
     rows["label"] = curve_label(rows)
     guided = rows["cfg_scale"].notna() & ~np.isclose(rows["cfg_scale"].fillna(1.0), 1.0)
     rows["guidance_factor"] = np.where(guided, 2, 1)
-    rows["sampling_compute"] = rows["gflops"] * rows["sampling_steps"].astype(float) * rows["guidance_factor"]
+    evaluations = (rows["model_evaluations"] if "model_evaluations" in rows else rows["sampling_steps"])
+    evaluations = evaluations.fillna(rows["sampling_steps"]).astype(float)
+    rows["sampling_compute"] = rows["gflops"] * evaluations * rows["guidance_factor"]
     return rows.sort_values(["label", "cfg_scale", "sampling_steps"]).reset_index(drop=True)

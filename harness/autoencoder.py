@@ -16,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError
 from harness.io import atomic_write, atomic_write_json, cache_dir, file_lock
@@ -34,6 +36,8 @@ VAE_REPOS = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "sta
 AUTOENCODERS = ("identity", *VAE_REPOS)
 CACHE_VERSION = 1
 SHARD_SIZE = 16384  # images per shard (~256 MB at 256px in float16)
+#: tests only: seconds to sleep after writing each shard, so a latent job can be killed mid-way
+SHARD_DELAY_ENV = "HARNESS_TEST_SHARD_DELAY_S"
 
 
 class Autoencoder:
@@ -104,6 +108,13 @@ class VAEAutoencoder(Autoencoder):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) in [-1, 1]."""
         return self.vae.decode(z.to(self.device, torch.float32) / self.scale).sample.clamp(-1.0, 1.0)
+
+
+#: Stable Diffusion's VAE architecture (sd-vae-ft-ema/mse share it): `harness bench` times it with
+#: random weights when no weights are at hand (the speed does not depend on the values)
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=256)
 
 
 def fetch_command(name: str, local_dir: str | Path) -> str:
@@ -287,18 +298,68 @@ def cache_key(dataset_identity: str, autoencoder: Autoencoder, image_size: int, 
     return f"{tag}_{autoencoder.name}_{image_size}px_{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def build_latent_cache(dataset_name_or_path: str | Path, autoencoder: Autoencoder | str, image_size: int,
-                       batch_size: int = 32, device: str | torch.device | None = None, seed: int = 0,
-                       shard_size: int = SHARD_SIZE, num_workers: int = 0) -> LatentCache:
-    """Encode every image and its horizontal flip once; later calls find the cache and return it.
+def loader_workers() -> int:
+    """DataLoader workers for one encoding task: the task's CPUs (Slurm's cpus_per_task, else this
+    process's CPU affinity) less the one that drives the encoder."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    return max(0, cpus - 1)
 
-    Shards are written atomically, so an interrupted build resumes from the last finished shard;
-    the manifest is written last. VAE posterior samples use a generator seeded per shard.
+
+def _shard_done(path: Path, shape: tuple) -> bool:
+    try:
+        return np.load(path, mmap_mode="r").shape == shape
+    except (OSError, ValueError):
+        return False
+
+
+def _encode_shards(data: Dataset, ae: Autoencoder, todo: list[tuple[int, int, int]], root: Path, shape: tuple,
+                   dtype: Any, seed: int, batch_size: int, num_workers: int, device: torch.device) -> None:
+    """Encode shards [(index, start, stop)] of `data` and write each atomically when complete.
+
+    One DataLoader over every batch of every shard (no batch straddles two shards), so the workers
+    stay busy across shard boundaries; the VAE posterior noise of shard s comes from a generator
+    seeded by (seed, s), so a shard's content does not depend on which task or worker built it.
+    On a GPU the encoder runs under bf16 autocast.
     """
     from tqdm import tqdm
 
+    batches = [(s, list(range(b, min(b + batch_size, stop)))) for s, start, stop in todo
+               for b in range(start, stop, batch_size)]
+    loader = DataLoader(data, batch_sampler=[idx for _, idx in batches], num_workers=num_workers)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bounds = {s: (start, stop) for s, start, stop in todo}
+    out, gen, pos = None, None, 0
+    with torch.inference_mode(), autocast:
+        for (s, idx), (x, _) in zip(batches, tqdm(loader, desc="latents", disable=len(batches) < 10)):
+            start, stop = bounds[s]
+            if idx[0] == start:  # a shard begins
+                out, pos = np.empty((stop - start, 2, *shape), dtype=dtype), 0
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+            x = x.to(device, non_blocking=True)
+            both = torch.stack([ae.encode(x, gen), ae.encode(x.flip(-1), gen)], dim=1)
+            out[pos : pos + len(x)] = both.float().cpu().numpy().astype(dtype)
+            pos += len(x)
+            if idx[-1] == stop - 1:
+                atomic_write(root / f"shard_{s:05d}.npy", lambda f: np.save(f, out))
+                time.sleep(float(os.environ.get(SHARD_DELAY_ENV, 0)))
+
+
+def build_latent_cache(dataset_name_or_path: str | Path, autoencoder: Autoencoder | str, image_size: int,
+                       batch_size: int = 32, device: str | torch.device | None = None, seed: int = 0,
+                       shard_size: int = SHARD_SIZE, num_workers: int | None = None,
+                       task: tuple[int, int] = (0, 1)) -> LatentCache | None:
+    """Encode every image and its horizontal flip once; later calls find the cache and return it.
+
+    task (i, n): encode only shards s with s % n == i (one of n tasks, e.g. one per GPU); the task
+    that finds every shard written writes labels and the manifest, and returns the cache; the others
+    return None. Shards are written atomically, so an interrupted build resumes from its finished
+    shards; the manifest is written last. num_workers: DataLoader workers (default: loader_workers()).
+    """
     from harness.data import dataset_channels, open_dataset
 
+    i, n = task
+    if not (n >= 1 and 0 <= i < n):
+        raise HarnessError(f"latent task {i}/{n} (--shard I/N): use 0 <= I < N.")
     ae = load_autoencoder(autoencoder) if isinstance(autoencoder, str) else autoencoder
     channels = dataset_channels(str(dataset_name_or_path)) if ae.latent_channels is None else 3
     shape = latent_shape(ae, image_size, channels)
@@ -307,54 +368,33 @@ def build_latent_cache(dataset_name_or_path: str | Path, autoencoder: Autoencode
     if _is_complete(root):
         log.info("latent cache %s: reusing (%d items)", root, len(data))
         return LatentCache.open(root)
-    with file_lock(root / ".lock"):
+    bounds = [(s, start, min(start + shard_size, len(data))) for s, start in enumerate(range(0, len(data), shard_size))]
+    with file_lock(root / (".lock" if n == 1 else f".lock-{i}-of-{n}")):
         if _is_complete(root):  # another job finished it while we waited
             return LatentCache.open(root)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ae.to(device)
-        dtype = np.float32 if ae.latent_channels is None else np.float16
-        shards = []
-        for s, start in enumerate(range(0, len(data), shard_size)):
-            stop = min(start + shard_size, len(data))
-            name = f"shard_{s:05d}.npy"
-            shards.append({"file": name, "start": start, "count": stop - start})
-            path = root / name
-            if path.exists():
-                try:
-                    if np.load(path, mmap_mode="r").shape == (stop - start, 2, *shape):
-                        continue  # finished by an interrupted earlier build
-                except (OSError, ValueError):
-                    pass
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
-            out = np.empty((stop - start, 2, *shape), dtype=dtype)
-            loader = DataLoader(Subset(data, range(start, stop)), batch_size=batch_size, num_workers=num_workers)
-            pos = 0
-            with torch.inference_mode():
-                for x, _ in tqdm(loader, desc=f"latents {name}", leave=False, disable=len(loader) < 10):
-                    x = x.to(device)
-                    both = torch.stack([ae.encode(x, gen), ae.encode(x.flip(-1), gen)], dim=1)
-                    out[pos : pos + len(x)] = both.float().cpu().numpy().astype(dtype)
-                    pos += len(x)
-            atomic_write(path, lambda f: np.save(f, out))
-        atomic_write(root / "labels.npy", lambda f: np.save(f, data.labels.astype(np.int64)))
-        manifest = {
-            "version": CACHE_VERSION, "dataset": str(dataset_name_or_path), "dataset_identity": data.identity(),
-            "autoencoder": ae.name, "autoencoder_fingerprint": ae.fingerprint, "image_size": image_size,
-            "image_channels": channels, "latent_shape": list(shape), "dtype": np.dtype(dtype).name,
-            "num_items": len(data), "num_classes": data.num_classes, "classes": list(data.classes),
-            "scale": getattr(ae, "scale", 1.0), "seed": seed, "shards": shards,
-        }
-        atomic_write_json(root / "manifest.json", manifest)
-        log.info("latent cache %s: built %d items x 2 flips, latents %s %s", root, len(data), shape,
-                 manifest["dtype"])
+        todo = [b for b in bounds[i::n] if not _shard_done(root / f"shard_{b[0]:05d}.npy", (b[2] - b[1], 2, *shape))]
+        if todo:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            workers = loader_workers() if num_workers is None else num_workers
+            log.info("latent task %d/%d: %d of its %d shards to encode on %s with %d loader workers", i, n,
+                     len(todo), len(bounds[i::n]), device, workers)
+            ae.to(device)
+            dtype = np.float32 if ae.latent_channels is None else np.float16
+            _encode_shards(data, ae, todo, root, shape, dtype, seed, batch_size, workers, device)
+    missing = [s for s, start, stop in bounds if not _shard_done(root / f"shard_{s:05d}.npy", (stop - start, 2, *shape))]
+    if missing:
+        log.info("latent task %d/%d done; %d shards are left to the other tasks", i, n, len(missing))
+        return None
+    atomic_write(root / "labels.npy", lambda f: np.save(f, data.labels.astype(np.int64)))
+    dtype = np.float32 if ae.latent_channels is None else np.float16
+    manifest = {
+        "version": CACHE_VERSION, "dataset": str(dataset_name_or_path), "dataset_identity": data.identity(),
+        "autoencoder": ae.name, "autoencoder_fingerprint": ae.fingerprint, "image_size": image_size,
+        "image_channels": channels, "latent_shape": list(shape), "dtype": np.dtype(dtype).name,
+        "num_items": len(data), "num_classes": data.num_classes, "classes": list(data.classes),
+        "scale": getattr(ae, "scale", 1.0), "seed": seed,
+        "shards": [{"file": f"shard_{s:05d}.npy", "start": start, "count": stop - start} for s, start, stop in bounds],
+    }
+    atomic_write_json(root / "manifest.json", manifest)
+    log.info("latent cache %s: built %d items x 2 flips, latents %s %s", root, len(data), shape, manifest["dtype"])
     return LatentCache(root, manifest)
-
-
-def cli_latents(args) -> int:
-    """`harness latents`: build (or find) the latent cache ahead of training."""
-    ae = load_autoencoder(args.autoencoder, args.autoencoder_path, args.allow_download)
-    cache = build_latent_cache(args.data, ae, args.image_size, args.batch_size)
-    m = cache.manifest
-    print(f"{cache.root}\n  {m['num_items']} images x 2 flips, latents {tuple(m['latent_shape'])} {m['dtype']}, "
-          f"{m['num_classes']} classes, autoencoder {m['autoencoder']}")
-    return 0

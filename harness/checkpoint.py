@@ -5,7 +5,11 @@ A checkpoint is a plain `torch.save` file `checkpoints/step_XXXXXXX.pt` holding 
 next to a sidecar `step_XXXXXXX.pt.sha256` written atomically *after* the checkpoint. A checkpoint
 counts as valid only if its sidecar exists, the file's SHA-256 matches it and `torch.load` succeeds;
 a crash mid-save therefore never yields a checkpoint that is resumed, and a file truncated or
-corrupted later is detected, logged and skipped in favour of the previous one.
+corrupted later is detected, logged and skipped in favour of the previous one. A failed write (a
+full disk) leaves the previous checkpoint as the resume point and says so. Every load is
+`torch.load(weights_only=True)`: the RNG states are tensors and plain values (harness.runtime), and
+a file that carries a pickled callable is refused without running it (the sidecar only proves the
+file is whole, not that it is ours).
 """
 from __future__ import annotations
 
@@ -13,18 +17,19 @@ import hashlib
 import io
 import logging
 import os
-import re
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from harness.errors import HarnessError
 from harness.io import atomic_write, atomic_write_text
+from harness.layout import checkpoint_name, checkpoint_step, sidecar_path
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{7,})\.pt$")
 #: test hook "STEP:SECONDS": stall that long halfway through writing the checkpoint of STEP
 #: (simulates a slow save on a network file system, so a test can kill the process mid-write).
 SLOW_SAVE_ENV = "HARNESS_TEST_SLOW_SAVE"
@@ -39,11 +44,7 @@ def _slow_save_seconds(step: int) -> float:
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:07d}.pt"
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    return Path(ckpt_dir) / checkpoint_name(step)
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -80,8 +81,14 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
         else:
             f.write(data)
 
-    atomic_write(path, write, mode="wb")
-    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    try:
+        atomic_write(path, write, mode="wb")  # on failure the temp file is removed, `path` untouched
+    except OSError as err:
+        older = [p.name for s, p in list_checkpoints(ckpt_dir) if s < step and sidecar_path(p).exists()]
+        keep = f"the previous checkpoint {older[-1]} stays the resume point" if older else "no earlier checkpoint"
+        raise HarnessError(f"{path}: could not write the checkpoint ({err.strerror or err}); {keep}. Fix: free "
+                           "space on that file system (or move results/), then run the same command again.") from err
+    atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
     log.info("saved checkpoint %s (%.1f MB)", path, len(data) / 2**20)
     return path
 
@@ -93,16 +100,16 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
+        step = checkpoint_step(p.name)
+        if step is not None and p.is_file():
+            found.append((step, p))
     return sorted(found)
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
     """None if the checkpoint's checksum sidecar exists and matches; else the reason it is invalid."""
     path = Path(path)
-    side = _sidecar(path)
+    side = sidecar_path(path)
     if not side.exists():
         return f"no checksum file {side.name} (the save did not finish)"
     text = side.read_text().split()
@@ -113,16 +120,46 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
+def _load_legacy(path: Path, map_location: Any) -> dict[str, Any]:
+    """A checkpoint written before RNG states were tensors holds numpy's get_state() (an ndarray):
+    load it with exactly those numpy types allow-listed, and only when nothing else is foreign;
+    else re-raise UnpicklingError."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    names = {f"{g.__module__}.{g.__qualname__}" for g in allowed} | {"numpy.dtype", "numpy.ndarray"}
+    if not set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) <= names:
+        raise pickle.UnpicklingError("foreign globals")
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint after verifying its checksum; raises ValueError naming the problem."""
     path = Path(path)
     problem = verify_checkpoint(path)
     if problem:
         raise ValueError(f"{path}: {problem}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights_only: tensors and plain values; a pickled callable is refused, never run
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            state = _load_legacy(path, map_location)
+    except pickle.UnpicklingError as err:
+        foreign = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or _first_line(err)
+        raise ValueError(f"{path}: refused: it holds Python objects beyond tensors and plain values, which "
+                         f"could run code when loaded ({foreign}); it was not loaded") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise ValueError(f"{path}: torch.load failed: {err}") from err
+        raise ValueError(f"{path}: torch.load failed: {_first_line(err)}") from err
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise ValueError(f"{path}: not a harness training checkpoint (missing 'step'/'model')")
     return state
@@ -140,7 +177,7 @@ def load_latest_valid(ckpt_dir: str | Path, map_location: str | torch.device = "
             if quarantine:
                 try:
                     os.replace(path, path.with_name(path.name + ".corrupt"))
-                    _sidecar(path).unlink(missing_ok=True)
+                    sidecar_path(path).unlink(missing_ok=True)
                 except OSError as move_err:
                     log.warning("could not quarantine %s: %s", path, move_err)
     return None
@@ -175,7 +212,7 @@ def apply_retention(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[i
         if step in newest or step in keep:
             continue
         path.unlink(missing_ok=True)
-        _sidecar(path).unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
         deleted.append(path)
     if deleted:
         log.info("retention removed %s", ", ".join(p.name for p in deleted))

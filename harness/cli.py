@@ -11,20 +11,28 @@ import logging
 import sys
 
 from harness.errors import HarnessError
+from harness.metrics import FEATURE_SPACES, METRICS
+from harness.models import CONDITIONINGS
+from harness.samplers import GUIDANCE_CHANNELS, SAMPLERS
+from harness.spec import AUTOENCODERS, LAUNCHERS, PRECISIONS
+
+# The choices below come from the layer that owns each vocabulary; all of these import without torch.
 
 # sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
 COMMANDS = {
     "flops": "harness.flops:cli_flops",
-    "latents": "harness.autoencoder:cli_latents",
+    "latents": "harness.latents:cli_latents",
     "train": "harness.train:cli_train",
     "bench": "harness.bench:cli_bench",
     "sample": "harness.sample:cli_sample",
     "evaluate": "harness.metrics.evaluate:cli_evaluate",
     "plan": "harness.plan:cli_plan",
     "sweep": "harness.dispatch:cli_sweep",
-    "status": "harness.dispatch:cli_status",
+    "status": "harness.status:cli_status",
     "report": "harness.report:cli_report",
     "forecast": "harness.forecast:cli_forecast",
+    "export": "harness.interop:cli_export",
+    "import": "harness.interop:cli_import",
 }
 
 
@@ -39,19 +47,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _auto_or_positive_int(text: str) -> int | str:
+    """argparse type: 'auto' or an integer >= 1."""
+    return text if text == "auto" else _positive_int(text)
+
+
 def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: one flat declaration per sub-command, read as a table of the CLI's options.
     p = argparse.ArgumentParser(prog="harness", description="DiT scaling-study harness.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("flops", help="Gflops and parameters of DiT variants (fvcore)")
     s.add_argument("--model", action="append", help="e.g. DiT-XL/2 or DiT-4x64x2/2 (repeatable)")
-    s.add_argument("--conditioning", action="append",
-                   help="in-context | cross-attention | adaLN | adaLN-Zero (repeatable)")
+    s.add_argument("--conditioning", action="append", choices=CONDITIONINGS, help="conditioning block (repeatable)")
     s.add_argument("--image-size", type=_positive_int, default=256, help="pixels; the latent is size/8 unless --pixel")
     s.add_argument("--pixel", action="store_true", help="count in pixel space (no VAE downsampling)")
     s.add_argument("--in-channels", type=_positive_int, default=None, help="default 4 (latent) or 3 (--pixel)")
@@ -59,38 +72,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("latents", help="pre-extract autoencoder latents into the shared cache")
     s.add_argument("--data", required=True, help="'digits' or an ImageFolder path (ImageNet train layout)")
-    s.add_argument("--autoencoder", default="sd-vae-ft-ema", help="sd-vae-ft-ema | sd-vae-ft-mse | identity")
+    s.add_argument("--autoencoder", default="sd-vae-ft-ema", choices=AUTOENCODERS)
     s.add_argument("--autoencoder-path", default=None, help="local folder of the VAE weights")
     s.add_argument("--image-size", type=_positive_int, default=256)
     s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--allow-download", action="store_true", help="let diffusers fetch the VAE from the hub")
+    s.add_argument("--shard", default=None, help="I/N: encode only task I's share of N (shards I, I+N, ...); "
+                   "'slurm': this Slurm task's (SLURM_PROCID/SLURM_NTASKS)")
+    s.add_argument("--tasks", type=_positive_int, default=1, help="run N tasks here (one per GPU), then finish")
+    s.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per task (default: the task's CPUs less one)")
 
     s = sub.add_parser("train", help="train one model (standalone, or the body of a sweep job)")
     s.add_argument("--run-dir", required=True, help="run folder; resumes from its newest checkpoint")
     s.add_argument("--config", default=None, help="run.json to train from (default: RUN_DIR/run.json)")
     s.add_argument("--model", default=None, help="standalone: model name (writes RUN_DIR/run.json)")
-    s.add_argument("--conditioning", default="adaLN-Zero")
+    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
     s.add_argument("--data", default="digits")
     s.add_argument("--image-size", type=_positive_int, default=None)
-    s.add_argument("--autoencoder", default=None)
+    s.add_argument("--autoencoder", default=None, choices=AUTOENCODERS)
     s.add_argument("--steps", type=_positive_int, default=None)
     s.add_argument("--batch", type=_positive_int, default=None, help="global batch")
     s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    s.add_argument("--precision", choices=PRECISIONS, default=None)
     s.add_argument("--compile", action="store_true")
     s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("bench", help="training and sampling throughput on this device")
-    s.add_argument("--model", required=True)
-    s.add_argument("--conditioning", default="adaLN-Zero")
-    s.add_argument("--batch", type=_positive_int, default=8)
+    s.add_argument("--model", default=None, help="one model, e.g. DiT-XL/2")
+    s.add_argument("--suite", nargs="?", const="paper", default=None,
+                   help="bench several models in each configuration worth trying: 'paper' (the 12, default) "
+                        "or M1,M2,...; prints a markdown table with the best configuration per model")
+    s.add_argument("--out", default=None, help="write the JSON here (a suite also writes the .md table beside it)")
+    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
+    s.add_argument("--batch", type=_positive_int, default=8, help="batch per device (the paper: 256 on one GPU)")
+    s.add_argument("--micro-batch", type=_auto_or_positive_int, default="auto",
+                   help="auto (the largest that fits, as training does) or a divisor of --batch")
     s.add_argument("--steps", type=_positive_int, default=10)
     s.add_argument("--warmup", type=_positive_int, default=2)
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    s.add_argument("--compile", action="store_true")
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="auto: compiled on CUDA, eager on the CPU (as training)")
     s.add_argument("--grad-checkpointing", action="store_true")
     s.add_argument("--input-size", type=_positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
     s.add_argument("--in-channels", type=_positive_int, default=4)
+    s.add_argument("--latents", action="store_true",
+                   help="also time the latent stage: SD VAE encodes/s at input-size x 8 px, --batch images")
+    s.add_argument("--sampling-steps", type=_positive_int, default=None,
+                   help="also time sampling end to end (DDPM, VAE decode) with this many steps, --batch images")
+    s.add_argument("--autoencoder-path", default=None,
+                   help="SD VAE weights for --latents/--sampling-steps (default: its architecture, random weights)")
     s.add_argument("--format", choices=["table", "json"], default="table")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a grid and an ADM npz")
@@ -98,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=_positive_int, default=64)
     s.add_argument("--labels", choices=["balanced", "random"], default="balanced")
     s.add_argument("--cfg-scale", type=float, default=1.0)
-    s.add_argument("--guidance-channels", choices=["3", "all"], default="3")
+    s.add_argument("--guidance-channels", choices=[str(c) for c in GUIDANCE_CHANNELS], default="3")
     s.add_argument("--steps", type=_positive_int, default=250, help="sampling steps (respaced)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
@@ -109,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="FID, sFID, IS, precision and recall of an npz of samples")
     s.add_argument("--samples", required=True, help="npz in the ADM layout (arr_0: N x H x W x 3 uint8)")
     s.add_argument("--reference", required=True, help="ADM reference npz, an image folder, or 'digits'")
-    s.add_argument("--metrics", type=_csv_list, default=["fid", "sfid", "is", "precision", "recall"])
-    s.add_argument("--features", choices=["inception", "digits"], default="inception")
+    s.add_argument("--metrics", type=_csv_list, default=list(METRICS), help=f"comma-separated: {','.join(METRICS)}")
+    s.add_argument("--features", choices=FEATURE_SPACES, default="inception")
     s.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
     s.add_argument("--batch-size", type=_positive_int, default=100)
     s.add_argument("--json", default=None, help="write the metrics here too")
@@ -125,10 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--forecast-from", default=None, metavar="SWEEP",
                    help="a finished smaller sweep: show each run's forecast FID from its chosen scaling law")
     s.add_argument("--results", default="results", help="results root of --forecast-from")
+    s.add_argument("--throughput-from", default=None,
+                   help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
+    s.add_argument("--sampling-throughput", type=float, default=None,
+                   help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
+    s.add_argument("--latent-throughput", type=float, default=None,
+                   help="measured VAE encodes/s per accelerator (`harness bench --latents`)")
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")
-    s.add_argument("--launcher", choices=["slurm", "local", "debug"], default=None,
+    s.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help="override the spec's launcher.kind")
     s.add_argument("--results", default="results", help="results root")
     s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")
@@ -138,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="state and progress of each run of a sweep")
     s.add_argument("sweep")
     s.add_argument("--results", default="results")
+
+    s = sub.add_parser("export", help="write a checkpoint as a diffusers DiTPipeline folder")
+    s.add_argument("source", help="a checkpoint step_XXXXXXX.pt or a run folder (its newest valid checkpoint)")
+    s.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target layout")
+    s.add_argument("out", help="new folder to write")
+    s.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+
+    s = sub.add_parser("import", help="turn diffusers or official DiT weights into a state dict for train.init_from")
+    s.add_argument("source", help="a DiTPipeline (or transformer/) folder, or an official DiT .pt")
+    s.add_argument("--from", dest="fmt", choices=["diffusers", "official"], required=True)
+    s.add_argument("out", help="the .pt file to write (official layout)")
 
     s = sub.add_parser("report", help="render the HTML and PDF report of a sweep")
     s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")

@@ -296,7 +296,15 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
-        raw = model_fn(xt, self._model_t(t), **(model_kwargs or {})).float()
+        raw = model_fn(xt, self._model_t(t), **(model_kwargs or {}))
+        return self.loss_terms(raw, x0, xt, t, noise)
+
+    def loss_terms(self, raw: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training losses from the model's output `raw` (N, C or 2C, H, W) at xt = q_sample(x0,
+        t, noise): dict(loss, mse, vb), each (N,), in fp32. Separate from the model call so that
+        the trainer can compile it on its own."""
+        raw = raw.float()
         C = x0.shape[1]
         eps_pred = raw[:, :C]
         mse = mean_flat((noise.float() - eps_pred) ** 2)

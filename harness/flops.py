@@ -17,7 +17,7 @@ import torch
 
 from harness import paper
 from harness.io import atomic_write_json, cache_dir
-from harness.models import CONDITIONINGS, VARIANTS, check_shape, resolve_shape
+from harness.models import CONDITIONINGS, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
 from harness.models.registry import check_conditioning
 from harness.models.dit import DiT
 
@@ -112,8 +112,8 @@ def flops_table(models: list[str] | None, conditionings: list[str] | None, image
         pairs = [(m, "adaLN-Zero") for m in VARIANTS] + [("DiT-XL/2", c) for c in CONDITIONINGS if c != "adaLN-Zero"]
         if conditionings:
             pairs = [p for p in pairs if p[1] in conditionings]
-    input_size = image_size if pixel else image_size // 8
-    channels = in_channels or (3 if pixel else 4)
+    input_size = image_size if pixel else image_size // VAE_DOWNSAMPLE
+    channels = in_channels or (3 if pixel else VAE_CHANNELS)
     rows = []
     for model, conditioning in pairs:
         gflops, params = model_gflops(model, conditioning, input_size, channels)

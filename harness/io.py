@@ -21,15 +21,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write `path` through `write(fileobj)` into a temp file in the same folder, fsync, rename.
 
-    A reader never sees a half-written file; a crash leaves the old file (or none) in place.
+    A reader never sees a half-written file; a crash leaves the old file (or none) in place. The
+    file gets the mode any file the user writes gets (0666 less the umask), not the temp file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports from the group
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -8,10 +8,17 @@ every evaluation (eval.at_steps x sampling_steps x cfg_scales). Runs of a `check
 train nothing: their training compute is 0.
 
 With `--throughput T` (training images/s per accelerator, from `harness bench`), accelerator-hours:
-training = global_batch x steps / T; sampling = forward passes / (3 T), since a training image costs
-about three forward passes. Without `--throughput-model M` one T applies to every run; with it, T is
-M's throughput and each run's is scaled by Gflops(M) / Gflops(run) (compute-bound estimate). Either
-way it is an estimate, labelled as such.
+training = global_batch x steps / T; evaluation = forward passes / S, where S is the measured sampling
+throughput (`--sampling-throughput`: images/s for one denoising step, `harness bench`'s figure, VAE
+decode included) or, without it, 3 T (a training image costs about three forward passes). Without
+`--throughput-model M` T and S apply to every run; with it, they are M's and each run's are scaled by
+Gflops(M) / Gflops(run) (compute-bound estimate). The latent stage (`--latent-throughput L`: VAE
+encodes/s per accelerator, `harness bench --latents`) encodes each training image and its flip once
+per (dataset, autoencoder, image size): 2 N / L hours, shared equally by the runs that train on that
+cache (identity autoencoder: 0). N is the image folder's count, or ImageNet-1k's 1,281,167 when the
+folder is not reachable here and the data has 1000 classes. Every hour is an estimate, labelled as such.
+`--throughput-from BENCH.json` (`harness bench --suite ... --out BENCH.json`) gives every run the
+measured training and sampling speed of its own model instead of T and S.
 """
 from __future__ import annotations
 
@@ -45,8 +52,10 @@ class RunPlan:
     sampling_forwards: int       # network forward passes (per image) over all evaluations
     sampling_gflops: float
     tokens: int = 0              # tokens per image: (input_size / patch)^2
+    latent_images: int | None = None        # images in the run's latent cache (each encoded twice: flip)
     train_accel_hours: float | None = None
-    sampling_accel_hours: float | None = None
+    sampling_accel_hours: float | None = None   # evaluation: sampling (and its VAE decode)
+    latent_accel_hours: float | None = None     # this run's share of its latent stage
     forecast_fid: float | None = None        # with --forecast-from: the chosen law's FID and interval
     forecast_lo: float | None = None
     forecast_hi: float | None = None
@@ -55,9 +64,11 @@ class RunPlan:
         return dict(self.__dict__)
 
 
-def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: float | None = None) -> RunPlan:
-    """The cost of one run. `throughput`: training images/s per accelerator, or None; measured on a
-    model of `reference_gflops` when given (scaled to this run's Gflops), else taken as this run's."""
+def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: float | None = None,
+             sampling_throughput: float | None = None) -> RunPlan:
+    """The cost of one run. `throughput` (training images/s per accelerator) and `sampling_throughput`
+    (images/s for one denoising step), or None; measured on a model of `reference_gflops` when given
+    (scaled to this run's Gflops), else taken as this run's."""
     from harness.flops import model_gflops  # imports torch and fvcore; keep `harness --help` fast
 
     data, train, ev = run.data, run.train, run.eval
@@ -80,19 +91,80 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
         eval_samples=points * ev.num_samples, sampling_forwards=forwards, sampling_gflops=gflops * forwards,
         tokens=(data.input_size // run.shape.patch) ** 2)
     if throughput is not None:
-        if reference_gflops:
-            throughput = throughput * reference_gflops / gflops
-        plan.train_accel_hours = train_images / throughput / 3600.0
-        plan.sampling_accel_hours = forwards / (paper.TRAIN_PASSES * throughput) / 3600.0
+        scale = reference_gflops / gflops if reference_gflops else 1.0
+        per_step = sampling_throughput * scale if sampling_throughput else paper.TRAIN_PASSES * throughput * scale
+        plan.train_accel_hours = train_images / (throughput * scale) / 3600.0
+        plan.sampling_accel_hours = forwards / per_step / 3600.0
     return plan
 
 
-def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None) -> dict:
+def latent_images(run: RunSpec) -> int | None:
+    """Images in the run's training set, for the latent stage's cost (None: unknown here)."""
+    import os
+
+    from harness.data import list_image_files, load_digits
+
+    d = run.data
+    if d.dataset == "digits":
+        return len(load_digits()[1])
+    try:
+        root = d.resolved_path()
+    except HarnessError:
+        root = None
+    if root and os.path.isdir(root):
+        return len(list_image_files(root))
+    return IMAGENET_TRAIN_IMAGES if d.num_classes == 1000 else None
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def _latent_hours(plans: list[RunPlan], runs: list[RunSpec], latent_throughput: float) -> None:
+    """Fill each plan's share of its latent stage: 2 N / L hours per stage, split over its runs."""
+    groups: dict = {}
+    for plan, run in zip(plans, runs):  # one stage per cache (the spec's own strings: nothing resolved)
+        d = run.data
+        groups.setdefault((d.dataset, d.path, d.autoencoder, d.autoencoder_path, d.image_size), []).append((plan, run))
+    for members in groups.values():
+        n = latent_images(members[0][1])
+        for plan, run in members:
+            plan.latent_images = n
+            if run.data.autoencoder == "identity":
+                plan.latent_accel_hours = 0.0
+            elif n is not None:
+                plan.latent_accel_hours = 2 * n / latent_throughput / 3600.0 / len(members)
+
+
+def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, float]]:
+    """{model: (training images/s, sampling images/s per step)} for every run's model, from a bench JSON."""
+    from harness.bench import read_throughput
+
+    measured = read_throughput(bench_json)
+    missing = sorted({r.model for r in runs} - set(measured))
+    if missing:
+        raise HarnessError(f"{bench_json}: no measurement for {', '.join(missing)}. Fix: "
+                           f"`harness bench --suite {','.join(missing)} --out {bench_json}` on the same device")
+    return measured
+
+
+def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None,
+               sampling_throughput: float | None = None, latent_throughput: float | None = None,
+               throughput_from: str | None = None) -> dict:
     """{"sweep", "description", "checkpoints_from", "throughput_images_per_s", "throughput_model",
-    "runs": [RunPlan dicts], "totals"}. `throughput_model`: the model `throughput` was measured on."""
-    if throughput is not None and not throughput > 0:
-        raise HarnessError(f"--throughput: must be a positive number of images/s, got {throughput}. "
-                           "Fix: measure it with `harness bench --model ...` and pass its images/s.")
+    "sampling_images_per_s", "latent_encodes_per_s", "runs": [RunPlan dicts], "totals"}.
+    `throughput_model`: the model `throughput` and `sampling_throughput` were measured on.
+    `throughput_from`: a `harness bench` JSON measuring each run's own model (instead of both)."""
+    if throughput_from is not None and (throughput is not None or sampling_throughput is not None):
+        raise HarnessError("--throughput-from: gives every run its own measured speed; drop --throughput and "
+                           "--sampling-throughput, or drop --throughput-from")
+    for flag, value in (("--throughput", throughput), ("--sampling-throughput", sampling_throughput),
+                        ("--latent-throughput", latent_throughput)):
+        if value is not None and not value > 0:
+            raise HarnessError(f"{flag}: must be a positive number of images/s, got {value}. "
+                               "Fix: measure it with `harness bench --model ...` and pass its images/s.")
+    if sampling_throughput is not None and throughput is None:
+        raise HarnessError("--sampling-throughput: needs --throughput (training images/s) as well. Fix: pass "
+                           "both figures of `harness bench`.")
     reference = None
     if throughput_model is not None:
         from harness.flops import model_gflops
@@ -104,7 +176,14 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
         model = resolve_shape(throughput_model).name
         d = spec.data
         reference = model_gflops(model, spec.conditioning[0], d.input_size, d.channels, d.num_classes)[0]
-    plans = [plan_run(run, throughput, reference) for run in spec.expand()]
+    runs = spec.expand()
+    if throughput_from is not None:
+        measured = _measured(throughput_from, runs)
+        plans = [plan_run(run, measured[run.model][0], None, measured[run.model][1]) for run in runs]
+    else:
+        plans = [plan_run(run, throughput, reference, sampling_throughput) for run in runs]
+    if latent_throughput is not None:
+        _latent_hours(plans, runs, latent_throughput)
     totals = {
         "runs": len(plans),
         "train_gflops": sum(p.train_gflops for p in plans),
@@ -112,13 +191,22 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
         "sampling_gflops": sum(p.sampling_gflops for p in plans),
     }
     totals["total_gflops"] = totals["train_gflops"] + totals["sampling_gflops"]
-    if throughput is not None:
+    if throughput is not None or throughput_from is not None:
         totals["train_accel_hours"] = sum(p.train_accel_hours for p in plans)
         totals["sampling_accel_hours"] = sum(p.sampling_accel_hours for p in plans)
         totals["accel_hours"] = totals["train_accel_hours"] + totals["sampling_accel_hours"]
+    if latent_throughput is not None:
+        known = [p.latent_accel_hours for p in plans if p.latent_accel_hours is not None]
+        totals["latent_accel_hours"] = sum(known) if len(known) == len(plans) else None
+        if totals.get("accel_hours") is not None and totals["latent_accel_hours"] is not None:
+            totals["accel_hours"] += totals["latent_accel_hours"]
     return {"sweep": spec.name, "spec": str(spec.path), "description": spec.description,
-            "checkpoints_from": spec.checkpoints_from, "throughput_images_per_s": throughput,
-            "throughput_model": throughput_model,
+            "checkpoints_from": spec.checkpoints_from,
+            "throughput_images_per_s": ({m: measured[m][0] for m in sorted({r.model for r in runs})}
+                                        if throughput_from is not None else throughput),
+            "throughput_model": f"measured per model ({throughput_from})" if throughput_from else throughput_model,
+            "sampling_images_per_s": sampling_throughput,
+            "latent_encodes_per_s": latent_throughput,
             "runs": [p.to_dict() for p in plans], "totals": totals}
 
 
@@ -129,9 +217,12 @@ def _sci(x: float | None) -> str:
 def format_table(plan: dict) -> str:
     """A fixed-width text table of a plan, one row per run plus a totals row."""
     hours = plan["throughput_images_per_s"] is not None
+    latent = plan.get("latent_encodes_per_s") is not None
     cols = ["run_id", "gflops", "paper", "params_m", "train_gflops", "eval_samples", "sampling_gflops"]
     if hours:
-        cols += ["train_h", "sampling_h"]
+        cols += ["train_h", "eval_h"]
+    if latent:
+        cols += ["latent_h"]
     fc = plan.get("forecast_from") is not None
     if fc:
         cols += ["forecast_fid"]
@@ -142,6 +233,8 @@ def format_table(plan: dict) -> str:
                _sci(r["sampling_gflops"])]
         if hours:
             row += [f"{r['train_accel_hours']:.1f}", f"{r['sampling_accel_hours']:.1f}"]
+        if latent:
+            row += [_hours(r["latent_accel_hours"])]
         if fc:
             row += [f"{r['forecast_fid']:.3g} [{r['forecast_lo']:.3g}, {r['forecast_hi']:.3g}]"
                     if r["forecast_fid"] is not None else "-"]
@@ -151,6 +244,8 @@ def format_table(plan: dict) -> str:
              _sci(t["sampling_gflops"])]
     if hours:
         total += [f"{t['train_accel_hours']:.1f}", f"{t['sampling_accel_hours']:.1f}"]
+    if latent:
+        total += [_hours(t["latent_accel_hours"])]
     if fc:
         total += [""]
     widths = [max(len(c), *(len(r[i]) for r in rows + [total])) for i, c in enumerate(cols)]
@@ -161,11 +256,20 @@ def format_table(plan: dict) -> str:
     out += [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out += [line(["-" * w for w in widths]), line(total)]
     out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
-               "sampling = gflops x steps x samples (x2 with cfg > 1)")
-    if hours:
+               "sampling = gflops x steps x samples (x2 with guidance, cfg != 1)")
+    if hours and isinstance(plan["throughput_images_per_s"], dict):
+        speeds = ", ".join(f"{m} {v:,.0f}" for m, v in plan["throughput_images_per_s"].items())
+        out.append(f"accelerator-hours from the training and sampling images/s {plan['throughput_model']}: "
+                   f"training {speeds}; total {t['accel_hours']:.1f} h")
+    elif hours:
         on = f" on {plan['throughput_model']}, scaled by Gflops" if plan["throughput_model"] else ""
-        out.append(f"accelerator-hours estimated from {plan['throughput_images_per_s']:g} training images/s "
-                   f"per accelerator{on}; total {t['accel_hours']:.1f} h")
+        sampling = (f"{plan['sampling_images_per_s']:g} sampling images/s per denoising step"
+                    if plan.get("sampling_images_per_s") else "3x that per denoising step (no --sampling-throughput)")
+        out.append(f"accelerator-hours estimated from {plan['throughput_images_per_s']:g} training images/s and "
+                   f"{sampling} per accelerator{on}; total {t['accel_hours']:.1f} h")
+    if latent:
+        out.append(f"latent_h: this run's share of its latent stage at {plan['latent_encodes_per_s']:g} VAE "
+                   "encodes/s per accelerator (each image and its flip)")
     if fc:
         f = plan["forecast_from"]
         out.append(f"forecast_fid: {f['law']} fitted to sweep '{f['sweep']}' ({f['runs']} runs at step {f['step']:,}, "
@@ -197,9 +301,15 @@ def add_forecast(plan: dict, results_root: str, source: str) -> dict:
     return plan
 
 
+def _hours(h: float | None) -> str:
+    return "-" if h is None else f"{h:.1f}"
+
+
 def cli_plan(args) -> int:
     spec = load_spec(args.sweep)
-    plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None))
+    plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None),
+                      getattr(args, "sampling_throughput", None), getattr(args, "latent_throughput", None),
+                      getattr(args, "throughput_from", None))
     if getattr(args, "forecast_from", None):
         add_forecast(plan, args.results, args.forecast_from)
     if args.format == "json":

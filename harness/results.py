@@ -1,28 +1,30 @@
 """Run records <-> one tidy pandas DataFrame.
 
-Reads results/<sweep>/runs/<run_id>/{run.json, eval.jsonl, train.jsonl} (the shared record schema)
-and, when present, results/<sweep>/sweep.json ({"runs": [run_id, ...]}, the dispatcher's list of
-expected runs) to say which runs of a partial sweep are missing. One row per evaluation record.
+Reads each run folder's run.json, eval.jsonl and train.jsonl and, when present, the sweep's
+sweep.json (the runs `harness sweep` expects) and spec.yaml (the files are named by
+`harness.layout`), to say which runs of a partial sweep are missing. One row per evaluation record.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from harness import layout
 from harness.errors import HarnessError
 from harness.io import read_jsonl
+from harness.metrics import METRIC_LABELS
 from harness.paper import train_compute
+from harness.samplers import guidance_on
+from harness.specfile import Where, read_yaml
 
 log = logging.getLogger(__name__)
 
-# Metric column -> the label used in tables and figures.
-METRICS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
+# Metric column -> the label used in tables and figures (the metrics package owns both).
+METRICS = METRIC_LABELS
 
 # The tidy table's columns, in order. train_compute is in Gflops: gflops x global_batch x step x 3
 # (the backward pass costs twice the forward), the paper's convention.
@@ -30,8 +32,9 @@ COLUMNS = [
     "run_id", "model", "size", "patch", "depth", "hidden", "conditioning", "seed",
     "dataset", "image_size", "num_classes", "global_batch",
     "step", "gflops", "params", "tokens", "train_compute",
-    "sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
-    "num_samples", *METRICS, "fid_se", "train_wall_s", "eval_wall_s",
+    "sampling_steps", "sampler", "sampler_impl", "sampler_version", "model_evaluations", "cfg_scale",
+    "guidance_channels", "feature_space", "reference", "num_samples", *METRICS, "fid_se", "train_wall_s",
+    "eval_wall_s",
 ]
 
 
@@ -47,6 +50,7 @@ class SweepResults:
     expected: list[str] | None      # run ids from sweep.json, if present
     missing: dict[str, str] = field(default_factory=dict)  # run_id -> why it has no evaluation
     spec_text: str | None = None    # results/<name>/spec.yaml, if present
+    throughput: dict[str, dict] = field(default_factory=dict)  # run_id -> train_throughput(train.jsonl)
 
     @property
     def run_ids(self) -> list[str]:
@@ -60,10 +64,7 @@ def sweep_name(sweep: str | Path) -> str:
     if text.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise HarnessError(f"{path}: sweep spec not found; pass an existing sweeps/NAME.yaml or a bare sweep name")
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise HarnessError(f"{path}: not valid YAML ({err}); fix the file") from err
+        doc = read_yaml(path, Where(str(path)))  # bounded: a hostile file is refused, not expanded
         name = doc.get("name", path.stem) if isinstance(doc, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise HarnessError(f"{path}: key 'name' is empty; write e.g. `name: {path.stem}`")
@@ -71,13 +72,6 @@ def sweep_name(sweep: str | Path) -> str:
     if not text or "/" in text or text.startswith("."):
         raise HarnessError(f"'{text}' is not a sweep name; pass sweeps/NAME.yaml or NAME")
     return text
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise HarnessError(f"{path}: unreadable run record ({err}); delete the run folder and rerun it") from err
 
 
 def _train_wall(train_records: list[dict], step: int) -> float | None:
@@ -96,9 +90,30 @@ def _tokens(run: dict) -> float | None:
     return float((size // patch) ** 2) if size and patch else None
 
 
+def train_throughput(train_records: list[dict]) -> dict | None:
+    """A run's training speed from its train.jsonl: medians over the log lines after the first (which
+    holds start-up and compilation) of images/s, steps/s, TFLOP/s per device and MFU; the micro-batch
+    and compilation of the last line; the largest peak memory. None without log lines."""
+    recs = [r for r in train_records if r.get("images_per_s") is not None]
+    if not recs:
+        return None
+    steady = recs[1:] or recs
+
+    def median(key: str) -> float | None:
+        vals = [float(r[key]) for r in steady if r.get(key) is not None]
+        return float(np.median(vals)) if vals else None
+
+    peaks = [float(r["peak_mem_mb"]) for r in recs if r.get("peak_mem_mb") is not None]
+    return {"images_per_s": median("images_per_s"), "steps_per_s": median("steps_per_s"),
+            "tflops_per_device": median("tflops_per_device"), "mfu": median("mfu"),
+            "micro_batch": recs[-1].get("micro_batch"), "compiled": recs[-1].get("compiled"),
+            "peak_mem_mb": max(peaks) if peaks else None, "log_lines": len(recs)}
+
+
 def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
-    evals = list(read_jsonl(run_dir / "eval.jsonl"))
-    train = list(read_jsonl(run_dir / "train.jsonl"))
+    folder = layout.RunFolder(run_dir)
+    evals = list(read_jsonl(folder.eval_log))
+    train = list(read_jsonl(folder.train_log))
     data, tr = run.get("data") or {}, run.get("train") or {}
     gflops = run.get("gflops")
     batch = tr.get("global_batch")
@@ -119,6 +134,8 @@ def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
             "step": int(step), "gflops": gflops, "params": run.get("params"), "tokens": _tokens(run),
             "train_compute": compute,
             "sampling_steps": ev.get("sampling_steps"), "sampler": ev.get("sampler"),
+            "sampler_impl": ev.get("sampler_impl"), "sampler_version": ev.get("sampler_version"),
+            "model_evaluations": ev.get("model_evaluations", ev.get("sampling_steps")),
             "cfg_scale": ev.get("cfg_scale"), "guidance_channels": ev.get("guidance_channels"),
             "feature_space": ev.get("features_id") or ev.get("feature_space"), "reference": ev.get("reference"),
             "num_samples": ev.get("num_samples"),
@@ -135,22 +152,20 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     """Load every run record of a sweep. A partial sweep loads (missing runs are listed);
     a sweep with no evaluation at all raises HarnessError."""
     name = sweep_name(sweep)
-    root = Path(results_root) / name
-    runs_dir = root / "runs"
-    expected = None
-    sweep_json = root / "sweep.json"
-    if sweep_json.is_file():
-        ids = _read_json(sweep_json).get("runs")
-        if isinstance(ids, list):
-            expected = [str(i) for i in ids]
-    runs, rows, missing = [], [], {}
+    root = layout.sweep_dir(results_root, name)
+    runs_dir = root / layout.RUNS_DIR
+    expected = layout.read_expected_runs(root)
+    runs, rows, missing, throughput = [], [], {}, {}
     run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     for run_dir in run_dirs:
-        if not (run_dir / "run.json").is_file():
+        if not layout.RunFolder(run_dir).run_json.is_file():
             missing[run_dir.name] = "no run.json (not planned or interrupted before start)"
             continue
-        run = _read_json(run_dir / "run.json")
+        run = layout.read_run_json(run_dir)
         runs.append(run)
+        speed = train_throughput(list(read_jsonl(layout.RunFolder(run_dir).train_log)))
+        if speed is not None:
+            throughput[run.get("run_id", run_dir.name)] = speed
         run_rows = _rows_of_run(run, run_dir)
         if not run_rows:
             missing[run.get("run_id", run_dir.name)] = "no evaluation yet (eval.jsonl empty or absent)"
@@ -158,7 +173,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     found = {r.get("run_id", "") for r in runs} | set(missing)
     for rid in expected or []:
         if rid not in found:
-            missing[rid] = "no run folder (not started)"
+            missing[rid] = "no run folder (never started, or removed)"
     if not rows:
         raise HarnessError(
             f"{runs_dir}: no evaluation records for sweep '{name}' "
@@ -169,12 +184,11 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     frame = frame.sort_values(["model", "conditioning", "seed", "step", "sampling_steps", "cfg_scale"],
                               na_position="last", kind="stable").reset_index(drop=True)
-    spec = root / "spec.yaml"
-    spec_text = spec.read_text() if spec.is_file() else None
+    spec_text = layout.read_spec_text(root)
     if missing:
         log.warning("sweep %s: %d run(s) without evaluation: %s", name, len(missing), ", ".join(sorted(missing)))
     return SweepResults(name=name, root=root, frame=frame, runs=runs, expected=expected,
-                        missing=dict(sorted(missing.items())), spec_text=spec_text)
+                        missing=dict(sorted(missing.items())), spec_text=spec_text, throughput=throughput)
 
 
 def load_results(results_root: str | Path, sweep: str | Path) -> pd.DataFrame:
@@ -189,8 +203,7 @@ def default_setting(frame: pd.DataFrame) -> pd.DataFrame:
     keys = ["sampling_steps", "sampler", "cfg_scale", "guidance_channels", "feature_space", "reference",
             "num_samples"]
     key = pd.Series(["|".join(map(str, row)) for row in frame[keys].itertuples(index=False)], index=frame.index)
-    cfg = frame["cfg_scale"].astype(float)
-    unguided = cfg.isna() | np.isclose(cfg.fillna(1.0), 1.0)
+    unguided = ~frame["cfg_scale"].map(guidance_on).astype(bool)
     pool = key[unguided] if unguided.any() else key
     top = pool.value_counts(sort=True).index[0]
     return frame[key == top]

@@ -1,10 +1,12 @@
-"""Sampling from a trained DiT: batched DDPM/DDIM with classifier-free guidance, decoded to uint8
-images, written as an image grid (PNG) and an ADM-layout .npz (arr_0: N x H x W x 3 uint8, arr_1:
+"""Sampling from a trained DiT: batched, any sampler of harness.samplers, classifier-free guidance, decoded
+to uint8 images, written as an image grid (PNG) and an ADM-layout .npz (arr_0: N x H x W x 3 uint8, arr_1:
 labels int64).
 
 Determinism: for a given seed, each sample's starting noise comes from its own generator (seeded by
-seed and the sample's index), so DDIM (eta = 0) gives the same image for sample i whatever the batch
-size. DDPM also draws noise at every step, per batch, so it is reproducible for a (seed, batch_size).
+seed and the sample's global index), so DDIM (eta = 0) gives the same image for sample i whatever the
+batch size. DDPM also draws noise at every step, from a generator seeded by the global index of the
+batch's first sample, so it is reproducible for a (seed, batch_size). A slice of a larger set (one
+rank's share, `first_index` = global index of its first label) gives the images the whole set would.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write
-from harness.spec import SAMPLERS  # the spec owns the choices it validates
+from harness.samplers import SAMPLERS, guidance_on, sample_loop
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +75,16 @@ def _sample_seed(seed: int, index: int) -> int:
 def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.ndarray, sampling_steps: int = 250,
                   sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | str | None = 3,
                   seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
-                  autoencoder: Any = None, progress: bool = False) -> np.ndarray:
+                  autoencoder: Any = None, progress: bool = False, first_index: int = 0) -> np.ndarray:
     """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
 
     model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
     shape; label `model.num_classes` is the null class). run: the run (RunSpec or run.json dict) naming data.autoencoder, unless
-    `autoencoder` is given. Guidance runs the conditional and null halves in one batch when
+    `autoencoder` is given. labels[j] is sample first_index + j of the set (its noise seeds).
+    Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
     """
-    from harness.diffusion import create_diffusion, guided_model_fn
+    from harness.diffusion import guided_model_fn
     from harness.data import to_uint8
 
     if sampler not in SAMPLERS:
@@ -95,15 +98,13 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
         raise HarnessError(f"labels must lie in 0..{num_classes - 1} for this model.")
     shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     learn_sigma = int(model.out_channels) == 2 * shape[0]
-    diffusion = create_diffusion(str(int(sampling_steps)), learn_sigma=learn_sigma)
-    guided = float(cfg_scale) != 1.0
+    guided = guidance_on(cfg_scale)
     channels = _channels_arg(guidance_channels)
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, t, y)
 
     model_fn = guided_model_fn(net, float(cfg_scale), channels) if guided else net
-    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     was_training = model.training
     model.eval()
     out = []
@@ -111,14 +112,14 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
         with torch.inference_mode():
             for start in range(0, len(labels), batch_size):
                 y = labels[start : start + batch_size].to(device)
+                first = first_index + start
                 noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
-                                     for i in range(start, start + len(y))]).to(device)
-                gen = torch.Generator().manual_seed(_sample_seed(seed, -1 - start))
+                                     for i in range(first, first + len(y))]).to(device)
+                gen = torch.Generator().manual_seed(_sample_seed(seed, -1 - first))
                 if guided:
                     noise = torch.cat([noise, noise])
                     y = torch.cat([y, torch.full_like(y, num_classes)])
-                z = loop(model_fn, tuple(noise.shape), noise=noise, model_kwargs={"y": y}, device=device,
-                         progress=progress, generator=gen)
+                z = sample_loop(sampler, model_fn, noise, sampling_steps, {"y": y}, learn_sigma, gen, progress)
                 if guided:
                     z = z[: len(z) // 2]
                 images = ae.decode(z)

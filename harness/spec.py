@@ -17,11 +17,13 @@ Schema (every key optional unless marked; defaults are the dataclass defaults be
 Runs are the cross product models x conditioning x seeds. Each run's `run_id` is readable and stable,
 e.g. "DiT-S-2_adaLN-Zero_s0_3f9a1c": the prefix names model, block and seed, the suffix hashes the
 normalised training identity -- model, conditioning, seed, the data keys that change the pixels
-(dataset, image_size, autoencoder, num_classes) and the train keys that change the maths (global_batch,
+(dataset, image_size, autoencoder, num_classes, flip) and the train keys that change the maths (global_batch,
 lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision). Deliberately excluded: the
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
-bookkeeping (ckpt_every, keep_last, log_every, compile, grad_checkpointing) and train.steps (raising
+bookkeeping (ckpt_every, keep_last, log_every, compile, micro_batch, grad_checkpointing) and train.steps (raising
 the step count continues the same runs instead of starting new ones).
+`train.init_from` (weights to start from) enters the identity as the sha256 of the file's bytes, so
+moving or renaming the file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
 
 `checkpoints_from: gflops` (the sampling study): the sweep trains nothing; each of its runs evaluates
 the checkpoints of the run with the same `run_id` in results/gflops/runs/<run_id>/. Because run ids
@@ -32,7 +34,9 @@ checks that every run id exists there.
 Validation happens before anything runs: unknown keys (with a did-you-mean), wrong types, unknown
 models or blocks, sizes that don't divide, empty lists, non-positive counts, duplicate YAML keys,
 eval steps beyond train.steps. Every error is a HarnessError "FILE:LINE: KEY: problem. Fix: ...".
-YAML is read with a SafeLoader that also accepts `1e-4` as a float (YAML 1.1 would read a string).
+YAML is read by `harness.specfile`: a SafeLoader that also accepts `1e-4` as a float (YAML 1.1 would
+read a string), within stated bounds (64 KiB, 16 levels, 10,000 values after alias expansion); a sweep
+expands to at most MAX_RUNS runs.
 `${VAR}` in data.path, data.autoencoder_path, eval.reference and eval.inception_weights is expanded
 from the environment when a run starts (`DataSpec.resolved_path()`), not at load time.
 """
@@ -48,19 +52,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness.errors import HarnessError
-from harness.models import CONDITIONINGS, SIZES, VARIANTS, check_shape, resolve_shape
+from harness.layout import RUN_JSON_PLAN_KEYS
+from harness.specfile import Where, check_keys, check_value, read_yaml, section, typename
+from harness.metrics import FEATURE_SPACES, METRICS
+from harness.models import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
+from harness.samplers import SAMPLERS
 
 DATASETS = ("digits", "imagefolder")
 AUTOENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-ft-mse")
 PRECISIONS = ("fp32", "bf16")
-SAMPLERS = ("ddpm", "ddim")
-METRICS = ("fid", "sfid", "is", "precision", "recall")
-FEATURES = ("digits", "inception")
 LAUNCHERS = ("slurm", "local", "debug")
-VAE_DOWNSAMPLE = 8
+#: the most runs one sweep may expand to (a bound, so a typo cannot plan a million runs)
+MAX_RUNS = 10_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -87,7 +91,7 @@ class DataSpec:
     def channels(self) -> int:
         """Channels the DiT sees: 4 through an SD VAE, else the images' own (1 digits, 3 RGB)."""
         if self.autoencoder != "identity":
-            return 4
+            return VAE_CHANNELS
         return 1 if self.dataset == "digits" else 3
 
     @property
@@ -105,7 +109,7 @@ class DataSpec:
 
 @dataclass
 class TrainSpec:
-    steps: int = _opt(2000, kind=int, min=1)
+    steps: int = _opt(2000, kind=int, min=0)  # 0: evaluate train.init_from's weights, train nothing
     global_batch: int = _opt(64, kind=int, min=1)
     lr: float = _opt(1.0e-4, kind=float, gt=0.0)
     weight_decay: float = _opt(0.0, kind=float, min=0.0)
@@ -113,23 +117,27 @@ class TrainSpec:
     ema_decay: float = _opt(0.9999, kind=float, min=0.0, lt=1.0)
     class_dropout: float = _opt(0.1, kind=float, min=0.0, lt=1.0)
     precision: str = _opt("fp32", kind=str, choices=PRECISIONS)
-    compile: bool = _opt(False, kind=bool)
+    compile: bool | str = _opt("auto", kind="auto_bool")  # auto: compiled on CUDA, eager on the CPU
+    micro_batch: int | str = _opt("auto", kind="auto_int")  # per-GPU micro-batch; auto: largest that fits
     grad_checkpointing: bool = _opt(False, kind=bool)
     ckpt_every: int = _opt(500, kind=int, min=1)
     keep_last: int = _opt(2, kind=int, min=1)
     log_every: int = _opt(50, kind=int, min=1)
+    # weights to start from (harness checkpoint, official-layout state dict, diffusers DiT folder); the run id
+    # hashes the file's content, not its path; a fresh optimizer. See harness.interop.
+    init_from: str | None = _opt(None, kind=str, nullable=True)
 
 
 @dataclass
 class EvalSpec:
-    at_steps: list[int] = _opt([2000], kind=list, item=int, min=1, nonempty=True)
+    at_steps: list[int] = _opt([2000], kind=list, item=int, min=0, nonempty=True)
     num_samples: int = _opt(1000, kind=int, min=1)
     sampling_steps: list[int] = _opt([50], kind=list, item=int, min=1, nonempty=True)
-    sampler: str = _opt("ddim", kind=str, choices=SAMPLERS)
+    sampler: str = _opt("ddim", kind=str, choices=tuple(SAMPLERS))
     cfg_scales: list[float] = _opt([1.0], kind=list, item=float, min=1.0, nonempty=True)
     guidance_channels: int | str = _opt(3, kind="guidance")
     metrics: list[str] = _opt(list(METRICS), kind=list, item=str, choices=METRICS, nonempty=True)
-    features: str = _opt("digits", kind=str, choices=FEATURES)
+    features: str = _opt("digits", kind=str, choices=FEATURE_SPACES)
     reference: str = _opt("digits", kind=str)
     batch_size: int = _opt(250, kind=int, min=1)
     inception_weights: str | None = _opt(None, kind=str, nullable=True)
@@ -150,6 +158,8 @@ class LauncherSpec:
     qos: str | None = _opt(None, kind=str, nullable=True)
     nodes: int = _opt(1, kind=int, min=1)
     gpus_per_node: int = _opt(0, kind=int, min=0)
+    tasks_per_node: int | None = _opt(None, kind=int, min=1, nullable=True)  # training ranks per node;
+    #                            default gpus_per_node (one rank per GPU), or 1 without GPUs
     cpus_per_task: int = _opt(2, kind=int, min=1)
     mem_gb: float = _opt(8.0, kind=float, gt=0.0)
     timeout_min: int = _opt(60, kind=int, min=1)
@@ -157,12 +167,16 @@ class LauncherSpec:
     max_concurrent_local: int = _opt(1, kind=int, min=1)
     additional: dict = _opt({}, kind=dict)
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Training processes per node: tasks_per_node, else one per GPU, else 1."""
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
 
 # train keys that do not change the maths, hence not the run id
-_TRAIN_ID_EXCLUDED = ("steps", "compile", "grad_checkpointing", "ckpt_every", "keep_last", "log_every")
+_TRAIN_ID_EXCLUDED = ("steps", "compile", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
+                      "log_every")
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
-# keys the planner adds to run.json; from_dict ignores them
-PLAN_KEYS = ("size", "patch", "depth", "hidden", "heads", "gflops", "params", "input_size", "in_channels")
 
 
 @dataclass
@@ -185,7 +199,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
         known = {f.name for f in fields(cls)}
-        extra = set(d) - known - set(PLAN_KEYS)
+        extra = set(d) - known - set(RUN_JSON_PLAN_KEYS)
         if extra:
             raise HarnessError(f"run.json: unknown keys {sorted(extra)}. Fix: regenerate it with `harness sweep`.")
         try:
@@ -243,6 +257,10 @@ def run_identity(model: str, conditioning: str, seed: int, data: DataSpec, train
     d = {k: v for k, v in asdict(data).items() if k not in _DATA_ID_EXCLUDED}
     t = {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(train).items()
          if k not in _TRAIN_ID_EXCLUDED}
+    if t.pop("init_from", None) is not None:  # by content (sha256), so moving the file keeps the id
+        from harness.interop import source_digest
+
+        t["init_from_sha256"] = source_digest(expand_path(train.init_from, "train.init_from"))
     return {"model": model, "conditioning": conditioning, "seed": int(seed), "data": d, "train": t}
 
 
@@ -265,203 +283,26 @@ def expand_path(value: str | None, key: str) -> str | None:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-# --------------------------------------------------------------------------- YAML with lines
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float, like YAML 1.2 and JSON do."""
-
-
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-class _Where:
-    """Maps key paths to 1-based line numbers; formats errors."""
-
-    def __init__(self, file: str):
-        self.file = file
-        self.lines: dict[tuple, int] = {}
-
-    def line(self, path: tuple) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return self.lines.get(())
-
-    def error(self, path: tuple, problem: str, fix: str) -> HarnessError:
-        line = self.line(path)
-        loc = f"{self.file}:{line}" if line else self.file
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
-        end = "" if fix.endswith((".", "?", "!")) else "."
-        return HarnessError(f"{loc}: {key or '(top level)'}: {problem}. Fix: {fix}{end}")
-
-
-def _walk(node: yaml.Node, path: tuple, where: _Where) -> None:
-    where.lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                where.lines[path + (key,)] = line
-                raise where.error(path + (key,), f"duplicate key (first on line {seen[key]})",
-                                  "keep one of the two entries")
-            seen[key] = line
-            where.lines[path + (key,)] = line
-            _walk(value_node, path + (key,), where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            where.lines[path + (i,)] = item.start_mark.line + 1
-            _walk(item, path + (i,), where)
-
-
-def _read_yaml(path: Path, where: _Where) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HarnessError(f"{path}: no such sweep spec. Fix: check the path (specs live in sweeps/).")
-    except (OSError, UnicodeDecodeError) as err:
-        raise HarnessError(f"{path}: cannot read the file ({err}). Fix: pass a UTF-8 YAML file.")
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise HarnessError(f"{path}: the file is empty. Fix: write a sweep spec "
-                               "(at least `models: [DiT-S/2]`; see sweeps/smoke.yaml).")
-        _walk(node, (), where)
-        return loader.construct_document(node)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise HarnessError(f"{path}{line}: not valid YAML ({err.problem}). "
-                           "Fix: check indentation, colons and quotes on that line.")
-    except yaml.YAMLError as err:
-        raise HarnessError(f"{path}: not valid YAML ({err}). Fix: check the file's syntax.")
-    finally:
-        loader.dispose()
-
-
-# --------------------------------------------------------------------------- validation
-def _typename(v: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
-
-
-def _check_keys(d: dict, allowed: list[str], path: tuple, where: _Where) -> None:
-    for key in d:
-        if not isinstance(key, str):
-            raise where.error(path + (key,), f"keys must be strings, got {_typename(key)} {key!r}",
-                              f"use one of: {', '.join(allowed)}")
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
-            raise where.error(path + (key,), "unknown key", hint if close else f"remove it ({hint})")
-
-
-def _scalar(value: Any, kind: Any, meta: dict, path: tuple, where: _Where) -> Any:
-    example = meta.get("example")
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise where.error(path, f"expected true or false, got {_typename(value)} {value!r}", "write true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise where.error(path, f"expected an integer, got {_typename(value)} {value!r}",
-                                  "write a whole number such as 400000" if example is None else example)
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise where.error(path, f"expected a number, got {_typename(value)} {value!r}",
-                              "write a number such as 1.0e-4")
-        value = float(value)
-    elif kind is str:
-        if not isinstance(value, str):
-            raise where.error(path, f"expected a string, got {_typename(value)} {value!r}", "quote the value")
-        if "choices" in meta and value not in meta["choices"]:
-            close = difflib.get_close_matches(value, meta["choices"], n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise where.error(path, f"unknown value {value!r}", f"{hint}use one of: {', '.join(meta['choices'])}")
-    if kind in (int, float):
-        if "min" in meta and value < meta["min"]:
-            raise where.error(path, f"must be >= {meta['min']}, got {value}", f"use a value >= {meta['min']}")
-        if "gt" in meta and value <= meta["gt"]:
-            raise where.error(path, f"must be > {meta['gt']}, got {value}", "use a positive value")
-        if "lt" in meta and value >= meta["lt"]:
-            raise where.error(path, f"must be < {meta['lt']}, got {value}", f"use a value below {meta['lt']}")
-    return value
-
-
-def _value(value: Any, meta: dict, path: tuple, where: _Where) -> Any:
-    kind = meta["kind"]
-    if value is None:
-        if meta.get("nullable"):
-            return None
-        raise where.error(path, "must not be empty (null)", "give it a value or delete the line for the default")
-    if kind == "guidance":
-        if value in (3, "3"):
-            return 3
-        if value == "all":
-            return "all"
-        raise where.error(path, f"unknown value {value!r}", "use 3 (guide the first 3 latent channels) or all")
-    if kind is list:
-        if not isinstance(value, list):
-            raise where.error(path, f"expected a list, got {_typename(value)} {value!r}",
-                              f"write a YAML list, e.g. [{value}]")
-        if meta.get("nonempty") and not value:
-            raise where.error(path, "empty list", "give at least one value")
-        item_meta = {k: v for k, v in meta.items() if k not in ("kind", "item", "nonempty")}
-        out = [_scalar(v, meta["item"], item_meta, path + (i,), where) for i, v in enumerate(value)]
-        for i, v in enumerate(out):
-            if v in out[:i]:
-                raise where.error(path + (i,), f"{v!r} is listed twice", "remove the duplicate")
-        return out
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise where.error(path, f"expected a mapping, got {_typename(value)}", "write key: value pairs")
-        return value
-    return _scalar(value, kind, meta, path, where)
-
-
-def _section(cls: type, raw: Any, name: str, where: _Where) -> Any:
-    path = (name,)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise where.error(path, f"expected a mapping of settings, got {_typename(raw)}",
-                          f"write `{name}:` followed by indented key: value lines")
-    allowed = [f.name for f in fields(cls)]
-    _check_keys(raw, allowed, path, where)
-    kwargs = {f.name: _value(raw[f.name], dict(f.metadata), path + (f.name,), where)
-              for f in fields(cls) if f.name in raw}
-    return cls(**kwargs)
-
-
-def _str_list(raw: Any, key: str, where: _Where, choices: tuple | None = None) -> list[str]:
+def _str_list(raw: Any, key: str, where: Where, choices: tuple | None = None) -> list[str]:
     meta = {"kind": list, "item": str, "nonempty": True}
     if choices:
         meta["choices"] = choices
-    return _value(raw, meta, (key,), where)
+    return check_value(raw, meta, (key,), where)
 
 
-def _models(raw: Any, where: _Where) -> list[str]:
+def _models(raw: Any, where: Where) -> list[str]:
     path = ("models",)
     if raw is None:
         raise where.error(path, "no models", "list model names, e.g. models: [DiT-S/2, DiT-B/4]")
     if isinstance(raw, dict):
-        _check_keys(raw, ["sizes", "patches"], path, where)
+        check_keys(raw, ["sizes", "patches"], path, where)
         for key in ("sizes", "patches"):
             if key not in raw:
                 raise where.error(path, f"a model grid needs `{key}`",
                                   "write {sizes: [S, B, L, XL], patches: [8, 4, 2]}")
-        sizes = _value(raw["sizes"], {"kind": list, "item": str, "nonempty": True, "choices": tuple(SIZES)},
+        sizes = check_value(raw["sizes"], {"kind": list, "item": str, "nonempty": True, "choices": tuple(SIZES)},
                        path + ("sizes",), where)
-        patches = _value(raw["patches"], {"kind": list, "item": int, "nonempty": True, "min": 1},
+        patches = check_value(raw["patches"], {"kind": list, "item": int, "nonempty": True, "min": 1},
                          path + ("patches",), where)
         return [f"DiT-{s}/{p}" for s in sizes for p in patches]
     names = _str_list(raw, "models", where)
@@ -488,12 +329,12 @@ def _split_shape_error(msg: str, name: str) -> tuple[str, str]:
     return problem, fix
 
 
-def _cross_checks(spec: SweepSpec, where: _Where) -> None:
+def _cross_checks(spec: SweepSpec, where: Where) -> None:
     d, t, e, launch = spec.data, spec.train, spec.eval, spec.launcher
     if d.autoencoder != "identity" and d.image_size % VAE_DOWNSAMPLE:
         raise where.error(("data", "image_size"), f"{d.image_size} is not divisible by {VAE_DOWNSAMPLE}, "
                           f"the {d.autoencoder} downsampling factor", "use a multiple of 8 such as 256")
-    if d.dataset == "imagefolder" and not d.path:
+    if d.dataset == "imagefolder" and not d.path and t.steps > 0:
         raise where.error(("data", "path"), "dataset imagefolder needs a path",
                           "set data.path to the ImageNet train folder (root/<class>/<image>)")
     if d.dataset == "digits" and d.num_classes < 10:
@@ -510,15 +351,24 @@ def _cross_checks(spec: SweepSpec, where: _Where) -> None:
         if step > t.steps:
             raise where.error(("eval", "at_steps", i), f"step {step} is beyond train.steps {t.steps}",
                               f"use steps <= {t.steps} or raise train.steps")
+    if t.steps == 0 and not t.init_from:
+        raise where.error(("train", "steps"), "0 steps trains nothing from nothing",
+                          "set train.init_from to the weights to evaluate, or train for at least one step")
     if e.at_steps != sorted(e.at_steps):
         raise where.error(("eval", "at_steps"), "steps are not in increasing order", "sort them")
     if t.warmup_steps > t.steps:
         raise where.error(("train", "warmup_steps"), f"{t.warmup_steps} is beyond train.steps {t.steps}",
                           "use a shorter warmup")
-    gpus = launch.nodes * launch.gpus_per_node
+    gpus = launch.nodes * launch.ranks_per_node
     if gpus > 1 and t.global_batch % gpus:
-        raise where.error(("train", "global_batch"), f"{t.global_batch} does not split over {gpus} GPUs "
-                          f"(launcher.nodes x launcher.gpus_per_node)", f"use a multiple of {gpus}")
+        raise where.error(("train", "global_batch"), f"{t.global_batch} does not split over {gpus} ranks "
+                          f"(launcher.nodes x launcher.tasks_per_node, default gpus_per_node)",
+                          f"use a multiple of {gpus}")
+    per_gpu = t.global_batch // max(gpus, 1)
+    if t.micro_batch != "auto" and per_gpu % t.micro_batch:
+        raise where.error(("train", "micro_batch"), f"{t.micro_batch} does not divide the per-GPU batch of "
+                          f"{per_gpu} (train.global_batch / GPUs)",
+                          f"use a divisor of {per_gpu} such as {per_gpu // 2 or 1}, or auto")
     if e.features == "inception" and e.reference == "digits" and d.dataset != "digits":
         raise where.error(("eval", "reference"), "reference 'digits' does not match the dataset",
                           "point eval.reference at an ADM reference npz or an image folder")
@@ -526,7 +376,23 @@ def _cross_checks(spec: SweepSpec, where: _Where) -> None:
         raise where.error(("launcher", "array_parallelism"), "must be >= 1", "use 1 or more")
 
 
-def _check_source_sweep(spec: SweepSpec, where: _Where) -> None:
+def _check_init_from(spec: SweepSpec, where: Where) -> None:
+    """train.init_from exists, reads, and fits every run's model and block (before anything runs)."""
+    from harness.interop import check_init_source
+
+    path = ("train", "init_from")
+    unset = [v for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", spec.train.init_from) if v not in os.environ]
+    if unset:
+        raise where.error(path, f"{spec.train.init_from!r} uses the unset environment variable {unset[0]}",
+                          f"export {unset[0]}=/path/to/the/weights (the run id hashes the file, so it must be here)")
+    try:
+        check_init_source(expand_path(spec.train.init_from, "train.init_from"), spec.expand())
+    except HarnessError as err:
+        raise where.error(path, str(err).rstrip("."), "point train.init_from at weights of this sweep's model "
+                          "(a checkpoint, `harness import` output or an official DiT .pt)") from None
+
+
+def _check_source_sweep(spec: SweepSpec, where: Where) -> None:
     """checkpoints_from: every run id must exist in the named sweep (when its file is next door)."""
     source = spec.path.parent / f"{spec.checkpoints_from}.yaml"
     if spec.checkpoints_from == spec.name:
@@ -547,25 +413,25 @@ TOP_KEYS = ["name", "description", "models", "conditioning", "seeds", "ablation"
             "data", "train", "eval", "launcher"]
 
 
-def _ablation(raw: Any, models: list[str], where: _Where) -> tuple[list[str], list[str]]:
+def _ablation(raw: Any, models: list[str], where: Where) -> tuple[list[str], list[str]]:
     """`ablation: {models: [...], conditioning: [...]}` -> (models, blocks); models must be in the sweep."""
     if raw is None:
         return [], []
     path = ("ablation",)
     if not isinstance(raw, dict):
-        raise where.error(path, f"expected a mapping, got {_typename(raw)}",
+        raise where.error(path, f"expected a mapping, got {typename(raw)}",
                           "write ablation: {models: [DiT-XL/2], conditioning: [in-context, cross-attention, adaLN]}")
-    _check_keys(raw, ["models", "conditioning"], path, where)
+    check_keys(raw, ["models", "conditioning"], path, where)
     for key in ("models", "conditioning"):
         if key not in raw:
             raise where.error(path, f"the ablation needs `{key}`",
                               "write ablation: {models: [...], conditioning: [...]}")
-    names = _value(raw["models"], {"kind": list, "item": str, "nonempty": True}, path + ("models",), where)
+    names = check_value(raw["models"], {"kind": list, "item": str, "nonempty": True}, path + ("models",), where)
     for i, name in enumerate(names):
         if name not in models:
             raise where.error(path + ("models", i), f"{name} is not one of this sweep's models",
                               f"add it to `models` or choose among {', '.join(models)}")
-    blocks = _value(raw["conditioning"], {"kind": list, "item": str, "nonempty": True, "choices": CONDITIONINGS},
+    blocks = check_value(raw["conditioning"], {"kind": list, "item": str, "nonempty": True, "choices": CONDITIONINGS},
                     path + ("conditioning",), where)
     return names, blocks
 
@@ -573,12 +439,12 @@ def _ablation(raw: Any, models: list[str], where: _Where) -> tuple[list[str], li
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec; HarnessError "FILE:LINE: KEY: problem. Fix: ..." otherwise."""
     path = Path(path)
-    where = _Where(str(path))
-    raw = _read_yaml(path, where)
+    where = Where(str(path))
+    raw = read_yaml(path, where)
     if not isinstance(raw, dict):
-        raise where.error((), f"the spec must be a mapping of keys, got {_typename(raw)}",
+        raise where.error((), f"the spec must be a mapping of keys, got {typename(raw)}",
                           "start with `name:` and `models:` lines (see sweeps/smoke.yaml)")
-    _check_keys(raw, TOP_KEYS, (), where)
+    check_keys(raw, TOP_KEYS, (), where)
     if "models" not in raw:
         raise where.error((), "missing key `models`", "add e.g. models: [DiT-S/2]")
     name = raw.get("name", path.stem)
@@ -587,7 +453,7 @@ def load_spec(path: str | Path) -> SweepSpec:
                           "use letters, digits, '-', '_' or '.' only")
     description = raw.get("description", "") or ""
     if not isinstance(description, str):
-        raise where.error(("description",), f"expected a string, got {_typename(description)}", "quote it")
+        raise where.error(("description",), f"expected a string, got {typename(description)}", "quote it")
     source = raw.get("checkpoints_from")
     if source is not None and (not isinstance(source, str) or not _NAME_RE.match(source)):
         raise where.error(("checkpoints_from",), f"{source!r} is not a sweep name",
@@ -595,21 +461,28 @@ def load_spec(path: str | Path) -> SweepSpec:
     spec = SweepSpec(
         name=name, path=path, description=description, models=_models(raw["models"], where),
         conditioning=_str_list(raw.get("conditioning", ["adaLN-Zero"]), "conditioning", where, CONDITIONINGS),
-        seeds=_value(raw.get("seeds", [0]), {"kind": list, "item": int, "min": 0, "nonempty": True},
+        seeds=check_value(raw.get("seeds", [0]), {"kind": list, "item": int, "min": 0, "nonempty": True},
                      ("seeds",), where),
         checkpoints_from=source,
-        data=_section(DataSpec, raw.get("data"), "data", where),
-        train=_section(TrainSpec, raw.get("train"), "train", where),
-        eval=_section(EvalSpec, raw.get("eval"), "eval", where),
-        launcher=_section(LauncherSpec, raw.get("launcher"), "launcher", where),
+        data=section(DataSpec, raw.get("data"), "data", where),
+        train=section(TrainSpec, raw.get("train"), "train", where),
+        eval=section(EvalSpec, raw.get("eval"), "eval", where),
+        launcher=section(LauncherSpec, raw.get("launcher"), "launcher", where),
     )
     if "eval" not in raw or "at_steps" not in (raw.get("eval") or {}):
         spec.eval.at_steps = [spec.train.steps]
+    first: dict[str, int] = {}
     for i, model in enumerate(spec.models):
-        if model in spec.models[:i]:
+        if first.setdefault(model, i) != i:
             raise where.error(("models", i), f"{model} is listed twice", "remove the duplicate")
     spec.ablation_models, spec.ablation_conditioning = _ablation(raw.get("ablation"), spec.models, where)
+    n_runs = (len(spec.models) * len(spec.conditioning) + len(spec.ablation_models) * len(spec.ablation_conditioning)) * len(spec.seeds)
+    if n_runs > MAX_RUNS:
+        raise where.error(("models",), f"{n_runs:,} runs (models x conditioning x seeds), over the limit of {MAX_RUNS:,}",
+                          "split the study into several sweeps")
     _cross_checks(spec, where)
+    if spec.train.init_from is not None:
+        _check_init_from(spec, where)
     if source is not None:
         _check_source_sweep(spec, where)
     return spec

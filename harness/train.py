@@ -13,6 +13,7 @@ global batch (up to floating-point reduction order).
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import logging
 import os
 import time
@@ -27,16 +28,18 @@ from harness import checkpoint as ckpt
 from harness.errors import HarnessError
 from harness.evaluation import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock
-from harness.runtime import (Dist, all_reduce, barrier, derive_seed, ema_update, peak_mem_mb, rng_state,
+from harness.layout import RunFolder, write_run_json
+from harness.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
                              seed_everything, set_rng_state, setup_distributed)
 
 log = logging.getLogger(__name__)
 
 _TAG_EPOCH, _TAG_STEP = 1, 2  # seed tags; evaluation uses harness.evaluation.TAG_EVAL
-RUN_LOCK = ".run.lock"
 #: test hook: sleep this many seconds before each step, so tests that kill or requeue a job
 #: mid-training do not race a tiny model that trains in a second or two.
 STEP_DELAY_ENV = "HARNESS_TEST_STEP_DELAY_S"
+#: how long other ranks wait for rank 0 to build a missing latent cache inside a training job
+LATENT_BUILD_TIMEOUT = _dt.timedelta(hours=float(os.environ.get("HARNESS_LATENT_BUILD_TIMEOUT_H", "24")))
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -103,6 +106,64 @@ def _check_finite(bad: torch.Tensor, dist: Dist, run_dir: Path) -> None:
 _NO_BAD = 2**62
 
 
+# ----------------------------------------------------------------------------- data
+class BatchSource:
+    """Global batches in the run's data order: rank `dist.rank`'s slice of step s's global batch,
+    as x0 (B, C, H, W) and y (B,) on the device. The next step's batch is read from the memmapped
+    cache in a background thread (pinned memory, non-blocking copy on CUDA) while this one trains."""
+
+    def __init__(self, latents: np.ndarray, labels: np.ndarray, order: DataOrder, global_batch: int,
+                 dist: Dist, flip: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.latents, self.labels, self.order, self.global_batch = latents, labels, order, global_batch
+        self.per_rank = global_batch // dist.world
+        self.lo, self.device, self.flip = dist.rank * self.per_rank, dist.device, flip
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self._next: tuple[int, Any] | None = None
+
+    def _read(self, data_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, flip = self.order.take(data_pos, self.global_batch)
+        idx, flip = idx[self.lo:self.lo + self.per_rank], flip[self.lo:self.lo + self.per_rank]
+        if not self.flip:
+            flip = np.zeros_like(flip)
+        sel = np.argsort(idx, kind="stable")  # memmap reads in file order
+        _, _, C, H, W = self.latents.shape
+        x = torch.empty((self.per_rank, C, H, W), dtype=torch.float32,
+                        pin_memory=self.device.type == "cuda")
+        x.numpy()[sel] = self.latents[idx[sel], flip[sel]]
+        return x, torch.from_numpy(np.asarray(self.labels[idx], np.int64))
+
+    def get(self, data_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at global data position `data_pos`; starts reading the one after it."""
+        if self._next is not None and self._next[0] == data_pos:
+            x, y = self._next[1].result()
+        else:
+            x, y = self._read(data_pos)
+        nxt = data_pos + self.global_batch
+        self._next = (nxt, self._pool.submit(self._read, nxt))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int, shape: tuple[int, int, int],
+                    class_dropout: float, gen: torch.Generator, lo: int, hi: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps (B,), noise (B, C, H, W) and label drops (B,) of rows lo:hi of step `step`'s global
+    batch: drawn for the whole global batch from a generator seeded by (seed, step), so they do not
+    depend on the number of ranks or on the micro-batch."""
+    from harness.diffusion import sample_timesteps
+
+    device = gen.device
+    gen.manual_seed(derive_seed(seed, _TAG_STEP, step))
+    t = sample_timesteps(global_batch, num_timesteps, device, gen)[lo:hi]
+    noise = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:hi]
+    drop = (torch.rand(global_batch, generator=gen, device=device) < class_dropout)[lo:hi]
+    return t, noise, drop
+
+
 # ----------------------------------------------------------------------------- the loop
 def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -> None:
     """Train `run` (a RunSpec) in `run_dir`, resuming from the newest valid checkpoint.
@@ -115,169 +176,237 @@ def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -
     try:
         # one trainer per run folder: a sweep job and a stray `harness train`, or an orphaned job of
         # a killed sweep and its replacement, never write the same checkpoints at once
-        with file_lock(run_dir / RUN_LOCK) if dist.rank == 0 else nullcontext():
-            _train(run, run_dir, dist, stop_at)
+        with file_lock(RunFolder(run_dir).lock) if dist.rank == 0 else nullcontext():
+            trainer = Trainer(run, run_dir, dist)
+            try:
+                trainer.train(stop_at)
+            finally:
+                trainer.close()
     finally:
         if dist.initialised_here:
             torch.distributed.destroy_process_group()
 
 
-def _train(run: Any, run_dir: Path, dist: Dist, stop_at: int | None) -> None:
-    from harness.diffusion import create_diffusion, sample_timesteps
-    from harness.models import build_model
+class Trainer:
+    """One run's training, in named steps: build -> resume -> (step -> log -> checkpoint -> evaluate)*."""
 
-    tr, ev = run.train, run.eval
-    ckpt_dir = run_dir / "checkpoints"
-    device = dist.device
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "run.json").exists():
-            atomic_write_json(run_dir / "run.json", _spec_dict(run))
-        ckpt.clean_partial_writes(ckpt_dir)
-    if tr.global_batch % dist.world:
-        raise HarnessError(f"{run_dir}/run.json: train.global_batch={tr.global_batch} is not divisible by "
-                           f"the {dist.world} ranks; choose a batch that is a multiple of the GPU count")
-    local_batch = tr.global_batch // dist.world
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    def __init__(self, run: Any, run_dir: Path, dist: Dist):
+        self.run, self.run_dir, self.dist, self.device = run, run_dir, dist, dist.device
+        self.folder = RunFolder(run_dir)
+        self.ckpt_dir = self.folder.checkpoints
+        self.step, self.data_pos = 0, 0
+        self.source: BatchSource | None = None
+        self.build()
 
-    if dist.main:  # build the latent cache once; the other ranks then open it
-        load_training_arrays(run)
-    barrier(dist)
-    latents, labels = load_training_arrays(run)
-    n, _, C, H, W = latents.shape
-    seed_everything(derive_seed(run.seed, 0))
-    model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
-                        num_classes=run.data.num_classes, class_dropout_prob=tr.class_dropout).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    # -- build: data, model, EMA, optimizer ------------------------------------------------
+    def build(self) -> None:
+        from harness.diffusion import create_diffusion
+        from harness.models import build_model
 
-    # resume: rank 0 picks the newest valid checkpoint (quarantining bad ones); all ranks load it
-    step, data_pos = 0, 0
-    found = ckpt.load_latest_valid(ckpt_dir) if dist.main else None
-    path_box = [str(found[1]) if found else None]
-    if dist.world > 1:
-        torch.distributed.broadcast_object_list(path_box, src=0)
-    if path_box[0] is not None:
-        state = found[0] if found else ckpt.load_checkpoint(path_box[0])
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, data_pos = int(state["step"]), int(state["data_pos"])
-        if dist.world == 1:
-            set_rng_state(state["rng"])
-        else:
-            seed_everything(derive_seed(run.seed, dist.rank, step))
-        log.info("resumed %s at step %d", path_box[0], step)
-        del state, found
-    else:
-        seed_everything(derive_seed(run.seed, dist.rank))
+        run, tr, dist = self.run, self.run.train, self.dist
+        if tr.global_batch % dist.world:
+            raise HarnessError(f"{self.run_dir}/run.json: train.global_batch={tr.global_batch} is not divisible "
+                               f"by the {dist.world} ranks; choose a batch that is a multiple of the GPU count")
+        self.per_rank = tr.global_batch // dist.world
+        if tr.micro_batch != "auto":
+            from harness.step import check_micro_batch
 
-    # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
-    if dist.main:
-        pending_evals(run, run_dir, ema, device, upto=step, current=step)
-    barrier(dist)
-    if step >= tr.steps:
+            check_micro_batch(int(tr.micro_batch), self.per_rank)
         if dist.main:
-            _write_done(run_dir, step)
-        return
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.folder.run_json.exists():  # a standalone `harness train`: the sweep's writer
+                write_run_json(run, self.run_dir)
+            ckpt.clean_partial_writes(self.ckpt_dir)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
+            self.latents = self.labels = None
+            n, C, H, W = 0, run.data.channels, run.data.input_size, run.data.input_size
+        else:
+            if dist.main:  # build the latent cache once (if the latent stage has not); the others open it
+                load_training_arrays(run)
+            # a sweep's latent stage built the cache already; a run started by hand on an unbuilt cache
+            # waits here while rank 0 encodes (`harness latents --tasks N` first uses every GPU)
+            bounded_barrier(dist, "waiting for rank 0 to build the latent cache", LATENT_BUILD_TIMEOUT)
+            self.latents, self.labels = load_training_arrays(run)
+            n, _, C, H, W = self.latents.shape
+        self.shape = (C, H, W)
+        seed_everything(derive_seed(run.seed, 0))
+        self.model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
+                                 num_classes=run.data.num_classes, class_dropout_prob=tr.class_dropout
+                                 ).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
+                                     **({"fused": True} if self.device.type == "cuda" else {}))
+        self.diffusion = create_diffusion(None)
+        self.order = DataOrder(n, run.seed)
 
-    model.grad_checkpointing = bool(tr.grad_checkpointing)
-    model.train()
-    train_model: torch.nn.Module = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # -- resume: the newest valid checkpoint, and the evaluations it still owes ----------------
+    def resume(self) -> None:
+        dist, run = self.dist, self.run
+        found = ckpt.load_latest_valid(self.ckpt_dir) if dist.main else None
+        path_box = [str(found[1]) if found else None]
+        if dist.world > 1:
+            torch.distributed.broadcast_object_list(path_box, src=0)
+        if path_box[0] is not None:
+            state = found[0] if found else ckpt.load_checkpoint(path_box[0])
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+            if dist.world == 1:
+                set_rng_state(state["rng"])
+            else:
+                seed_everything(derive_seed(run.seed, dist.rank, self.step))
+            log.info("resumed %s at step %d", path_box[0], self.step)
+        else:
+            seed_everything(derive_seed(run.seed, dist.rank))
+            if run.train.init_from:  # weights only: a fresh optimizer
+                from harness.interop import init_from_source
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tr.compile:
-        train_model = torch.compile(train_model)
-    diffusion = create_diffusion(None)
-    order = DataOrder(n, run.seed)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
-    gen = torch.Generator(device=device)
-    lo, hi = dist.rank * local_batch, (dist.rank + 1) * local_batch
-    ckpt_steps = set(int(s) for s in ev.at_steps)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    bad = torch.full((), _NO_BAD, device=device, dtype=torch.long)
-    count, t_log, wall0 = 0, time.perf_counter(), time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+                init_from_source(run, self.model, self.ema)
+        # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
+        pending_evals(run, self.run_dir, self.ema, dist, upto=self.step, current=self.step)  # every rank samples
+        barrier(dist)
 
-    step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
-    while step < tr.steps:
-        s = step + 1
-        if step_delay:
-            time.sleep(step_delay)
-        idx, flip = order.take(data_pos, tr.global_batch)
-        idx, flip = idx[lo:hi], flip[lo:hi]
-        if not run.data.flip:
-            flip = np.zeros_like(flip)
-        sel = np.argsort(idx, kind="stable")  # memmap reads in file order
-        x_np = np.empty((local_batch, C, H, W), np.float32)
-        x_np[sel] = latents[idx[sel], flip[sel]]
-        x0 = torch.from_numpy(x_np).to(device, non_blocking=True)
-        y = torch.from_numpy(np.asarray(labels[idx], np.int64)).to(device)
-        gen.manual_seed(derive_seed(run.seed, _TAG_STEP, s))
-        t = sample_timesteps(tr.global_batch, diffusion.num_timesteps, device, gen)[lo:hi]
-        noise = torch.randn((tr.global_batch, C, H, W), generator=gen, device=device)[lo:hi]
-        drop = (torch.rand(tr.global_batch, generator=gen, device=device) < tr.class_dropout)[lo:hi]
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(s, tr.lr, tr.warmup_steps)
-        with amp:
-            losses = diffusion.training_losses(train_model, x0, t, {"y": y, "force_drop": drop}, noise=noise)
-        loss = losses["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(ema, model, tr.ema_decay)
-        step, data_pos = s, data_pos + tr.global_batch
-        with torch.no_grad():
-            parts = torch.stack([loss.detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean()])
-            sums += parts.double()
-            bad = torch.where((bad == _NO_BAD) & ~torch.isfinite(parts).all(), torch.full_like(bad, s), bad)
-        count += 1
+    # -- the step machinery: micro-batch, compilation ------------------------------------------
+    def prepare_step(self) -> None:
+        from harness.microbatch import cache_key, resolve_micro_batch
+        from harness.step import TrainStep, attention_backends, resolve_compile
 
-        is_ckpt = s % tr.ckpt_every == 0 or s in ckpt_steps or s == tr.steps or s == stop_at
-        if s % tr.log_every == 0 or is_ckpt:
-            _check_finite(bad, dist, run_dir)
-        if s % tr.log_every == 0 or s == tr.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            tot = all_reduce(sums.clone(), dist) / (count * dist.world)
-            sps = count / max(now - t_log, 1e-9)
+        run, tr = self.run, self.run.train
+        self.model.grad_checkpointing = bool(tr.grad_checkpointing)
+        self.model.train()
+        compiled = resolve_compile(tr.compile, self.device)
+        micro = tr.micro_batch if tr.micro_batch == "auto" else int(tr.micro_batch)
+        self.train_step = TrainStep(self.model, self.ema, self.opt, self.diffusion, self.dist,
+                                    precision=tr.precision, micro_batch=self.per_rank, compile=compiled,
+                                    ema_decay=tr.ema_decay)
+        key = cache_key(run.model, run.conditioning, self.shape, run.data.num_classes, self.device,
+                        tr.precision, compiled, self.per_rank)
+        self.train_step.micro_batch = resolve_micro_batch(micro, self.train_step, self.per_rank, key,
+                                                          self.shape, run.data.num_classes)
+        self.gflops = _model_gflops(run, self.shape) if self.dist.main else None
+        log.info("training %s: per-GPU batch %d in micro-batches of %d, %s, %s, attention: %s", run.run_id,
+                 self.per_rank, self.train_step.micro_batch, tr.precision,
+                 "compiled" if compiled else "eager", attention_backends(self.device, tr.precision))
+
+    # -- train ------------------------------------------------------------------------------
+    def train(self, stop_at: int | None) -> None:
+        run, tr, dist = self.run, self.run.train, self.dist
+        self.resume()
+        if self.step >= tr.steps:
             if dist.main:
-                append_jsonl(run_dir / "train.jsonl", {
-                    "step": s, "loss": tot[0].item(), "mse": tot[1].item(), "vb": tot[2].item(),
-                    "lr": opt.param_groups[0]["lr"], "steps_per_s": sps, "images_per_s": sps * tr.global_batch,
-                    "peak_mem_mb": peak_mem_mb(device), "wall_s": now - wall0, "time": time.time()})
-                log.info("step %d loss %.4f (%.2f steps/s)", s, tot[0].item(), sps)
-            sums.zero_()
-            count, t_log = 0, time.perf_counter()
-        if is_ckpt:
-            if dist.main:
-                ckpt.save_checkpoint(ckpt_dir, s, {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "step": s, "rng": rng_state(), "data_pos": data_pos, "run": _spec_dict(run),
-                    "world_size": dist.world})
-                ckpt.apply_retention(ckpt_dir, tr.keep_last, ckpt_steps)
-                save_grid(run, run_dir, ema, device, s)
-                if s in ckpt_steps:
-                    evaluate_step(run, run_dir, ema, device, s)
-            barrier(dist)
-            t_log = time.perf_counter()  # checkpoint/eval time is not training throughput
-        if stop_at is not None and s >= stop_at:
-            log.info("stopping at step %d as asked (stop_at)", s)
+                _write_done(self.run_dir, self.step)
             return
-    if dist.main:
-        _write_done(run_dir, step)
+        self.prepare_step()
+        self.source = BatchSource(self.latents, self.labels, self.order, tr.global_batch, dist, run.data.flip)
+        gen = torch.Generator(device=self.device)
+        lo, hi = dist.rank * self.per_rank, (dist.rank + 1) * self.per_rank
+        ckpt_steps = set(int(s) for s in run.eval.at_steps)
+        self.sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        self.bad = torch.full((), _NO_BAD, device=self.device, dtype=torch.long)
+        self.count, self.t_log, self.wall0 = 0, time.perf_counter(), time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
+        from harness.step import Batch
+
+        while self.step < tr.steps:
+            s = self.step + 1
+            if step_delay:
+                time.sleep(step_delay)
+            x0, y = self.source.get(self.data_pos)
+            t, noise, drop = step_randomness(run.seed, s, tr.global_batch, self.diffusion.num_timesteps,
+                                             self.shape, tr.class_dropout, gen, lo, hi)
+            sums = self.train_step(Batch(x0, y, t, noise, drop), _lr_at(s, tr.lr, tr.warmup_steps))
+            self.step, self.data_pos = s, self.data_pos + tr.global_batch
+            self.record(s, sums)
+            is_ckpt = s % tr.ckpt_every == 0 or s in ckpt_steps or s == tr.steps or s == stop_at
+            if s % tr.log_every == 0 or is_ckpt:
+                _check_finite(self.bad, dist, self.run_dir)
+            if s % tr.log_every == 0 or s == tr.steps:
+                self.log(s)
+            if is_ckpt:
+                self.checkpoint(s, ckpt_steps)
+                self.evaluate(s, ckpt_steps)
+                self.t_log = time.perf_counter()  # checkpoint/eval time is not training throughput
+            if stop_at is not None and s >= stop_at:
+                log.info("stopping at step %d as asked (stop_at)", s)
+                return
+        if dist.main:
+            _write_done(self.run_dir, self.step)
+
+    def record(self, s: int, sums: torch.Tensor) -> None:
+        """Accumulate the step's loss sums on the device, and the first non-finite step (no sync)."""
+        with torch.no_grad():
+            self.sums += sums / self.per_rank
+            self.bad = torch.where((self.bad == _NO_BAD) & ~torch.isfinite(sums).all(),
+                                   torch.full_like(self.bad, s), self.bad)
+        self.count += 1
+
+    # -- log: one train.jsonl line (the only host sync of the loop) ---------------------------
+    def log(self, s: int) -> None:
+        from harness.runtime import peak_tflops, train_tflops
+        from harness.step import compiled_graphs
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        tot = all_reduce(self.sums.clone(), self.dist) / (self.count * self.dist.world)
+        sps = self.count / max(now - self.t_log, 1e-9)
+        if self.dist.main:
+            tr = self.run.train
+            images = sps * tr.global_batch
+            tflops = train_tflops(self.gflops, images / self.dist.world) if self.gflops else None
+            peak = peak_tflops(self.device, tr.precision)
+            append_jsonl(self.folder.train_log, {
+                "step": s, "loss": tot[0].item(), "mse": tot[1].item(), "vb": tot[2].item(),
+                "lr": self.opt.param_groups[0]["lr"], "steps_per_s": sps, "images_per_s": images,
+                "tflops_per_device": tflops, "mfu": (tflops / peak) if (tflops and peak) else None,
+                "micro_batch": self.train_step.micro_batch, "compiled": self.train_step.compiled,
+                "graphs": compiled_graphs() if self.train_step.compiled else None,
+                "peak_mem_mb": peak_mem_mb(self.device), "wall_s": now - self.wall0, "time": time.time()})
+            log.info("step %d loss %.4f (%.2f steps/s)", s, tot[0].item(), sps)
+        self.sums.zero_()
+        self.count, self.t_log = 0, time.perf_counter()
+
+    # -- checkpoint and evaluate ------------------------------------------------------------
+    def checkpoint(self, s: int, ckpt_steps: set[int]) -> None:
+        if self.dist.main:
+            ckpt.save_checkpoint(self.ckpt_dir, s, {
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "step": s, "rng": rng_state(), "data_pos": self.data_pos, "run": _spec_dict(self.run),
+                "world_size": self.dist.world})
+            ckpt.apply_retention(self.ckpt_dir, self.run.train.keep_last, ckpt_steps)
+
+    def evaluate(self, s: int, ckpt_steps: set[int]) -> None:
+        save_grid(self.run, self.run_dir, self.ema, self.dist, s)  # rank 0 only
+        if s in ckpt_steps:
+            evaluate_step(self.run, self.run_dir, self.ema, self.dist, s)  # every rank samples its share
+        barrier(self.dist)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def _model_gflops(run: Any, shape: tuple[int, int, int]) -> float | None:
+    """The model's forward Gflops per image (fvcore, cached), for TFLOP/s and MFU in train.jsonl."""
+    from harness.flops import model_gflops
+
+    try:
+        return model_gflops(run.model, run.conditioning, shape[1], shape[0], run.data.num_classes)[0]
+    except Exception as err:  # noqa: BLE001 - throughput bookkeeping must never stop training
+        log.warning("no Gflops for %s (%s): train.jsonl records no TFLOP/s", run.model, err)
+        return None
 
 
 def _write_done(run_dir: Path, step: int) -> None:
-    if not (run_dir / "done").exists():
-        atomic_write_json(run_dir / "done", {"step": step, "time": time.time()})
+    done = RunFolder(run_dir).done
+    if not done.exists():
+        atomic_write_json(done, {"step": step, "time": time.time()})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -322,7 +451,7 @@ def _standalone_run(args: Any) -> Any:
     for key, attr in (("steps", "steps"), ("global_batch", "batch"), ("lr", "lr"), ("precision", "precision")):
         if getattr(args, attr, None) is not None:
             setattr(train, key, getattr(args, attr))
-    train.compile = bool(args.compile)
+    train.compile = True if args.compile else "auto"
     ev = EvalSpec(at_steps=[train.steps])
     run_id = make_run_id(args.model, args.conditioning, args.seed, data, train)
     return RunSpec(run_id=run_id, sweep="standalone", model=args.model, conditioning=args.conditioning,

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from harness.io import append_jsonl, atomic_write_json
+from harness.layout import write_sweep_record
 
 # name -> (size, patch, depth, hidden, heads, gflops)
 MODELS = {
@@ -84,8 +85,7 @@ def write_sweep(results: Path, name: str = "synth", conditioning_ablation: bool 
                 "run_id": rid, "model": "DiT-B/2", "size": size, "patch": patch, "conditioning": "adaLN-Zero",
                 "seed": 100, "gflops": gflops, "params": 1, "data": {}, "train": {"global_batch": BATCH}})
         missing.append(rid)
-    (results / name / "sweep.json").write_text(json.dumps({"runs": evaluated + missing}))
-    (results / name / "spec.yaml").write_text(f"name: {name}\nmodels: [{', '.join(MODELS)}]\nseeds: [0]\n")
+    write_sweep_record(results / name, evaluated + missing, f"name: {name}\nmodels: [{', '.join(MODELS)}]\nseeds: [0]\n")
     return {"evaluated": evaluated, "missing": missing}
 
 

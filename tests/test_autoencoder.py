@@ -204,3 +204,43 @@ def test_cli_latents(capsys):
     assert main(["latents", "--data", "digits", "--autoencoder", "sd-vae-ft-ema",
                  "--autoencoder-path", "/nonexistent/vae"]) == 2
     assert "hf download" in capsys.readouterr().err
+
+
+def _shards(cache) -> list[np.ndarray]:
+    return [np.load(cache.root / s["file"]) for s in cache.manifest["shards"]]
+
+
+@pytest.mark.slow
+def test_sharded_build_equals_one_process_whatever_the_workers(image_folder, cache_root, monkeypatch):
+    vae = tiny_vae()
+    one = build_latent_cache(image_folder, VAEAutoencoder("sd-vae-ft-ema", vae), 16, batch_size=2, shard_size=2,
+                             num_workers=0)
+    monkeypatch.setenv("HARNESS_CACHE", str(cache_root / "two"))
+    task0 = Counting(VAEAutoencoder("sd-vae-ft-ema", vae))
+    assert build_latent_cache(image_folder, task0, 16, batch_size=2, shard_size=2, num_workers=1, task=(0, 2)) is None
+    assert task0.calls == 2 * 2  # shards 0 and 2 of 3, one batch each, image and flip
+    two = build_latent_cache(image_folder, VAEAutoencoder("sd-vae-ft-ema", vae), 16, batch_size=2, shard_size=2,
+                             num_workers=1, task=(1, 2))
+    assert two is not None and two.manifest == one.manifest and two.root.name == one.root.name
+    assert len(_shards(one)) == 3
+    for a, b in zip(_shards(one), _shards(two)):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(_shards(one)[0], _shards(one)[1])  # shards differ: the check can fail
+    with pytest.raises(HarnessError, match="0 <= I < N"):
+        build_latent_cache(image_folder, task0, 16, task=(2, 2))
+
+
+@pytest.mark.slow
+def test_cli_latents_tasks_and_shards(image_folder, tmp_path, capsys):
+    from harness.cli import main
+
+    vae_dir = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae_dir)
+    args = ["latents", "--data", str(image_folder), "--autoencoder", "sd-vae-ft-ema", "--autoencoder-path",
+            str(vae_dir), "--image-size", "16", "--batch-size", "2"]
+    assert main([*args, "--shard", "1/2", "--workers", "0"]) == 0
+    assert "other tasks' are still missing" in capsys.readouterr().out
+    assert main([*args, "--shard", "2/2"]) == 2 and "0 <= I < N" in capsys.readouterr().err
+    assert main([*args, "--shard", "1/2", "--tasks", "2"]) == 2 and "give one of the two" in capsys.readouterr().err
+    assert main([*args, "--tasks", "2", "--workers", "0"]) == 0  # two real processes, then the manifest
+    assert "6 images x 2 flips, latents (4, 2, 2) float16" in capsys.readouterr().out

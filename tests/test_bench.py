@@ -29,3 +29,49 @@ def test_bench_cli_json_and_table(capsys):
                  "--input-size", "8"]) == 0
     table = capsys.readouterr().out
     assert "2 flops/multiply-add x 3 (forward+backward)" in table and "ONE denoising step" in table
+
+
+def test_bench_suite_on_cpu_writes_json_and_table_that_plan_reads(tmp_path, capsys):
+    """A short suite on this CPU: the JSON and the markdown table it writes, the best configuration
+    per model, and `harness plan --throughput-from` giving each run its own model's measured speed."""
+    out = tmp_path / "bench.json"
+    models = "DiT-2x32x2/4,DiT-2x32x2/2"
+    assert main(["bench", "--suite", models, "--batch", "4", "--steps", "1", "--warmup", "1",
+                 "--input-size", "8", "--in-channels", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in data] == ["DiT-2x32x2/4", "DiT-2x32x2/2"]  # one CPU config each
+    assert all(r["error"] is None and r["train_images_per_s"] > 0 and r["micro_batch"] == 4 for r in data)
+    assert (tmp_path / "bench.md").read_text().strip() == table.strip()
+    assert table.count("**DiT-2x32x2/") == 2 and "| model | config | images/s |" in table
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nmodels: [DiT-2x32x2/4, DiT-2x32x2/2]\ntrain: {steps: 100, global_batch: 8}\n"
+                    "eval: {at_steps: [100], num_samples: 10, sampling_steps: [5]}\n")
+    assert main(["plan", str(spec), "--throughput-from", str(out), "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for run, r in zip(plan["runs"], data):
+        assert run["model"] == r["model"]
+        assert abs(run["train_accel_hours"] - 8 * 100 / r["train_images_per_s"] / 3600) < 1e-12
+    # a sweep whose models were not measured: one line naming them
+    spec.write_text(spec.read_text().replace("DiT-2x32x2/4, ", "DiT-S/8, "))
+    assert main(["plan", str(spec), "--throughput-from", str(out)]) == 2
+    assert "no measurement for DiT-S/8" in capsys.readouterr().err
+
+
+def test_bench_micro_batch_and_compile_flags(capsys):
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "4", "--micro-batch", "2", "--steps", "1",
+                 "--warmup", "1", "--input-size", "8", "--compile", "off", "--format", "json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["micro_batch"] == 2 and r["compile"] is False and r["batch"] == 4
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "4", "--micro-batch", "3"]) == 2
+    assert "--micro-batch: 3 does not divide the per-GPU batch of 4" in capsys.readouterr().err
+
+
+def test_bench_latent_stage_and_end_to_end_sampling(capsys):
+    """The SD VAE's real architecture (random weights) encodes; sampling runs sample_images itself."""
+    assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--input-size", "2", "--latents", "--sampling-steps", "2", "--format", "json"]) == 0
+    latents, sampling = json.loads(capsys.readouterr().out)["stages"]
+    assert latents["stage"] == "latents" and latents["image_size"] == 16 and latents["encodes_per_s"] > 0
+    assert sampling["decode"] == "sd-vae-ft-ema" and sampling["sampling_steps"] == 2
+    assert sampling["images_per_s_per_step"] == sampling["images_per_s"] * 2 > 0

@@ -14,7 +14,7 @@ def test_save_and_load_roundtrip_is_a_plain_torch_file(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 5, _state(5))
     assert path.name == "step_0000005.pt"
     assert ckpt.verify_checkpoint(path) is None
-    plain = torch.load(path, weights_only=False)  # the sampler can read it without this module
+    plain = torch.load(path, weights_only=True)  # the sampler can read it without this module
     assert torch.equal(plain["model"]["w"], torch.full((64, 64), 5.0))
     assert ckpt.load_checkpoint(path)["step"] == 5
 
@@ -59,3 +59,31 @@ def test_partial_writes_are_cleaned(tmp_path):
     assert ckpt.clean_partial_writes(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     assert ckpt.load_latest_valid(tmp_path)[0]["step"] == 2
+
+
+def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
+    """RNG states used to be numpy's get_state() (an ndarray) and random.getstate(): such a checkpoint
+    loads with exactly numpy's array types allow-listed, and its states restore bitwise."""
+    import random
+
+    import numpy as np
+
+    from harness.runtime import rng_state, set_rng_state
+
+    np.random.seed(3)
+    random.seed(3)
+    legacy = {"torch": torch.get_rng_state(), "cuda": None, "numpy": np.random.get_state(),
+              "python": random.getstate()}
+    want = (np.random.rand(4), random.random())
+    path = ckpt.save_checkpoint(tmp_path, 2, {**_state(2), "rng": legacy})
+    state = ckpt.load_checkpoint(path)
+    np.random.seed(0)
+    random.seed(0)
+    set_rng_state(state["rng"])
+    assert np.array_equal(np.random.rand(4), want[0]) and random.random() == want[1]
+    # and the current format round-trips through a checkpoint too
+    now = rng_state()
+    want = (np.random.rand(4), random.random(), torch.rand(3))
+    set_rng_state(ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 4, {**_state(4), "rng": now}))["rng"])
+    got = (np.random.rand(4), random.random(), torch.rand(3))
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1] and torch.equal(got[2], want[2])

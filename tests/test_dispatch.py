@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.dispatch import dispatch, run_statuses, sweep_lock
+from harness.dispatch import dispatch, sweep_lock
+from harness.status import run_statuses
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.spec import load_spec
@@ -150,3 +151,46 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
     assert logged.count(5) == 1 and logged.count(10) == 1, logged  # never restarted from step 0
     assert logged[-1] == steps
     assert "resumed" in (st.dir / "logs" / "job.log").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, key, said", [
+    ("gpus_per_node: 1", "launcher.gpus_per_node", "Invalid generic resource (gres) specification"),
+    ("partition: no-such-partition", "launcher.partition", "Invalid partition name specified"),
+])
+def test_sbatch_refusal_is_one_line_naming_the_spec_key(tmp_path, launcher, key, said):
+    """The real local Slurm (no GPUs configured) refuses the array: one line naming the spec key to
+    change and sbatch's own words, exit 2, no traceback, and the sweep state records no job."""
+    _need_slurm()
+    path = tiny(tmp_path, "refused", kind="slurm")
+    path.write_text(path.read_text().replace("kind: slurm,", f"kind: slurm, {launcher},"))
+    results = tmp_path / "results"
+    proc = subprocess.run([str(EXE), "sweep", str(path), "--results", str(results), "--no-wait"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if not x[:2].isdigit()]  # the rest are timestamped logs
+    assert line.startswith(f"error: {path}: Slurm refused") and key in line and said in line, line
+    state = json.loads((results / "refused" / "sweep_state.json").read_text())
+    assert state["runs"] == {}
+    status = subprocess.run([str(EXE), "status", str(path), "--results", str(results)], capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0 and " new " in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize("said, key", [
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     "launcher.account"),
+    ("sbatch: error: Batch job submission failed: Invalid qos specification", "launcher.qos"),
+    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+     "launcher.timeout_min"),
+    ("sbatch: error: Something new", "launcher (partition, account"),
+])
+def test_sbatch_refusals_that_a_local_cluster_cannot_produce_name_their_key(tmp_path, said, key):
+    """Account, QOS and time-limit refusals need an accounting database the local cluster lacks;
+    their wording is Slurm's (src/common/slurm_errno.c)."""
+    from harness.dispatch import _sbatch_refusal
+
+    spec = load_spec(tiny(tmp_path, kind="slurm"))
+    msg = str(_sbatch_refusal(spec, RuntimeError(said)))
+    assert key in msg and said.removeprefix("sbatch: error: ") in msg and "\n" not in msg

@@ -9,7 +9,6 @@ import pytest
 
 from harness import forecast
 from harness.cli import main
-from harness.errors import HarnessError
 
 
 def _paper(capsys, spec: str) -> dict:

@@ -1,7 +1,9 @@
 """Atomic writes and append-only records."""
 import json
+import os
+import stat
 
-from harness.io import append_jsonl, atomic_write_json, read_jsonl
+from harness.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 
 def test_torn_last_line_does_not_swallow_the_next_record(tmp_path):
@@ -49,3 +51,14 @@ def test_file_lock_makes_a_second_process_wait(tmp_path):
             f.write("B\n")
     holder.join(60)
     assert (tmp_path / "log").read_text().split() == ["A-start", "A-end", "B"]
+
+
+def test_atomic_write_respects_the_umask(tmp_path):
+    """Not the temp file's 0600: 0666 less the umask, like any file the user writes."""
+    old = os.umask(0o022)
+    try:
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "a.txt", "x").stat().st_mode) == 0o644
+        os.umask(0o027)
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "b.txt", "x").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

@@ -131,3 +131,26 @@ def test_plan_shows_forecast_fid_from_a_smaller_sweep(tmp_path, capsys):
         assert r["forecast_fid"] == pytest.approx(want) and r["forecast_lo"] <= r["forecast_hi"]
     assert main(["plan", "sweeps/smoke.yaml", "--forecast-from", "scaling", "--results", str(tmp_path)]) == 0
     assert "fitted to sweep 'scaling'" in capsys.readouterr().out
+
+
+def test_plan_evaluation_and_latent_hours_from_measured_throughput(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(SPEC)
+    plan = plan_sweep(load_spec(path), throughput=100.0, sampling_throughput=400.0, latent_throughput=50.0)
+    for r in plan["runs"]:
+        assert r["sampling_accel_hours"] == pytest.approx(r["sampling_forwards"] / 400.0 / 3600)
+        assert r["latent_images"] == 1797 and r["latent_accel_hours"] == 0.0  # identity: nothing to encode
+    vae = tmp_path / "vae.yaml"
+    vae.write_text(SPEC.replace("data: {dataset: digits, image_size: 8}",
+                                "data: {dataset: imagefolder, path: '${NOWHERE_PLAN_TEST}', image_size: 256, "
+                                "autoencoder: sd-vae-ft-ema, num_classes: 1000}"))
+    plan = plan_sweep(load_spec(vae), throughput=100.0, latent_throughput=50.0)
+    shares = [r["latent_accel_hours"] for r in plan["runs"]]
+    # ImageNet-1k's count (the folder is not reachable here), image and flip, shared by the 2 runs
+    assert shares[0] == shares[1] == pytest.approx(2 * 1_281_167 / 50.0 / 3600 / 2)
+    t = plan["totals"]
+    assert t["latent_accel_hours"] == pytest.approx(sum(shares))
+    assert t["accel_hours"] == pytest.approx(t["train_accel_hours"] + t["sampling_accel_hours"] + sum(shares))
+    assert "latent_h" in format_table(plan) and "eval_h" in format_table(plan)
+    with pytest.raises(HarnessError, match="--sampling-throughput: needs --throughput"):
+        plan_sweep(load_spec(path), sampling_throughput=400.0)

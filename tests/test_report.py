@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import re
 import shutil
 import subprocess
@@ -176,3 +178,22 @@ def test_scaling_sweep_report_has_the_forecast_section(tmp_path_factory):
     for m in re.finditer(r"E = (\S+)", notes):  # the saturating offset: an interval or 'not identified'
         assert m.group(1) == "not" or "[" in notes[m.end():m.end() + 40]
     assert manifest["pdf_pages"][0] == "headline"
+
+
+@pytest.mark.slow
+def test_report_written_under_umask_022_is_readable_by_the_group(tmp_path):
+    """index.html, report.pdf, results.csv and the figures: 0644 under umask 022 (issue 14)."""
+    from report_synth import write_sweep
+
+    from harness.report import render_sweep_report
+
+    write_sweep(tmp_path / "results", "umask", conditioning_ablation=False, sampling=False)
+    old = os.umask(0o022)
+    try:
+        render_sweep_report(tmp_path / "results", "umask", tmp_path / "reports", n_boot=20)
+    finally:
+        os.umask(old)
+    out = tmp_path / "reports" / "umask"
+    files = [out / "index.html", out / "report.pdf", out / "results.csv", *sorted((out / "figures").iterdir())]
+    assert len(files) > 5
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}

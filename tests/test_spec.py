@@ -1,9 +1,11 @@
 """The sweep spec: shipped sweeps load, runs and ids are stable, and malformed specs fail clearly."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,53 @@ def test_cli_plan_bad_spec_subprocess(tmp_path, text):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith(f"error: {path}")
     assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------- hostile files (issue 14)
+def _laughs(levels: int = 9) -> str:
+    """Nine anchors, each a list of nine aliases of the previous one: 9^9 values once expanded."""
+    lines = ["name: bomb", "a0: &a0 [DiT-S/2, DiT-S/2, DiT-S/2, DiT-S/2, DiT-S/2, DiT-S/2, DiT-S/2, DiT-S/2, DiT-S/2]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines + [f"models: *a{levels - 1}"]) + "\n"
+
+
+HOSTILE = {
+    "alias expansion": (_laughs(), "values (aliases *name expanded)"),
+    "alias cycle": ("name: cyc\nmodels: &m [DiT-S/2, *m]\n", "a cycle"),
+    "deep nesting": ("name: deep\nmodels: " + "[" * 20000 + "]" * 20000 + "\n", "nesting deeper than"),
+    "nesting": ("name: deep\nmodels: " + "[" * 100 + "]" * 100 + "\n", "nesting deeper than"),
+    "size": ("name: big\nmodels: [DiT-S/2]\n" + "# padding\n" * 20000, "byte limit of a sweep spec"),
+    "values": ("name: many\nmodels: [DiT-S/2]\nseeds: [" + ", ".join(["0"] * 12000) + "]\n", "values (aliases *name expanded)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_yaml_is_refused_fast_with_one_line(tmp_path, case):
+    """Refused before anything is expanded: well under the 2 s the issue allows (ms in practice),
+    exit 2, one line, no traceback, from the real console script."""
+    text, needle = HOSTILE[case]
+    path = write(tmp_path, text)
+    t0 = time.perf_counter()
+    with pytest.raises(HarnessError, match=re.escape(needle)):
+        load_spec(path)
+    assert time.perf_counter() - t0 < 2.0  # the issue's bound: a guard against hanging, not a benchmark
+    exe = Path(sys.executable).with_name("harness")
+    proc = subprocess.run([str(exe), "plan", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {path}") and proc.stderr.count("\n") == 1 and needle in proc.stderr
+
+
+def test_anchors_within_the_bounds_still_load(tmp_path):
+    path = write(tmp_path, "name: t\nmodels: &m [DiT-2x32x2/4, DiT-2x32x2/2]\nablation: {models: *m, conditioning: [adaLN]}\n")
+    spec = load_spec(path)
+    assert spec.ablation_models == ["DiT-2x32x2/4", "DiT-2x32x2/2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["report", "status"])
+def test_hostile_yaml_refused_by_every_command_that_reads_a_spec(tmp_path, command):
+    path = write(tmp_path, _laughs())
+    exe = Path(sys.executable).with_name("harness")
+    proc = subprocess.run([str(exe), command, str(path), "--results", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "values (aliases *name expanded)" in proc.stderr

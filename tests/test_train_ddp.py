@@ -1,8 +1,6 @@
 """Two real processes (gloo, CPU) train the same weights as one with the same global batch."""
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -11,28 +9,20 @@ import torch
 import torch.multiprocessing as mp
 
 from harness.train import run_training
-from train_tiny import final_state, tiny_run
+from train_tiny import as_rank, free_port, final_state, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
     sys.path.insert(0, TESTS)
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_rank(rank, world, port)
     run_training(tiny_run(steps=4), Path(run_dir))
 
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -46,7 +36,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for key in ("model", "ema"):
         for name, w in b[key].items():
             torch.testing.assert_close(a[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
-    init = torch.load(tmp_path / "single" / "checkpoints" / "step_0000002.pt", weights_only=False)
+    init = torch.load(tmp_path / "single" / "checkpoints" / "step_0000002.pt", weights_only=True)
     for name, w in b["model"].items():
         moved = max(moved, (w - init["model"][name]).abs().max().item())
     assert moved > 1e-3  # the weights did train, so the agreement is not trivial

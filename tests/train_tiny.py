@@ -22,7 +22,7 @@ def tiny_run(steps: int = 6, **train: object) -> RunSpec:
 
 
 def final_state(run_dir, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=True)
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -37,3 +37,22 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         for k in sa[i]:
             assert torch.equal(sa[i][k], sb[i][k]), f"opt.state[{i}].{k} differs"
     assert a["step"] == b["step"] and a["data_pos"] == b["data_pos"]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a test's process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_rank(rank: int, world: int, port: int) -> None:
+    """Inside a spawned test process: one intra-op thread and the torchrun-style environment of
+    `rank` of `world` on localhost (the trainer reads it in harness.runtime.setup_distributed)."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -7,27 +7,45 @@
         "feature_space": "digits", "num_samples": N}
 
 Every number carries its feature space; numbers from different spaces are never comparable.
+The metric and feature-space names live here, importable without torch (the spec validates against
+them); the extractors and statistics load on first use.
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterable
 
 from harness.errors import HarnessError
-from harness.metrics.features import FeatureExtractor, Features, check_images
-from harness.metrics.reference import ReferenceStats, load_reference
-from harness.metrics.stats import (fid_bootstrap, frechet_distance, gaussian_stats, inception_score,
-                                   precision_recall)
-from harness.spec import METRICS  # the spec owns the choices it validates
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from harness.metrics.features import FeatureExtractor, Features
+    from harness.metrics.reference import ReferenceStats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compute_metrics", "load_reference", "get_feature_extractor", "FeatureExtractor", "Features",
-           "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "FEATURE_SPACES"]
+__all__ = ["compute_metrics", "metrics_from_features", "load_reference", "get_feature_extractor", "FeatureExtractor",
+           "Features", "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "METRIC_LABELS",
+           "FEATURE_SPACES"]
 
+_LAZY = {"FeatureExtractor": "features", "Features": "features", "check_images": "features",
+         "ReferenceStats": "reference", "load_reference": "reference"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:  # torch-heavy: imported on first use
+        import importlib
+
+        return getattr(importlib.import_module(f"harness.metrics.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'harness.metrics' has no attribute {name!r}")
+
+#: metric names as eval.metrics and --metrics spell them
+METRICS = ("fid", "sfid", "is", "precision", "recall")
+#: metric name -> its key in an evaluation record (eval.jsonl, the results table)
 METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
+#: record key -> its label in tables and figures
+METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
 _ALIASES = {"inception_score": "is", "isc": "is", "prec": "precision", "rec": "recall"}
 FEATURE_SPACES = ("inception", "digits")
 
@@ -81,12 +99,21 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     fid_se (FID's bootstrap standard error over the samples, harness.metrics.stats.fid_bootstrap),
     feature_space, num_samples}.
     """
+    from harness.metrics.features import check_images
+
     wanted = normalize_metrics(metrics)
-    if reference.feature_identity != extractor.identity:
-        raise HarnessError(f"reference {reference.source} was computed in feature space "
-                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")
+    _check_space(reference, extractor)
     images = check_images(images, "samples")
-    feats = extractor.extract(images, batch_size)
+    return metrics_from_features(extractor.extract(images, batch_size), reference, extractor, wanted)
+
+
+def metrics_from_features(feats: Features, reference: ReferenceStats, extractor: FeatureExtractor,
+                          metrics: Iterable[str] = METRICS) -> dict:
+    """compute_metrics from features already extracted (e.g. on every rank, gathered to one)."""
+    from harness.metrics.stats import fid_bootstrap, frechet_distance, gaussian_stats, inception_score, precision_recall
+
+    wanted = normalize_metrics(metrics)
+    _check_space(reference, extractor)
     out: dict = {v: None for v in METRIC_KEYS.values()}
     if "fid" in wanted:
         out["fid"] = frechet_distance(*gaussian_stats(feats.pool), reference.mu, reference.sigma)
@@ -100,5 +127,11 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
         out["precision"] = precision if "precision" in wanted else None
         out["recall"] = recall if "recall" in wanted else None
     out["feature_space"] = extractor.name
-    out["num_samples"] = int(images.shape[0])
+    out["num_samples"] = len(feats)
     return out
+
+
+def _check_space(reference: ReferenceStats, extractor: FeatureExtractor) -> None:
+    if reference.feature_identity != extractor.identity:
+        raise HarnessError(f"reference {reference.source} was computed in feature space "
+                           f"{reference.feature_identity}, not {extractor.identity}; load it with the same extractor")

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json
-from harness.metrics import compute_metrics, get_feature_extractor, load_reference, normalize_metrics
+from harness.metrics import METRIC_LABELS, compute_metrics, get_feature_extractor, load_reference, normalize_metrics
 from harness.metrics.features import check_images
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def load_samples(path: str | Path) -> np.ndarray:
                 raise HarnessError(f"samples file {path} has no key 'arr_0' (keys: {', '.join(npz.files)}); "
                                    "save the images as the first positional array of np.savez")
             images = npz["arr_0"]
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise HarnessError(f"samples file {path} is not a readable npz ({err}); regenerate it") from err
     return check_images(images, f"samples file {path} key arr_0")
 
@@ -35,8 +36,7 @@ def load_samples(path: str | Path) -> np.ndarray:
 def format_table(result: dict) -> str:
     rows = [("feature space", result["feature_space"]), ("samples", str(result["num_samples"])),
             ("reference", str(result["reference"]))]
-    for key, label in (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
-                       ("precision", "Precision"), ("recall", "Recall")):
+    for key, label in METRIC_LABELS.items():
         if result.get(key) is not None:
             rows.append((label, f"{result[key]:.4f}"))
     width = max(len(r[0]) for r in rows)

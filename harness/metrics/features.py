@@ -27,6 +27,11 @@ class Features:
     def __len__(self) -> int:
         return int(self.pool.shape[0])
 
+    @classmethod
+    def concat(cls, parts: list["Features"]) -> "Features":
+        """The rows of `parts`, in order, as one Features."""
+        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
+
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     """Validate an ADM-layout batch: uint8 (N, H, W, 3). Returns it as a numpy array."""

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -104,7 +105,7 @@ def _extract_stream(batches: Iterator[np.ndarray], extractor: FeatureExtractor, 
     parts = [extractor.extract(b, batch_size) for b in batches]
     if not parts:
         raise HarnessError("the reference holds no images")
-    return Features(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
+    return Features.concat(parts)
 
 
 def _chunks(images: np.ndarray, size: int = 1000) -> Iterator[np.ndarray]:
@@ -136,7 +137,69 @@ def _folder_batches(files: list[Path], size: int, chunk: int = 500) -> Iterator[
         yield np.stack(out)
 
 
+#: what np.load raises on a truncated, corrupt or pickle-carrying npz (pickles are never loaded)
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _unreadable(path: Path, err: BaseException) -> HarnessError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return HarnessError(f"reference {path} (--reference / eval.reference) is not a readable npz ({first}); "
+                        "regenerate it or point at another reference")
+
+
 # ---- the entry point -------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """What a reference string names: its identity (for the cache key) and where its images are."""
+    identity: str
+    resolution: int                      # -1 for an npz until arr_0 is read
+    count: int
+    images: np.ndarray | None = None     # digits: in memory
+    files: list[Path] = field(default_factory=list)   # an image folder's files
+    npz_path: Path | None = None
+    adm_stats: dict[str, np.ndarray] | None = None     # ADM's precomputed Inception statistics
+
+
+def _identify(ref: str, extractor: FeatureExtractor, image_size: int | None, max_images: int | None) -> _Source:
+    """'digits', an ADM npz or an image folder -> _Source; HarnessError naming the fix otherwise."""
+    if ref == "digits":
+        from harness.data import load_digits
+
+        gray, _ = load_digits()
+        return _Source(f"digits:{hashlib.sha256(gray.tobytes()).hexdigest()[:16]}", gray.shape[1], len(gray),
+                       images=np.repeat(gray[..., None], 3, axis=-1))
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".npz":
+        adm_stats = None
+        try:
+            with np.load(path) as npz:
+                keys = set(npz.files)
+                if all(k in keys for k in ADM_STAT_KEYS) and extractor.name == "inception":
+                    adm_stats = {k: npz[k] for k in ADM_STAT_KEYS}
+        except _NPZ_ERRORS as err:
+            raise _unreadable(path, err) from err
+        if "arr_0" not in keys and adm_stats is None:
+            raise HarnessError(
+                f"reference {path} has no key 'arr_0' (images, N x H x W x 3 uint8)"
+                + (" and its precomputed mu/sigma/mu_s/sigma_s are Inception statistics, unusable in "
+                   f"feature space {extractor.name!r}" if all(k in keys for k in ADM_STAT_KEYS) else "")
+                + "; save the reference images as arr_0 (np.savez)")
+        return _Source(_npz_identity(path), -1, -1, npz_path=path, adm_stats=adm_stats)
+    if path.is_dir():
+        files = list_images(path, max_images)
+        if not files:
+            raise HarnessError(f"reference folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                               "point --reference / eval.reference at an image folder, an npz or 'digits'")
+        if image_size is None:
+            from PIL import Image
+            with Image.open(files[0]) as im:
+                image_size = min(im.size)
+        rel = [(str(p.relative_to(path)), p.stat().st_size) for p in files]
+        return _Source(f"folder:{path.name}:{_sha(rel)[:16]}", int(image_size), len(files), files=files)
+    raise HarnessError(f"reference {ref!r} (--reference / eval.reference) is neither 'digits', an existing "
+                       ".npz file, nor an image folder; fix the path")
+
 
 def load_reference(reference: str, extractor: FeatureExtractor, image_size: int | None = None,
                    batch_size: int = 100, max_images: int | None = None,
@@ -147,49 +210,9 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
     npz and digits references keep their own resolution (the extractor resizes as it needs).
     """
     ref = str(reference)
-    images: np.ndarray | None = None
-    files: list[Path] = []
-    adm_stats: dict[str, np.ndarray] | None = None
-    npz_path: Path | None = None
-    if ref == "digits":
-        from harness.data import load_digits
-
-        gray, _ = load_digits()
-        images = np.repeat(gray[..., None], 3, axis=-1)
-        identity = f"digits:{hashlib.sha256(gray.tobytes()).hexdigest()[:16]}"
-        resolution, count = gray.shape[1], len(gray)
-    else:
-        path = Path(ref).expanduser()
-        if path.is_file() and path.suffix == ".npz":
-            npz_path = path
-            identity = _npz_identity(path)
-            with np.load(path) as npz:
-                keys = set(npz.files)
-                if all(k in keys for k in ADM_STAT_KEYS) and extractor.name == "inception":
-                    adm_stats = {k: npz[k] for k in ADM_STAT_KEYS}
-            if "arr_0" not in keys and adm_stats is None:
-                raise HarnessError(
-                    f"reference {path} has no key 'arr_0' (images, N x H x W x 3 uint8)"
-                    + (" and its precomputed mu/sigma/mu_s/sigma_s are Inception statistics, unusable in "
-                       f"feature space {extractor.name!r}" if all(k in keys for k in ADM_STAT_KEYS) else "")
-                    + "; save the reference images as arr_0 (np.savez)")
-            resolution, count = -1, -1  # filled in from arr_0 when it is read
-        elif path.is_dir():
-            files = list_images(path, max_images)
-            if not files:
-                raise HarnessError(f"reference folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                                   "point --reference / eval.reference at an image folder, an npz or 'digits'")
-            if image_size is None:
-                from PIL import Image
-                with Image.open(files[0]) as im:
-                    image_size = min(im.size)
-            rel = [(str(p.relative_to(path)), p.stat().st_size) for p in files]
-            identity = f"folder:{path.name}:{_sha(rel)[:16]}"
-            resolution, count = int(image_size), len(files)
-        else:
-            raise HarnessError(f"reference {ref!r} (--reference / eval.reference) is neither 'digits', an existing "
-                               ".npz file, nor an image folder; fix the path")
-
+    src = _identify(ref, extractor, image_size, max_images)
+    identity, resolution, count = src.identity, src.resolution, src.count
+    images, files, npz_path, adm_stats = src.images, src.files, src.npz_path, src.adm_stats
     key = _sha({"identity": identity, "feature": extractor.identity,
                 "resolution": resolution if npz_path is None else "arr_0", "max_images": max_images})[:20]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in identity.split(":")[1])[:40]
@@ -200,8 +223,12 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
     def read_images() -> np.ndarray:
         if images is not None:
             return images
-        with np.load(npz_path) as npz:
-            return check_images(npz["arr_0"], f"reference {npz_path} key arr_0")
+        try:
+            with np.load(npz_path) as npz:
+                arr = npz["arr_0"]
+        except _NPZ_ERRORS as err:
+            raise _unreadable(npz_path, err) from err
+        return check_images(arr, f"reference {npz_path} key arr_0")
 
     def compute_pool() -> np.ndarray:
         if use_cache and pool_path.is_file():

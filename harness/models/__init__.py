@@ -3,9 +3,10 @@
 The registry (shapes, names, validation) imports without torch, so a spec is checked in
 milliseconds; `DiT` and `build_model` load torch on first use.
 """
-from harness.models.registry import CONDITIONINGS, PATCH_SIZES, SIZES, VARIANTS, ModelShape, check_shape, resolve_shape
+from harness.models.registry import (CONDITIONINGS, PATCH_SIZES, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, ModelShape,
+                                     check_shape, resolve_shape)
 
-__all__ = ["DiT", "build_model", "CONDITIONINGS", "PATCH_SIZES", "SIZES", "VARIANTS", "ModelShape",
+__all__ = ["DiT", "build_model", "CONDITIONINGS", "PATCH_SIZES", "SIZES", "VAE_CHANNELS", "VAE_DOWNSAMPLE", "VARIANTS", "ModelShape",
            "check_shape", "resolve_shape"]
 
 

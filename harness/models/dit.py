@@ -39,22 +39,24 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps (N,) -> (N, D): 256-d sinusoidal frequencies, then an MLP."""
+    """Scalar timesteps (N,) -> (N, D): 256-d sinusoidal frequencies, then an MLP. `freq_shift` 0 spaces
+    the frequencies as the official DiT (10000^(-i/128)); 1 as diffusers' DiT port (10000^(-i/127))."""
 
-    def __init__(self, hidden: int, freq_dim: int = 256):
+    def __init__(self, hidden: int, freq_dim: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     @staticmethod
-    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        steps = torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(max_period) * steps / (half - shift))
         args = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freqs = self.frequencies(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        freqs = self.frequencies(t, self.freq_dim, shift=self.freq_shift).to(self.mlp[0].weight.dtype)
         return self.mlp(freqs)
 
 

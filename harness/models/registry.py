@@ -18,6 +18,9 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (8, 4, 2)
+#: the paper's latent geometry: the SD VAE maps an image to (VAE_CHANNELS, size/8, size/8)
+VAE_DOWNSAMPLE = 8
+VAE_CHANNELS = 4
 CONDITIONINGS = ("in-context", "cross-attention", "adaLN", "adaLN-Zero")
 _CUSTOM = re.compile(r"^DiT-(\d+)x(\d+)x(\d+)/(\d+)$")
 

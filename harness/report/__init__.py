@@ -12,7 +12,7 @@ from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cli_report", "render_sweep_report", "render_paper_report"]
+__all__ = ["cli_report", "report_sweep", "render_sweep_report", "render_paper_report"]
 
 
 def render_sweep_report(results_root, sweep, out_root, n_boot: int = 500) -> dict:
@@ -35,9 +35,15 @@ def cli_report(args: argparse.Namespace) -> int:
         for note in manifest["notes"][:1]:
             print(note)
     if args.sweep:
-        manifest = render_sweep_report(args.results, args.sweep, args.out)
-        out = Path(args.out) / manifest["name"]
-        print(f"wrote {out / 'index.html'}, {out / 'report.pdf'}, {out / manifest['csv']}")
-        if manifest["missing"]:
-            print(f"partial sweep: {len(manifest['missing'])} run(s) missing: {', '.join(manifest['missing'])}")
+        report_sweep(args.results, args.sweep, args.out)
     return 0
+
+
+def report_sweep(results_root, sweep, out_root) -> dict:
+    """Render a sweep's report and say on stdout where it is and which runs are missing."""
+    manifest = render_sweep_report(results_root, sweep, out_root)
+    out = Path(out_root) / manifest["name"]
+    print(f"wrote {out / 'index.html'}, {out / 'report.pdf'}, {out / manifest['csv']}")
+    if manifest["missing"]:
+        print(f"partial sweep: {len(manifest['missing'])} run(s) missing: {', '.join(manifest['missing'])}")
+    return manifest

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harness import analysis, laws
+from harness import analysis, laws, layout
 from harness.errors import HarnessError
-from harness.paper import PAPER_GLOBAL_BATCH, table4, train_compute
+from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
 from harness.report.forecast_section import add_forecast_section
 from harness.report.render import FigureSpec, Report, Table, write_report
@@ -18,6 +19,12 @@ from harness.results import METRICS, SweepResults, default_setting, load_sweep
 log = logging.getLogger(__name__)
 
 EXTRAPOLATE_FACTOR = 10.0  # extrapolate the frontier to 10x the largest training compute measured
+
+
+def _sampler_name(row) -> str:
+    """"dpm-solver++ (diffusers.DPMSolverMultistepScheduler 0.42.1)": the sampler and the code behind it."""
+    impl, version = row.get("sampler_impl"), row.get("sampler_version")
+    return f"{row['sampler']} ({impl} {version})" if isinstance(impl, str) and impl else str(row["sampler"])
 
 
 def _g(x: float, digits: int = 4) -> str:
@@ -45,12 +52,233 @@ def _paper_400k(conditioning: str = "adaLN-Zero") -> list[dict]:
             and r["conditioning"] == conditioning]
 
 
-def _run_table(res: SweepResults) -> Table:
-    f = default_setting(res.frame)
+@dataclass
+class SweepView:
+    """A loaded sweep, filtered once: every section of the report reads these frames.
+
+    frame: every evaluation record (the CSV, the provenance table, the sampling-compute study);
+    default: the records of the default evaluation setting (`results.default_setting`, applied once
+    here); main: the default records of the main conditioning block `cond`; models: one row per
+    model of `main` at `step` (seed mean); corrs: metric-vs-Gflops correlations at that step.
+    """
+
+    res: SweepResults
+    frame: pd.DataFrame
+    default: pd.DataFrame
+    cond: str
+    main: pd.DataFrame
+    models: pd.DataFrame
+    step: int
+    corrs: list
+    paper_rows: list[dict] | None  # the paper's 400K-step rows, when its setup matches this sweep's
+    findings: list[list[str]] = field(default_factory=list)  # [finding, value, interval, status]: PDF page 1
+
+    @property
+    def fid_corr(self):
+        return next((c for c in self.corrs if c.metric == "fid"), None)
+
+
+def sweep_view(res: SweepResults) -> SweepView:
+    frame = res.frame
+    default = default_setting(frame)
+    cond = F.main_conditioning(default)
+    main = default[default["conditioning"] == cond]
+    models, step = analysis.per_model(main)
+    return SweepView(res=res, frame=frame, default=default, cond=cond, main=main, models=models, step=step,
+                     corrs=analysis.correlations(main, step),
+                     paper_rows=_paper_400k() if paper_setup_matches(frame) else None)
+
+
+def _fit_row(data: str, fit, scale: str, exponent: str, r2: str) -> list[str]:
+    return [data, fit.form, scale, exponent, str(fit.n), r2]
+
+
+# --------------------------------------------------------------------------- sections, in report order
+# Each section reads the view and adds its figures, notes, tables and fit rows to the report.
+def _overview(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    fs = sorted(v.frame["feature_space"].dropna().unique())
+    rep.notes.append(f"{v.frame['run_id'].nunique()} evaluated runs, {len(v.frame)} evaluation records; "
+                     f"metrics in feature space(s): {', '.join(fs) or 'unknown'}.")
+    if v.paper_rows is None:
+        rep.notes.append("The paper's published numbers are not overlaid: its setup (Inception features, "
+                         "256px ImageNet) differs from this sweep's.")
+
+
+def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """FID vs training steps; FID vs Gflops at one step, its correlation and power law; patch pairs."""
+    if v.main["fid"].notna().any():
+        rep.figures.append(FigureSpec("fid_vs_steps", "FID vs training steps",
+                                      f"One line per model ({v.cond}); colour = size, line style = patch. Shaded: "
+                                      "range over seeds.", F.fid_vs_steps(v.default, paper_rows=v.paper_rows)))
+    gfit = None
+    ok = v.models["fid"].notna()
+    if ok.sum() >= 3 and v.models.loc[ok, "gflops"].nunique() >= 2:
+        gfit = analysis.fit_power_law(v.models.loc[ok, "gflops"], v.models.loc[ok, "fid"], n_boot=n_boot)
+        fits.append(_fit_row(f"FID vs Gflops (step {v.step:,})", gfit, f"a = {_g(gfit.a)}",
+                             f"b = {gfit.b:.4f} {analysis.ci_text(gfit.b_ci, '.4f')}", _g(gfit.r2, 3)))
+        v.findings.append([f"FID vs Gflops exponent (step {v.step:,})", f"{gfit.b:.3f}", analysis.ci_text(gfit.b_ci),
+                           "resolved" if gfit.b_ci[1] < 0 else "not resolved at this budget"])
+    c = v.fid_corr
+    if c is not None and np.isfinite(c.pearson_r):
+        rep.notes.append(f"At step {v.step:,}, Pearson r between log10(Gflops) and FID over {c.n} models is "
+                         f"{c.pearson_r:.3f} (p = {c.pearson_p:.2g}); Spearman ρ = {c.spearman_rho:.3f}. The paper "
+                         f"reports {PAPER_CORRELATION_LOG_GFLOPS_FID} for its 12 models at 400K steps.")
+    pairs = analysis.patch_pairs(v.models)
+    if pairs:
+        wins = sum(p["smaller_wins"] for p in pairs)
+        resolved = sum(p["status"] == "resolved" for p in pairs)
+        detail = "; ".join(f"{p['size']}: /{p['small_patch']} {_pm(p['small'], p['small_se'])} vs /{p['large_patch']} "
+                           f"{_pm(p['large'], p['large_se'])} ({p['status']})" for p in pairs)
+        rep.notes.append(f"Patch size at fixed model size (step {v.step:,}): the smaller patch has the lower FID in "
+                         f"{wins} of {len(pairs)} pairs, {resolved} of them resolved ({detail}). The paper finds "
+                         "smaller patches better at every size.")
+        for p in pairs:
+            v.findings.append([f"{p['size']}: patch /{p['small_patch']} vs /{p['large_patch']} (FID)",
+                               f"{p['small']:.3g} vs {p['large']:.3g}",
+                               f"± {1.645 * p['small_se']:.2g} / ± {1.645 * p['large_se']:.2g}", p["status"]])
+    all_blocks, _ = analysis.per_model(v.default, v.step)
+    for model, ranked in analysis.conditioning_ranking(all_blocks).items():
+        order = " < ".join(f"{c} {_pm(val, se)}" for c, val, se in ranked)
+        steps_ = [analysis.compare(a[1], a[2], b[1], b[2]) for a, b in zip(ranked, ranked[1:])]
+        rep.notes.append(f"Conditioning ablation on {model} (FID, step {v.step:,}): {order}; neighbours: "
+                         f"{', '.join(steps_)}. The paper's order on DiT-XL/2: adaLN-Zero < adaLN < "
+                         "cross-attention < in-context.")
+        for a, b, st in zip(ranked, ranked[1:], steps_):
+            v.findings.append([f"{model}: {a[0]} vs {b[0]} (FID)", f"{a[1]:.3g} vs {b[1]:.3g}",
+                               f"± {1.645 * a[2]:.2g} / ± {1.645 * b[2]:.2g}", st])
+    if v.models["fid"].notna().any():
+        rep.headline = "fid_vs_gflops"
+        rep.figures.append(FigureSpec("fid_vs_gflops", "FID vs transformer Gflops",
+                                      "One point per model at one step (seed mean); log x; black: power-law fit "
+                                      "with its 95% bootstrap band.",
+                                      F.fid_vs_gflops(v.models, c, gfit, v.step, paper_rows=v.paper_rows)))
+
+
+def _saturating(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """E + A * C^-alpha on the frontier, in log FID with E >= 0: each parameter with its interval, or
+    "not identified" (a bound hit, an interval spanning orders of magnitude), never a bare number."""
+    fx, fy, fk = analysis.frontier_points(analysis.curves(v.main, "fid", "train_compute", by="run_id"))
+    try:
+        sat = laws.fit(laws.Choice("saturating", "log", "squares", "nonneg"), {"compute": fx}, fy, fk,
+                       n_boot=min(n_boot, 200))
+    except HarnessError as err:
+        log.info("saturating fit skipped: %s", err)
+        return
+    ident, cis, vals = sat.identification(fy), sat.param_intervals(), sat.params()
+    text = {k: (f"{vals[k]:.3g} [{cis[k][0]:.3g}, {cis[k][1]:.3g}]" if ident[k] is None
+                else f"not identified: {ident[k]}") for k in vals}
+    fits.append(["FID vs training compute (frontier)", sat.law.formula + f", C0 = {sat.x0[0]:.3g}",
+                 f"E = {text['E']}; A = {text['A']}", f"alpha = {text['alpha']}", str(sat.n), "–"])
+    rep.notes.append(f"Saturating fit on the frontier (log FID): E = {text['E']}; alpha = {text['alpha']}.")
+
+
+def _training_compute(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """The compute-efficient frontier, its power-law (and saturating) fit and the extrapolation."""
+    try:
+        front = analysis.frontier(v.main, "fid", "train_compute")
+    except HarnessError as err:
+        log.info("no compute frontier: %s", err)
+        return
+    ffit = extrap = None
+    try:  # the frontier is drawn even when too few points allow a fit
+        ffit = analysis.fit_frontier(v.main, "fid", "train_compute", n_boot=n_boot)
+        target = EXTRAPOLATE_FACTOR * float(v.main["train_compute"].max())
+        extrap = analysis.extrapolate(ffit, target)
+        fits.append(_fit_row("FID vs training compute (frontier)", ffit, f"a = {_g(ffit.a)}",
+                             f"b = {ffit.b:.4f} {analysis.ci_text(ffit.b_ci, '.4f')}", _g(ffit.r2, 3)))
+        rep.notes.append(f"Frontier power law: FID ≈ {ffit.a:.3g}·C^{ffit.b:.3f} (95% CI of the exponent "
+                         f"{analysis.ci_text(ffit.b_ci)}); extrapolated to C = {target:.3g} Gflops: "
+                         f"FID {extrap.value:.3g} {analysis.ci_text((extrap.lo, extrap.hi), '.3g')}.")
+        _saturating(v, rep, fits, n_boot)
+    except HarnessError as err:
+        log.info("frontier fit skipped: %s", err)
+    paper_pts = ([(r["model"], train_compute(r["gflops"], PAPER_GLOBAL_BATCH, r["train_steps"]), r["fid50k"])
+                  for r in v.paper_rows] if v.paper_rows else None)
+    rep.figures.append(FigureSpec("fid_vs_train_compute", "FID vs training compute",
+                                  "Log-log; grey band: the compute-efficient frontier (best model at each "
+                                  "compute); dotted verticals: crossovers; diamond: extrapolation with its "
+                                  "95% bootstrap interval (runs resampled).",
+                                  F.fid_vs_train_compute(v.main, front, ffit, extrap, paper_points=paper_pts)))
+    rep.tables.append(Table("Compute-efficient frontier: crossovers", ["training compute (Gflops)", "best below",
+                                                                       "best above"],
+                            [[_g(c.compute), c.before, c.after] for c in front.crossovers] or
+                            [["–", front.best[0] or "–", "(no crossover in the measured range)"]]))
+
+
+def _forecast(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """Back-test of the scaling laws, residuals, the compute-optimal view, the next model's forecast."""
+    add_forecast_section(rep, v.default, v.findings, n_boot=min(n_boot, 200))
+
+
+def _conditioning(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    if v.default.groupby("model")["conditioning"].nunique().max() > 1:
+        rows = _paper_400k_all() if v.paper_rows is not None else None
+        rep.figures.append(FigureSpec("conditioning", "Conditioning block ablation",
+                                      "FID vs steps per conditioning block, and at the last step.",
+                                      F.conditioning_ablation(v.default, paper_rows=rows)))
+
+
+def _sampling_compute(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """Every evaluation setting (not only the default): FID against sampling steps and guidance."""
+    study = analysis.sampling_study(v.frame)
+    if study.groupby("run_id")["sampling_steps"].nunique().max() > 1 or study["cfg_scale"].nunique() > 1:
+        rep.figures.append(FigureSpec("sampling_compute", "FID vs sampling compute",
+                                      "Last checkpoint of each run; numbers: sampling steps. Sampling compute = "
+                                      "model Gflops × steps, ×2 with classifier-free guidance.",
+                                      F.sampling_compute(study)))
+        rep.tables.append(Table("Sampling compute", ["model", "steps", "sampler", "cfg", "sampling Gflops", "FID"],
+                                [[r["label"], str(int(r["sampling_steps"])), _sampler_name(r), _g(r["cfg_scale"]),
+                                  _g(r["sampling_compute"]), _g(r["fid"])] for _, r in study.iterrows()]))
+
+
+def _sample_grids(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    grids = []
+    for run in _runs_by_gflops(v.res):
+        newest = layout.RunFolder(layout.run_dir(v.res.root.parent, v.res.name, run.get("run_id", ""))).newest_grid()
+        if newest:
+            step_n, path = newest
+            grids.append((f"{run.get('model')} {run.get('conditioning')} s{run.get('seed')} @ {step_n:,}", path))
+    if grids:
+        rep.figures.append(FigureSpec("samples", "Sample grids", "The newest sample grid of each run.",
+                                      F.sample_grids(grids)))
+
+
+def _throughput(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """Training speed per run from train.jsonl (medians after the first log line)."""
     rows = []
-    for run in sorted(res.runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", ""))):
+    for run in _runs_by_gflops(v.res):
+        t = v.res.throughput.get(run.get("run_id", ""))
+        if t is None:
+            continue
+        mfu = "–" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+        compiled = {True: "compiled", False: "eager"}.get(t["compiled"], "–")
+        rows.append([run.get("run_id", ""), run.get("model", ""), _g(t["images_per_s"], 4), _g(t["steps_per_s"], 3),
+                     _g(t["tflops_per_device"], 3), mfu, str(t["micro_batch"] or "–"), compiled,
+                     _g(t["peak_mem_mb"] / 1024 if t["peak_mem_mb"] else None, 3)])
+    if rows:
+        rep.tables.append(Table("Training throughput", ["run id", "model", "images/s", "steps/s",
+                                                        "TFLOP/s per device", "MFU", "micro-batch", "step",
+                                                        "peak memory (GB)"], rows,
+                                "Medians over each run's train.jsonl log lines after the first (start-up and "
+                                "compilation). TFLOP/s = Gflops × 2 × 3 × images/s per device; MFU against the "
+                                "device's dense peak where it is known (– on CPUs)."))
+
+
+#: the report's sections in order; a new analysis adds a function here
+SECTIONS = (_overview, _steps_and_gflops, _training_compute, _forecast, _conditioning, _sampling_compute, _sample_grids,
+            _throughput)
+
+
+# --------------------------------------------------------------------------- tables that lead the report
+def _runs_by_gflops(res: SweepResults) -> list[dict]:
+    return sorted(res.runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", "")))
+
+
+def _run_table(v: SweepView) -> Table:
+    rows = []
+    for run in _runs_by_gflops(v.res):
         rid = run.get("run_id", "")
-        g = f[f["run_id"] == rid].sort_values("step")
+        g = v.default[v.default["run_id"] == rid].sort_values("step")
         last = g.iloc[-1] if len(g) else None
         params = run.get("params")
         rows.append([rid, run.get("model", ""), run.get("conditioning", ""), str(run.get("seed", "")),
@@ -58,14 +286,27 @@ def _run_table(res: SweepResults) -> Table:
                      f"{int(last['step']):,}" if last is not None else "–",
                      _g(last["fid"]) if last is not None else "–",
                      _g(last["train_wall_s"], 3) if last is not None else "–",
-                     res.missing.get(rid, "evaluated")])
-    for rid, why in res.missing.items():
-        if not any(r[0] == rid for r in rows):
-            rows.append([rid, "", "", "", "", "", "–", "–", "–", why])
+                     v.res.missing.get(rid, "evaluated")])
+    listed = {r[0] for r in rows}
+    rows += [[rid, "", "", "", "", "", "–", "–", "–", why] for rid, why in v.res.missing.items() if rid not in listed]
     return Table("Runs", ["run id", "model", "conditioning", "seed", "Gflops", "params (M)", "last step",
                           "FID", "train wall (s)", "status"], rows,
                  "FID at each run's last evaluated step, in the default sampling setting "
                  "(most common setting without guidance).")
+
+
+def _correlation_table(v: SweepView) -> Table:
+    return Table(f"Correlation with model Gflops at step {v.step:,} ({v.cond})",
+                 ["metric", "n", "Pearson r (log10 Gflops)", "p", "Spearman ρ", "p"],
+                 [[METRICS[c.metric], str(c.n), _g(c.pearson_r, 3), _g(c.pearson_p, 2),
+                   _g(c.spearman_rho, 3), _g(c.spearman_p, 2)] for c in v.corrs])
+
+
+def _fits_table(v: SweepView, fits: list[list[str]]) -> Table:
+    few = " With fewer than 5 runs these intervals are rough." if v.frame["run_id"].nunique() < 5 else ""
+    return Table("Fits", ["data", "form", "scale", "exponent [95% CI]", "points", "R² (log)"], fits,
+                 "Confidence intervals: percentile bootstrap over runs (all points of a run resampled "
+                 "together). Compute in Gflops; training compute = model Gflops × batch × steps × 3." + few)
 
 
 def _provenance(frame: pd.DataFrame) -> Table:
@@ -76,163 +317,29 @@ def _provenance(frame: pd.DataFrame) -> Table:
         if sub.empty:
             continue
         for combo, g in sub.groupby(keys, dropna=False):
-            rows.append([label, *[("–" if pd.isna(v) else str(v)) for v in combo], str(len(g))])
+            rows.append([label, *[("–" if pd.isna(val) else str(val)) for val in combo], str(len(g))])
     return Table("Metrics", ["metric", "feature space", "reference", "samples", "records"], rows,
                  "FID and friends are comparable only within one feature space and reference set: "
                  "'digits' features are the embedded small classifier, 'inception' the standard FID network.")
 
 
 def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
-    """Analyse a loaded sweep and lay out its report (figures not yet written)."""
-    frame = res.frame
-    cond = F.main_conditioning(frame)
-    main = frame[frame["conditioning"] == cond]
-    matches = paper_setup_matches(frame)
-    paper_rows = _paper_400k() if matches else None
-    rep = Report(title=f"DiT scaling report: sweep '{res.name}'", name=res.name,
-                 missing=list(res.missing.items()),
+    """Analyse a loaded sweep and lay out its report (figures not yet written): the frame is
+    filtered once (`sweep_view`), then each of SECTIONS adds its part."""
+    v = sweep_view(res)
+    found = {x.get("run_id") for x in res.runs}
+    rep = Report(title=f"DiT scaling report: sweep '{res.name}'", name=res.name, missing=list(res.missing.items()),
                  expected_runs=len(res.expected) if res.expected else len(res.runs) + sum(
-                     1 for r in res.missing if r not in {x.get("run_id") for x in res.runs}),
-                 spec_text=res.spec_text, csv_name="results.csv", csv_text=frame.to_csv(index=False))
-    fs = sorted(frame["feature_space"].dropna().unique())
-    rep.notes.append(f"{frame['run_id'].nunique()} evaluated runs, {len(frame)} evaluation records; "
-                     f"metrics in feature space(s): {', '.join(fs) or 'unknown'}.")
-    if not matches:
-        rep.notes.append("The paper's published numbers are not overlaid: its setup (Inception features, "
-                         "256px ImageNet) differs from this sweep's.")
+                     1 for r in res.missing if r not in found),
+                 spec_text=res.spec_text, csv_name="results.csv", csv_text=v.frame.to_csv(index=False))
     fits: list[list[str]] = []
-    findings: list[list[str]] = []  # [finding, value, interval, status]: the PDF's first page
-
-    # FID vs training steps
-    if main["fid"].notna().any():
-        rep.figures.append(FigureSpec("fid_vs_steps", "FID vs training steps",
-                                      f"One line per model ({cond}); colour = size, line style = patch. Shaded: "
-                                      "range over seeds.", F.fid_vs_steps(frame, paper_rows=paper_rows)))
-    # correlation and fit against Gflops at one step
-    models, step = analysis.per_model(main)
-    corrs = analysis.correlations(main, step)
-    fid_corr = next((c for c in corrs if c.metric == "fid"), None)
-    gfit = None
-    ok = models["fid"].notna()
-    if ok.sum() >= 3 and models.loc[ok, "gflops"].nunique() >= 2:
-        gfit = analysis.fit_power_law(models.loc[ok, "gflops"], models.loc[ok, "fid"], n_boot=n_boot)
-        fits.append([f"FID vs Gflops (step {step:,})", gfit.form, f"a = {_g(gfit.a)}",
-                     f"b = {gfit.b:.4f} {analysis.ci_text(gfit.b_ci, '.4f')}", str(gfit.n), _g(gfit.r2, 3)])
-        findings.append([f"FID vs Gflops exponent (step {step:,})", f"{gfit.b:.3f}", analysis.ci_text(gfit.b_ci),
-                         "resolved" if gfit.b_ci[1] < 0 else "not resolved at this budget"])
-    if fid_corr is not None and np.isfinite(fid_corr.pearson_r):
-        rep.notes.append(f"At step {step:,}, Pearson r between log10(Gflops) and FID over {fid_corr.n} models is "
-                         f"{fid_corr.pearson_r:.3f} (p = {fid_corr.pearson_p:.2g}); Spearman ρ = "
-                         f"{fid_corr.spearman_rho:.3f}. The paper reports -0.93 for its 12 models at 400K steps.")
-    pairs = analysis.patch_pairs(models)
-    if pairs:
-        wins = sum(p["smaller_wins"] for p in pairs)
-        resolved = sum(p["status"] == "resolved" for p in pairs)
-        detail = "; ".join(f"{p['size']}: /{p['small_patch']} {_pm(p['small'], p['small_se'])} vs /{p['large_patch']} "
-                           f"{_pm(p['large'], p['large_se'])} ({p['status']})" for p in pairs)
-        rep.notes.append(f"Patch size at fixed model size (step {step:,}): the smaller patch has the lower FID in "
-                         f"{wins} of {len(pairs)} pairs, {resolved} of them resolved ({detail}). The paper finds "
-                         "smaller patches better at every size.")
-        for p in pairs:
-            findings.append([f"{p['size']}: patch /{p['small_patch']} vs /{p['large_patch']} (FID)",
-                             f"{p['small']:.3g} vs {p['large']:.3g}",
-                             f"± {1.645 * p['small_se']:.2g} / ± {1.645 * p['large_se']:.2g}", p["status"]])
-    all_blocks, _ = analysis.per_model(frame, step)
-    for model, ranked in analysis.conditioning_ranking(all_blocks).items():
-        order = " < ".join(f"{c} {_pm(v, e)}" for c, v, e in ranked)
-        steps_ = [analysis.compare(a[1], a[2], b[1], b[2]) for a, b in zip(ranked, ranked[1:])]
-        rep.notes.append(f"Conditioning ablation on {model} (FID, step {step:,}): {order}; neighbours: "
-                         f"{', '.join(steps_)}. The paper's order on DiT-XL/2: adaLN-Zero < adaLN < "
-                         "cross-attention < in-context.")
-        for a, b, st in zip(ranked, ranked[1:], steps_):
-            findings.append([f"{model}: {a[0]} vs {b[0]} (FID)", f"{a[1]:.3g} vs {b[1]:.3g}",
-                             f"± {1.645 * a[2]:.2g} / ± {1.645 * b[2]:.2g}", st])
-    if models["fid"].notna().any():
-        rep.headline = "fid_vs_gflops"
-        rep.figures.append(FigureSpec("fid_vs_gflops", "FID vs transformer Gflops",
-                                      "One point per model at one step (seed mean); log x; black: power-law fit "
-                                      "with its 95% bootstrap band.",
-                                      F.fid_vs_gflops(models, fid_corr, gfit, step, paper_rows=paper_rows)))
-    # training compute: frontier, fit, extrapolation
-    front = ffit = extrap = None
-    try:
-        front = analysis.frontier(main, "fid", "train_compute")
-        ffit = analysis.fit_frontier(main, "fid", "train_compute", n_boot=n_boot)
-        target = EXTRAPOLATE_FACTOR * float(main["train_compute"].max())
-        extrap = analysis.extrapolate(ffit, target)
-        fits.append(["FID vs training compute (frontier)", ffit.form, f"a = {_g(ffit.a)}",
-                     f"b = {ffit.b:.4f} {analysis.ci_text(ffit.b_ci, '.4f')}", str(ffit.n), _g(ffit.r2, 3)])
-        rep.notes.append(f"Frontier power law: FID ≈ {ffit.a:.3g}·C^{ffit.b:.3f} (95% CI of the exponent "
-                         f"{analysis.ci_text(ffit.b_ci)}); extrapolated to C = {target:.3g} Gflops: "
-                         f"FID {extrap.value:.3g} {analysis.ci_text((extrap.lo, extrap.hi), '.3g')}.")
-        fx, fy, fk = analysis.frontier_points(analysis.curves(main, "fid", "train_compute", by="run_id"))
-        try:
-            sat = laws.fit(laws.Choice("saturating", "log", "squares", "nonneg"), {"compute": fx}, fy, fk,
-                           n_boot=min(n_boot, 200))
-            ident, cis, vals = sat.identification(fy), sat.param_intervals(), sat.params()
-            text = {k: (f"{vals[k]:.3g} [{cis[k][0]:.3g}, {cis[k][1]:.3g}]" if ident[k] is None
-                        else f"not identified: {ident[k]}") for k in vals}
-            fits.append(["FID vs training compute (frontier)", sat.law.formula + f", C0 = {sat.x0[0]:.3g}",
-                         f"E = {text['E']}; A = {text['A']}", f"alpha = {text['alpha']}", str(sat.n), "–"])
-            rep.notes.append(f"Saturating fit on the frontier (log FID): E = {text['E']}; alpha = {text['alpha']}.")
-        except HarnessError as err:
-            log.info("saturating fit skipped: %s", err)
-    except HarnessError as err:
-        log.info("frontier fit skipped: %s", err)
-    if front is not None:
-        paper_pts = ([(r["model"], train_compute(r["gflops"], PAPER_GLOBAL_BATCH, r["train_steps"]), r["fid50k"]) for r in paper_rows]
-                     if paper_rows else None)
-        rep.figures.append(FigureSpec("fid_vs_train_compute", "FID vs training compute",
-                                      "Log-log; grey band: the compute-efficient frontier (best model at each "
-                                      "compute); dotted verticals: crossovers; diamond: extrapolation with its "
-                                      "95% bootstrap interval (runs resampled).",
-                                      F.fid_vs_train_compute(main, front, ffit, extrap, paper_points=paper_pts)))
-        rep.tables.append(Table("Compute-efficient frontier: crossovers", ["training compute (Gflops)", "best below",
-                                                                           "best above"],
-                                [[_g(c.compute), c.before, c.after] for c in front.crossovers] or
-                                [["–", front.best[0] or "–", "(no crossover in the measured range)"]]))
-    add_forecast_section(rep, frame, findings, n_boot=min(n_boot, 200))
-    rep.findings = Table("Findings and their uncertainty", ["finding", "value", "interval", "status"], findings,
+    for section in SECTIONS:
+        section(v, rep, fits, n_boot)
+    rep.tables[:0] = [_run_table(v), _correlation_table(v), _fits_table(v, fits)]
+    rep.findings = Table("Findings and their uncertainty", ["finding", "value", "interval", "status"], v.findings,
                          "Intervals: 95% bootstrap over runs for fits, 90% for forecasts and the compute-optimal "
                          "slope; comparisons: ± 1.645 standard errors (bootstrap over samples, or over seeds).")
-    # conditioning ablation
-    if frame.groupby("model")["conditioning"].nunique().max() > 1:
-        rows = _paper_400k_all() if matches else None
-        rep.figures.append(FigureSpec("conditioning", "Conditioning block ablation",
-                                      "FID vs steps per conditioning block, and at the last step.",
-                                      F.conditioning_ablation(frame, paper_rows=rows)))
-    # sampling compute
-    study = analysis.sampling_study(frame)
-    if study.groupby("run_id")["sampling_steps"].nunique().max() > 1 or study["cfg_scale"].nunique() > 1:
-        rep.figures.append(FigureSpec("sampling_compute", "FID vs sampling compute",
-                                      "Last checkpoint of each run; numbers: sampling steps. Sampling compute = "
-                                      "model Gflops × steps, ×2 with classifier-free guidance.",
-                                      F.sampling_compute(study)))
-        rep.tables.append(Table("Sampling compute", ["model", "steps", "sampler", "cfg", "sampling Gflops", "FID"],
-                                [[r["label"], str(int(r["sampling_steps"])), str(r["sampler"]), _g(r["cfg_scale"]),
-                                  _g(r["sampling_compute"]), _g(r["fid"])] for _, r in study.iterrows()]))
-    # sample grids
-    grids = []
-    for run in sorted(res.runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", ""))):
-        found = sorted((res.root / "runs" / run.get("run_id", "") / "samples").glob("grid_step_*.png"))
-        if found:
-            step_n = int(found[-1].stem.rsplit("_", 1)[-1])
-            grids.append((f"{run.get('model')} {run.get('conditioning')} s{run.get('seed')} @ {step_n:,}", found[-1]))
-    if grids:
-        rep.figures.append(FigureSpec("samples", "Sample grids", "The newest sample grid of each run.",
-                                      F.sample_grids(grids)))
-    # tables
-    rep.tables.insert(0, _run_table(res))
-    rep.tables.insert(1, Table(f"Correlation with model Gflops at step {step:,} ({cond})",
-                               ["metric", "n", "Pearson r (log10 Gflops)", "p", "Spearman ρ", "p"],
-                               [[METRICS[c.metric], str(c.n), _g(c.pearson_r, 3), _g(c.pearson_p, 2),
-                                 _g(c.spearman_rho, 3), _g(c.spearman_p, 2)] for c in corrs]))
-    few = " With fewer than 5 runs these intervals are rough." if frame["run_id"].nunique() < 5 else ""
-    rep.tables.insert(2, Table("Fits", ["data", "form", "scale", "exponent [95% CI]", "points", "R² (log)"], fits,
-                               "Confidence intervals: percentile bootstrap over runs (all points of a run resampled "
-                               "together). Compute in Gflops; training compute = model Gflops × batch × steps × 3."
-                               + few))
-    rep.provenance = _provenance(frame)
+    rep.provenance = _provenance(v.frame)
     return rep
 
 

@@ -1,0 +1,150 @@
+"""`make mutation`: the mutation score of the modules where a silent bug costs a study (issue 16).
+
+One module at a time (the machine has 2 cores): each runs in its own scratch copy under
+.mutation/<module>/ with mutmut (https://github.com/boxed/mutmut), which mutates only that module's
+files (optionally only some of its functions) and runs, for each mutant, only the tests of the
+module's test subset that execute the mutated function. The modules, their test subsets and the
+mutants listed as equivalent (with the reason) live in pyproject.toml under [tool.harness-mutation];
+mutmut's own settings under [tool.mutmut].
+
+    python scripts/mutation.py                 # every module
+    python scripts/mutation.py diffusion spec  # some of them
+    python scripts/mutation.py --report        # the table again, from the last runs
+    python scripts/mutation.py --recheck stats # rerun only the last run's survivors, with today's tests
+
+Prints, per module: mutants, killed, survived (the names), equivalent (excluded), score =
+killed / (mutants - equivalent), and the wall time; writes .mutation/summary.json. Exit status 1 if a
+module scores under [tool.harness-mutation] target.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+COPY = ("harness", "tests", "sweeps", "pyproject.toml")
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["harness-mutation"]
+
+
+def _scratch(name: str, module: dict, fresh: bool = True) -> Path:
+    """A copy of the tree whose pyproject tells mutmut this module's files and tests (`fresh=False`:
+    keep the last run's mutants and results, refresh only the tests and the configuration)."""
+    where = WORK / name
+    if fresh and where.exists():
+        shutil.rmtree(where)
+    where.mkdir(parents=True, exist_ok=True)
+    for item in COPY if fresh else ("tests", "pyproject.toml"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, where / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, where / item)
+    text = (where / "pyproject.toml").read_text()
+    extra = (f"only_mutate = {json.dumps(module['mutate'])}\n"
+             f"pytest_add_cli_args_test_selection = {json.dumps(module['tests'])}\n")
+    assert "[tool.mutmut]\n" in text, "pyproject.toml has no [tool.mutmut] table"
+    (where / "pyproject.toml").write_text(text.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + extra, 1))
+    return where
+
+
+def _statuses(where: Path) -> dict[str, str]:
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "mutmut"), "results", "--all", "true"], cwd=where,
+                         capture_output=True, text=True, check=True).stdout
+    return dict(m.groups() for m in re.finditer(r"^\s+(\S+): (.+)$", out, re.M))
+
+
+def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = None) -> dict:
+    """Run mutmut on one module; `recheck`: only these mutants, in the last run's scratch copy."""
+    where = _scratch(name, module, fresh=recheck is None)
+    t0 = time.monotonic()
+    cmd = [str(ROOT / ".venv" / "bin" / "mutmut"), "run", "--max-children", str(env["MUTATION_JOBS"]),
+           *(recheck if recheck is not None else module.get("functions", []))]
+    log = (WORK / f"{name}{'.recheck' if recheck else ''}.log").open("w")
+    subprocess.run(cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    wall = time.monotonic() - t0
+    summary = {"wall_s": round(wall, 1), "statuses": _statuses(where)}
+    if recheck is not None:  # mutmut forgets the mutants it did not rerun: keep their last verdicts
+        last = json.loads((WORK / f"{name}.json").read_text())
+        summary["statuses"] = {**last["statuses"], **{k: summary["statuses"][k] for k in recheck}}
+        summary["wall_s"], summary["recheck_wall_s"] = last["wall_s"], round(wall, 1)
+    (WORK / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def score(name: str, module: dict, summary: dict, equivalent: dict[str, str]) -> dict:
+    """Counts over the module's mutants (those its `functions` patterns select, if it has any)."""
+    patterns = module.get("functions", ["*"])
+    statuses = {k: s for k, s in summary["statuses"].items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
+    eq = sorted(k for k in statuses if k in equivalent)
+    # a run stopped early leaves mutants "not checked": reported as such, outside the score
+    unchecked = sorted(k for k, s in statuses.items() if s == "not checked" and k not in equivalent)
+    counted = {k: s for k, s in statuses.items() if k not in equivalent and k not in unchecked}
+    killed = sum(s in KILLED for s in counted.values())
+    survived = sorted(k for k, s in counted.items() if s not in KILLED)
+    total = len(counted)
+    return {"module": name, "mutants": len(statuses), "equivalent": eq, "unchecked": len(unchecked), "killed": killed,
+            "survived": {k: counted[k] for k in survived},
+            "score": killed / total if total else float("nan"), "wall_s": summary["wall_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config()
+    modules = cfg["modules"]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("modules", nargs="*", choices=[[], *modules], help="default: all of them")
+    p.add_argument("--report", action="store_true", help="print the table of the last runs; run nothing")
+    p.add_argument("--recheck", action="store_true", help="rerun only the survivors of each module's last run")
+    p.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", 2)))
+    args = p.parse_args(argv)
+    names = args.modules or list(modules)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HARNESS_CACHE_KEEP="1", MUTATION_JOBS=str(args.jobs),
+               HARNESS_CACHE=str(WORK / "cache-harness"), PYTHONPATH="")
+    WORK.mkdir(exist_ok=True)
+    rows = []
+    for name in names:
+        if args.report:
+            path = WORK / f"{name}.json"
+            if not path.exists():
+                continue
+            summary = json.loads(path.read_text())
+        elif args.recheck:
+            last = score(name, modules[name], json.loads((WORK / f"{name}.json").read_text()), {})
+            print(f"mutation: {name}: rechecking {len(last['survived'])} survivors ...", flush=True)
+            summary = (run_module(name, modules[name], env, recheck=list(last["survived"])) if last["survived"]
+                       else json.loads((WORK / f"{name}.json").read_text()))
+        else:
+            print(f"mutation: {name} ({', '.join(modules[name]['mutate'])}) ...", flush=True)
+            summary = run_module(name, modules[name], env)
+        rows.append(score(name, modules[name], summary, cfg.get("equivalent", {})))
+        r = rows[-1]
+        checked = r["mutants"] - len(r["equivalent"]) - r["unchecked"]
+        print(f"  {name:12s} {r['killed']:4d}/{checked:4d} killed = {r['score']:6.1%}"
+              f"  ({len(r['equivalent'])} equivalent excluded, {r['wall_s']:.0f} s"
+              + (f"; PARTIAL: {r['unchecked']} not checked" if r["unchecked"] else "") + ")", flush=True)
+        for k, status in r["survived"].items():
+            print(f"      {status:10s} {k}")
+    (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
+    target = float(cfg.get("target", 0.85))
+    low = [r["module"] for r in rows if not r["score"] >= target]
+    if low:
+        print(f"under the {target:.0%} target: {', '.join(low)}")
+    return 1 if low else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""On a GPU only (marker `cuda`, skipped without one; scripts/gpu-check.sh runs them): the fast
+paths held against the plain ones. Tolerances are stated next to each check, before running it."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from harness.diffusion import create_diffusion
+from harness.models import build_model
+from harness.runtime import Dist
+from harness.step import Batch, TrainStep
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+
+SHAPE = (4, 32, 32)
+MODEL = "DiT-S/2"
+
+
+def _step(micro: int, precision: str = "bf16", compile: bool = False) -> TrainStep:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(MODEL, "adaLN-Zero", input_size=32, in_channels=4, num_classes=1000).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return TrainStep(model, copy.deepcopy(model).requires_grad_(False), opt, create_diffusion(None),
+                     Dist(device=dev), precision=precision, micro_batch=micro, compile=compile, ema_decay=0.9999)
+
+
+def _batch(n: int, seed: int = 1) -> Batch:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    return Batch(torch.randn(n, *SHAPE, generator=g, device=dev), torch.randint(0, 1000, (n,), generator=g, device=dev),
+                 torch.randint(0, 1000, (n,), generator=g, device=dev), torch.randn(n, *SHAPE, generator=g, device=dev),
+                 torch.rand(n, generator=g, device=dev) < 0.1)
+
+
+def _flat_grad(step: TrainStep) -> torch.Tensor:
+    return torch.cat([p.grad.float().flatten() for p in step.model.parameters() if p.grad is not None])
+
+
+def test_micro_batches_in_bf16_match_one_pass():
+    """bf16 autocast: 4 micro-batches of 16 vs one pass of 64. Relative L2 error of the whole
+    gradient below 2e-2 (bf16 keeps 8 mantissa bits; the sums differ only in order)."""
+    a, b = _step(64), _step(16)
+    batch = _batch(64)
+    a.accumulate(batch)
+    b.accumulate(batch)
+    ga, gb = _flat_grad(a), _flat_grad(b)
+    assert ga.norm() > 0
+    assert ((ga - gb).norm() / ga.norm()).item() < 2e-2
+
+
+def test_compiled_loss_matches_eager():
+    """Compiled vs eager forward+loss in bf16 on the same inputs: mean loss within 1e-2 relative."""
+    eager, compiled = _step(32), _step(32, compile=True)
+    batch = _batch(32)
+    le = eager.accumulate(batch)[0].item()
+    lc = compiled.accumulate(batch)[0].item()
+    assert compiled.compiled, "compilation fell back to eager"
+    assert abs(lc - le) / abs(le) < 1e-2
+
+
+def test_fifty_bf16_steps_lower_the_loss():
+    """50 steps of S/2 on one fixed batch (memorisation): the mean loss of the last 5 steps is below
+    that of the first 5."""
+    step = _step(32)
+    batch = _batch(32)
+    losses = [step(batch, 1e-3)[0].item() / 32 for _ in range(50)]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_cuda_sampling_equals_cpu_sampling():
+    """DDIM (deterministic), 10 steps, fp32 on both with TF32 off, the same per-sample CPU noise:
+    CUDA and CPU images (uint8) differ by at most one level (rounding at a level boundary)."""
+    from harness.sample import sample_images
+    from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model("DiT-2x32x2/2", "adaLN-Zero", input_size=8, in_channels=1, num_classes=10).eval()
+    run = RunSpec(run_id="x", sweep="t", model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0,
+                  data=DataSpec(), train=TrainSpec(), eval=EvalSpec())
+    labels = torch.arange(8) % 10
+    kw = dict(sampling_steps=10, sampler="ddim", cfg_scale=1.0, guidance_channels=3, seed=7)
+    cpu = sample_images(model, run, labels, device=torch.device("cpu"), **kw)
+    gpu = sample_images(model.cuda(), run, labels, device=torch.device("cuda"), **kw)
+    assert cpu.shape == gpu.shape
+    assert (cpu.astype("float64") - gpu.astype("float64")).__abs__().max() <= 1.0  # uint8 images: <= 1 level

@@ -1,0 +1,125 @@
+"""Sharded evaluation: two real processes (gloo, CPU) sample the same images and get the same
+metrics as one; a rank that never arrives fails the others after the configured bound, not hours."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from harness.evaluation import evaluate_step, pending_evals
+from harness.io import read_jsonl
+from harness.models import build_model
+from harness.runtime import Dist, bounded_barrier, setup_distributed
+from train_tiny import TINY_MODEL, tiny_run
+
+TESTS = str(Path(__file__).resolve().parent)
+STEP = 2
+# 22 samples in global batches of 5: 5 batches, the last one short, 3 on rank 0 and 2 on rank 1
+EVAL = dict(num_samples=22, batch_size=5, sampler="ddpm", sampling_steps=[3], cfg_scales=[1.0, 2.0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ema() -> torch.nn.Module:
+    """A tiny DiT with weights nudged off adaLN-Zero's zero output, so labels and guidance matter."""
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _join(rank: int, world: int, port: int) -> Dist:
+    sys.path.insert(0, TESTS)
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return setup_distributed()
+
+
+def _eval_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    dist = _join(rank, world, port)
+    run, ema = tiny_run(at_steps=[STEP], eval=EVAL), _ema()
+    pending_evals(run, Path(run_dir), ema, dist, upto=STEP, current=STEP)
+    again = evaluate_step(run, Path(run_dir), ema, dist, STEP)  # every rank agrees nothing is left
+    Path(run_dir, f"again.{rank}").write_text(str(again))
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_matches_one_rank(tmp_path):
+    run = tiny_run(at_steps=[STEP], eval=EVAL)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert evaluate_step(run, tmp_path / "one", _ema(), Dist(), STEP) == 2
+    finally:
+        torch.set_num_threads(old)
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+
+    assert [Path(tmp_path / "two", f"again.{r}").read_text() for r in (0, 1)] == ["0", "0"]
+    one, two = (list(read_jsonl(tmp_path / d / "eval.jsonl")) for d in ("one", "two"))
+    assert len(one) == len(two) == 2 and [r["ranks"] for r in one + two] == [1, 1, 2, 2]
+    for a, b in zip(one, two):
+        assert (a["cfg_scale"], a["sampling_steps"]) == (b["cfg_scale"], b["sampling_steps"])
+        for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+            assert a[key] is not None and abs(a[key] - b[key]) <= 1e-9, (key, a[key], b[key])
+    fids = [r["fid"] for r in one]
+    assert fids[0] != fids[1]  # the two guidance scales give different samples: the check can fail
+    for name in sorted(p.name for p in (tmp_path / "one" / "samples").glob("*.npz")):
+        with np.load(tmp_path / "one" / "samples" / name) as a, np.load(tmp_path / "two" / "samples" / name) as b:
+            assert a["arr_0"].shape == (22, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"]), name
+            assert np.array_equal(a["arr_1"], b["arr_1"]) and np.array_equal(a["arr_1"], np.arange(22) % 10)
+            assert len(np.unique(a["arr_0"].reshape(22, -1), axis=0)) == 22  # distinct noise per sample
+
+
+def _late_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist = _join(rank, world, port)
+    if rank == 1:
+        time.sleep(6)  # never arrives within rank 0's bound
+    t0 = time.perf_counter()
+    try:
+        bounded_barrier(dist, "a test barrier", timeout=dt.timedelta(seconds=2))
+        result = {"ok": True}
+    except RuntimeError as err:
+        result = {"ok": False, "error": str(err)}
+    result["waited_s"] = time.perf_counter() - t0
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_a_missing_rank_fails_the_barrier_after_the_bound(tmp_path):
+    mp.spawn(_late_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert not r0["ok"] and r0["waited_s"] < 5, r0
+    assert "did not arrive within 0:00:02" in r0["error"] and "1" in r0["error"], r0
+
+
+def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    from harness.train import run_training
+
+    _join(rank, world, port)
+    run_training(tiny_run(steps=4, at_steps=[2, 4], eval=EVAL), Path(run_dir))
+
+
+@pytest.mark.slow
+def test_two_rank_training_evaluates_on_both_ranks(tmp_path):
+    """train.py's call sites: every rank enters the evaluation at each eval step, rank 0 records it."""
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    records = list(read_jsonl(tmp_path / "eval.jsonl"))
+    assert sorted((r["step"], r["cfg_scale"]) for r in records) == [(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
+    assert all(r["ranks"] == 2 and r["fid"] > 0 for r in records) and (tmp_path / "done").exists()
+    assert (tmp_path / "samples" / "grid_step_0000004.png").exists()

@@ -1,0 +1,137 @@
+"""The report tests, on what the product itself wrote (issue 16): a real `harness sweep
+sweeps/smoke.yaml --launcher debug` (training, evaluation, records, closing report), then the
+checks of test_report.py and test_analysis.py that the synthetic folders (report_synth.py) feed,
+against that output. Nothing here writes a record by hand."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from harness.io import read_jsonl
+from harness.spec import load_spec
+from test_report import SWEEP_FIGURES, _assert_not_blank, _pdf_pages
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory):
+    """(results root, reports root, the sweep's stdout) of one real debug-launcher smoke sweep."""
+    tmp = tmp_path_factory.mktemp("real-sweep")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", str(SMOKE), "--launcher", "debug",
+                           "--results", str(tmp / "results"), "--reports", str(tmp / "reports")],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp / "results", tmp / "reports", proc.stdout
+
+
+def _eval_records(results: Path) -> dict[tuple[str, int], dict]:
+    """(run_id, step) -> the eval.jsonl record the trainer wrote."""
+    out = {}
+    for run in load_spec(SMOKE).expand():
+        for rec in read_jsonl(results / "smoke" / "runs" / run.run_id / "eval.jsonl"):
+            out[run.run_id, int(rec["step"])] = rec
+    return out
+
+
+def test_report_of_a_real_sweep_files_figures_and_numbers(real_sweep):
+    results, reports, stdout = real_sweep
+    folder = reports / "smoke"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    # one model family, one block, one sampling setting: the figures that apply, in the report's order
+    assert manifest["figures"] == [f for f in SWEEP_FIGURES if f not in ("conditioning", "sampling_compute")]
+    for name in manifest["figures"]:
+        png = Image.open(folder / "figures" / f"{name}.png")
+        assert png.width > 300 and png.height > 200
+        assert (folder / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    # the table holds exactly the trainer's evaluation records, numbers unchanged
+    records = _eval_records(results)
+    runs = load_spec(SMOKE).expand()
+    assert len(records) == len(runs) * len(runs[0].eval.at_steps)
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == len(records)
+    for row in table.itertuples():
+        rec = records[row.run_id, int(row.step)]
+        assert row.fid == pytest.approx(rec["fid"], rel=1e-12) and math.isfinite(row.fid)
+        assert row.precision == pytest.approx(rec["precision"]) and row.feature_space == rec["feature_space"]
+        run_json = json.loads((results / "smoke" / "runs" / row.run_id / "run.json").read_text())
+        assert row.gflops == pytest.approx(run_json["gflops"]) and row.model == run_json["model"]
+    assert str(folder / "index.html") in stdout
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_report_html_of_a_real_sweep(real_sweep):
+    results, reports, _ = real_sweep
+    folder = reports / "smoke"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    html = (folder / "index.html").read_text()
+    for src in re.findall(r'<img src="([^"]+)"', html):
+        assert (folder / src).is_file(), src
+    assert len(re.findall(r"<img ", html)) == len(manifest["figures"])
+    assert "Missing runs" not in html and manifest["missing"] == {}  # every run finished
+    for run in load_spec(SMOKE).expand():
+        assert run.run_id in html
+    assert manifest["git_revision"] in html
+    assert "<td>digits</td>" in html
+    # the samples figure shows the grids the trainer wrote
+    grids = sorted((results / "smoke" / "runs").glob("*/samples/grid_step_*.png"))
+    assert grids and "samples" in manifest["figures"]
+
+
+def test_report_of_a_real_sweep_shows_its_spec(real_sweep):
+    results, reports, _ = real_sweep
+    if not (results / "smoke" / "spec.yaml").is_file():
+        pytest.xfail("harness sweep does not write results/<sweep>/spec.yaml yet (the run-folder contract)")
+    html = (reports / "smoke" / "index.html").read_text()
+    assert "name: smoke" in html
+
+
+def test_report_of_a_real_sweep_lists_a_lost_run_as_missing(real_sweep, tmp_path):
+    """One run folder of the real output removed: the report still renders and names it missing."""
+    from harness.report import render_sweep_report
+
+    results, _, _ = real_sweep
+    if not (results / "smoke" / "sweep.json").is_file():
+        pytest.xfail("harness sweep does not write results/<sweep>/sweep.json yet (the run-folder contract)")
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy, symlinks=True)  # logs/ holds links to job folders
+    lost = load_spec(SMOKE).expand()[0].run_id
+    shutil.rmtree(copy / "smoke" / "runs" / lost)
+    manifest = render_sweep_report(copy, "smoke", tmp_path / "reports", n_boot=20)
+    assert lost in manifest["missing"]
+    assert lost in (tmp_path / "reports" / "smoke" / "index.html").read_text()
+
+
+def test_analysis_loads_a_real_sweep(real_sweep):
+    from harness.results import load_sweep
+
+    results, _, _ = real_sweep
+    sweep = load_sweep(results, "smoke")
+    records = _eval_records(results)
+    assert len(sweep.frame) == len(records)
+    assert set(sweep.frame["run_id"]) == {rid for rid, _ in records}
+    assert (sweep.frame["gflops"] > 0).all() and (sweep.frame["train_compute"] > 0).all()
+
+
+@pytest.mark.system
+def test_report_pdf_of_a_real_sweep(real_sweep, tmp_path):
+    _, reports, _ = real_sweep
+    manifest = json.loads((reports / "smoke" / "manifest.json").read_text())
+    pages = _pdf_pages(reports / "smoke" / "report.pdf", tmp_path)
+    assert len(pages) == len(manifest["pdf_pages"])
+    assert [p.split(" ", 1)[1] for p in manifest["pdf_pages"] if p.startswith("figure")] == manifest["figures"]
+    _assert_not_blank(pages)
