@@ -34,7 +34,7 @@ status: venv
 
 # Tiny models: one intra-op thread per process beats two threads fighting over two cores.
 test: venv  ## the whole suite, slow tests included (what CI runs)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --durations=25
 
 test-fast: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"

@@ -18,12 +18,13 @@ Runs are the cross product models x conditioning x seeds. Each run's `run_id` is
 e.g. "DiT-S-2_adaLN-Zero_s0_3f9a1c": the prefix names model, block and seed, the suffix hashes the
 normalised training identity -- model, conditioning, seed, the data keys that change the pixels
 (dataset, image_size, autoencoder, num_classes, flip) and the train keys that change the maths (global_batch,
-lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision). Deliberately excluded: the
+lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision, init_from: the sha256 of its file's
+bytes). Deliberately excluded: the
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
 bookkeeping (ckpt_every, keep_last, log_every, compile, micro_batch, grad_checkpointing) and train.steps (raising
 the step count continues the same runs instead of starting new ones).
-`train.init_from` (weights to start from) enters the identity as the sha256 of the file's bytes, so
-moving or renaming the file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
+`train.init_from` (weights to start from) enters the identity as that hash, so moving or renaming the
+file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
 
 `checkpoints_from: gflops` (the sampling study): the sweep trains nothing; each of its runs evaluates
 the checkpoints of the run with the same `run_id` in results/gflops/runs/<run_id>/. Because run ids

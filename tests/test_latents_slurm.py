@@ -143,7 +143,8 @@ launcher: {kind: slurm, cpus_per_task: 1, mem_gb: 3, timeout_min: 10}
 
 
 def test_sweep_submits_the_latent_job_first_and_training_after_it(tmp_path, monkeypatch):
-    from harness.dispatch import dispatch, load_state, run_statuses, sweep_dir
+    from harness.dispatch import dispatch, run_statuses
+    from harness.layout import load_state, sweep_dir
     from harness.spec import load_spec
 
     _need_slurm()
@@ -154,7 +155,7 @@ def test_sweep_submits_the_latent_job_first_and_training_after_it(tmp_path, monk
     spec = load_spec(tmp_path / "latdep.yaml")
     results = tmp_path / "results"
     statuses = dispatch(spec, results, wait=False)
-    [latent] = load_state(sweep_dir(spec, results))["latent_jobs"]
+    [latent] = load_state(sweep_dir(results, spec.name))["latent_jobs"]
     train_ids = sorted({s.job_id for s in statuses})
     assert len(train_ids) == 2 and all(s.state == "pending" for s in statuses), statuses
     def held_by_latent_job(job_id: str) -> bool:

@@ -60,7 +60,8 @@ def test_class_dropout_rate_matches_the_spec_within_its_binomial_interval(tmp_pa
     """One step of 4096 labels: the share replaced by the null class is train.class_dropout within
     4.5 binomial standard deviations (a false alarm once in ~150,000 runs)."""
     n = 4096
-    run = tiny_run(steps=1, global_batch=n, class_dropout=rate)
+    # the whole batch in one pass: micro_batch auto's start-up probe would send one more label through
+    run = tiny_run(steps=1, global_batch=n, class_dropout=rate, micro_batch=n)
     nulls, seen = _null_class_counts(monkeypatch, run, tmp_path)
     assert seen == n  # one step: every label of the global batch passed the embedder once
     dropped = nulls / seen
@@ -83,15 +84,17 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     with np.load(tmp_path / "trained" / "samples" / name) as f:
         trained = f["arr_0"]
     grid_trained = (tmp_path / "trained" / "samples" / "grid_step_0000003.png").read_bytes()
-    device = torch.device("cpu")
+    from harness.runtime import Dist
+
+    dist = Dist(device=torch.device("cpu"))  # one rank: evaluation runs on every rank of a job
     got = {}
     for use_ema in (True, False):
         model, _, _ = load_model_from_checkpoint(ckpt, use_ema=use_ema)
         folder = tmp_path / ("ema" if use_ema else "raw")
-        assert evaluate_step(run, folder, model, device, 3) == 1
+        assert evaluate_step(run, folder, model, dist, 3) == 1
         with np.load(folder / "samples" / name) as f:
             got[use_ema] = f["arr_0"]
-        got[use_ema, "grid"] = save_grid(run, folder, model, device, 3).read_bytes()
+        got[use_ema, "grid"] = save_grid(run, folder, model, dist, 3).read_bytes()
         got[use_ema, "fid"] = next(iter(read_jsonl(folder / "eval.jsonl")))["fid"]
     assert not np.array_equal(got[True], got[False]), "EMA and raw weights sample alike: the test has no teeth"
     np.testing.assert_array_equal(trained, got[True])
