@@ -239,67 +239,6 @@ def fit_power_law(c, y, groups=None, n_boot: int = 1000, level: float = 0.95, se
 
 
 @dataclass
-class SaturatingFit:
-    """FID = F_inf + A * C^-alpha, fitted with a robust (soft L1) loss."""
-
-    f_inf: float
-    A: float
-    alpha: float
-    f_inf_ci: tuple[float, float]
-    alpha_ci: tuple[float, float]
-    n: int
-    level: float
-    c0: float
-    boot: np.ndarray = field(repr=False)  # (B, 3): f_inf, A, alpha
-
-    form = "saturating: y = F_inf + A * C^-alpha"
-
-    def predict(self, c) -> np.ndarray:
-        return self.f_inf + self.A * np.asarray(c, float) ** (-self.alpha)
-
-    def interval(self, c) -> tuple[np.ndarray, np.ndarray]:
-        c = np.atleast_1d(np.asarray(c, float))
-        if self.boot.size == 0:
-            return np.full(c.shape, np.nan), np.full(c.shape, np.nan)
-        preds = self.boot[:, :1] + self.boot[:, 1:2] * c[None, :] ** (-self.boot[:, 2:3])
-        return (np.quantile(preds, (1 - self.level) / 2, axis=0), np.quantile(preds, (1 + self.level) / 2, axis=0))
-
-
-def _saturating_once(c: np.ndarray, y: np.ndarray, c0: float) -> tuple[float, float, float]:
-    """Fit in normalised compute u = C / c0 (well conditioned), return (F_inf, A, alpha) in C."""
-    u = c / c0
-    scale = float(np.median(y))
-    b0 = _loglog(c, y)[1]
-    x0 = [0.5 * y.min() / scale, max(y.max() - 0.5 * y.min(), 1e-6) / scale, min(max(-b0, 0.05), 3.0)]
-
-    def resid(p):
-        return (p[0] + p[1] * u ** (-p[2])) - y / scale
-
-    res = optimize.least_squares(resid, x0, bounds=([0.0, 0.0, 0.0], [y.min() / scale, np.inf, 5.0]),
-                                 loss="soft_l1", f_scale=0.05)
-    f_inf, a_u, alpha = res.x
-    return float(f_inf * scale), float(a_u * scale * c0 ** alpha), float(alpha)
-
-
-def fit_saturating(c, y, groups=None, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> SaturatingFit:
-    """Fit y = F_inf + A * C^-alpha (scipy least_squares, loss='soft_l1'); bootstrap over groups."""
-    c, y, groups = _positive_points(c, y, groups)
-    if len(c) < 4 or len(np.unique(c)) < 3:
-        raise HarnessError(f"a saturating fit needs >= 4 points at >= 3 compute values; got {len(c)}")
-    c0 = float(np.exp(np.mean(np.log(c))))
-    f_inf, A, alpha = _saturating_once(c, y, c0)
-
-    def once(sel: np.ndarray) -> tuple[float, float, float]:
-        if len(np.unique(c[sel])) < 3:
-            raise ValueError("fewer than 3 compute values")
-        return _saturating_once(c[sel], y[sel], c0)
-
-    boot = _bootstrap(once, len(c), groups, n_boot, seed, min_points=3)
-    ci = (lambda j: _ci(boot[:, j], level)) if boot.size else (lambda j: _ci(boot, level))
-    return SaturatingFit(f_inf, A, alpha, ci(0), ci(2), len(c), level, c0, boot)
-
-
-@dataclass
 class Extrapolation:
     target: float
     value: float
@@ -309,7 +248,7 @@ class Extrapolation:
     level: float
 
 
-def extrapolate(fit: PowerLawFit | SaturatingFit, target: float) -> Extrapolation:
+def extrapolate(fit: PowerLawFit, target: float) -> Extrapolation:
     """The fitted metric at compute `target`, with its bootstrap interval."""
     lo, hi = fit.interval(target)
     return Extrapolation(float(target), float(fit.predict(target)), float(lo[0]), float(hi[0]), fit.form, fit.level)

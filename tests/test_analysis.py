@@ -51,22 +51,9 @@ def test_power_law_bootstraps_over_runs_not_points():
     assert (by_run.b_ci[1] - by_run.b_ci[0]) > 2 * (by_point.b_ci[1] - by_point.b_ci[0])
 
 
-def test_saturating_fit_recovers_exponent_inside_interval():
-    rng = np.random.default_rng(3)
-    c = np.repeat(np.geomspace(1e3, 1e7, 12), 2)
-    y = (5.0 + 2000.0 * c ** -0.4) * np.exp(rng.normal(0, 0.02, len(c)))
-    y[5] *= 3.0                                            # one outlier: the soft-L1 loss shrugs it off
-    fit = analysis.fit_saturating(c, y, [f"r{i}" for i in range(len(c))], n_boot=150)
-    assert fit.alpha_ci[0] < 0.4 < fit.alpha_ci[1]
-    assert abs(fit.alpha - 0.4) < 0.08
-    assert fit.f_inf_ci[0] < 5.0 < fit.f_inf_ci[1]
-
-
 def test_fits_refuse_too_few_points():
     with pytest.raises(HarnessError, match="power-law fit needs"):
         analysis.fit_power_law([1.0, 2.0], [3.0, 2.0])
-    with pytest.raises(HarnessError, match="saturating fit needs"):
-        analysis.fit_saturating([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])
 
 
 def test_correlations_equal_scipy():
