@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from harness.status import run_statuses
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.spec import load_spec
+from slurm_tools import need_slurm, wait_until
 
 EXE = Path(sys.executable).with_name("harness")
 
@@ -86,33 +85,17 @@ def test_debug_sweep_runs_reruns_and_reuses_checkpoints(tmp_path):
 
 
 # --------------------------------------------------------------------------- real Slurm
-def _need_slurm() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("Slurm is not installed: `sinfo` is absent (start one with `sudo scripts/local-slurm.sh`)")
-    if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("no Slurm controller answers `sinfo`; start one with `sudo scripts/local-slurm.sh`")
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_cancelled_run_fails_with_reason_then_finishes(tmp_path, monkeypatch):
-    _need_slurm()
+    need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")
     results = tmp_path / "results"
     spec = load_spec(tiny(tmp_path, "cancel", steps=10, kind="slurm"))
     [st] = dispatch(spec, results, wait=False)
     assert st.state in ("pending", "running") and st.job_id
     subprocess.run(["scancel", st.job_id], check=True, timeout=30)
-    _wait(lambda: run_statuses(spec, results)[0].state == "failed", 60, "the cancelled job to show as failed")
+    wait_until(lambda: run_statuses(spec, results)[0].state == "failed", 60, "the cancelled job to show as failed")
     failed = run_statuses(spec, results)[0]
     assert failed.reason.startswith("CANCELLED"), failed.reason
     proc = subprocess.run([str(EXE), "status", str(spec.path), "--results", str(results)],
@@ -125,7 +108,7 @@ def test_slurm_cancelled_run_fails_with_reason_then_finishes(tmp_path, monkeypat
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
-    _need_slurm()
+    need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")
     # 400 steps of a tiny model take 2-6 s: slowed to >= 20 s (sbatch exports this environment to the
     # job, also after the requeue) so the requeue always lands mid-training
@@ -134,7 +117,7 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
     steps = 400
     spec = load_spec(tiny(tmp_path, "requeue", steps=steps, kind="slurm"))
     [st] = dispatch(spec, results, wait=False)
-    _wait(lambda: any((st.dir / "checkpoints").glob("step_*.pt.sha256")), 240, "the first checkpoint")
+    wait_until(lambda: any((st.dir / "checkpoints").glob("step_*.pt.sha256")), 240, "the first checkpoint")
     assert not (st.dir / "done").exists(), "the run finished before it could be requeued"
     subprocess.run(["scontrol", "requeue", st.job_id], check=True, timeout=30)
 
@@ -142,7 +125,7 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
         out = subprocess.run(["squeue", "-h", "-j", st.job_id, "-o", "%T"], capture_output=True, text=True)
         return out.stdout.strip() == "PENDING"
 
-    _wait(requeued_pending, 120, "the requeued job to be pending again")
+    wait_until(requeued_pending, 120, "the requeued job to be pending again")
     # Slurm holds a requeued job back for a while (BeginTime); let it start now
     subprocess.run(["scontrol", "update", f"JobId={st.job_id}", "StartTime=now"], timeout=30)
     [done] = dispatch(spec, results)  # waits on the same job (not resubmitted)
@@ -162,7 +145,7 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
 def test_sbatch_refusal_is_one_line_naming_the_spec_key(tmp_path, launcher, key, said):
     """The real local Slurm (no GPUs configured) refuses the array: one line naming the spec key to
     change and sbatch's own words, exit 2, no traceback, and the sweep state records no job."""
-    _need_slurm()
+    need_slurm()
     path = tiny(tmp_path, "refused", kind="slurm")
     path.write_text(path.read_text().replace("kind: slurm,", f"kind: slurm, {launcher},"))
     results = tmp_path / "results"

@@ -2,7 +2,6 @@
 builds, a killed job resumes from its finished shards, and a sweep's training jobs wait for it."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -13,17 +12,11 @@ from PIL import Image
 
 from harness.autoencoder import SHARD_DELAY_ENV, LatentCache
 from harness.latents import LatentStage, submit_latent_job
+from slurm_tools import need_slurm, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-
-
-def _need_slurm() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("Slurm is not installed: `sinfo` is absent (start one with `sudo scripts/local-slurm.sh`)")
-    if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("no Slurm controller answers `sinfo`; start one with `sudo scripts/local-slurm.sh`")
 
 
 def _sacct(job_id: str, field: str) -> str | None:
@@ -42,15 +35,6 @@ def _wait_ended(job_id: str, timeout: float = 240) -> str:
             return state
         time.sleep(0.5)
     pytest.fail(f"job {job_id} did not end in {timeout}s; last sacct state {state!r}")
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def _stage(tmp_path: Path, images: int, shard_size: int) -> LatentStage:
@@ -81,7 +65,7 @@ def _cache_under(root: Path) -> Path:
 
 
 def test_two_task_latent_job_equals_one_process(tmp_path, monkeypatch):
-    _need_slurm()
+    need_slurm()
     stage = _stage(tmp_path, images=6, shard_size=2)
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "one"))
     one = stage.build(num_workers=0)
@@ -99,7 +83,7 @@ def test_two_task_latent_job_equals_one_process(tmp_path, monkeypatch):
 
 
 def test_killed_latent_job_resumes_from_its_finished_shards(tmp_path, monkeypatch):
-    _need_slurm()
+    need_slurm()
     stage = _stage(tmp_path, images=12, shard_size=1)
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "ref"))
     ref = stage.build(num_workers=0)
@@ -107,7 +91,7 @@ def test_killed_latent_job_resumes_from_its_finished_shards(tmp_path, monkeypatc
     monkeypatch.setenv(SHARD_DELAY_ENV, "1.5")  # >= 18 s in all: the kill lands mid-way
     first = submit_latent_job(_executor(tmp_path / "jobs"), stage, tasks=1, cpus_per_task=1)
     shard_files = lambda: sorted((tmp_path / "job" / "latents").glob("*/shard_*.npy"))  # noqa: E731
-    _wait(lambda: len(shard_files()) >= 2, 180, "two finished shards")
+    wait_until(lambda: len(shard_files()) >= 2, 180, "two finished shards", poll_s=0.2)
     subprocess.run(["scancel", first.job_id], check=True, timeout=30)
     assert _wait_ended(first.job_id) == "CANCELLED"
     # submitit ignores SIGTERM and Slurm kills the task KillWait seconds later: wait until it is gone
@@ -147,7 +131,7 @@ def test_sweep_submits_the_latent_job_first_and_training_after_it(tmp_path, monk
     from harness.layout import load_state, sweep_dir
     from harness.spec import load_spec
 
-    _need_slurm()
+    need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # no digits cache yet: the job builds it
     monkeypatch.setenv(SHARD_DELAY_ENV, "5")  # the latent job outlives the checks below
@@ -163,7 +147,8 @@ def test_sweep_submits_the_latent_job_first_and_training_after_it(tmp_path, monk
         return f"Dependency=afterok:{latent}(unfulfilled)" in shown and "Reason=Dependency" in shown
 
     for job_id in train_ids:  # the scheduler states the reason on its next pass
-        _wait(lambda: held_by_latent_job(job_id), 20, f"job {job_id} to wait on the latent job {latent}")
+        wait_until(lambda: held_by_latent_job(job_id), 20, f"job {job_id} to wait on the latent job {latent}",
+                   poll_s=0.2)
     assert _wait_ended(latent) == "COMPLETED"
     assert all(s.state == "done" for s in dispatch(spec, results))  # waits on the same jobs
     assert {s.job_id for s in run_statuses(spec, results)} == set(train_ids)

@@ -2,8 +2,6 @@
 environment hand-off that 8 GPUs or 2 nodes use) ends with the weights of the 1-task run."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 
 from harness.dispatch import dispatch
 from harness.spec import load_spec
+from slurm_tools import need_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -24,15 +23,8 @@ launcher: {{kind: slurm, tasks_per_node: {tasks}, cpus_per_task: 1, mem_gb: 1, t
 """
 
 
-def _need_slurm() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("Slurm is not installed: `sinfo` is absent (start one with `sudo scripts/local-slurm.sh`)")
-    if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("no Slurm controller answers `sinfo`; start one with `sudo scripts/local-slurm.sh`")
-
-
 def test_two_slurm_tasks_train_the_weights_of_one(tmp_path, monkeypatch):
-    _need_slurm()
+    need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")
     results = tmp_path / "results"
     finals = {}
