@@ -135,6 +135,9 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
         step(data, 1e-4)
     _sync(device)
     train_sps = steps / (time.perf_counter() - t0)
+    log.info("%s: training %.1f images/s (%.3f steps/s), micro-batch %d, %s, compile %.0f s, peak %.0f MB",
+             model_name, train_sps * batch, train_sps, step.micro_batch,
+             "compiled" if step.compiled else "eager", step.compile_s or 0.0, peak_mem_mb(device))
 
     model.eval()
     from harness.step import autocast
