@@ -2,6 +2,12 @@
 
 Coverage tolerance, stated before running: over 40 draws per law, each parameter's nominal 90%
 bootstrap interval must cover the true value in at least 80% of the draws (32 of 40).
+
+Each true law moves FID by several times the noise across its design, so that every parameter can be
+recovered at all. (A first two-factor truth, A = 30 at N ~ 1e8, made the size term ~0.003 FID against
+~0.3 of noise: alpha was unrecoverable by any interval method, its median estimate 0, and its
+"coverage" 27 of 40 said nothing about the bootstrap. That truth is kept below as the case the fit
+must call not identified.)
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ DRAWS, MIN_COVER, NOISE = 40, 0.80, 0.03
 TRUTH = {  # law -> (choice, true params in FID units, inputs builder)
     "power": (laws.Choice("power", "log", "squares"), {"A": 60.0, "alpha": 0.35}),
     "saturating": (laws.Choice("saturating", "log", "squares", "free"), {"E": 8.0, "A": 60.0, "alpha": 0.5}),
+    # size term 10 FID at N = 1e8 (1.0 to 31.6 over the design), token term 9 FID at T = 32 (2.6 to 37.9)
     "two-factor": (laws.Choice("two-factor", "log", "squares", "free"),
-                   {"E": 5.0, "A": 30.0, "alpha": 0.5, "B": 40.0, "beta": 0.7}),
+                   {"E": 5.0, "A": 1.0e5, "alpha": 0.5, "B": 100.0, "beta": 0.7}),
 }
+INVISIBLE_SIZE_TERM = {"E": 5.0, "A": 30.0, "alpha": 0.5, "B": 40.0, "beta": 0.7}   # A N^-alpha ~ 0.003 FID
 
 
 def _inputs(law: str) -> dict:
@@ -29,9 +37,10 @@ def _inputs(law: str) -> dict:
     return {"compute": c, "params": c, "tokens": c}
 
 
-def _truth_fit(law: str, X: dict) -> laws.Fit:
-    """A Fit object carrying the true parameters, to evaluate the true law at X."""
-    choice, true = TRUTH[law]
+def _truth_fit(law: str, X: dict, true: dict | None = None) -> laws.Fit:
+    """A Fit object carrying the true parameters (default: TRUTH[law]'s), to evaluate the true law at X."""
+    choice, default = TRUTH[law]
+    true = default if true is None else true
     f = laws.fit(choice, X, np.ones(len(X["compute"])) * 10 + np.arange(len(X["compute"])))  # any positive y
     L = f.law
     theta = np.array([true[p] / (f.scale if k != "exponent" else 1.0) for p, k in zip(L.params, L.kinds)])
@@ -46,9 +55,7 @@ def _truth_fit(law: str, X: dict) -> laws.Fit:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("law", ["power", "saturating", pytest.param("two-factor", marks=pytest.mark.xfail(
-    reason="measured: alpha covered in 27 of 40 draws (0.675 < 0.80); E 0.80, A 0.95, B 0.90 -- the percentile "
-           "bootstrap over 20 runs under-covers the size exponent, which trades off against E", strict=True))])
+@pytest.mark.parametrize("law", ["power", "saturating", "two-factor"])
 def test_bootstrap_intervals_cover_the_true_parameters(law):
     choice, true = TRUTH[law]
     X = _inputs(law)
@@ -65,6 +72,21 @@ def test_bootstrap_intervals_cover_the_true_parameters(law):
             covered[p] += lo <= want[p] <= hi
     rates = {p: c / DRAWS for p, c in covered.items()}
     assert all(r >= MIN_COVER for r in rates.values()), rates
+
+
+@pytest.mark.slow
+def test_a_term_far_below_the_noise_is_reported_not_identified():
+    """The size term is ~1% of the noise: the fit must not state alpha (or A) as a number."""
+    X = _inputs("two-factor")
+    clean = _truth_fit("two-factor", X, INVISIBLE_SIZE_TERM).predict(X)
+    rng = np.random.default_rng(7)
+    flagged = 0
+    for d in range(10):
+        y = clean * np.exp(rng.normal(0, NOISE, len(clean)))
+        f = laws.fit(TRUTH["two-factor"][0], X, y, n_boot=100, seed=d)
+        why = f.identification(y)
+        flagged += why["alpha"] is not None or why["A"] is not None
+    assert flagged == 10, f"the invisible size term was stated as a number in {10 - flagged} of 10 draws"
 
 
 def _at_x0(true: dict, f: laws.Fit, X: dict) -> dict:
