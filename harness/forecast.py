@@ -217,7 +217,8 @@ def forecast_next(points: pd.DataFrame, criterion: str = "llo", n_boot: int = 20
     """The chosen law fitted to all runs, predicting a model `factor`x larger than the largest one (its
     parameters and Gflops x factor, same tokens): {law, model, compute, params, tokens, predicted, lo, hi}."""
     k_inner = max(1, min(2, points["name"].nunique() - 5))
-    best = chosen(rank(points, k_inner, n_boot, seed), criterion)
+    best = chosen(rank(points, k_inner, 0, seed), criterion)   # choosing needs no bootstrap; only the chosen law's
+    laws.bootstrap(best.fit, _X(points), points["fid"], points["name"].to_numpy(), n_boot, seed)
     top = points.sort_values("compute").iloc[-1]
     X = {"compute": np.array([top["compute"] * factor]), "params": np.array([top["params"] * factor]),
          "tokens": np.array([top["tokens"]])}

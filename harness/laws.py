@@ -50,6 +50,20 @@ class Law:
             return p[0] + p[1] * z[:, 0] ** -p[2]
         return p[0] + p[1] * z[:, 0] ** -p[2] + p[3] * z[:, 1] ** -p[4]
 
+    def jacobian(self, p: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """d value / d p: p (k,), z (n, len(inputs)) -> (n, k). For a term s * x^-e: d/ds = x^-e,
+        d/de = -s * x^-e * ln x; an offset's derivative is 1."""
+        cols = []
+        if self.name != "power":
+            cols.append(np.ones(len(z)))
+        terms = [(0, p[0], p[1])] if self.name == "power" else [(0, p[1], p[2])]
+        if self.name == "two-factor":
+            terms.append((1, p[3], p[4]))
+        for j, s, e in terms:
+            xe = z[:, j] ** -e
+            cols += [xe, -s * xe * np.log(z[:, j])]
+        return np.column_stack(cols)
+
 
 LAWS = {
     "power": Law("power", ("compute",), ("A", "alpha"), ("scale", "exponent"), "FID = A·(C/C0)^-alpha"),
@@ -205,14 +219,25 @@ def _residual_fn(law: Law, space: str, z: np.ndarray, yn: np.ndarray):
     return lambda p: law.value(p, z) - yn
 
 
-def _solve(fun, starts, lo, hi, loss: str, f_scale: float):
+def _residual_jac(law: Law, space: str, z: np.ndarray):
+    """The analytic Jacobian of `_residual_fn` (n, k); in log space d log v = dv / v, and 0 where the
+    value is clipped (the clip is flat there)."""
+    if space == "log":
+        def jac(p):
+            v = law.value(p, z)
+            return np.where((v > 1e-9)[:, None], law.jacobian(p, z) / np.maximum(v, 1e-9)[:, None], 0.0)
+        return jac
+    return lambda p: law.jacobian(p, z)
+
+
+def _solve(fun, starts, lo, hi, loss: str, f_scale: float, jac="2-point"):
     best = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for x0 in starts:
             x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
             try:
-                res = optimize.least_squares(fun, x0, bounds=(lo, hi), loss=loss, f_scale=f_scale,
+                res = optimize.least_squares(fun, x0, jac=jac, bounds=(lo, hi), loss=loss, f_scale=f_scale,
                                              x_scale="jac", max_nfev=300)
             except (ValueError, np.linalg.LinAlgError):
                 continue
@@ -226,15 +251,15 @@ def _fit_theta(choice: Choice, z: np.ndarray, yn: np.ndarray, starts: list[np.nd
     residuals) from each start; the best theta or None."""
     law = LAWS[choice.law]
     lo, hi = _bounds(law, choice.offset)
-    fun = _residual_fn(law, choice.space, z, yn)
-    best = _solve(fun, starts, lo, hi, "linear", 1.0)
+    fun, jac = _residual_fn(law, choice.space, z, yn), _residual_jac(law, choice.space, z)
+    best = _solve(fun, starts, lo, hi, "linear", 1.0, jac)
     if best is None:
         return None
     if choice.loss == "huber":
         r = fun(best.x)
         mad = 1.4826 * float(np.median(np.abs(r - np.median(r))))
         if mad > 0:
-            hub = _solve(fun, [best.x], lo, hi, "huber", 1.345 * mad)
+            hub = _solve(fun, [best.x], lo, hi, "huber", 1.345 * mad, jac)
             best = hub if hub is not None else best
     return best.x
 

@@ -151,3 +151,18 @@ def test_too_few_points_is_a_clear_error():
     with pytest.raises(HarnessError, match="two-factor law needs >= 6 runs"):
         laws.fit(laws.Choice("two-factor", "log", "squares", "free"),
                  {"params": [1, 2, 3], "tokens": [1, 2, 3]}, [3.0, 2.0, 1.0])
+
+
+@pytest.mark.parametrize("space", ["fid", "log"])
+@pytest.mark.parametrize("law", list(laws.LAWS))
+def test_analytic_jacobian_equals_finite_differences(law, space):
+    """The fits use the laws' analytic Jacobian (faster); it must be the derivative of the residuals."""
+    from scipy.optimize._numdiff import approx_derivative
+
+    L = laws.LAWS[law]
+    rng = np.random.default_rng(1)
+    z = np.exp(rng.normal(0, 1, (12, len(L.inputs))))
+    yn = np.exp(rng.normal(0, 0.3, 12))
+    p = np.array([{"offset": 0.2, "scale": 0.7, "exponent": 0.4}[k] for k in L.kinds]) * rng.uniform(0.8, 1.2, len(L.kinds))
+    fun, jac = laws._residual_fn(L, space, z, yn), laws._residual_jac(L, space, z)
+    np.testing.assert_allclose(jac(p), approx_derivative(fun, p, method="3-point"), rtol=1e-6, atol=1e-8)
