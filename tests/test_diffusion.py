@@ -481,3 +481,99 @@ def test_respacing_keeps_the_steps_adm_keeps_for_odd_counts():
 
     kept = space_timesteps(1000, 21)
     assert len(kept) == 21 and kept[0] == 0 and kept[-1] == 999 and kept[10] == 499
+
+
+# ----------------------------------------------------------------------------- known answers (issue 16)
+def _respaced_abar(steps: int) -> tuple[list[int], np.ndarray]:
+    """ADM's even spacing over 1000 steps and alphas_cumprod at the kept steps, by hand."""
+    kept = space_timesteps(1000, f"ddim{steps}")
+    return kept, _abar_reference()[kept]
+
+
+def test_predict_eps_from_xstart_is_the_forward_process_solved_for_eps():
+    d = create_diffusion()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 10, 500, 999])
+    abar = torch.as_tensor(_abar_reference()[t.numpy()]).reshape(-1, 1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    got = d.predict_eps_from_xstart(xt, t, x0)
+    # the module's tables are float32: at t = 1 their rounding is amplified by 1 / sqrt(1 - abar) ~ 68
+    assert torch.allclose(got, (xt - abar.sqrt() * x0) / (1 - abar).sqrt(), atol=1e-4)
+    assert torch.allclose(got, eps, atol=1e-4)
+
+
+def test_one_stochastic_ddim_step_is_song_et_al_eq_12():
+    """eta > 0: x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev), z from the generator."""
+    steps, eta = 10, 0.7
+    d = create_diffusion(f"ddim{steps}")
+    kept, abar_kept = _respaced_abar(steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    model = lambda x_, t_: torch.cat([eps, torch.zeros_like(eps)], 1)  # noqa: E731
+    for i in (5, 1, 0):
+        t = torch.full((3,), i)
+        a, a_prev = abar_kept[i], (abar_kept[i - 1] if i > 0 else 1.0)
+        x0_hat = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+        want = math.sqrt(a_prev) * x0_hat + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+        want = want + (sigma * z if i > 0 else 0.0)
+        got = d.ddim_sample(model, x, t, eta=eta, generator=torch.Generator().manual_seed(42))
+        assert torch.allclose(got["sample"], want, atol=1e-9), i
+        assert torch.allclose(got["pred_xstart"], x0_hat, atol=1e-9)
+    assert sigma == 0.0  # at t = 0 the step is deterministic whatever eta
+
+
+def test_ddim_and_ddpm_loops_honour_clip_denoised():
+    """A model whose x0 estimate lies far outside [-1, 1]: the last step returns that estimate, clipped
+    only when asked."""
+    d = create_diffusion("ddim5")
+    model = lambda x_, t_: torch.cat([-3.0 * torch.ones_like(x_), torch.zeros_like(x_)], 1)  # noqa: E731
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    free = d.ddim_sample_loop(model, noise.shape, noise=noise)
+    clipped = d.ddim_sample_loop(model, noise.shape, noise=noise, clip_denoised=True)
+    assert free.abs().max() > 1.5 and clipped.abs().max() <= 1.0
+    p = create_diffusion("5").p_sample_loop(model, noise.shape, noise=noise, clip_denoised=True,
+                                            generator=torch.Generator().manual_seed(0))
+    assert p.abs().max() <= 1.0 + 1e-6
+
+
+def test_training_losses_draw_their_own_noise_like_randn_like_and_feed_the_model_xt():
+    d = create_diffusion()
+    x0 = torch.randn(4, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 30, 300, 900])
+    seen = []
+
+    def model(x, tt):
+        seen.append(x)
+        return torch.zeros(4, 4, 2, 2)
+    torch.manual_seed(123)
+    drawn = d.training_losses(model, x0, t)
+    torch.manual_seed(123)
+    noise = torch.randn_like(x0)
+    given = d.training_losses(model, x0, t, noise=noise)
+    assert torch.equal(drawn["loss"], given["loss"])
+    assert torch.allclose(seen[1], d.q_sample(x0, t, noise))
+
+
+def test_sample_timesteps_without_a_generator_uses_the_global_rng_and_the_device():
+    torch.manual_seed(5)
+    t = sample_timesteps(20000, 10)
+    assert t.device.type == "cpu" and t.dtype == torch.long and int(t.min()) == 0 and int(t.max()) == 9
+    chi2 = ((torch.bincount(t, minlength=10).double() - 2000) ** 2 / 2000).sum().item()
+    assert chi2 < 33.7     # 99.99th percentile of chi-square with 9 dof
+    torch.manual_seed(5)
+    assert torch.equal(t, torch.randint(0, 10, (20000,)))
+    g = sample_timesteps(7, 1000, "cpu", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(g, torch.randint(0, 1000, (7,), generator=torch.Generator().manual_seed(2)))
+
+
+def test_guidance_defaults_to_the_first_three_channels_as_dit_does():
+    z, x, y, t = _guided_inputs(c=4)
+    default = guided_model_fn(_cond_model, 4.0)(x, t, y=y)
+    assert torch.equal(default, guided_model_fn(_cond_model, 4.0, 3)(x, t, y=y))
+    assert not torch.allclose(default, guided_model_fn(_cond_model, 4.0, None)(x, t, y=y))
