@@ -321,12 +321,14 @@ def _bootstrap_thetas(choice: Choice, z, yn, theta, groups, n_boot: int, seed: i
         return np.empty((0, len(theta)))
     rng = np.random.default_rng(seed)
     starts = [theta]
-    out = []
+    out, seen = [], {}   # a fit depends only on the multiset of points drawn: few runs repeat many multisets
     for _ in range(n_boot):
-        sel = resample(groups, rng)
+        sel = np.sort(resample(groups, rng))
         if any(len(np.unique(z[sel, j])) < 2 for j in range(z.shape[1])) or len(np.unique(sel)) < _needed(law) - 1:
             continue
-        t = _fit_theta(choice, z[sel], yn[sel], starts)
-        if t is not None:
-            out.append(t)
+        key = sel.tobytes()
+        if key not in seen:
+            seen[key] = _fit_theta(choice, z[sel], yn[sel], starts)
+        if seen[key] is not None:
+            out.append(seen[key])
     return np.array(out) if out else np.empty((0, len(theta)))
