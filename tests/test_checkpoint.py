@@ -87,3 +87,116 @@ def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
     set_rng_state(ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 4, {**_state(4), "rng": now}))["rng"])
     got = (np.random.rand(4), random.random(), torch.rand(3))
     assert np.array_equal(got[0], want[0]) and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+# ----------------------------------------------------------------------------- edges (issue 16's mutation survivors)
+def test_sidecar_is_the_sha256_of_the_file_and_chunked_hashing_agrees(tmp_path):
+    import hashlib
+
+    path = ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    digest, name = (tmp_path / "step_0000003.pt.sha256").read_text().split()
+    assert name == path.name and digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert ckpt._sha256_file(path, chunk=1000) == digest  # many chunks, a short last one
+
+
+def test_an_empty_sidecar_is_a_mismatch_not_a_crash(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    (tmp_path / "step_0000003.pt.sha256").write_text("")
+    assert "checksum mismatch" in ckpt.verify_checkpoint(path)
+
+
+def test_a_failed_write_names_the_file_and_the_resume_point_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from harness.errors import HarnessError
+
+    ckpt.save_checkpoint(tmp_path, 2, _state(2))
+
+    def full(path, write, mode):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    with pytest.raises(HarnessError) as err:
+        ckpt.save_checkpoint(tmp_path, 4, _state(4))
+    msg = str(err.value)
+    assert "step_0000004.pt" in msg and "No space left on device" in msg
+    assert "step_0000002.pt stays the resume point" in msg and "free space" in msg
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert not (tmp_path / "step_0000004.pt.sha256").exists()
+    with pytest.raises(HarnessError, match="no earlier checkpoint"):
+        ckpt.save_checkpoint(tmp_path / "empty", 1, _state(1))
+
+
+def test_slow_save_hook_applies_to_its_step_only(monkeypatch):
+    monkeypatch.setenv(ckpt.SLOW_SAVE_ENV, "5:0.25")
+    assert ckpt._slow_save_seconds(5) == 0.25 and ckpt._slow_save_seconds(6) == 0.0
+    monkeypatch.setenv(ckpt.SLOW_SAVE_ENV, "5")
+    assert ckpt._slow_save_seconds(5) == 0.0
+    monkeypatch.delenv(ckpt.SLOW_SAVE_ENV)
+    assert ckpt._slow_save_seconds(5) == 0.0
+
+
+def test_slow_save_writes_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv(ckpt.SLOW_SAVE_ENV, "7:0.01")
+    slow = ckpt.save_checkpoint(tmp_path / "a", 7, _state(7))
+    monkeypatch.delenv(ckpt.SLOW_SAVE_ENV)
+    fast = ckpt.save_checkpoint(tmp_path / "b", 7, _state(7))
+    assert slow.read_bytes() == fast.read_bytes() and ckpt.verify_checkpoint(slow) is None
+
+
+def test_listing_ignores_other_files_and_missing_folders(tmp_path):
+    assert ckpt.list_checkpoints(tmp_path / "nowhere") == []
+    ckpt.save_checkpoint(tmp_path, 12, _state(12))
+    ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    (tmp_path / "step_0000009.pt").mkdir()          # a folder with a checkpoint's name
+    (tmp_path / "notes.txt").write_text("x")
+    assert [(s, p.name) for s, p in ckpt.list_checkpoints(tmp_path)] == [(3, "step_0000003.pt"),
+                                                                         (12, "step_0000012.pt")]
+
+
+def test_not_a_training_checkpoint_and_pickled_code_are_refused(tmp_path):
+    import pytest
+
+    path = ckpt.save_checkpoint(tmp_path, 1, {"model": {}})       # no step
+    with pytest.raises(ValueError, match="not a harness training checkpoint"):
+        ckpt.load_checkpoint(path)
+    evil = ckpt.save_checkpoint(tmp_path, 2, {"model": {}, "step": 2, "hook": print})
+    with pytest.raises(ValueError, match="refused: it holds Python objects"):
+        ckpt.load_checkpoint(evil)
+
+
+def test_newest_valid_without_quarantine_leaves_files_alone(tmp_path):
+    assert ckpt.load_latest_valid(tmp_path / "nowhere") is None
+    for s in (2, 4):
+        ckpt.save_checkpoint(tmp_path, s, _state(s))
+    newest = ckpt.checkpoint_path(tmp_path, 4)
+    newest.write_bytes(newest.read_bytes()[:100])
+    state, path = ckpt.load_latest_valid(tmp_path, quarantine=False)
+    assert state["step"] == 2 and path.name == "step_0000002.pt"
+    assert newest.exists() and (tmp_path / "step_0000004.pt.sha256").exists()
+    ckpt.load_latest_valid(tmp_path)   # with quarantine: renamed, its sidecar gone
+    assert not newest.exists() and not (tmp_path / "step_0000004.pt.sha256").exists()
+
+
+def test_retention_edges(tmp_path):
+    for s in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, s, _state(s))
+    assert ckpt.apply_retention(tmp_path, keep_last=0) == []
+    assert ckpt.apply_retention(tmp_path, keep_last=-1, keep_steps=[]) == []
+    assert ckpt.apply_retention(tmp_path, keep_last=5) == []
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2, 3]
+    deleted = ckpt.apply_retention(tmp_path, keep_last=1, keep_steps=("1",))
+    assert [p.name for p in deleted] == ["step_0000002.pt"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 3]
+    assert all(ckpt.verify_checkpoint(p) is None for _, p in ckpt.list_checkpoints(tmp_path))
+
+
+def test_partial_write_cleaning_counts_only_temp_checkpoints(tmp_path):
+    assert ckpt.clean_partial_writes(tmp_path / "nowhere") == 0
+    assert ckpt.clean_partial_writes(tmp_path) == 0
+    for name in (".step_0000004.pt.a.tmp", ".step_0000006.pt.b.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    (tmp_path / ".other.tmp").write_bytes(b"not ours")
+    assert ckpt.clean_partial_writes(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp"]
