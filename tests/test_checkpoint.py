@@ -126,6 +126,12 @@ def test_a_failed_write_names_the_file_and_the_resume_point_and_leaves_no_checkp
     assert not (tmp_path / "step_0000004.pt.sha256").exists()
     with pytest.raises(HarnessError, match="no earlier checkpoint"):
         ckpt.save_checkpoint(tmp_path / "empty", 1, _state(1))
+    monkeypatch.undo()
+    ckpt.save_checkpoint(tmp_path, 6, _state(6))       # a later checkpoint is no resume point for step 4
+    (tmp_path / "step_0000002.pt.sha256").unlink()     # and one without its sidecar is none either
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    with pytest.raises(HarnessError, match="no earlier checkpoint"):
+        ckpt.save_checkpoint(tmp_path, 4, _state(4))
 
 
 def test_slow_save_hook_applies_to_its_step_only(monkeypatch):
@@ -162,8 +168,9 @@ def test_not_a_training_checkpoint_and_pickled_code_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a harness training checkpoint"):
         ckpt.load_checkpoint(path)
     evil = ckpt.save_checkpoint(tmp_path, 2, {"model": {}, "step": 2, "hook": print})
-    with pytest.raises(ValueError, match="refused: it holds Python objects"):
+    with pytest.raises(ValueError, match="refused: it holds Python objects") as err:
         ckpt.load_checkpoint(evil)
+    assert "builtins.print" in str(err.value)  # names what it refused
 
 
 def test_newest_valid_without_quarantine_leaves_files_alone(tmp_path):
