@@ -146,9 +146,9 @@ def _groups_index(n: int, groups) -> list[np.ndarray]:
     return [np.flatnonzero(groups == g) for g in pd.unique(groups)]
 
 
-def _bootstrap(fit_once, n: int, groups, n_boot: int, seed: int, min_points: int = 2) -> np.ndarray:
+def _bootstrap(fit_once, n: int, groups, n_boot: int, seed: int) -> np.ndarray:
     """Refit on resamples of the groups (runs) with replacement; rows of the result are params.
-    Resamples with fewer than `min_points` distinct points, or where the fit fails, are skipped."""
+    Resamples with fewer than 2 distinct points, or where the fit fails, are skipped."""
     rng = np.random.default_rng(seed)
     idx = _groups_index(n, groups)
     if len(idx) < 3:  # resampling fewer than 3 runs says nothing about the spread: no interval
@@ -157,7 +157,7 @@ def _bootstrap(fit_once, n: int, groups, n_boot: int, seed: int, min_points: int
     for _ in range(n_boot):
         pick = rng.integers(0, len(idx), len(idx))
         sel = np.concatenate([idx[i] for i in pick])
-        if len(np.unique(sel)) < min_points:
+        if len(np.unique(sel)) < 2:
             continue
         try:
             out.append(fit_once(sel))
