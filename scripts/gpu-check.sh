@@ -88,8 +88,8 @@ stage smoke-sweep 40 "$PY" -m harness sweep sweeps/smoke.yaml --launcher debug \
   echo
   echo "## DiT-XL/2, batch 256, bf16, trainer defaults (compile auto, micro-batch auto)"
   echo '```'
-  grep -E "micro-batch|training|WARNING|Error" "$OUT_DIR/bench-xl2-compiled.log" | tail -n 8
-  tail -n 14 "$OUT_DIR/bench-xl2-compiled.log"
+  if grep -q "^MFU" "$OUT_DIR/bench-xl2-compiled.log"; then tail -n 14 "$OUT_DIR/bench-xl2-compiled.log"
+  else grep -E "micro-batch|training|WARNING|Error" "$OUT_DIR/bench-xl2-compiled.log" | tail -n 8; fi  # cut short
   echo '```'
   for s in suite-eager suite-compiled; do
     echo
