@@ -1,9 +1,14 @@
 """Checkpoint files: atomic save, checksum validation, newest-valid discovery, retention."""
 from __future__ import annotations
 
+import errno
+import hashlib
+
+import pytest
 import torch
 
 from harness import checkpoint as ckpt
+from harness.errors import HarnessError
 
 
 def _state(step: int) -> dict:
@@ -91,8 +96,6 @@ def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
 
 # ----------------------------------------------------------------------------- edges (issue 16's mutation survivors)
 def test_sidecar_is_the_sha256_of_the_file_and_chunked_hashing_agrees(tmp_path):
-    import hashlib
-
     path = ckpt.save_checkpoint(tmp_path, 3, _state(3))
     digest, name = (tmp_path / "step_0000003.pt.sha256").read_text().split()
     assert name == path.name and digest == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -106,12 +109,6 @@ def test_an_empty_sidecar_is_a_mismatch_not_a_crash(tmp_path):
 
 
 def test_a_failed_write_names_the_file_and_the_resume_point_and_leaves_no_checkpoint(tmp_path, monkeypatch):
-    import errno
-
-    import pytest
-
-    from harness.errors import HarnessError
-
     ckpt.save_checkpoint(tmp_path, 2, _state(2))
 
     def full(path, write, mode):
@@ -162,8 +159,6 @@ def test_listing_ignores_other_files_and_missing_folders(tmp_path):
 
 
 def test_not_a_training_checkpoint_and_pickled_code_are_refused(tmp_path):
-    import pytest
-
     path = ckpt.save_checkpoint(tmp_path, 1, {"model": {}})       # no step
     with pytest.raises(ValueError, match="not a harness training checkpoint"):
         ckpt.load_checkpoint(path)
