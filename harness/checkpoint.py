@@ -84,8 +84,9 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
     try:
         atomic_write(path, write, mode="wb")  # on failure the temp file is removed, `path` untouched
     except OSError as err:
-        older = [p.name for s, p in list_checkpoints(ckpt_dir) if s < step and sidecar_path(p).exists()]
-        keep = f"the previous checkpoint {older[-1]} stays the resume point" if older else "no earlier checkpoint"
+        # the newest complete checkpoint up to this step (one at this very step, if a rewrite failed)
+        older = [p.name for s, p in list_checkpoints(ckpt_dir) if s <= step and sidecar_path(p).exists()]
+        keep = f"the checkpoint {older[-1]} stays the resume point" if older else "no earlier checkpoint"
         raise HarnessError(f"{path}: could not write the checkpoint ({err.strerror or err}); {keep}. Fix: free "
                            "space on that file system (or move results/), then run the same command again.") from err
     atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
@@ -131,7 +132,7 @@ def _load_legacy(path: Path, map_location: Any) -> dict[str, Any]:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
     allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    names = {f"{g.__module__}.{g.__qualname__}" for g in allowed} | {"numpy.dtype", "numpy.ndarray"}
+    names = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
     if not set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) <= names:
         raise pickle.UnpicklingError("foreign globals")
     with torch.serialization.safe_globals(allowed):

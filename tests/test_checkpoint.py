@@ -202,3 +202,123 @@ def test_partial_write_cleaning_counts_only_temp_checkpoints(tmp_path):
     (tmp_path / ".other.tmp").write_bytes(b"not ours")
     assert ckpt.clean_partial_writes(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp"]
+
+
+# ----------------------------------------------------------------------------- what the training log says
+# A run's log is the operator's only record of what happened to its checkpoints: each line is checked whole.
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == ckpt.__name__]
+
+
+def test_saving_logs_the_path_and_size(tmp_path, caplog):
+    caplog.set_level("INFO", logger=ckpt.__name__)
+    path = ckpt.save_checkpoint(tmp_path, 3, {"model": {"w": torch.zeros(1024, 1024)}, "step": 3})
+    assert _messages(caplog) == [f"saved checkpoint {path} (4.0 MB)"]   # 2**20 floats of 4 bytes, in MiB
+
+
+def test_skipping_and_quarantine_are_logged(tmp_path, caplog, monkeypatch):
+    for s in (2, 4, 6):
+        ckpt.save_checkpoint(tmp_path, s, _state(s))
+    (tmp_path / "step_0000006.pt.sha256").unlink()   # killed after the rename, before the sidecar
+    four = ckpt.checkpoint_path(tmp_path, 4)
+    four.write_bytes(four.read_bytes()[:100])
+    caplog.set_level("INFO", logger=ckpt.__name__)
+
+    def cannot_move(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(ckpt.os, "replace", cannot_move)
+    assert ckpt.load_latest_valid(tmp_path)[1].name == "step_0000002.pt"
+    six = ckpt.checkpoint_path(tmp_path, 6)
+    assert _messages(caplog) == [
+        f"skipping invalid checkpoint: {six}: no checksum file step_0000006.pt.sha256 (the save did not finish)",
+        f"could not quarantine {six}: [Errno 13] Permission denied",
+        f"skipping invalid checkpoint: {four}: " + ckpt.verify_checkpoint(four),
+        f"could not quarantine {four}: [Errno 13] Permission denied"]
+    monkeypatch.undo()
+    caplog.clear()
+    ckpt.load_latest_valid(tmp_path)   # moves both; the missing sidecar is no failure to log
+    assert [m.split(":")[0] for m in _messages(caplog)] == ["skipping invalid checkpoint"] * 2
+    assert (tmp_path / "step_0000006.pt.corrupt").exists() and (tmp_path / "step_0000004.pt.corrupt").exists()
+
+
+def test_cleaning_and_retention_are_logged(tmp_path, caplog):
+    for s in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, s, _state(s))
+    (tmp_path / "step_0000001.pt.sha256").unlink()   # an old checkpoint whose save never finished
+    (tmp_path / ".step_0000004.pt.a.tmp").write_bytes(b"half")
+    caplog.set_level("INFO", logger=ckpt.__name__)
+    assert ckpt.clean_partial_writes(tmp_path) == 1
+    assert [p.name for p in ckpt.apply_retention(tmp_path, keep_last=1)] == ["step_0000001.pt", "step_0000002.pt"]
+    assert _messages(caplog) == [f"removed 1 partial checkpoint write(s) in {tmp_path}",
+                                 "retention removed step_0000001.pt, step_0000002.pt"]
+
+
+# ----------------------------------------------------------------------------- the remaining edges
+def test_a_failed_write_message_quotes_the_os_reason_and_a_failed_rewrite_keeps_that_step(tmp_path, monkeypatch):
+    def full(path, write, mode):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    with pytest.raises(HarnessError) as err:
+        ckpt.save_checkpoint(tmp_path, 1, _state(1))
+    assert "could not write the checkpoint (No space left on device); no earlier checkpoint. Fix:" in str(err.value)
+    monkeypatch.undo()
+    for s in (2, 4):
+        ckpt.save_checkpoint(tmp_path, s, _state(s))
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    with pytest.raises(HarnessError, match="the checkpoint step_0000004.pt stays the resume point"):
+        ckpt.save_checkpoint(tmp_path, 4, _state(4))   # the old file at step 4 is untouched, and whole
+    assert ckpt.verify_checkpoint(ckpt.checkpoint_path(tmp_path, 4)) is None
+
+
+def test_the_slow_save_hook_stalls_its_step_once_and_no_other(tmp_path, monkeypatch):
+    stalls = []
+    monkeypatch.setattr(ckpt.time, "sleep", stalls.append)
+    monkeypatch.setenv(ckpt.SLOW_SAVE_ENV, "7:0.25")
+    ckpt.save_checkpoint(tmp_path, 6, _state(6))
+    assert stalls == []
+    ckpt.save_checkpoint(tmp_path, 7, _state(7))
+    assert stalls == [0.25]
+
+
+def test_a_checksum_mismatch_quotes_twelve_hex_digits_of_each(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    digest = (tmp_path / "step_0000003.pt.sha256").read_text().split()[0]
+    (tmp_path / "step_0000003.pt.sha256").write_text(f"{'0' * 64}  {path.name}\n")
+    assert ckpt.verify_checkpoint(path) == (f"checksum mismatch (file {digest[:12]}..., recorded 000000000000...): "
+                                            "truncated or corrupt")
+    (tmp_path / "step_0000003.pt.sha256").write_text("")
+    assert "recorded ...)" in ckpt.verify_checkpoint(path)
+
+
+def test_map_location_reaches_torch_load_on_every_path(tmp_path):
+    """'meta' is a map_location whose effect shows: tensors come back without storage."""
+    import numpy as np
+    ckpt.save_checkpoint(tmp_path, 2, _state(2))
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2), "meta")["model"]["w"].is_meta
+    assert ckpt.load_latest_valid(tmp_path, "meta")[0]["model"]["w"].is_meta
+    legacy = ckpt.save_checkpoint(tmp_path, 3, {**_state(3), "rng": {"numpy": np.random.get_state()}})
+    assert ckpt.load_checkpoint(legacy, "meta")["model"]["w"].is_meta
+
+
+def test_a_file_torch_cannot_read_is_refused_with_the_first_line_of_the_reason(tmp_path):
+    path = tmp_path / "step_0000005.pt"
+    path.write_bytes(b"not a zip archive at all")   # whole (its sidecar matches) but not a torch file
+    ckpt.atomic_write_text(ckpt.sidecar_path(path), f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+    with pytest.raises(ValueError) as err:
+        ckpt.load_checkpoint(path)
+    assert str(err.value) == f"{path}: torch.load failed: Expected input to be a checkpoint returned by torch.save"
+
+
+def test_first_line_of_an_error():
+    assert ckpt._first_line(ValueError("\n  the reason  \nmore detail")) == "the reason"
+    assert ckpt._first_line(ValueError("one")) == "one"
+    assert ckpt._first_line(KeyError()) == "KeyError"
+    assert ckpt._first_line(ValueError(" \n ")) == "ValueError"
+
+
+def test_every_refused_global_is_named(tmp_path):
+    evil = ckpt.save_checkpoint(tmp_path, 2, {"model": {}, "step": 2, "hook": print, "size": len})
+    with pytest.raises(ValueError) as err:
+        ckpt.load_checkpoint(evil)
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(evil)
+    assert len(found) >= 2 and f"({', '.join(found)})" in str(err.value)
