@@ -70,7 +70,8 @@ def _measure(name: str, conditioning: str, input_size: int, in_channels: int, nu
     with torch.device("meta"):
         model = DiT(input_size=input_size, patch_size=shape.patch, in_channels=in_channels,
                     hidden_size=shape.hidden, depth=depth or shape.depth, num_heads=shape.heads,
-                    num_classes=num_classes, conditioning=check_conditioning(conditioning))
+                    num_classes=num_classes, conditioning=check_conditioning(conditioning),
+                    class_dropout_prob=0.0, learn_sigma=True)  # dropout costs no flops; the paper learns sigma
     return count_flops(model.to_empty(device="cpu"), input_size, in_channels)
 
 

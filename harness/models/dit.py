@@ -48,7 +48,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     @staticmethod
-    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
+    def frequencies(t: torch.Tensor, dim: int, shift: int, max_period: float = 10000.0) -> torch.Tensor:
+        """t (N,) -> (N, dim): [cos, sin] of t times max_period^(-i / (dim/2 - shift)), i < dim/2."""
         half = dim // 2
         steps = torch.arange(half, device=t.device, dtype=torch.float32)
         freqs = torch.exp(-math.log(max_period) * steps / (half - shift))
@@ -115,7 +116,7 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, hidden: int, ratio: float = 4.0):
+    def __init__(self, hidden: int, ratio: float):
         super().__init__()
         self.fc1 = nn.Linear(hidden, int(hidden * ratio))
         self.act = nn.GELU(approximate="tanh")
@@ -129,7 +130,7 @@ class DiTBlock(nn.Module):
     """One transformer block with the chosen conditioning. x (N, T, D), c (N, D) = t + y
     embedding, context (N, 2, D) = [t, y] tokens (cross-attention only)."""
 
-    def __init__(self, hidden: int, heads: int, conditioning: str, mlp_ratio: float = 4.0):
+    def __init__(self, hidden: int, heads: int, conditioning: str, mlp_ratio: float):
         super().__init__()
         self.conditioning = conditioning
         affine = conditioning not in ADALN  # adaLN blocks regress the norm's scale and shift
@@ -193,9 +194,9 @@ class DiT(nn.Module):
     """Class-conditional DiT. forward(x (N, C, H, W), t (N,), y (N,)) -> (N, 2C, H, W) with
     learned sigma (epsilon, then the variance interpolation v), else (N, C, H, W)."""
 
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
-                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, conditioning: str = "adaLN-Zero"):
+    def __init__(self, *, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
+                 num_heads: int, num_classes: int, class_dropout_prob: float, learn_sigma: bool, conditioning: str,
+                 mlp_ratio: float = 4.0):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
