@@ -29,9 +29,13 @@ def _linear(x, layer):
     return x @ layer.weight.T + layer.bias
 
 
-def _layer_norm(x, norm, eps=1e-6):
+def _layer_norm(x, norm, affine, eps=1e-6):
+    """LayerNorm over D; `affine`: the norm's own scale and bias (blocks without adaLN), else none."""
     out = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
-    return out * norm.weight + norm.bias if norm.weight is not None else out
+    if not affine:
+        assert norm.weight is None and norm.bias is None
+        return out
+    return out * norm.weight + norm.bias
 
 
 def _attention(q, k, v, heads):
@@ -84,29 +88,31 @@ def reference_forward(m, x, t, y, shift=0):
     if m.conditioning == "in-context":
         tokens = torch.cat([t_emb[:, None], y_emb[:, None], tokens], 1)
     mod = lambda z, shift_, scale: z * (1 + scale[:, None]) + shift_[:, None]  # noqa: E731
+    adaln = m.conditioning in ("adaLN-Zero", "adaLN")
     for b in m.blocks:
-        if m.conditioning in ("adaLN-Zero", "adaLN"):
+        if adaln:
             chunks = _linear(torch.nn.functional.silu(cond), b.adaLN_modulation[1]).chunk(
                 6 if m.conditioning == "adaLN-Zero" else 4, dim=1)
             if m.conditioning == "adaLN-Zero":
                 s1, sc1, g1, s2, sc2, g2 = chunks
             else:
                 (s1, sc1, s2, sc2), g1, g2 = chunks, torch.ones_like(cond), torch.ones_like(cond)
-            tokens = tokens + g1[:, None] * _self_attention(mod(_layer_norm(tokens, b.norm1), s1, sc1), b.attn, heads)
-            tokens = tokens + g2[:, None] * _mlp(mod(_layer_norm(tokens, b.norm2), s2, sc2), b.mlp)
+            tokens = tokens + g1[:, None] * _self_attention(mod(_layer_norm(tokens, b.norm1, False), s1, sc1), b.attn,
+                                                            heads)
+            tokens = tokens + g2[:, None] * _mlp(mod(_layer_norm(tokens, b.norm2, False), s2, sc2), b.mlp)
             continue
-        tokens = tokens + _self_attention(_layer_norm(tokens, b.norm1), b.attn, heads)
+        tokens = tokens + _self_attention(_layer_norm(tokens, b.norm1, True), b.attn, heads)
         if m.conditioning == "cross-attention":
             context = torch.stack([t_emb, y_emb], 1)
             kv = _linear(context, b.cross_attn.kv)
-            q = _linear(_layer_norm(tokens, b.norm_cross), b.cross_attn.q)
+            q = _linear(_layer_norm(tokens, b.norm_cross, True), b.cross_attn.q)
             tokens = tokens + _linear(_attention(q, kv[..., :d], kv[..., d:], heads), b.cross_attn.proj)
-        tokens = tokens + _mlp(_layer_norm(tokens, b.norm2), b.mlp)
+        tokens = tokens + _mlp(_layer_norm(tokens, b.norm2, True), b.mlp)
     if m.conditioning == "in-context":
         tokens = tokens[:, 2:]
     fl = m.final_layer
-    tokens = _layer_norm(tokens, fl.norm_final)
-    if m.conditioning in ("adaLN-Zero", "adaLN"):
+    tokens = _layer_norm(tokens, fl.norm_final, not adaln)
+    if adaln:
         s, sc = _linear(torch.nn.functional.silu(cond), fl.adaLN_modulation[1]).chunk(2, dim=1)
         tokens = mod(tokens, s, sc)
     patch_out = _linear(tokens, fl.linear)  # (N, T, p*p*C_out), ordered (row in patch, column, channel)
@@ -160,15 +166,16 @@ def test_positions_are_the_sincos_formula_in_float32():
     got = sincos_pos_embed_2d(16, 3)
     assert got.dtype.name == "float32" and got.shape == (9, 16)
     assert torch.allclose(torch.from_numpy(got).double(), _positions(16, 3), atol=1e-7)
-    with pytest.raises(AssertionError, match="dim must be a multiple of 4"):
+    with pytest.raises(AssertionError, match="^dim must be a multiple of 4$"):
         sincos_pos_embed_2d(6, 2)
 
 
-def test_gradient_checkpointing_is_the_same_step_and_recomputes_blocks_only_when_asked():
+@pytest.mark.parametrize("conditioning", ["adaLN-Zero", "cross-attention"])   # the latter passes its context
+def test_gradient_checkpointing_is_the_same_step_and_recomputes_blocks_only_when_asked(conditioning):
     """Checkpointing (training only) must give the same output and gradients, silently; the blocks run
     twice per step with it (recomputed in backward) and once without it, or in eval mode."""
     def step(checkpointing, training):
-        model = _random_model("adaLN-Zero").train(training)
+        model = _random_model(conditioning).train(training)
         model.grad_checkpointing = checkpointing
         calls = []
         model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
@@ -239,6 +246,8 @@ def test_shape_checks_name_the_field_and_the_fix():
         check_shape(resolve_shape("DiT-S/8"), input_size=12)
     assert str(err.value).endswith("patch size 8 does not divide the input side 12; patch sizes that divide it: "
                                    "[1, 2, 4]")
+    with pytest.raises(HarnessError, match=r"patch sizes that divide it: \[1, 2, 4, 8, 16\]$"):
+        check_shape(ModelShape("DiT-x", "custom", 2, 32, 2, 5), input_size=32)
     with pytest.raises(HarnessError, match=r"use one of DiT-S/8, DiT-S/4, DiT-S/2, DiT-B/8"):
         resolve_shape("DiT-M/2")
     with pytest.raises(HarnessError, match="use one of in-context, cross-attention, adaLN, adaLN-Zero$"):
