@@ -39,10 +39,11 @@ test: venv  ## the whole suite, slow tests included (what CI runs)
 test-fast: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
-# Not part of `make test`: about N minutes on 2 cores (see README). MODULES=diffusion,spec-run-ids for some.
+# Not part of `make test`: hours on 2 cores in all (see README). MODULES=diffusion,spec-run-ids for some;
+# SAMPLE=60 checks 60 random mutants per module: an estimate with its interval, for the slow modules.
 mutation: venv  ## mutation score per module (mutmut), modules and test subsets in pyproject.toml
 	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,mutation]'
-	OMP_NUM_THREADS=1 $(BIN)/python scripts/mutation.py $(subst $(COMMA), ,$(MODULES))
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/mutation.py $(if $(SAMPLE),--sample $(SAMPLE)) $(subst $(COMMA), ,$(MODULES))
 
 system-deps:  ## Debian packages for the browser and PDF checks (root)
 	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver poppler-utils >/dev/null
