@@ -1,0 +1,118 @@
+"""Evaluation at training steps against known answers (issue 16), in one process: which settings a
+run asks for and which are recorded, the exact record evaluate_step appends, its samples rebuilt from
+sample_images with the documented seeds and labels, its metrics recomputed from those samples, the
+grid, and which steps pending_evals evaluates from which weights."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from harness import evaluation as ev_mod
+from harness.checkpoint import save_checkpoint
+from harness.evaluation import (TAG_EVAL, eval_progress, eval_settings, evaluate_step, missing_settings, pending_evals,
+                                save_grid, setting_key)
+from harness.io import append_jsonl, read_jsonl
+from harness.models import build_model
+from harness.runtime import Dist, derive_seed
+from harness.sample import balanced_labels, sample_images
+from train_tiny import TINY_MODEL, tiny_run
+
+EVAL = dict(num_samples=7, batch_size=3, sampler="ddpm", sampling_steps=[2, 3], cfg_scales=[1.0, 2.5],
+            metrics=["fid", "precision", "recall"])
+
+
+def _ema(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(TINY_MODEL, "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_the_settings_a_run_asks_for_and_their_keys():
+    run = tiny_run(at_steps=[4, 8], eval=EVAL)
+    got = eval_settings(run, 4)
+    assert got == [{"step": 4, "num_samples": 7, "sampling_steps": k, "sampler": "ddpm", "cfg_scale": c,
+                    "guidance_channels": 3, "feature_space": "digits", "reference": "digits"}
+                   for k in (2, 3) for c in (1.0, 2.5)]
+    assert all(type(s["sampling_steps"]) is int and type(s["cfg_scale"]) is float for s in got)
+    base = got[0]
+    assert setting_key(base) == ("4", "7", "2", "ddpm", "1.0", "3", "digits", "digits")
+    assert setting_key({**base, "fid": 3.0, "wall_s": 9}) == setting_key(base)   # measurements are no part of it
+    for key in ev_mod.SETTING_KEYS:
+        assert setting_key({**base, key: "other"}) != setting_key(base), key
+
+
+def test_missing_settings_and_progress_follow_what_eval_jsonl_holds(tmp_path):
+    run = tiny_run(at_steps=[4, 8], eval=EVAL)
+    assert missing_settings(run, tmp_path, 4) == eval_settings(run, 4)
+    assert eval_progress(run, tmp_path) == (0, 8)
+    first, second = eval_settings(run, 4)[:2]
+    append_jsonl(tmp_path / "eval.jsonl", {**first, "fid": 1.0})
+    append_jsonl(tmp_path / "eval.jsonl", {**second, "fid": 2.0, "num_samples": 99})   # another measurement
+    assert missing_settings(run, tmp_path, 4) == eval_settings(run, 4)[1:]
+    assert missing_settings(run, tmp_path, 8) == eval_settings(run, 8)
+    assert eval_progress(run, tmp_path) == (1, 8)
+
+
+def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_path):
+    from harness.metrics import get_feature_extractor, load_reference, metrics_from_features
+    from harness.samplers import provenance
+
+    run = tiny_run(at_steps=[4], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [2.5]})
+    ema = _ema()
+    assert evaluate_step(run, tmp_path, ema, Dist(), 4) == 1
+    labels = balanced_labels(7, 10)
+    want = sample_images(ema, run, labels, sampling_steps=2, sampler="ddpm", cfg_scale=2.5, guidance_channels=3,
+                         seed=derive_seed(run.seed, TAG_EVAL, 4, 2), batch_size=3)
+    with np.load(tmp_path / "samples" / "samples_step_0000004_k2_cfg2.5.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], want)
+        assert f["arr_1"].tolist() == labels.tolist()
+    extractor = get_feature_extractor("digits")
+    metrics = metrics_from_features(extractor.extract(want, 3), load_reference("digits", extractor, image_size=8,
+                                                                               batch_size=3),
+                                    extractor, ["fid", "precision", "recall"])
+    (rec,) = read_jsonl(tmp_path / "eval.jsonl")
+    assert rec.pop("wall_s") >= 0 and rec.pop("time") > 1.7e9
+    assert rec == {**eval_settings(run, 4)[0], "model_evaluations": 2, **provenance("ddpm"),
+                   "fid": pytest.approx(metrics["fid"], rel=1e-9), "sfid": None, "inception_score": None,
+                   "precision": pytest.approx(metrics["precision"]), "recall": pytest.approx(metrics["recall"]),
+                   "fid_se": metrics.get("fid_se"), "features_id": metrics.get("feature_space", extractor.name),
+                   "ranks": 1}
+    assert evaluate_step(run, tmp_path, ema, Dist(), 4) == 0          # recorded: nothing is redone
+    assert len(list(read_jsonl(tmp_path / "eval.jsonl"))) == 1
+
+
+def test_the_grid_is_rank_zeros_balanced_samples_at_the_cheapest_most_guided_setting(tmp_path):
+    run = tiny_run(at_steps=[4], eval=EVAL)
+    ema = _ema()
+    assert save_grid(run, tmp_path / "other", ema, Dist(rank=1, world=2), 4) is None
+    assert not (tmp_path / "other").exists()
+    path = save_grid(run, tmp_path, ema, Dist(), 4, n=6)
+    assert path == tmp_path / "samples" / "grid_step_0000004.png"
+    want = sample_images(ema, run, balanced_labels(6, 10), sampling_steps=2, sampler="ddpm", cfg_scale=2.5,
+                         guidance_channels=3, seed=derive_seed(run.seed, TAG_EVAL, 4))
+    from harness.sample import save_grid as write_grid
+    assert path.read_bytes() == write_grid(want, tmp_path / "want.png").read_bytes()
+
+
+def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp_path, caplog):
+    run = tiny_run(at_steps=[2, 3, 4, 6], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [1.0]})
+    now, old = _ema(0), _ema(1)
+    save_checkpoint(tmp_path / "checkpoints", 2, {"model": old.state_dict(), "ema": old.state_dict(), "step": 2})
+    pending_evals(run, tmp_path, now, Dist(), upto=4, current=4)
+    recs = {r["step"]: r for r in read_jsonl(tmp_path / "eval.jsonl")}
+    assert sorted(recs) == [2, 4]      # 3: no retained checkpoint; 6: later than upto
+    assert "eval step 3 has no retained checkpoint; its evaluation is skipped" in caplog.text
+    for step, model in ((2, old), (4, now)):
+        with np.load(tmp_path / "samples" / f"samples_step_{step:07d}_k2_cfg1.npz") as f:
+            want = sample_images(model, run, balanced_labels(7, 10), sampling_steps=2, sampler="ddpm",
+                                 seed=derive_seed(run.seed, TAG_EVAL, step, 2), batch_size=3)
+            np.testing.assert_array_equal(f["arr_0"], want)
+    assert all(torch.equal(a, b) for a, b in zip(now.state_dict().values(), _ema(0).state_dict().values()))
+    before = list(read_jsonl(tmp_path / "eval.jsonl"))
+    pending_evals(run, tmp_path, now, Dist(), upto=4, current=4)   # nothing missing: nothing appended
+    assert list(read_jsonl(tmp_path / "eval.jsonl")) == before

@@ -1,0 +1,104 @@
+"""The training loop's pieces against known answers (issue 16): the warmup schedule, the batches a rank
+reads (which samples, which flips, which labels, which slice), the step's timesteps, noise and label
+drops, and the NaN stop's message. Tiny in-memory arrays; no training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.runtime import Dist, derive_seed
+from harness.train import _TAG_EPOCH, _TAG_STEP, _NO_BAD, BatchSource, DataOrder, _check_finite, _lr_at, \
+    step_randomness
+
+
+def test_warmup_is_linear_to_the_spec_rate_then_flat():
+    assert [_lr_at(s, 1e-4, 4) for s in (1, 2, 3, 4, 5, 100)] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4],
+                                                                               rel=1e-12)
+    assert _lr_at(1, 3e-4, 0) == 3e-4 and _lr_at(7, 3e-4, -1) == 3e-4   # no warmup: the rate from step 1
+    assert _lr_at(1, 1e-4, 1) == 1e-4
+
+
+def test_an_epoch_is_a_seeded_permutation_with_seeded_flips():
+    order = DataOrder(10, seed=3)
+    g = torch.Generator().manual_seed(derive_seed(3, _TAG_EPOCH, 2))
+    perm, flips = torch.randperm(10, generator=g).numpy(), torch.randint(0, 2, (10,), generator=g).numpy()
+    got = order.epoch(2)
+    assert np.array_equal(got[0], perm) and np.array_equal(got[1], flips)
+    idx, flip = order.take(25, 7)   # positions 25..31: the rest of epoch 2, then epoch 3
+    assert np.array_equal(idx[:5], perm[5:]) and np.array_equal(flip[:5], flips[5:])
+    assert np.array_equal(idx[5:], order.epoch(3)[0][:2]) and idx.dtype == np.int64
+    assert sorted(order.take(20, 10)[0].tolist()) == list(range(10))
+
+
+def _arrays(n=12, c=2, s=3):
+    """latents (N, 2, C, S, S): [i, 0] filled with i, [i, 1] (the flipped copy) with -i; labels 100 + i."""
+    lat = np.zeros((n, 2, c, s, s), np.float32)
+    for i in range(n):
+        lat[i, 0], lat[i, 1] = i, -i
+    return lat, np.arange(100, 100 + n)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_a_rank_reads_its_slice_of_the_global_batch_in_the_data_order(flip):
+    lat, labels = _arrays()
+    order = DataOrder(12, seed=5)
+    idx, flips = order.take(8, 6)
+    want_x = np.stack([lat[i, f if flip else 0] for i, f in zip(idx, flips)])
+    for world in (1, 2, 3):
+        xs, ys = [], []
+        for rank in range(world):
+            src = BatchSource(lat, labels, DataOrder(12, seed=5), 6, Dist(rank=rank, world=world), flip)
+            x, y = src.get(8)
+            src.close()
+            assert x.shape == (6 // world, 2, 3, 3) and x.dtype == torch.float32 and y.dtype == torch.int64
+            xs.append(x)
+            ys.append(y)
+        assert np.array_equal(torch.cat(xs).numpy(), want_x)
+        assert torch.cat(ys).tolist() == (100 + idx).tolist()
+    if flip:
+        assert flips.any() and not flips.all()   # both halves show up in this draw
+
+
+def test_the_prefetched_batch_is_the_batch_that_was_asked_for():
+    lat, labels = _arrays()
+    src = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
+    first = src.get(0)
+    second = src.get(4)            # served by the read started during get(0)
+    out_of_order = src.get(40)     # not the prefetched one: read directly
+    src.close()
+    fresh = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
+    for pos, got in ((0, first), (4, second), (40, out_of_order)):
+        want = fresh._read(pos)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    fresh.close()
+
+
+def test_step_randomness_is_one_draw_for_the_global_batch_sliced_per_rank():
+    gen = torch.Generator()
+    whole = step_randomness(7, 3, 8, 1000, (2, 4, 4), 0.5, gen, 0, 8)
+    parts = [step_randomness(7, 3, 8, 1000, (2, 4, 4), 0.5, gen, lo, lo + 2) for lo in (0, 2, 4, 6)]
+    for k in range(3):
+        assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])
+    t, noise, drop = whole
+    g = torch.Generator().manual_seed(derive_seed(7, _TAG_STEP, 3))
+    from harness.diffusion import sample_timesteps
+    assert torch.equal(t, sample_timesteps(8, 1000, torch.device("cpu"), g))
+    assert torch.equal(noise, torch.randn((8, 2, 4, 4), generator=g))
+    assert torch.equal(drop, torch.rand(8, generator=g) < 0.5) and drop.dtype == torch.bool
+    other = step_randomness(7, 4, 8, 1000, (2, 4, 4), 0.5, gen, 0, 8)
+    assert not torch.equal(other[1], noise)      # another step, other noise
+    none = step_randomness(7, 3, 8, 1000, (2, 4, 4), 0.0, gen, 0, 8)[2]
+    assert not none.any()
+
+
+def test_a_non_finite_loss_stops_with_its_first_step_and_the_fix(tmp_path: Path):
+    _check_finite(torch.tensor(_NO_BAD), Dist(), tmp_path)   # no bad step: nothing happens
+    with pytest.raises(HarnessError) as err:
+        _check_finite(torch.tensor(17), Dist(), tmp_path)
+    assert str(err.value) == (f"{tmp_path}: the training loss became NaN or Inf at step 17. Fix: lower train.lr in "
+                              "the sweep spec, add train.warmup_steps, or use train.precision: fp32; the run resumes "
+                              "from the last checkpoint before that step (checkpoints/).")
