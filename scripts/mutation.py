@@ -148,6 +148,7 @@ def score(name: str, module: dict, summary: dict, equivalent: dict[str, dict]) -
     return {"module": name, "mutants": len(statuses), "equivalent": eq, "unchecked": len(unchecked), "killed": killed,
             "interval": _wilson(killed, total) if summary.get("sample") else None,
             "survived": {k: counted[k] for k in survived}, "stale": stale, "lines": lines,
+            "killed_equivalent": [k for k in eq if statuses[k] in KILLED],
             "score": killed / total if total else float("nan"), "wall_s": summary["wall_s"]}
 
 
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
               + ")", flush=True)
         for k, status in r["survived"].items():
             print(f"      {status:10s} {k}: {r['lines'].get(k, '?')}")
+        for k in r["killed_equivalent"]:
+            print(f"      listed equivalent but a test kills it: {k}: remove its entry from pyproject.toml")
         for k in r["stale"]:
             print(f"      stale equivalent {k}: now {r['lines'].get(k, '?')!r}, judged on "
                   f"{cfg['equivalent'][k]['line']!r}: read it again and update pyproject.toml")
