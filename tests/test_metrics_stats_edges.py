@@ -131,3 +131,50 @@ def test_precision_recall_shape_disagreement_is_a_harness_error(real, fake):
 
     with pytest.raises(HarnessError, match=r"got \(5.*\) and \(5.*\); recompute the reference"):
         precision_recall(real, fake)
+
+
+# ----------------------------------------------------------------------------- FID's bootstrap (fid_se)
+def _fid_by_definition(feats, mu_ref, sigma_ref):
+    mu, sigma = feats.mean(axis=0), np.cov(feats, rowvar=False)
+    covmean = linalg.sqrtm(sigma @ sigma_ref).real
+    return float((mu - mu_ref) @ (mu - mu_ref) + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.trace(covmean))
+
+
+def test_fid_bootstrap_is_the_spread_of_resampled_fids():
+    """fid_se = the ddof-1 standard deviation of FIDs of resamples drawn with replacement by
+    default_rng(seed).integers(0, N, N), each against the fixed reference; in float64 whatever the
+    inputs' dtype; seed 0 by default."""
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(30, 3)).astype(np.float32)
+    ref = rng.normal(size=(200, 3)) * [1.0, 2.0, 0.5] + 0.3
+    mu_ref, sigma_ref = ref.mean(axis=0), np.cov(ref, rowvar=False)
+    draws = np.random.default_rng(7)
+    want = [_fid_by_definition(feats.astype(np.float64)[draws.integers(0, 30, 30)], mu_ref, sigma_ref) for _ in range(5)]
+    got = stats.fid_bootstrap(feats, mu_ref.astype(np.float32), sigma_ref.astype(np.float32), n_boot=5, seed=7)
+    f32 = [_fid_by_definition(feats.astype(np.float64)[i], mu_ref.astype(np.float32).astype(np.float64),
+                              sigma_ref.astype(np.float32).astype(np.float64))
+           for i in [np.random.default_rng(7).integers(0, 30, 30)]]
+    assert got["fid_boot"] == 5 and got["fid_se"] > 0
+    assert got["fid_se"] == pytest.approx(float(np.std(want, ddof=1)), rel=1e-5)   # reference rounded to float32
+    assert f32[0] == pytest.approx(want[0], rel=1e-5)
+    exact = stats.fid_bootstrap(feats, mu_ref, sigma_ref, n_boot=5, seed=7)["fid_se"]
+    assert exact == pytest.approx(float(np.std(want, ddof=1)), rel=1e-9)
+    assert stats.fid_bootstrap(feats, mu_ref, sigma_ref, n_boot=5) == stats.fid_bootstrap(feats, mu_ref, sigma_ref,
+                                                                                          n_boot=5, seed=0)
+    assert stats.fid_bootstrap(feats, mu_ref, sigma_ref, n_boot=5, seed=1) != stats.fid_bootstrap(
+        feats, mu_ref, sigma_ref, n_boot=5, seed=0)
+
+
+def test_fid_bootstrap_needs_two_resamples_of_two_rows_and_says_so_with_none():
+    rng = np.random.default_rng(0)
+    mu, sigma = np.zeros(3), np.eye(3)
+    for feats, n_boot in ((rng.normal(size=(10, 3)), 1), (rng.normal(size=(1, 3)), 5), (rng.normal(size=10), 5)):
+        assert stats.fid_bootstrap(feats, mu, sigma, n_boot=n_boot) == {"fid_se": None, "fid_boot": 0}
+    assert stats.fid_bootstrap(rng.normal(size=(2, 3)), mu, sigma, n_boot=2)["fid_boot"] == 2   # the smallest case
+    one_dim = stats.fid_bootstrap(rng.normal(size=(8, 1)), np.zeros(1), np.eye(1), n_boot=3)
+    assert one_dim["fid_boot"] == 3 and np.isfinite(one_dim["fid_se"])
+
+
+def test_psd_square_root_clips_round_off_negatives():
+    root = stats._psd_sqrt(np.diag([4.0, 1.0, -1e-12]))
+    assert np.allclose(root, np.diag([2.0, 1.0, 0.0])) and np.isfinite(root).all()

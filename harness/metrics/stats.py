@@ -31,7 +31,7 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise HarnessError(f"need at least 2 feature vectors of shape (N, D), got {feats.shape}; "
                            "evaluate more samples")
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+    return feats.mean(axis=0), np.atleast_2d(np.cov(feats, rowvar=False))  # D = 1: (1, 1), not a scalar
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
