@@ -109,3 +109,27 @@ def test_run_ids_of_the_smoke_sweep_are_stable():
     assert [r.run_id for r in load_spec(smoke).expand()] == [
         "DiT-2x32x2-4_adaLN-Zero_s0_d01564", "DiT-2x32x2-2_adaLN-Zero_s0_0b02bb"]
     assert make_run_id(*BASE, DataSpec(), TrainSpec()) == "DiT-S-2_adaLN-Zero_s0_0fe440"
+
+
+def test_init_from_enters_the_identity_by_content_not_by_path(tmp_path, monkeypatch):
+    from harness.interop import source_digest
+
+    weights = tmp_path / "a" / "w.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights one")
+    monkeypatch.setenv("WEIGHTS_HOME", str(tmp_path / "a"))
+    train = TrainSpec(init_from="${WEIGHTS_HOME}/w.pt")
+    identity = S.run_identity(*BASE, DataSpec(), train)
+    assert "init_from" not in identity["train"]
+    assert identity["train"]["init_from_sha256"] == source_digest(weights)
+    first = make_run_id(*BASE, DataSpec(), train)
+    moved = tmp_path / "b" / "w.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(b"weights one")
+    assert make_run_id(*BASE, DataSpec(), TrainSpec(init_from=str(moved))) == first      # moved: the same id
+    moved.write_bytes(b"weights two")
+    assert make_run_id(*BASE, DataSpec(), TrainSpec(init_from=str(moved))) != first      # new content: a new id
+    monkeypatch.delenv("WEIGHTS_HOME")
+    with pytest.raises(S.HarnessError) as err:
+        make_run_id(*BASE, DataSpec(), train)
+    assert str(err.value).startswith("train.init_from: '${WEIGHTS_HOME}/w.pt' uses the unset environment variable")
