@@ -112,9 +112,12 @@ def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = N
     log = (WORK / f"{name}{'.recheck' if recheck else ''}.log").open("w")
     selected = recheck if recheck is not None else module.get("functions", [])
     if sample:  # generate the mutants and the test coverage only (the filter matches none), then draw
-        subprocess.run(cmd + ["-none-"], cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        subprocess.run(cmd + ["no.mutant.is.named.this"], cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       check=False)
         patterns = module.get("functions", ["*"])
         names = sorted(k for k in _statuses(where) if any(fnmatch.fnmatch(k, p) for p in patterns))
+        if not names:
+            raise SystemExit(f"mutation: {name}: mutmut generated no mutants to sample from; see {log.name}")
         selected = random.Random(0).sample(names, min(sample, len(names)))
     subprocess.run(cmd + list(selected), cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.monotonic() - t0

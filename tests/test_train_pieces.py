@@ -102,3 +102,64 @@ def test_a_non_finite_loss_stops_with_its_first_step_and_the_fix(tmp_path: Path)
     assert str(err.value) == (f"{tmp_path}: the training loss became NaN or Inf at step 17. Fix: lower train.lr in "
                               "the sweep spec, add train.warmup_steps, or use train.precision: fp32; the run resumes "
                               "from the last checkpoint before that step (checkpoints/).")
+
+
+def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch):
+    """train.jsonl of a real 2-step run: at step 1 the adaLN-Zero model predicts exactly zero noise, so
+    the logged mse is the mean square of the step's own noise (from step_randomness); throughput, TFLOP/s
+    and the rate follow from each other; the clock is a counter (one tick per read), so steps_per_s is
+    a deterministic number, not a timing."""
+    import types
+
+    import harness.train as train_mod
+    from harness.flops import model_gflops
+    from harness.io import read_jsonl
+    from harness.runtime import train_tflops
+    from train_tiny import tiny_run
+
+    ticks = iter(range(1000, 10**6))
+    clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)), time=train_mod.time.time,
+                                  sleep=train_mod.time.sleep)
+    monkeypatch.setattr(train_mod, "time", clock)
+    run = tiny_run(steps=2, ckpt_every=100, warmup_steps=4, lr=2e-3)
+    train_mod.run_training(run, tmp_path)
+    first, second = read_jsonl(tmp_path / "train.jsonl")
+    noise = step_randomness(run.seed, 1, 16, 1000, (1, 8, 8), run.train.class_dropout, torch.Generator(), 0, 16)[1]
+    assert first["mse"] == pytest.approx(noise.double().square().mean().item(), rel=1e-5)
+    assert first["loss"] == pytest.approx(first["mse"] + first["vb"], rel=1e-6)
+    assert (first["step"], second["step"]) == (1, 2)
+    assert (first["lr"], second["lr"]) == pytest.approx((5e-4, 1e-3))     # warmup over 4 steps
+    gflops = model_gflops(run.model, run.conditioning, 8, 1, 10)[0]
+    for rec in (first, second):
+        assert 0.1 <= rec["steps_per_s"] <= 1.0          # one step over a few ticks of the counter clock
+        assert rec["images_per_s"] == pytest.approx(rec["steps_per_s"] * 16, rel=1e-12)
+        assert rec["tflops_per_device"] == pytest.approx(train_tflops(gflops, rec["images_per_s"]), rel=1e-12)
+        if not torch.cuda.is_available():   # on the CPU: no peak to compare with, and compile=auto stays eager
+            assert rec["mfu"] is None and rec["compiled"] is False and rec["graphs"] is None
+
+
+def test_a_non_finite_loss_stops_at_the_next_logged_step(tmp_path):
+    """Checked at every logged step, not only at checkpoints: nothing is logged past the bad step."""
+    from harness.io import read_jsonl
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    with pytest.raises(HarnessError, match=r"NaN or Inf at step 2\b"):
+        run_training(tiny_run(steps=6, lr=1e30, ckpt_every=100), tmp_path)
+    assert [r["step"] for r in read_jsonl(tmp_path / "train.jsonl")] == [1]
+
+
+def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when_asked(tmp_path, capsys):
+    import argparse
+
+    from harness.cli import main
+    from harness.train import _standalone_run
+
+    (tmp_path / "run.json").write_text("{not json")
+    assert main(["train", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run.json'}: not a valid run.json (" in err and "regenerate it with `harness sweep`" in err
+    args = argparse.Namespace(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
+                              autoencoder=None, steps=3, batch=None, lr=None, precision=None, compile=False)
+    assert _standalone_run(args).train.compile == "auto"
+    assert _standalone_run(argparse.Namespace(**{**vars(args), "compile": True})).train.compile is True
