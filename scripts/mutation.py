@@ -13,6 +13,7 @@ mutmut's own settings under [tool.mutmut].
     python scripts/mutation.py --report        # the table again, from the last runs
     python scripts/mutation.py --recheck stats # rerun only the last run's survivors, with today's tests
     python scripts/mutation.py --sample 60 train  # 60 random mutants: an estimate, with its 90% interval
+    python scripts/mutation.py --resume sample    # go on where a stopped (or sampled) run left off
 
 Prints, per module: mutants, killed, survived (the names), equivalent (excluded), score =
 killed / (mutants - equivalent), and the wall time; writes .mutation/summary.json. Exit status 1 if a
@@ -127,6 +128,7 @@ def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = N
         last = json.loads((WORK / f"{name}.json").read_text())
         summary["statuses"] = {**last["statuses"], **{k: summary["statuses"][k] for k in recheck}}
         summary["wall_s"], summary["recheck_wall_s"] = last["wall_s"], round(wall, 1)
+        summary["sample"] = last.get("sample", 0)
         summary["lines"] = {**last.get("lines", {}), **summary["lines"]}
     (WORK / f"{name}.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("modules", nargs="*", choices=[[], *modules], help="default: all of them")
     p.add_argument("--report", action="store_true", help="print the table of the last runs; run nothing")
     p.add_argument("--recheck", action="store_true", help="rerun only the survivors of each module's last run")
+    p.add_argument("--resume", action="store_true", help="check what the last run left unchecked (stopped or sampled)")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", 2)))
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="check only N mutants per module drawn at random: an estimate with its 90%% interval")
@@ -189,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             if "lines" not in summary:  # a run from before lines were recorded
                 summary["lines"] = mutated_lines(WORK / name, [k for k, s in summary["statuses"].items()
                                                                if s not in KILLED])
+        elif args.resume:
+            statuses = _statuses(WORK / name)
+            todo = [k for k, st in statuses.items() if st == "not checked"]
+            if not (WORK / f"{name}.json").exists():  # stopped before it wrote its summary
+                (WORK / f"{name}.json").write_text(json.dumps({"wall_s": 0, "statuses": statuses}))
+            print(f"mutation: {name}: checking the {len(todo)} mutants the last run left unchecked ...", flush=True)
+            summary = (run_module(name, modules[name], env, recheck=todo) if todo
+                       else json.loads((WORK / f"{name}.json").read_text()))
         elif args.recheck:
             last = score(name, modules[name], json.loads((WORK / f"{name}.json").read_text()), {})
             print(f"mutation: {name}: rechecking {len(last['survived'])} survivors ...", flush=True)

@@ -58,15 +58,17 @@ def test_missing_settings_and_progress_follow_what_eval_jsonl_holds(tmp_path):
     assert eval_progress(run, tmp_path) == (1, 8)
 
 
-def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_path):
+@pytest.mark.parametrize("sampler", ["ddpm", "heun"])   # heun: two model evaluations per step but the last
+def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_path, sampler, caplog):
     from harness.metrics import get_feature_extractor, load_reference, metrics_from_features
-    from harness.samplers import provenance
+    from harness.samplers import model_evaluations, provenance
 
-    run = tiny_run(at_steps=[4], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [2.5]})
+    run = tiny_run(at_steps=[4], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [2.5], "sampler": sampler})
     ema = _ema()
+    caplog.set_level("INFO", logger=ev_mod.__name__)
     assert evaluate_step(run, tmp_path, ema, Dist(), 4) == 1
     labels = balanced_labels(7, 10)
-    want = sample_images(ema, run, labels, sampling_steps=2, sampler="ddpm", cfg_scale=2.5, guidance_channels=3,
+    want = sample_images(ema, run, labels, sampling_steps=2, sampler=sampler, cfg_scale=2.5, guidance_channels=3,
                          seed=derive_seed(run.seed, TAG_EVAL, 4, 2), batch_size=3)
     with np.load(tmp_path / "samples" / "samples_step_0000004_k2_cfg2.5.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], want)
@@ -77,11 +79,14 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
                                     extractor, ["fid", "precision", "recall"])
     (rec,) = read_jsonl(tmp_path / "eval.jsonl")
     assert rec.pop("wall_s") >= 0 and rec.pop("time") > 1.7e9
-    assert rec == {**eval_settings(run, 4)[0], "model_evaluations": 2, **provenance("ddpm"),
+    assert model_evaluations(sampler, 2) == {"ddpm": 2, "heun": 3}[sampler]
+    assert rec == {**eval_settings(run, 4)[0], "model_evaluations": model_evaluations(sampler, 2), **provenance(sampler),
                    "fid": pytest.approx(metrics["fid"], rel=1e-9), "sfid": None, "inception_score": None,
                    "precision": pytest.approx(metrics["precision"]), "recall": pytest.approx(metrics["recall"]),
                    "fid_se": metrics.get("fid_se"), "features_id": metrics.get("feature_space", extractor.name),
                    "ranks": 1}
+    logged = [r.getMessage() for r in caplog.records if r.name == ev_mod.__name__]
+    assert logged == [f"eval step 4 {{'sampling_steps': 2, 'cfg_scale': 2.5, 'fid': {rec['fid']!r}}}"]
     assert evaluate_step(run, tmp_path, ema, Dist(), 4) == 0          # recorded: nothing is redone
     assert len(list(read_jsonl(tmp_path / "eval.jsonl"))) == 1
 
@@ -106,7 +111,8 @@ def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp
     pending_evals(run, tmp_path, now, Dist(), upto=4, current=4)
     recs = {r["step"]: r for r in read_jsonl(tmp_path / "eval.jsonl")}
     assert sorted(recs) == [2, 4]      # 3: no retained checkpoint; 6: later than upto
-    assert "eval step 3 has no retained checkpoint; its evaluation is skipped" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "eval step 3 has no retained checkpoint; its evaluation is skipped"]
     for step, model in ((2, old), (4, now)):
         with np.load(tmp_path / "samples" / f"samples_step_{step:07d}_k2_cfg1.npz") as f:
             want = sample_images(model, run, balanced_labels(7, 10), sampling_steps=2, sampler="ddpm",
