@@ -266,9 +266,17 @@ def test_guidance_channels_matter_on_four_channel_latents(vae_dir):
     assert not np.array_equal(three, every)
 
 
-def test_defaults_are_250_ddpm_steps_seed_0_no_guidance_no_progress_bar(capsys):
+def test_defaults_are_250_ddpm_steps_seed_0_no_guidance_no_progress_bar(capsys, monkeypatch):
     model = tiny_model()
+    calls = []
+
+    def spy(sampler, fn, noise, steps, kwargs, learn_sigma, gen, progress):
+        calls.append((sampler, steps, noise.shape[0], progress))
+        return sample_loop(sampler, fn, noise, steps, kwargs, learn_sigma, gen, progress)
+    monkeypatch.setattr(harness.sample, "sample_loop", spy)
     got = sample_images(model, RUN, [7])
+    # the images alone cannot tell 250 steps from 251 (this tiny model saturates): the call says it
+    assert calls == [("ddpm", 250, 1, False)]   # one unguided sample: no null-class half
     np.testing.assert_array_equal(got, rebuild(model, IdentityAutoencoder(), [7], steps=250, sampler="ddpm"))
     assert "sampling" not in capsys.readouterr().err  # no progress bar unless asked
 
