@@ -108,6 +108,8 @@ def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = N
     """Run mutmut on one module; `recheck`: only these mutants, in the last run's scratch copy; `sample`:
     only that many of the module's mutants, drawn at random (seed 0) -- an estimate for the slow modules."""
     where = _scratch(name, module, fresh=recheck is None)
+    if recheck is not None:  # mutmut picks each mutant's tests from this record: new tests must be in it
+        (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     t0 = time.monotonic()
     cmd = [str(ROOT / ".venv" / "bin" / "mutmut"), "run", "--max-children", str(env["MUTATION_JOBS"])]
     log = (WORK / f"{name}{'.recheck' if recheck else ''}.log").open("w")
