@@ -104,9 +104,11 @@ def mutated_lines(where: Path, mutants: list[str]) -> dict[str, str]:
     return out
 
 
-def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = None, sample: int = 0) -> dict:
+def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = None, sample: int = 0,
+               seed: int = 0) -> dict:
     """Run mutmut on one module; `recheck`: only these mutants, in the last run's scratch copy; `sample`:
-    only that many of the module's mutants, drawn at random (seed 0) -- an estimate for the slow modules."""
+    only that many of the module's mutants, drawn at random with `seed` -- an estimate for the slow
+    modules (unbiased only for tests written before the draw: a recheck after fixing its survivors is not)."""
     where = _scratch(name, module, fresh=recheck is None)
     if recheck is not None:  # mutmut picks each mutant's tests from this record: new tests must be in it
         (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
@@ -121,10 +123,10 @@ def run_module(name: str, module: dict, env: dict, recheck: list[str] | None = N
         names = sorted(k for k in _statuses(where) if any(fnmatch.fnmatch(k, p) for p in patterns))
         if not names:
             raise SystemExit(f"mutation: {name}: mutmut generated no mutants to sample from; see {log.name}")
-        selected = random.Random(0).sample(names, min(sample, len(names)))
+        selected = random.Random(seed).sample(names, min(sample, len(names)))
     subprocess.run(cmd + list(selected), cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.monotonic() - t0
-    summary = {"wall_s": round(wall, 1), "statuses": _statuses(where), "sample": sample}
+    summary = {"wall_s": round(wall, 1), "statuses": _statuses(where), "sample": sample, "seed": seed}
     summary["lines"] = mutated_lines(where, [k for k, s in summary["statuses"].items() if s not in KILLED])
     if recheck is not None:  # mutmut forgets the mutants it did not rerun: keep their last verdicts
         last = json.loads((WORK / f"{name}.json").read_text())
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", 2)))
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="check only N mutants per module drawn at random: an estimate with its 90%% interval")
+    p.add_argument("--seed", type=int, default=0, help="the draw of --sample (a new draw after tests were written "
+                                                       "against the last one's survivors)")
     args = p.parse_args(argv)
     names = args.modules or list(modules)
     env = dict(os.environ, OMP_NUM_THREADS="1", HARNESS_CACHE_KEEP="1", MUTATION_JOBS=str(args.jobs),
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                        else json.loads((WORK / f"{name}.json").read_text()))
         else:
             print(f"mutation: {name} ({', '.join(modules[name]['mutate'])}) ...", flush=True)
-            summary = run_module(name, modules[name], env, sample=args.sample)
+            summary = run_module(name, modules[name], env, sample=args.sample, seed=args.seed)
         rows.append(score(name, modules[name], summary, cfg.get("equivalent", {})))
         r = rows[-1]
         checked = r["mutants"] - len(r["equivalent"]) - r["unchecked"]
