@@ -144,9 +144,23 @@ def test_a_non_finite_loss_stops_at_the_next_logged_step(tmp_path):
     from harness.train import run_training
     from train_tiny import tiny_run
 
-    with pytest.raises(HarnessError, match=r"NaN or Inf at step 2\b"):
+    with pytest.raises(HarnessError) as err:
         run_training(tiny_run(steps=6, lr=1e30, ckpt_every=100), tmp_path)
+    assert str(err.value).startswith(f"{tmp_path}: the training loss became NaN or Inf at step 2. Fix:")
     assert [r["step"] for r in read_jsonl(tmp_path / "train.jsonl")] == [1]
+
+
+def test_the_run_log_says_how_it_trains_and_why_it_stopped(tmp_path, caplog):
+    from harness.step import attention_backends
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    caplog.set_level("INFO", logger="harness.train")
+    run_training(tiny_run(steps=4, ckpt_every=100), tmp_path, stop_at=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "harness.train"]
+    assert ("training tiny: per-GPU batch 16 in micro-batches of 16, fp32, eager, attention: "
+            f"{attention_backends(torch.device('cpu'), 'fp32')}") in lines
+    assert lines[-1] == "stopping at step 2 as asked (stop_at)"
 
 
 def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when_asked(tmp_path, capsys):
@@ -162,4 +176,7 @@ def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when
     args = argparse.Namespace(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
                               autoencoder=None, steps=3, batch=None, lr=None, precision=None, compile=False)
     assert _standalone_run(args).train.compile == "auto"
+    folder = _standalone_run(argparse.Namespace(**{**vars(args), "data": str(tmp_path / "images")})).data
+    assert (folder.dataset, folder.path, folder.image_size, folder.autoencoder, folder.num_classes) == (
+        "imagefolder", str(tmp_path / "images"), 256, "sd-vae-ft-ema", 1000)   # the paper's ImageNet setting
     assert _standalone_run(argparse.Namespace(**{**vars(args), "compile": True})).train.compile is True
