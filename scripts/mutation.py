@@ -155,7 +155,7 @@ def score(name: str, module: dict, summary: dict, equivalent: dict[str, dict]) -
     survived = sorted(k for k, s in counted.items() if s not in KILLED)
     total = len(counted)
     return {"module": name, "mutants": len(statuses), "equivalent": eq, "unchecked": len(unchecked), "killed": killed,
-            "interval": _wilson(killed, total) if summary.get("sample") else None,
+            "interval": _wilson(killed, total) if summary.get("sample") and unchecked else None,
             "survived": {k: counted[k] for k in survived}, "stale": stale, "lines": lines,
             "killed_equivalent": [k for k in eq if statuses[k] in KILLED],
             "score": killed / total if total else float("nan"), "wall_s": summary["wall_s"]}

@@ -92,19 +92,19 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
 
 
 def test_the_grid_is_rank_zeros_balanced_samples_at_the_cheapest_most_guided_setting(tmp_path):
-    run = tiny_run(at_steps=[4], eval=EVAL)
+    run = tiny_run(at_steps=[4], eval={**EVAL, "sampler": "ddim"})
     ema = _ema()
     assert save_grid(run, tmp_path / "other", ema, Dist(rank=1, world=2), 4) is None
     assert not (tmp_path / "other").exists()
-    path = save_grid(run, tmp_path, ema, Dist(), 4, n=6)
+    path = save_grid(run, tmp_path, ema, Dist(), 4)    # 16 samples by default
     assert path == tmp_path / "samples" / "grid_step_0000004.png"
-    want = sample_images(ema, run, balanced_labels(6, 10), sampling_steps=2, sampler="ddpm", cfg_scale=2.5,
+    want = sample_images(ema, run, balanced_labels(16, 10), sampling_steps=2, sampler="ddim", cfg_scale=2.5,
                          guidance_channels=3, seed=derive_seed(run.seed, TAG_EVAL, 4))
     from harness.sample import save_grid as write_grid
     assert path.read_bytes() == write_grid(want, tmp_path / "want.png").read_bytes()
 
 
-def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp_path, caplog):
+def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp_path, caplog, monkeypatch):
     run = tiny_run(at_steps=[2, 3, 4, 6], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [1.0]})
     now, old = _ema(0), _ema(1)
     save_checkpoint(tmp_path / "checkpoints", 2, {"model": old.state_dict(), "ema": old.state_dict(), "step": 2})
@@ -120,5 +120,30 @@ def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp
             np.testing.assert_array_equal(f["arr_0"], want)
     assert all(torch.equal(a, b) for a, b in zip(now.state_dict().values(), _ema(0).state_dict().values()))
     before = list(read_jsonl(tmp_path / "eval.jsonl"))
-    pending_evals(run, tmp_path, now, Dist(), upto=4, current=4)   # nothing missing: nothing appended
-    assert list(read_jsonl(tmp_path / "eval.jsonl")) == before
+    calls = []
+    monkeypatch.setattr(ev_mod, "evaluate_step", lambda *a: calls.append(a[-1]))
+    pending_evals(run, tmp_path, now, Dist(), upto=4, current=4)   # nothing missing: nothing even started
+    assert calls == [] and list(read_jsonl(tmp_path / "eval.jsonl")) == before
+
+
+def test_pending_evals_passes_over_recorded_steps_to_later_missing_ones(tmp_path, monkeypatch):
+    run = tiny_run(at_steps=[2, 4], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [1.0]})
+    for s in eval_settings(run, 2):
+        append_jsonl(tmp_path / "eval.jsonl", {**s, "fid": 1.0})
+    calls = []
+    monkeypatch.setattr(ev_mod, "evaluate_step", lambda run, run_dir, ema, dist, step: calls.append(step))
+    pending_evals(run, tmp_path, _ema(), Dist(), upto=4, current=4)
+    assert calls == [4]
+
+
+def test_the_record_times_its_own_setting(tmp_path, monkeypatch):
+    """wall_s is the setting's duration; with a counter clock (one tick per read) it is a small whole number."""
+    import types
+
+    ticks = iter(range(10**6, 10**7))
+    monkeypatch.setattr(ev_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                              time=ev_mod.time.time))
+    run = tiny_run(at_steps=[4], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [1.0]})
+    evaluate_step(run, tmp_path, _ema(), Dist(), 4)
+    (rec,) = read_jsonl(tmp_path / "eval.jsonl")
+    assert 1 <= rec["wall_s"] <= 10
