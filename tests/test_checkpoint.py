@@ -11,6 +11,11 @@ from harness import checkpoint as ckpt
 from harness.errors import HarnessError
 
 
+def _disk_full(path, write, mode):
+    """Stands in for harness.io.atomic_write on a full file system."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def _state(step: int) -> dict:
     return {"model": {"w": torch.full((64, 64), float(step))}, "step": step, "data_pos": step * 4}
 
@@ -111,9 +116,7 @@ def test_an_empty_sidecar_is_a_mismatch_not_a_crash(tmp_path):
 def test_a_failed_write_names_the_file_and_the_resume_point_and_leaves_no_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, 2, _state(2))
 
-    def full(path, write, mode):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ckpt, "atomic_write", full)
+    monkeypatch.setattr(ckpt, "atomic_write", _disk_full)
     with pytest.raises(HarnessError) as err:
         ckpt.save_checkpoint(tmp_path, 4, _state(4))
     msg = str(err.value)
@@ -126,7 +129,7 @@ def test_a_failed_write_names_the_file_and_the_resume_point_and_leaves_no_checkp
     monkeypatch.undo()
     ckpt.save_checkpoint(tmp_path, 6, _state(6))       # a later checkpoint is no resume point for step 4
     (tmp_path / "step_0000002.pt.sha256").unlink()     # and one without its sidecar is none either
-    monkeypatch.setattr(ckpt, "atomic_write", full)
+    monkeypatch.setattr(ckpt, "atomic_write", _disk_full)
     with pytest.raises(HarnessError, match="no earlier checkpoint"):
         ckpt.save_checkpoint(tmp_path, 4, _state(4))
 
@@ -255,16 +258,14 @@ def test_cleaning_and_retention_are_logged(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- the remaining edges
 def test_a_failed_write_message_quotes_the_os_reason_and_a_failed_rewrite_keeps_that_step(tmp_path, monkeypatch):
-    def full(path, write, mode):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ckpt, "atomic_write", full)
+    monkeypatch.setattr(ckpt, "atomic_write", _disk_full)
     with pytest.raises(HarnessError) as err:
         ckpt.save_checkpoint(tmp_path, 1, _state(1))
     assert "could not write the checkpoint (No space left on device); no earlier checkpoint. Fix:" in str(err.value)
     monkeypatch.undo()
     for s in (2, 4):
         ckpt.save_checkpoint(tmp_path, s, _state(s))
-    monkeypatch.setattr(ckpt, "atomic_write", full)
+    monkeypatch.setattr(ckpt, "atomic_write", _disk_full)
     with pytest.raises(HarnessError, match="the checkpoint step_0000004.pt stays the resume point"):
         ckpt.save_checkpoint(tmp_path, 4, _state(4))   # the old file at step 4 is untouched, and whole
     assert ckpt.verify_checkpoint(ckpt.checkpoint_path(tmp_path, 4)) is None
