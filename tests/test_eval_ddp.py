@@ -17,9 +17,8 @@ import torch.multiprocessing as mp
 
 from harness.evaluation import evaluate_step, pending_evals
 from harness.io import read_jsonl
-from harness.models import build_model
 from harness.runtime import Dist, bounded_barrier, setup_distributed
-from train_tiny import TINY_MODEL, tiny_run
+from train_tiny import nudged_tiny_dit, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
 STEP = 2
@@ -34,13 +33,7 @@ def _free_port() -> int:
 
 
 def _ema() -> torch.nn.Module:
-    """A tiny DiT with weights nudged off adaLN-Zero's zero output, so labels and guidance matter."""
-    torch.manual_seed(0)
-    model = build_model(TINY_MODEL, "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return nudged_tiny_dit().eval()
 
 
 def _join(rank: int, world: int, port: int) -> Dist:

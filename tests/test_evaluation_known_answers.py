@@ -14,22 +14,16 @@ from harness.checkpoint import save_checkpoint
 from harness.evaluation import (TAG_EVAL, eval_progress, eval_settings, evaluate_step, missing_settings, pending_evals,
                                 save_grid, setting_key)
 from harness.io import append_jsonl, read_jsonl
-from harness.models import build_model
 from harness.runtime import Dist, derive_seed
 from harness.sample import balanced_labels, sample_images
-from train_tiny import TINY_MODEL, tiny_run
+from train_tiny import nudged_tiny_dit, tiny_run
 
 EVAL = dict(num_samples=7, batch_size=3, sampler="ddpm", sampling_steps=[2, 3], cfg_scales=[1.0, 2.5],
             metrics=["fid", "precision", "recall"])
 
 
 def _ema(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(TINY_MODEL, "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return nudged_tiny_dit(seed).eval()
 
 
 def test_the_settings_a_run_asks_for_and_their_keys():

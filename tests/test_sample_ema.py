@@ -9,6 +9,7 @@ from harness.checkpoint import save_checkpoint
 from harness.cli import main
 from harness.models import build_model
 from harness.sample import sample_images
+from train_tiny import nudged_tiny_dit
 
 RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
        "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
@@ -17,13 +18,7 @@ RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
 
 
 def _weights(seed: int) -> dict:
-    """A perturbed tiny DiT's state dict (adaLN-Zero starts at zero output; the nudge makes it sample)."""
-    torch.manual_seed(seed)
-    model = build_model(RUN["model"], "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.state_dict()
+    return nudged_tiny_dit(seed).state_dict()
 
 
 def _reference_samples(weights: dict, n: int, steps: int, seed: int) -> np.ndarray:

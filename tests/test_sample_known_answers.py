@@ -25,6 +25,7 @@ from harness.sample import (_channels_arg, _data_field, _sample_seed, autoencode
                             cli_sample, load_model_from_checkpoint, make_grid, random_labels, sample_images,
                             save_grid, save_npz)
 from harness.samplers import SAMPLERS, sample_loop
+from train_tiny import nudged_tiny_dit
 
 MODEL = "DiT-2x32x2/2"
 RUN = {"model": MODEL, "conditioning": "adaLN-Zero", "seed": 0,
@@ -67,15 +68,7 @@ def vae_run(vae_dir: Path) -> dict:
 
 def weights(seed: int = 0, in_channels: int = 1, input_size: int = 8, conditioning: str = "adaLN-Zero",
             learn_sigma: bool = True, num_classes: int = 10) -> dict:
-    """A perturbed tiny DiT's state dict (adaLN-Zero starts at exactly zero output; the nudge makes
-    labels and guidance matter)."""
-    torch.manual_seed(seed)
-    model = build_model(MODEL, conditioning, input_size=input_size, in_channels=in_channels,
-                        num_classes=num_classes, learn_sigma=learn_sigma)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.state_dict()
+    return nudged_tiny_dit(seed, conditioning, in_channels, input_size, num_classes, learn_sigma).state_dict()
 
 
 def tiny_model(seed: int = 0, in_channels: int = 1, input_size: int = 8, learn_sigma: bool = True,

@@ -21,6 +21,21 @@ def tiny_run(steps: int = 6, **train: object) -> RunSpec:
                    eval=dataclasses.replace(EvalSpec(at_steps=list(at_steps), sampling_steps=[5]), **ev))
 
 
+def nudged_tiny_dit(seed: int = 0, conditioning: str = "adaLN-Zero", in_channels: int = 1, input_size: int = 8,
+                    num_classes: int = 10, learn_sigma: bool = True) -> torch.nn.Module:
+    """A tiny DiT (train mode) built under torch.manual_seed(seed), every weight then nudged by 0.05 N(0, 1):
+    adaLN-Zero starts at exactly zero output, and the nudge makes labels and guidance matter."""
+    from harness.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(TINY_MODEL, conditioning, input_size=input_size, in_channels=in_channels,
+                        num_classes=num_classes, learn_sigma=learn_sigma)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def final_state(run_dir, step: int) -> dict:
     return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=True)
 
