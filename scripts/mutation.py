@@ -4,9 +4,8 @@ One module at a time (the machine has 2 cores): each runs in its own scratch cop
 .mutation/<module>/ with mutmut (https://github.com/boxed/mutmut), which mutates only that module's
 files (optionally only some of its functions) and runs, for each mutant, only the tests of the
 module's test subset that execute the mutated function. The modules, their test subsets and the
-mutants listed as equivalent (each with the line it changes and the reason) live in pyproject.toml under
-[tool.harness-mutation];
-mutmut's own settings under [tool.mutmut].
+mutants listed as equivalent (each with the line it changes and the reason) live in pyproject.toml
+under [tool.harness-mutation]; mutmut's own settings under [tool.mutmut].
 
     python scripts/mutation.py                 # every module
     python scripts/mutation.py diffusion spec  # some of them
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = (run_module(name, modules[name], env, recheck=todo) if todo
                        else json.loads((WORK / f"{name}.json").read_text()))
         elif args.recheck:
-            last = score(name, modules[name], json.loads((WORK / f"{name}.json").read_text()), {})
+            last = score(name, modules[name], json.loads((WORK / f"{name}.json").read_text()), cfg.get("equivalent", {}))
             print(f"mutation: {name}: rechecking {len(last['survived'])} survivors ...", flush=True)
             summary = (run_module(name, modules[name], env, recheck=list(last["survived"])) if last["survived"]
                        else json.loads((WORK / f"{name}.json").read_text()))
