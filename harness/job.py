@@ -82,7 +82,7 @@ class SweepJob:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         path = Path(rdir)
-        spec = RunSpec.from_dict(run)
+        spec = RunSpec.from_dict(run, RunFolder(path).run_json)
         handler = None
         rank = _global_rank()
         if rank == 0:

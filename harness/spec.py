@@ -198,18 +198,19 @@ class RunSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
+    def from_dict(cls, d: dict, where: str | Path = "run.json") -> "RunSpec":
+        """A run record back from its dict; `where`: the file it came from, named in errors."""
         known = {f.name for f in fields(cls)}
         extra = set(d) - known - set(RUN_JSON_PLAN_KEYS)
         if extra:
-            raise HarnessError(f"run.json: unknown keys {sorted(extra)}. Fix: regenerate it with `harness sweep`.")
+            raise HarnessError(f"{where}: unknown keys {sorted(extra)}. Fix: regenerate it with `harness sweep`.")
         try:
             return cls(
                 run_id=d["run_id"], sweep=d["sweep"], model=d["model"], conditioning=d["conditioning"],
                 seed=int(d["seed"]), data=DataSpec(**d["data"]), train=TrainSpec(**d["train"]),
                 eval=EvalSpec(**d["eval"]), checkpoints_from=d.get("checkpoints_from"))
         except (KeyError, TypeError) as err:
-            raise HarnessError(f"run.json: malformed run record ({err}). Fix: regenerate it with `harness sweep`.")
+            raise HarnessError(f"{where}: malformed run record ({err}). Fix: regenerate it with `harness sweep`.")
 
     @property
     def shape(self):
