@@ -180,3 +180,75 @@ def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when
     assert (folder.dataset, folder.path, folder.image_size, folder.autoencoder, folder.num_classes) == (
         "imagefolder", str(tmp_path / "images"), 256, "sd-vae-ft-ema", 1000)   # the paper's ImageNet setting
     assert _standalone_run(argparse.Namespace(**{**vars(args), "compile": True})).train.compile is True
+
+
+def _standalone_args(**changes):
+    import argparse
+
+    base = dict(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
+                autoencoder=None, steps=None, batch=None, lr=None, precision=None, compile=False)
+    return argparse.Namespace(**{**base, **changes})
+
+
+def test_a_standalone_run_takes_each_cli_argument_and_the_spec_defaults_for_the_rest():
+    from dataclasses import replace
+
+    from harness.spec import DataSpec, TrainSpec, make_run_id
+    from harness.train import _standalone_run
+
+    plain = _standalone_run(_standalone_args())
+    assert plain.data == DataSpec() and plain.train == replace(TrainSpec(), compile="auto")
+    assert plain.eval.at_steps == [TrainSpec().steps]
+    sized, encoded = (_standalone_run(_standalone_args(**kw)).data
+                      for kw in ({"image_size": 16}, {"autoencoder": "sd-vae-ft-mse"}))
+    assert (sized.dataset, sized.image_size, sized.autoencoder) == ("digits", 16, "identity")
+    assert (encoded.dataset, encoded.image_size, encoded.autoencoder) == ("digits", 8, "sd-vae-ft-mse")
+    run = _standalone_run(_standalone_args(steps=5, batch=4, lr=2e-3, precision="bf16", conditioning="in-context"))
+    assert (run.train.steps, run.train.global_batch, run.train.lr, run.train.precision) == (5, 4, 2e-3, "bf16")
+    assert run.eval.at_steps == [5] and (run.model, run.conditioning, run.sweep) == (
+        "DiT-2x32x2/2", "in-context", "standalone")
+    assert run.run_id == make_run_id("DiT-2x32x2/2", "in-context", 0, run.data, run.train)
+    assert run.run_id != _standalone_run(_standalone_args(steps=5, batch=4, lr=2e-3, precision="bf16")).run_id
+
+
+@pytest.mark.parametrize("flag", [["--steps", "5"], ["--batch", "8"], ["--lr", "0.1"], ["--precision", "bf16"],
+                                  ["--compile"]])
+def test_a_recorded_run_refuses_each_standalone_override(tmp_path, capsys, flag):
+    from harness.cli import main
+    from harness.layout import write_run_json
+    from harness.train import _standalone_run
+
+    write_run_json(_standalone_run(_standalone_args(steps=3)), tmp_path)
+    assert main(["train", "--run-dir", str(tmp_path), *flag]) == 2
+    assert (f"{tmp_path / 'run.json'} exists: --steps/--batch/--lr/--precision/--compile only apply to a new "
+            "standalone run; edit the sweep spec instead or use a new --run-dir") in capsys.readouterr().err
+
+
+def test_train_reads_the_run_json_named_by_config(tmp_path, capsys):
+    from harness.cli import main
+
+    config = tmp_path / "elsewhere.json"
+    config.write_text("{not json")
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: not a valid run.json (" in err
+    assert err.rstrip().endswith("regenerate it with `harness sweep` or start a standalone run with --model")
+
+
+def test_a_checkpoint_and_done_record_what_wrote_them(tmp_path):
+    """The checkpoint carries the run's spec and the world size beside the weights; `done` its step and time."""
+    import json
+    import time
+
+    from harness.checkpoint import checkpoint_path, load_checkpoint
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    run = tiny_run(steps=2, ckpt_every=100)
+    before = time.time()
+    run_training(run, tmp_path)
+    state = load_checkpoint(checkpoint_path(tmp_path / "checkpoints", 2))
+    assert (state["step"], state["data_pos"], state["world_size"]) == (2, 2 * run.train.global_batch, 1)
+    assert state["run"] == run.to_dict()
+    done = json.loads((tmp_path / "done").read_text())
+    assert done["step"] == 2 and before <= done["time"] <= time.time()
