@@ -252,3 +252,61 @@ def test_a_checkpoint_and_done_record_what_wrote_them(tmp_path):
     assert state["run"] == run.to_dict()
     done = json.loads((tmp_path / "done").read_text())
     assert done["step"] == 2 and before <= done["time"] <= time.time()
+
+
+def test_the_training_arrays_are_the_runs_own_image_folder_and_autoencoder(tmp_path, monkeypatch):
+    """An image folder run trains on the cache of data.path (its ${VAR} expanded) at data.image_size; a VAE
+    run loads its weights from data.autoencoder_path (none there: the error names that folder)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from harness.data import ImageFolder
+    from harness.spec import DataSpec
+    from harness.train import load_training_arrays
+    from train_tiny import tiny_run
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    monkeypatch.setenv("IMAGES", str(tmp_path / "imgs"))
+    data = DataSpec(dataset="imagefolder", path="${IMAGES}", image_size=8, num_classes=2)
+    latents, labels = load_training_arrays(replace(tiny_run(), data=data))
+    folder = ImageFolder(tmp_path / "imgs", 8)
+    assert latents.shape == (6, 2, 3, 8, 8) and labels.tolist() == folder.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for i in range(6):   # the identity autoencoder: each image's pixels, and its mirror image
+        assert np.allclose(latents[i, 0], folder[i][0].numpy(), atol=1e-6)
+        assert np.allclose(latents[i, 1], folder[i][0].numpy()[..., ::-1], atol=1e-6)
+    vae = replace(data, autoencoder="sd-vae-ft-ema", autoencoder_path=str(tmp_path / "no-vae"))
+    with pytest.raises(HarnessError) as err:
+        load_training_arrays(replace(tiny_run(), data=vae))
+    assert str(err.value).startswith(f"{tmp_path / 'no-vae'}: no sd-vae-ft-ema weights here")
+
+
+def test_a_second_trainer_waits_for_the_run_folders_lock(tmp_path, caplog):
+    """One trainer per run folder: while another process holds RUN_DIR's lock, training waits and writes
+    nothing; once it is released, the run trains to the end."""
+    import threading
+    import time
+
+    from harness.io import file_lock
+    from harness.layout import RunFolder
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    folder = RunFolder(tmp_path)
+    caplog.set_level("WARNING", logger="harness.io")
+    waiting = f"{folder.lock} is held by another process; waiting for it"
+    with file_lock(folder.lock):
+        trainer = threading.Thread(target=run_training, args=(tiny_run(steps=1), tmp_path))
+        trainer.start()
+        deadline = time.monotonic() + 60
+        while waiting not in caplog.messages and trainer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting in caplog.messages
+        assert not folder.train_log.exists() and not folder.checkpoints.exists()
+    trainer.join(120)
+    assert not trainer.is_alive() and folder.done.exists()
