@@ -310,3 +310,19 @@ def test_a_second_trainer_waits_for_the_run_folders_lock(tmp_path, caplog):
         assert not folder.train_log.exists() and not folder.checkpoints.exists()
     trainer.join(120)
     assert not trainer.is_alive() and folder.done.exists()
+
+
+def test_the_trainer_refuses_a_batch_its_ranks_cannot_split_and_sets_tf32_only_for_cuda(tmp_path):
+    """Built in this process with a stand-in Dist (world 3: no process group is joined before the check).
+    On the CPU the global TF32 switches stay as they were (tests/test_cuda.py checks they are set on a GPU)."""
+    from harness.train import Trainer
+    from train_tiny import tf32_off, tiny_run
+
+    with pytest.raises(HarnessError) as err:
+        Trainer(tiny_run(), tmp_path, Dist(rank=0, world=3))
+    assert str(err.value) == (f"{tmp_path}/run.json: train.global_batch=16 is not divisible by the 3 ranks; "
+                              "choose a batch that is a multiple of the GPU count")
+    with tf32_off():
+        trainer = Trainer(tiny_run(), tmp_path, Dist())
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    assert (trainer.per_rank, trainer.step, trainer.data_pos) == (16, 0, 0)

@@ -1,6 +1,7 @@
 """Tiny training runs shared by the trainer tests (not a test module itself)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -71,3 +72,14 @@ def as_rank(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """Both global TF32 switches off inside, restored after (monkeypatch cannot restore torch's cuBLAS module)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
