@@ -323,6 +323,17 @@ def test_the_trainer_refuses_a_batch_its_ranks_cannot_split_and_sets_tf32_only_f
     assert str(err.value) == (f"{tmp_path}/run.json: train.global_batch=16 is not divisible by the 3 ranks; "
                               "choose a batch that is a multiple of the GPU count")
     with tf32_off():
-        trainer = Trainer(tiny_run(), tmp_path, Dist())
+        trainer = Trainer(tiny_run(), tmp_path / "runs" / "new", Dist())   # its folder made, parents too
         assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
-    assert (trainer.per_rank, trainer.step, trainer.data_pos) == (16, 0, 0)
+    assert (tmp_path / "runs" / "new" / "run.json").exists()
+    assert (trainer.per_rank, trainer.step, trainer.data_pos, trainer.shape) == (16, 0, 0, (1, 8, 8))
+
+
+def test_an_evaluation_only_trainer_takes_its_shape_from_the_spec_and_reads_no_data(tmp_path, monkeypatch):
+    """train.steps 0 (evaluating train.init_from's weights): no latent cache is opened or built."""
+    import harness.train as train_mod
+    from train_tiny import tiny_run
+
+    monkeypatch.setattr(train_mod, "load_training_arrays", lambda run: pytest.fail("read the training data"))
+    trainer = train_mod.Trainer(tiny_run(steps=0), tmp_path, Dist())
+    assert trainer.shape == (1, 8, 8) and trainer.latents is None and trainer.order.n == 0
