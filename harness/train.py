@@ -73,10 +73,6 @@ class DataOrder:
 
 
 # ----------------------------------------------------------------------------- pieces
-def _spec_dict(run: Any) -> dict:
-    return run.to_dict() if hasattr(run, "to_dict") else dict(run)
-
-
 def load_training_arrays(run: Any) -> tuple[np.ndarray, np.ndarray]:
     """The run's training set from the latent cache: latents (N, 2, C, h, w) (index 1 = flipped)
     and labels (N,). Built on first use (identity autoencoder on digits: pixels in [-1, 1])."""
@@ -377,7 +373,7 @@ class Trainer:
         if self.dist.main:
             ckpt.save_checkpoint(self.ckpt_dir, s, {
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "step": s, "rng": rng_state(), "data_pos": self.data_pos, "run": _spec_dict(self.run),
+                "step": s, "rng": rng_state(), "data_pos": self.data_pos, "run": self.run.to_dict(),
                 "world_size": self.dist.world})
             ckpt.apply_retention(self.ckpt_dir, self.run.train.keep_last, ckpt_steps)
 
@@ -421,7 +417,7 @@ def cli_train(args: Any) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "precision") if getattr(args, k, None)}
     if config.exists():
         try:
-            run = RunSpec.from_dict(json.loads(config.read_text()))
+            run = RunSpec.from_dict(json.loads(config.read_text()), config)
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise HarnessError(f"{config}: not a valid run.json ({err}); regenerate it with `harness sweep` "
                                "or start a standalone run with --model") from err

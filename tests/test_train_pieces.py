@@ -224,15 +224,20 @@ def test_a_recorded_run_refuses_each_standalone_override(tmp_path, capsys, flag)
             "standalone run; edit the sweep spec instead or use a new --run-dir") in capsys.readouterr().err
 
 
-def test_train_reads_the_run_json_named_by_config(tmp_path, capsys):
+def test_train_reads_the_run_json_named_by_config_and_names_it_when_it_is_bad(tmp_path, capsys):
     from harness.cli import main
 
     config = tmp_path / "elsewhere.json"
+    for text, says in (("{not json", "not a valid run.json ("), ('{"run_id": "x"}', "malformed run record ("),
+                       ('{"bogus": 1}', "unknown keys ['bogus']")):
+        config.write_text(text)
+        assert main(["train", "--run-dir", str(tmp_path / "run"), "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"{config}: {says}" in err and "regenerate it with `harness sweep`" in err
     config.write_text("{not json")
-    assert main(["train", "--run-dir", str(tmp_path / "run"), "--config", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert f"{config}: not a valid run.json (" in err
-    assert err.rstrip().endswith("regenerate it with `harness sweep` or start a standalone run with --model")
+    main(["train", "--run-dir", str(tmp_path / "run"), "--config", str(config)])
+    assert capsys.readouterr().err.rstrip().endswith(
+        "regenerate it with `harness sweep` or start a standalone run with --model")
 
 
 def test_a_checkpoint_and_done_record_what_wrote_them(tmp_path):
