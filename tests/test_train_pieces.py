@@ -342,3 +342,45 @@ def test_an_evaluation_only_trainer_takes_its_shape_from_the_spec_and_reads_no_d
     monkeypatch.setattr(train_mod, "load_training_arrays", lambda run: pytest.fail("read the training data"))
     trainer = train_mod.Trainer(tiny_run(steps=0), tmp_path, Dist())
     assert trainer.shape == (1, 8, 8) and trainer.latents is None and trainer.order.n == 0
+
+
+def test_the_trainer_builds_the_spec_s_model_ema_and_optimizer(tmp_path, monkeypatch):
+    """The model of the run's name and conditioning, initialised under derive_seed(seed, 0), its label dropout
+    the spec's; the EMA a frozen copy in eval mode; AdamW with the spec's weight decay (its learning rate is
+    set at every step, from the warmup schedule); the wait for rank 0's latent cache bounded and explained."""
+    from dataclasses import replace
+
+    import harness.train as train_mod
+    from harness.models import build_model
+    from harness.runtime import seed_everything
+    from train_tiny import tiny_run
+
+    waits = []
+    monkeypatch.setattr(train_mod, "bounded_barrier", lambda dist, why, timeout: waits.append((dist.world, why, timeout)))
+    base = tiny_run(weight_decay=0.03, class_dropout=0.25)
+    run = replace(base, conditioning="in-context", seed=5)
+    trainer = train_mod.Trainer(run, tmp_path, Dist())
+    assert waits == [(1, "waiting for rank 0 to build the latent cache", train_mod.LATENT_BUILD_TIMEOUT)]
+    seed_everything(derive_seed(5, 0))
+    expected = build_model(run.model, "in-context", input_size=8, in_channels=1, num_classes=10, class_dropout_prob=0.25)
+    assert trainer.model.conditioning == "in-context" and trainer.model.y_embedder.dropout == 0.25
+    assert trainer.model.state_dict().keys() == expected.state_dict().keys()
+    for name, w in expected.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], w), name
+        assert torch.equal(trainer.ema.state_dict()[name], w), name
+    assert not trainer.ema.training and not any(p.requires_grad for p in trainer.ema.parameters())
+    assert [p.requires_grad for p in trainer.model.parameters()] == [p.requires_grad for p in expected.parameters()]
+    assert [g["weight_decay"] for g in trainer.opt.param_groups] == [0.03]
+    other = train_mod.Trainer(replace(run, seed=6), tmp_path / "other", Dist())
+    assert not torch.equal(other.model.x_embedder.proj.weight, trainer.model.x_embedder.proj.weight)
+
+
+def test_a_resumed_run_says_which_checkpoint_it_resumed(tmp_path, caplog):
+    from harness.checkpoint import checkpoint_path
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    run_training(tiny_run(steps=4), tmp_path, stop_at=2)
+    caplog.set_level("INFO", logger="harness.train")
+    run_training(tiny_run(steps=4), tmp_path)
+    assert f"resumed {checkpoint_path(tmp_path / 'checkpoints', 2)} at step 2" in caplog.messages
