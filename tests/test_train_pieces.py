@@ -384,3 +384,30 @@ def test_a_resumed_run_says_which_checkpoint_it_resumed(tmp_path, caplog):
     caplog.set_level("INFO", logger="harness.train")
     run_training(tiny_run(steps=4), tmp_path)
     assert f"resumed {checkpoint_path(tmp_path / 'checkpoints', 2)} at step 2" in caplog.messages
+
+
+def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds_them(tmp_path):
+    """One rank: the global torch/numpy/python RNGs continue from the checkpoint's saved state; a fresh run
+    seeds them from (seed, rank). Nothing in today's step draws from them (step_randomness has its own
+    generator), but a model with dropout would."""
+    import random
+
+    from harness.checkpoint import checkpoint_path, load_checkpoint
+    from harness.runtime import seed_everything, set_rng_state
+    from harness.train import Trainer, run_training
+    from train_tiny import tiny_run
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    fresh = Trainer(tiny_run(steps=4), tmp_path / "fresh", Dist())
+    fresh.resume()
+    got = draws()
+    seed_everything(derive_seed(0, 0))
+    assert got == draws()
+    run_training(tiny_run(steps=4), tmp_path / "run", stop_at=2)
+    resumed = Trainer(tiny_run(steps=4), tmp_path / "run", Dist())
+    resumed.resume()
+    got = draws()
+    set_rng_state(load_checkpoint(checkpoint_path(tmp_path / "run" / "checkpoints", 2))["rng"])
+    assert resumed.step == 2 and got == draws()
