@@ -397,13 +397,15 @@ def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds
     from harness.train import Trainer, run_training
     from train_tiny import tiny_run
 
+    import dataclasses
+
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
-    fresh = Trainer(tiny_run(steps=4), tmp_path / "fresh", Dist())
+    fresh = Trainer(dataclasses.replace(tiny_run(steps=4), seed=3), tmp_path / "fresh", Dist())
     fresh.resume()
     got = draws()
-    seed_everything(derive_seed(0, 0))
+    seed_everything(derive_seed(3, 0))   # (seed, rank); derive_seed(3) is the same (trailing zeros), (0, 3) is not
     assert got == draws()
     run_training(tiny_run(steps=4), tmp_path / "run", stop_at=2)
     resumed = Trainer(tiny_run(steps=4), tmp_path / "run", Dist())
@@ -411,3 +413,44 @@ def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds
     got = draws()
     set_rng_state(load_checkpoint(checkpoint_path(tmp_path / "run" / "checkpoints", 2))["rng"])
     assert resumed.step == 2 and got == draws()
+
+
+def test_train_init_from_starts_model_and_ema_from_its_weights_and_steps_0_evaluates_them(tmp_path):
+    """init_from a harness checkpoint: the new run's model and EMA both start from its EMA weights, with a
+    fresh optimizer; with train.steps 0 the run only evaluates them, at step 0, from memory (no checkpoint)."""
+    from harness.checkpoint import checkpoint_path, load_checkpoint
+    from harness.io import read_jsonl
+    from harness.train import Trainer, run_training
+    from train_tiny import tiny_run
+
+    run_training(tiny_run(steps=2), tmp_path / "source")
+    source = checkpoint_path(tmp_path / "source" / "checkpoints", 2)
+    ema = load_checkpoint(source)["ema"]
+    fine_tune = Trainer(tiny_run(steps=4, init_from=str(source)), tmp_path / "fine-tune", Dist())
+    fine_tune.resume()
+    for net in (fine_tune.model, fine_tune.ema):   # pos_embed: the model keeps its own fixed sin-cos table
+        assert all(torch.equal(w, ema[k]) for k, w in net.state_dict().items() if k != "pos_embed")
+        torch.testing.assert_close(net.pos_embed, ema["pos_embed"], rtol=0, atol=1e-6)  # the EMA's copy: rounding
+    assert fine_tune.step == 0 and fine_tune.opt.state_dict()["state"] == {}
+    evaluate = tiny_run(steps=0, init_from=str(source), at_steps=[0],
+                        eval=dict(num_samples=7, batch_size=7, sampler="ddpm", sampling_steps=[2]))
+    run_training(evaluate, tmp_path / "evaluate")
+    assert [r["step"] for r in read_jsonl(tmp_path / "evaluate" / "eval.jsonl")] == [0]
+    assert not (tmp_path / "evaluate" / "checkpoints").exists() or not any((tmp_path / "evaluate" / "checkpoints").iterdir())
+
+
+def test_prepare_step_applies_grad_checkpointing_and_keys_the_auto_micro_batch_by_configuration(tmp_path, monkeypatch):
+    """train.grad_checkpointing reaches the model; micro_batch 'auto' is probed once and cached under the
+    key of this model, block, shape, classes, device, precision, compilation and per-GPU batch."""
+    import json
+
+    from harness.microbatch import _cache_file, cache_key
+    from harness.train import Trainer
+    from train_tiny import tiny_run
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    trainer = Trainer(tiny_run(grad_checkpointing=True, micro_batch="auto"), tmp_path / "run", Dist())
+    trainer.prepare_step()
+    assert trainer.model.grad_checkpointing is True and trainer.model.training
+    key = cache_key("DiT-2x32x2/2", "adaLN-Zero", (1, 8, 8), 10, torch.device("cpu"), "fp32", False, 16)
+    assert json.loads(_cache_file().read_text()) == {key: trainer.train_step.micro_batch}
