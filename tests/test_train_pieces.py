@@ -454,3 +454,19 @@ def test_prepare_step_applies_grad_checkpointing_and_keys_the_auto_micro_batch_b
     assert trainer.model.grad_checkpointing is True and trainer.model.training
     key = cache_key("DiT-2x32x2/2", "adaLN-Zero", (1, 8, 8), 10, torch.device("cpu"), "fp32", False, 16)
     assert json.loads(_cache_file().read_text()) == {key: trainer.train_step.micro_batch}
+
+
+def test_a_finished_run_called_again_only_writes_a_missing_done(tmp_path, caplog):
+    """Killed after its last checkpoint but before `done`: the next call writes done with the final step,
+    and neither call builds the training step again."""
+    import json
+
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    run_training(tiny_run(steps=2), tmp_path)
+    (tmp_path / "done").unlink()
+    caplog.set_level("INFO", logger="harness.train")
+    run_training(tiny_run(steps=2), tmp_path)
+    assert json.loads((tmp_path / "done").read_text())["step"] == 2
+    assert not [m for m in caplog.messages if m.startswith("training tiny")]
