@@ -470,3 +470,17 @@ def test_a_finished_run_called_again_only_writes_a_missing_done(tmp_path, caplog
     run_training(tiny_run(steps=2), tmp_path)
     assert json.loads((tmp_path / "done").read_text())["step"] == 2
     assert not [m for m in caplog.messages if m.startswith("training tiny")]
+
+
+def test_data_flip_reaches_the_batches_the_model_trains_on(tmp_path):
+    """data.flip on and off train different weights from the same seed (16 draws: some images are mirrored)."""
+    from dataclasses import replace
+
+    from harness.train import run_training
+    from train_tiny import final_state, tiny_run
+
+    for flip in (True, False):
+        run = tiny_run(steps=2)
+        run_training(replace(run, data=replace(run.data, flip=flip)), tmp_path / str(flip))
+    on, off = final_state(tmp_path / "True", 2)["model"], final_state(tmp_path / "False", 2)["model"]
+    assert not torch.equal(on["x_embedder.proj.weight"], off["x_embedder.proj.weight"])
