@@ -484,3 +484,28 @@ def test_data_flip_reaches_the_batches_the_model_trains_on(tmp_path):
         run_training(replace(run, data=replace(run.data, flip=flip)), tmp_path / str(flip))
     on, off = final_state(tmp_path / "True", 2)["model"], final_state(tmp_path / "False", 2)["model"]
     assert not torch.equal(on["x_embedder.proj.weight"], off["x_embedder.proj.weight"])
+
+
+def test_the_logged_loss_is_the_exact_mean_of_its_window_and_the_test_delay_sleeps_each_step(tmp_path, monkeypatch):
+    """Step losses are summed in float64: a spike of 1e8 followed by three steps of 1 logs (1e8 + 3) / 4
+    exactly (a float32 sum would drop the ones). The step itself is replaced by one that returns these
+    losses (the accumulation and the log line are what is tested). HARNESS_TEST_STEP_DELAY_S sleeps
+    before every step (the kill and requeue tests rely on it)."""
+    import types
+
+    import harness.step as step_mod
+    import harness.train as train_mod
+    from harness.io import read_jsonl
+    from train_tiny import tiny_run
+
+    losses = iter([1e8, 1.0, 1.0, 1.0])
+    monkeypatch.setattr(step_mod.TrainStep, "__call__",
+                        lambda self, batch, lr: torch.full((3,), next(losses) * 16, dtype=torch.float32))
+    slept = []
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(
+        perf_counter=train_mod.time.perf_counter, time=train_mod.time.time, sleep=slept.append))
+    monkeypatch.setenv(train_mod.STEP_DELAY_ENV, "0.25")
+    train_mod.run_training(tiny_run(steps=4, log_every=4, ckpt_every=100), tmp_path)
+    (line,) = read_jsonl(tmp_path / "train.jsonl")
+    assert line["step"] == 4 and line["loss"] == line["mse"] == line["vb"] == (1e8 + 3) / 4
+    assert slept == [0.25] * 4
