@@ -91,11 +91,14 @@ def test_cuda_sampling_equals_cpu_sampling():
     assert (cpu.astype("float64") - gpu.astype("float64")).__abs__().max() <= 1.0  # uint8 images: <= 1 level
 
 
-def test_training_on_cuda_turns_tf32_on(tmp_path):
-    """The paper's fp32 runs on an H100 use TF32 matmuls and convolutions: the trainer sets both switches."""
+def test_training_on_cuda_turns_tf32_on_and_fuses_adamw(tmp_path):
+    """The paper's fp32 runs on an H100 use TF32 matmuls and convolutions: the trainer sets both switches;
+    the model, its EMA and a fused AdamW live on the GPU."""
     from harness.train import Trainer
     from train_tiny import tf32_off, tiny_run
 
     with tf32_off():
-        Trainer(tiny_run(), tmp_path, Dist(device=torch.device("cuda")))
+        trainer = Trainer(tiny_run(), tmp_path, Dist(device=torch.device("cuda")))
         assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    assert trainer.opt.defaults["fused"] is True   # one kernel for the whole AdamW step
+    assert next(trainer.model.parameters()).is_cuda and next(trainer.ema.parameters()).is_cuda
