@@ -509,3 +509,15 @@ def test_the_logged_loss_is_the_exact_mean_of_its_window_and_the_test_delay_slee
     (line,) = read_jsonl(tmp_path / "train.jsonl")
     assert line["step"] == 4 and line["loss"] == line["mse"] == line["vb"] == (1e8 + 3) / 4
     assert slept == [0.25] * 4
+
+
+def test_retention_keeps_the_newest_checkpoints_and_those_at_the_evaluation_steps(tmp_path):
+    """keep_last 1 with eval.at_steps [2]: of the checkpoints at 2, 4, 6, 8, steps 2 (evaluated, so its
+    weights stay for later evaluation settings) and 8 (the newest) remain."""
+    from harness.checkpoint import list_checkpoints
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    run_training(tiny_run(steps=8, ckpt_every=2, keep_last=1, at_steps=[2],
+                          eval=dict(num_samples=7, batch_size=7, sampler="ddpm", sampling_steps=[2])), tmp_path)
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 8]
