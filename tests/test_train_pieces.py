@@ -107,8 +107,8 @@ def test_a_non_finite_loss_stops_with_its_first_step_and_the_fix(tmp_path: Path)
 def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch):
     """train.jsonl of a real 2-step run: at step 1 the adaLN-Zero model predicts exactly zero noise, so
     the logged mse is the mean square of the step's own noise (from step_randomness); throughput, TFLOP/s
-    and the rate follow from each other; the clock is a counter (one tick per read), so steps_per_s is
-    a deterministic number, not a timing."""
+    and the rate follow from each other; the clock is a counter (one tick of 1/1024 s per read), so
+    steps_per_s and wall_s are deterministic numbers, not timings."""
     import types
 
     import harness.train as train_mod
@@ -118,7 +118,7 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch):
     from train_tiny import tiny_run
 
     ticks = iter(range(1000, 10**6))
-    clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)), time=train_mod.time.time,
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks) / 1024, time=train_mod.time.time,
                                   sleep=train_mod.time.sleep)
     monkeypatch.setattr(train_mod, "time", clock)
     run = tiny_run(steps=2, ckpt_every=100, warmup_steps=4, lr=2e-3)
@@ -131,11 +131,34 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch):
     assert (first["lr"], second["lr"]) == pytest.approx((5e-4, 1e-3))     # warmup over 4 steps
     gflops = model_gflops(run.model, run.conditioning, 8, 1, 10)[0]
     for rec in (first, second):
-        assert 0.1 <= rec["steps_per_s"] <= 1.0          # one step over a few ticks of the counter clock
+        ticks_per_step = 1024 / rec["steps_per_s"]       # one step over a few ticks of the counter clock
+        assert ticks_per_step == pytest.approx(round(ticks_per_step), abs=1e-9) and 1 <= ticks_per_step <= 16
         assert rec["images_per_s"] == pytest.approx(rec["steps_per_s"] * 16, rel=1e-12)
         assert rec["tflops_per_device"] == pytest.approx(train_tflops(gflops, rec["images_per_s"]), rel=1e-12)
+        assert rec["micro_batch"] == 16
         if not torch.cuda.is_available():   # on the CPU: no peak to compare with, and compile=auto stays eager
             assert rec["mfu"] is None and rec["compiled"] is False and rec["graphs"] is None
+    assert 0 < first["wall_s"] < second["wall_s"] < 100 / 1024   # ticks since training began
+
+
+def test_without_gflops_training_goes_on_and_logs_no_tflops(tmp_path, monkeypatch, caplog):
+    """Throughput bookkeeping never stops training: if fvcore cannot count the model, train.jsonl says None."""
+    import harness.flops
+    from harness.io import read_jsonl
+    from harness.layout import write_run_json
+    from harness.train import run_training
+    from train_tiny import tiny_run
+
+    def no_count(*args, **kwargs):
+        raise RuntimeError("fvcore is not installed")
+
+    write_run_json(tiny_run(steps=1), tmp_path)   # as a sweep's planner wrote it (it counts the Gflops itself)
+    monkeypatch.setattr(harness.flops, "model_gflops", no_count)
+    run_training(tiny_run(steps=1), tmp_path)
+    (line,) = read_jsonl(tmp_path / "train.jsonl")
+    assert line["tflops_per_device"] is None and line["mfu"] is None and line["images_per_s"] > 0
+    assert ("no Gflops for DiT-2x32x2/2 (fvcore is not installed): train.jsonl records no TFLOP/s"
+            in caplog.messages)
 
 
 def test_a_non_finite_loss_stops_at_the_next_logged_step(tmp_path):
