@@ -93,6 +93,12 @@ def test_step_randomness_is_one_draw_for_the_global_batch_sliced_per_rank():
     assert not torch.equal(other[1], noise)      # another step, other noise
     none = step_randomness(7, 3, 8, 1000, (2, 4, 4), 0.0, gen, 0, 8)[2]
     assert not none.any()
+    # a label drops iff its uniform draw u is below class_dropout (P(drop) = p): at p = u exactly, it stays
+    g = torch.Generator().manual_seed(derive_seed(7, _TAG_STEP, 3))
+    sample_timesteps(8, 1000, torch.device("cpu"), g), torch.randn((8, 2, 4, 4), generator=g)   # drawn first
+    u = torch.rand(8, generator=g)
+    at_u = step_randomness(7, 3, 8, 1000, (2, 4, 4), u[5].item(), gen, 0, 8)[2]
+    assert torch.equal(at_u, u < u[5]) and not at_u[5]
 
 
 def test_a_non_finite_loss_stops_with_its_first_step_and_the_fix(tmp_path: Path):
