@@ -77,6 +77,32 @@ def test_the_prefetched_batch_is_the_batch_that_was_asked_for():
     fresh.close()
 
 
+def test_each_batch_is_read_once_the_next_one_ahead_and_close_waits_for_the_read_in_flight():
+    """get(p) serves the read started by the get before it and starts the read of p + global batch; close()
+    returns only once that read is over (no thread touches the cache after training returns)."""
+    import threading
+    import time
+
+    lat, labels = _arrays()
+    src = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
+    reads, read = [], src._read
+    release = threading.Event()
+
+    def logged(pos):
+        reads.append(pos)
+        if pos == 12:   # the read started by get(8): still running when close() is called
+            release.wait(5)
+            time.sleep(0.2)
+        return read(pos)
+
+    src._read = logged
+    for pos in (0, 4, 8):
+        src.get(pos)
+    release.set()
+    src.close()
+    assert reads == [0, 4, 8, 12] and all(not t.is_alive() for t in src._pool._threads)
+
+
 def test_step_randomness_is_one_draw_for_the_global_batch_sliced_per_rank():
     gen = torch.Generator()
     whole = step_randomness(7, 3, 8, 1000, (2, 4, 4), 0.5, gen, 0, 8)
