@@ -136,7 +136,7 @@ def test_a_non_finite_loss_stops_with_its_first_step_and_the_fix(tmp_path: Path)
                               "from the last checkpoint before that step (checkpoints/).")
 
 
-def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch):
+def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch, caplog):
     """train.jsonl of a real 2-step run: at step 1 the adaLN-Zero model predicts exactly zero noise, so
     the logged mse is the mean square of the step's own noise (from step_randomness); throughput, TFLOP/s
     and the rate follow from each other; the clock is a counter (one tick of 1/1024 s per read), so
@@ -154,8 +154,11 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch):
                                   sleep=train_mod.time.sleep)
     monkeypatch.setattr(train_mod, "time", clock)
     run = tiny_run(steps=2, ckpt_every=100, warmup_steps=4, lr=2e-3)
+    caplog.set_level("INFO", logger="harness.train")
     train_mod.run_training(run, tmp_path)
     first, second = read_jsonl(tmp_path / "train.jsonl")
+    for rec in (first, second):   # the job log's line says the same as train.jsonl
+        assert f"step {rec['step']} loss {rec['loss']:.4f} ({rec['steps_per_s']:.2f} steps/s)" in caplog.messages
     noise = step_randomness(run.seed, 1, 16, 1000, (1, 8, 8), run.train.class_dropout, torch.Generator(), 0, 16)[1]
     assert first["mse"] == pytest.approx(noise.double().square().mean().item(), rel=1e-5)
     assert first["loss"] == pytest.approx(first["mse"] + first["vb"], rel=1e-6)
