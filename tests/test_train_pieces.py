@@ -86,11 +86,12 @@ def test_each_batch_is_read_once_the_next_one_ahead_and_close_waits_for_the_read
     lat, labels = _arrays()
     src = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
     reads, read = [], src._read
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def logged(pos):
         reads.append(pos)
         if pos == 12:   # the read started by get(8): still running when close() is called
+            started.set()
             release.wait(5)
             time.sleep(0.2)
         return read(pos)
@@ -98,6 +99,7 @@ def test_each_batch_is_read_once_the_next_one_ahead_and_close_waits_for_the_read
     src._read = logged
     for pos in (0, 4, 8):
         src.get(pos)
+    assert started.wait(5)   # running, not queued (close cancels only queued reads)
     release.set()
     src.close()
     assert reads == [0, 4, 8, 12] and all(not t.is_alive() for t in src._pool._threads)
