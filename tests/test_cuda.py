@@ -76,17 +76,17 @@ def test_cuda_sampling_equals_cpu_sampling():
     CUDA and CPU images (uint8) differ by at most one level (rounding at a level boundary)."""
     from harness.sample import sample_images
     from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
+    from train_tiny import tf32_off
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     model = build_model("DiT-2x32x2/2", "adaLN-Zero", input_size=8, in_channels=1, num_classes=10).eval()
     run = RunSpec(run_id="x", sweep="t", model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0,
                   data=DataSpec(), train=TrainSpec(), eval=EvalSpec())
     labels = torch.arange(8) % 10
     kw = dict(sampling_steps=10, sampler="ddim", cfg_scale=1.0, guidance_channels=3, seed=7)
-    cpu = sample_images(model, run, labels, device=torch.device("cpu"), **kw)
-    gpu = sample_images(model.cuda(), run, labels, device=torch.device("cuda"), **kw)
+    with tf32_off():
+        cpu = sample_images(model, run, labels, device=torch.device("cpu"), **kw)
+        gpu = sample_images(model.cuda(), run, labels, device=torch.device("cuda"), **kw)
     assert cpu.shape == gpu.shape
     assert (cpu.astype("float64") - gpu.astype("float64")).__abs__().max() <= 1.0  # uint8 images: <= 1 level
 
