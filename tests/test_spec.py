@@ -101,8 +101,6 @@ def test_runspec_round_trip(tmp_path):
     d = run.to_dict()
     assert RunSpec.from_dict(d) == run
     assert RunSpec.from_dict({**d, "gflops": 118.6, "params": 1, "depth": 28}) == run  # planner keys ok
-    with pytest.raises(HarnessError, match="unknown keys"):
-        RunSpec.from_dict({**d, "bogus": 1})
     for bad, says in (({**d, "bogus": 1}, "unknown keys ['bogus']"), ({"run_id": "x"}, "malformed run record (")):
         with pytest.raises(HarnessError) as err:
             RunSpec.from_dict(bad, tmp_path / "job" / "run.json")

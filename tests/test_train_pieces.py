@@ -139,9 +139,15 @@ def test_a_non_finite_loss_stops_with_its_first_step_and_the_fix(tmp_path: Path)
                               "from the last checkpoint before that step (checkpoints/).")
 
 
-def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when_asked(tmp_path, capsys):
+def _standalone_args(**changes):
     import argparse
 
+    base = dict(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
+                autoencoder=None, steps=None, batch=None, lr=None, precision=None, compile=False)
+    return argparse.Namespace(**{**base, **changes})
+
+
+def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when_asked(tmp_path, capsys):
     from harness.cli import main
     from harness.train import _standalone_run
 
@@ -149,21 +155,11 @@ def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when
     assert main(["train", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'run.json'}: not a valid run.json (" in err and "regenerate it with `harness sweep`" in err
-    args = argparse.Namespace(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
-                              autoencoder=None, steps=3, batch=None, lr=None, precision=None, compile=False)
-    assert _standalone_run(args).train.compile == "auto"
-    folder = _standalone_run(argparse.Namespace(**{**vars(args), "data": str(tmp_path / "images")})).data
+    assert _standalone_run(_standalone_args(steps=3)).train.compile == "auto"
+    folder = _standalone_run(_standalone_args(steps=3, data=str(tmp_path / "images"))).data
     assert (folder.dataset, folder.path, folder.image_size, folder.autoencoder, folder.num_classes) == (
         "imagefolder", str(tmp_path / "images"), 256, "sd-vae-ft-ema", 1000)   # the paper's ImageNet setting
-    assert _standalone_run(argparse.Namespace(**{**vars(args), "compile": True})).train.compile is True
-
-
-def _standalone_args(**changes):
-    import argparse
-
-    base = dict(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
-                autoencoder=None, steps=None, batch=None, lr=None, precision=None, compile=False)
-    return argparse.Namespace(**{**base, **changes})
+    assert _standalone_run(_standalone_args(steps=3, compile=True)).train.compile is True
 
 
 def test_a_standalone_run_takes_each_cli_argument_and_the_spec_defaults_for_the_rest():
@@ -204,13 +200,11 @@ def test_train_reads_the_run_json_named_by_config_and_names_it_when_it_is_bad(tm
     from harness.cli import main
 
     config = tmp_path / "elsewhere.json"
+    errors = []
     for text, says in (("{not json", "not a valid run.json ("), ('{"run_id": "x"}', "malformed run record ("),
                        ('{"bogus": 1}', "unknown keys ['bogus']")):
         config.write_text(text)
         assert main(["train", "--run-dir", str(tmp_path / "run"), "--config", str(config)]) == 2
-        err = capsys.readouterr().err
-        assert f"{config}: {says}" in err and "regenerate it with `harness sweep`" in err
-    config.write_text("{not json")
-    main(["train", "--run-dir", str(tmp_path / "run"), "--config", str(config)])
-    assert capsys.readouterr().err.rstrip().endswith(
-        "regenerate it with `harness sweep` or start a standalone run with --model")
+        errors.append(capsys.readouterr().err)
+        assert f"{config}: {says}" in errors[-1] and "regenerate it with `harness sweep`" in errors[-1]
+    assert errors[0].rstrip().endswith("regenerate it with `harness sweep` or start a standalone run with --model")

@@ -12,6 +12,8 @@ from harness.errors import HarnessError
 from harness.runtime import Dist, derive_seed
 from harness.train import step_randomness
 
+#: the smallest evaluation that runs every metric: 7 images, one batch, 2 DDPM steps
+TINY_EVAL = dict(num_samples=7, batch_size=7, sampler="ddpm", sampling_steps=[2])
 
 def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch, caplog):
     """train.jsonl of a real 2-step run: at step 1 the adaLN-Zero model predicts exactly zero noise, so
@@ -103,14 +105,13 @@ def test_a_checkpoint_and_done_record_what_wrote_them(tmp_path):
     import json
     import time
 
-    from harness.checkpoint import checkpoint_path, load_checkpoint
     from harness.train import run_training
-    from train_tiny import tiny_run
+    from train_tiny import final_state, tiny_run
 
     run = tiny_run(steps=2, ckpt_every=100)
     before = time.time()
     run_training(run, tmp_path)
-    state = load_checkpoint(checkpoint_path(tmp_path / "checkpoints", 2))
+    state = final_state(tmp_path, 2)
     assert (state["step"], state["data_pos"], state["world_size"]) == (2, 2 * run.train.global_batch, 1)
     assert state["run"] == run.to_dict()
     done = json.loads((tmp_path / "done").read_text())
@@ -250,17 +251,16 @@ def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds
     generator), but a model with dropout would."""
     import random
 
-    from harness.checkpoint import checkpoint_path, load_checkpoint
+    from dataclasses import replace
+
     from harness.runtime import seed_everything, set_rng_state
     from harness.train import Trainer, run_training
-    from train_tiny import tiny_run
-
-    import dataclasses
+    from train_tiny import final_state, tiny_run
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
-    fresh = Trainer(dataclasses.replace(tiny_run(steps=4), seed=3), tmp_path / "fresh", Dist())
+    fresh = Trainer(replace(tiny_run(steps=4), seed=3), tmp_path / "fresh", Dist())
     fresh.resume()
     got = draws()
     seed_everything(derive_seed(3, 0))   # (seed, rank); derive_seed(3) is the same (trailing zeros), (0, 3) is not
@@ -269,21 +269,21 @@ def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds
     resumed = Trainer(tiny_run(steps=4), tmp_path / "run", Dist())
     resumed.resume()
     got = draws()
-    set_rng_state(load_checkpoint(checkpoint_path(tmp_path / "run" / "checkpoints", 2))["rng"])
+    set_rng_state(final_state(tmp_path / "run", 2)["rng"])
     assert resumed.step == 2 and got == draws()
 
 
 def test_train_init_from_starts_model_and_ema_from_its_weights_and_steps_0_evaluates_them(tmp_path):
     """init_from a harness checkpoint: the new run's model and EMA both start from its EMA weights, with a
     fresh optimizer; with train.steps 0 the run only evaluates them, at step 0, from memory (no checkpoint)."""
-    from harness.checkpoint import checkpoint_path, load_checkpoint
+    from harness.checkpoint import checkpoint_path
     from harness.io import read_jsonl
     from harness.train import Trainer, run_training
-    from train_tiny import tiny_run
+    from train_tiny import final_state, tiny_run
 
     run_training(tiny_run(steps=2), tmp_path / "source")
     source = checkpoint_path(tmp_path / "source" / "checkpoints", 2)
-    ema = load_checkpoint(source)["ema"]
+    ema = final_state(tmp_path / "source", 2)["ema"]
     fine_tune = Trainer(tiny_run(steps=4, init_from=str(source)), tmp_path / "fine-tune", Dist())
     fine_tune.resume()
     for net in (fine_tune.model, fine_tune.ema):   # pos_embed: the model keeps its own fixed sin-cos table
@@ -291,7 +291,7 @@ def test_train_init_from_starts_model_and_ema_from_its_weights_and_steps_0_evalu
         torch.testing.assert_close(net.pos_embed, ema["pos_embed"], rtol=0, atol=1e-6)  # the EMA's copy: rounding
     assert fine_tune.step == 0 and fine_tune.opt.state_dict()["state"] == {}
     evaluate = tiny_run(steps=0, init_from=str(source), at_steps=[0],
-                        eval=dict(num_samples=7, batch_size=7, sampler="ddpm", sampling_steps=[2]))
+                        eval=TINY_EVAL)
     run_training(evaluate, tmp_path / "evaluate")
     assert [r["step"] for r in read_jsonl(tmp_path / "evaluate" / "eval.jsonl")] == [0]
     assert not (tmp_path / "evaluate" / "checkpoints").exists() or not any((tmp_path / "evaluate" / "checkpoints").iterdir())
@@ -377,5 +377,5 @@ def test_retention_keeps_the_newest_checkpoints_and_those_at_the_evaluation_step
     from train_tiny import tiny_run
 
     run_training(tiny_run(steps=8, ckpt_every=2, keep_last=1, at_steps=[2],
-                          eval=dict(num_samples=7, batch_size=7, sampler="ddpm", sampling_steps=[2])), tmp_path)
+                          eval=TINY_EVAL), tmp_path)
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 8]

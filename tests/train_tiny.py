@@ -38,7 +38,9 @@ def nudged_tiny_dit(seed: int = 0, conditioning: str = "adaLN-Zero", in_channels
 
 
 def final_state(run_dir, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}.pt", weights_only=True)
+    from harness.checkpoint import checkpoint_path
+
+    return torch.load(checkpoint_path(run_dir / "checkpoints", step), weights_only=True)
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
