@@ -26,6 +26,7 @@ from harness.runtime import rng_state
 from harness.samplers import DIFFUSERS_SCHEDULERS, SAMPLERS, model_evaluations, provenance, sample_loop
 from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec, load_spec
 from test_autoencoder import tiny_vae
+from tolerance import fp32_bound, rel_err
 
 EXE = Path(sys.executable).with_name("harness")
 MODEL = "DiT-2x32x2/2"
@@ -123,9 +124,12 @@ def test_export_loads_in_dit_pipeline_and_ddim_matches_ours(tmp_path, cfg):
         stock = diffusion.ddim_sample_loop(fn, tuple(noise.shape), noise=noise, model_kwargs={"y": y})[:3]
         model.t_embedder.freq_shift = 1
         same_code = diffusion.ddim_sample_loop(fn, tuple(noise.shape), noise=noise, model_kwargs={"y": y})[:3]
-    assert (same_code - theirs).abs().max().item() < 1e-4
-    print(f"cfg {cfg}: max |latent difference| ours (official frequencies) vs DiTPipeline: "
-          f"{(stock - theirs).abs().max().item():.3g}")
+    # Ten DDIM steps of a random model: the latents reach ~100s, so a float32 reordering anywhere moves
+    # them by ~1e-4 absolute; relative to their scale the two codes agree to a few dozen roundings (~1e-6
+    # measured), and 256 roundings bounds ten steps of ~25 differently ordered roundings each.
+    assert rel_err(same_code, theirs) < fp32_bound(256)
+    print(f"cfg {cfg}: max |latent difference| / scale, ours (official frequencies) vs DiTPipeline: "
+          f"{rel_err(stock, theirs):.3g} (same frequencies: {rel_err(same_code, theirs):.3g})")
 
 
 @pytest.mark.slow
