@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=PRECISIONS, default=None)
     s.add_argument("--compile", action="store_true")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="standalone: data/train/eval values, e.g. train.lr=2e-4 train.warmup_steps=100")
 
     s = sub.add_parser("bench", help="training and sampling throughput on this device")
     s.add_argument("--model", default=None, help="one model, e.g. DiT-XL/2")
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="runs, Gflops and compute of a sweep, without running it")
     s.add_argument("sweep", help="sweeps/NAME.yaml")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec values to change, e.g. train.lr=2e-4 eval.at_steps=[1000,2000] (validated like the file)")
     s.add_argument("--format", choices=["table", "json"], default="table")
     s.add_argument("--throughput", type=float, default=None,
                    help="measured training images/s per accelerator (from `harness bench`)")
@@ -165,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="dispatch a sweep's training and evaluation jobs")
     s.add_argument("sweep", help="sweeps/NAME.yaml")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec values to change, e.g. train.lr=2e-4 eval.at_steps=[1000,2000] (validated like the file)")
     s.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help="override the spec's launcher.kind")
     s.add_argument("--results", default="results", help="results root")
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="state and progress of each run of a sweep")
     s.add_argument("sweep")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec values to change, e.g. train.lr=2e-4 eval.at_steps=[1000,2000] (validated like the file)")
     s.add_argument("--results", default="results")
 
     s = sub.add_parser("export", help="write a checkpoint as a diffusers DiTPipeline folder")

@@ -174,7 +174,7 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
     with sweep_lock(sdir):
         state = layout.load_state(sdir)
         state.update(sweep=spec.name, spec=str(spec.path))
-        layout.write_sweep_record(sdir, [r.run_id for r in spec.expand()], spec.path.read_text())
+        layout.write_sweep_record(sdir, [r.run_id for r in spec.expand()], spec.text or spec.path.read_text())
         statuses = run_statuses(spec, results)
         todo = [s for s in statuses if s.state in ("new", "interrupted", "failed")]
         active = [s for s in statuses if s.state in ("pending", "running")]
@@ -275,7 +275,7 @@ def cli_sweep(args: Any) -> int:
     """`harness sweep SPEC`: dispatch, print the statuses, and render the report when all are done."""
     from harness.report import report_sweep
 
-    spec = load_spec(args.sweep)
+    spec = load_spec(args.sweep, args.overrides)
     results = Path(args.results or "results")
     statuses = dispatch(spec, results, args.launcher, wait=not args.no_wait)
     print(format_status(spec, statuses))

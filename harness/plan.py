@@ -306,7 +306,7 @@ def _hours(h: float | None) -> str:
 
 
 def cli_plan(args) -> int:
-    spec = load_spec(args.sweep)
+    spec = load_spec(args.sweep, args.overrides)
     plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None),
                       getattr(args, "sampling_throughput", None), getattr(args, "latent_throughput", None),
                       getattr(args, "throughput_from", None))

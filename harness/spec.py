@@ -53,9 +53,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from harness.errors import HarnessError
 from harness.layout import RUN_JSON_PLAN_KEYS
-from harness.specfile import Where, check_keys, check_value, read_yaml, section, typename
+from harness.specfile import Where, apply_overrides, check_keys, check_value, read_yaml, section, typename
 from harness.metrics import FEATURE_SPACES, METRICS
 from harness.models import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
 from harness.samplers import SAMPLERS
@@ -238,6 +240,7 @@ class SweepSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
+    text: str = ""  # the spec as run: the file's text, or with overrides the merged YAML (spec.yaml records it)
 
     def expand(self) -> list[RunSpec]:
         """All runs: models x conditioning x seeds, in that nesting order, then the ablation's
@@ -272,6 +275,16 @@ def make_run_id(model: str, conditioning: str, seed: int, data: DataSpec, train:
                       separators=(",", ":"))
     digest = hashlib.sha256(blob.encode()).hexdigest()[:6]
     return f"{model.replace('/', '-')}_{conditioning}_s{seed}_{digest}"
+
+
+def override_sections(overrides: list[str], data: DataSpec, train: TrainSpec, ev: EvalSpec,
+                      where_name: str) -> tuple[DataSpec, TrainSpec, EvalSpec]:
+    """data/train/eval with "section.key=value" overrides applied and validated like a spec's sections."""
+    where = Where(where_name)
+    raw = apply_overrides({"data": asdict(data), "train": asdict(train), "eval": asdict(ev)}, overrides, where)
+    check_keys(raw, ["data", "train", "eval"], (), where)
+    return (section(DataSpec, raw["data"], "data", where), section(TrainSpec, raw["train"], "train", where),
+            section(EvalSpec, raw["eval"], "eval", where))
 
 
 def expand_path(value: str | None, key: str) -> str | None:
@@ -438,14 +451,21 @@ def _ablation(raw: Any, models: list[str], where: Where) -> tuple[list[str], lis
     return names, blocks
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep spec; HarnessError "FILE:LINE: KEY: problem. Fix: ..." otherwise."""
+def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> SweepSpec:
+    """Read and validate a sweep spec, with command-line "dotted.key=value" `overrides` applied before
+    validation; HarnessError "FILE:LINE: KEY: problem. Fix: ..." (or "FILE: override 'K=V': ...") otherwise."""
     path = Path(path)
     where = Where(str(path))
     raw = read_yaml(path, where)
     if not isinstance(raw, dict):
         raise where.error((), f"the spec must be a mapping of keys, got {typename(raw)}",
                           "start with `name:` and `models:` lines (see sweeps/smoke.yaml)")
+    text = path.read_text(encoding="utf-8")
+    if overrides:
+        apply_overrides(raw, list(overrides), where)
+        raw.setdefault("name", path.stem)  # spec.yaml keeps the sweep's name whatever its own file is called
+        text = (f"# {path} with overrides: {' '.join(overrides)}\n"
+                + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None))
     check_keys(raw, TOP_KEYS, (), where)
     if "models" not in raw:
         raise where.error((), "missing key `models`", "add e.g. models: [DiT-S/2]")
@@ -470,6 +490,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         train=section(TrainSpec, raw.get("train"), "train", where),
         eval=section(EvalSpec, raw.get("eval"), "eval", where),
         launcher=section(LauncherSpec, raw.get("launcher"), "launcher", where),
+        text=text,
     )
     if "eval" not in raw or "at_steps" not in (raw.get("eval") or {}):
         spec.eval.at_steps = [spec.train.steps]

@@ -40,6 +40,7 @@ class Where:
     def __init__(self, file: str):
         self.file = file
         self.lines: dict[tuple, int] = {}
+        self.overrides: dict[tuple, str] = {}  # key path -> the command-line override that set it
 
     def line(self, path: tuple) -> int | None:
         while path:
@@ -48,9 +49,16 @@ class Where:
             path = path[:-1]
         return self.lines.get(())
 
-    def error(self, path: tuple, problem: str, fix: str) -> HarnessError:
+    def location(self, path: tuple) -> str:
+        """"FILE:LINE", or "FILE: override 'KEY=VALUE'" where a command-line override set the value."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.overrides:
+                return f"{self.file}: override '{self.overrides[path[:n]]}'"
         line = self.line(path)
-        loc = f"{self.file}:{line}" if line else self.file
+        return f"{self.file}:{line}" if line else self.file
+
+    def error(self, path: tuple, problem: str, fix: str) -> HarnessError:
+        loc = self.location(path)
         key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
         end = "" if fix.endswith((".", "?", "!")) else "."
         return HarnessError(f"{loc}: {key or '(top level)'}: {problem}. Fix: {fix}{end}")
@@ -145,6 +153,40 @@ def read_yaml(path: Path, where: Where) -> Any:
         raise HarnessError(f"{path}: not valid YAML ({err}). Fix: check the file's syntax.")
     finally:
         loader.dispose()
+
+
+# --------------------------------------------------------------------------- overrides
+MAX_OVERRIDE = 4096  # characters in one KEY=VALUE (a list of steps is a few hundred)
+
+
+def apply_overrides(raw: dict, overrides: list[str], where: Where) -> dict:
+    """Set each "dotted.key=value" of the command line into the parsed spec `raw` (in place; the value is
+    read as YAML, so 2e-4, [1000, 2000] and null mean what they mean in the file). Each key path is
+    remembered in `where`, so validation errors name the override instead of a line of the file."""
+    for text in overrides:
+        key, eq, value_text = text.partition("=")
+        keys = key.strip().split(".")
+        if not eq or not all(k.strip() for k in keys) or len(text) > MAX_OVERRIDE:
+            raise HarnessError(f"override {text[:80]!r}: expected KEY=VALUE with a dotted key of at most "
+                               f"{MAX_OVERRIDE} characters. Fix: write e.g. train.lr=2e-4 or eval.at_steps=[1000,2000].")
+        keys = [k.strip() for k in keys]
+        try:
+            value = yaml.load(value_text, Loader=_Loader) if value_text.strip() else None
+        except yaml.YAMLError as err:
+            raise HarnessError(f"override {text!r}: the value is not valid YAML "
+                               f"({getattr(err, 'problem', err)}). Fix: quote it, e.g. {key}='...'.") from None
+        node = raw
+        for depth, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise HarnessError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is {typename(child)}, "
+                                   f"not a section with keys. Fix: set {'.'.join(keys[:depth + 1])}=VALUE itself.")
+            node = child
+        node[keys[-1]] = value
+        where.overrides[tuple(keys)] = text
+    return raw
 
 
 # --------------------------------------------------------------------------- validation

@@ -185,6 +185,6 @@ def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
 
 
 def cli_status(args: Any) -> int:
-    spec = load_spec(args.sweep)
+    spec = load_spec(args.sweep, args.overrides)
     print(format_status(spec, run_statuses(spec, args.results or "results")))
     return 0

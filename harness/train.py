@@ -421,9 +421,9 @@ def cli_train(args: Any) -> int:
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise HarnessError(f"{config}: not a valid run.json ({err}); regenerate it with `harness sweep` "
                                "or start a standalone run with --model") from err
-        if overrides or args.compile:
-            raise HarnessError(f"{config} exists: --steps/--batch/--lr/--precision/--compile only apply to a new "
-                               "standalone run; edit the sweep spec instead or use a new --run-dir")
+        if overrides or args.compile or args.overrides:
+            raise HarnessError(f"{config} exists: --steps/--batch/--lr/--precision/--compile and KEY=VALUE only "
+                               "apply to a new standalone run; edit the sweep spec instead or use a new --run-dir")
     elif args.model:
         run = _standalone_run(args)
     else:
@@ -434,7 +434,7 @@ def cli_train(args: Any) -> int:
 
 def _standalone_run(args: Any) -> Any:
     """A RunSpec from the spec defaults and the CLI arguments (sweep name 'standalone')."""
-    from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec, make_run_id
+    from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec, make_run_id, override_sections
 
     data = DataSpec()
     if args.data != "digits":
@@ -449,6 +449,8 @@ def _standalone_run(args: Any) -> Any:
             setattr(train, key, getattr(args, attr))
     train.compile = True if args.compile else "auto"
     ev = EvalSpec(at_steps=[train.steps])
+    if args.overrides:  # validated like a spec file's sections; the run id follows what they change
+        data, train, ev = override_sections(args.overrides, data, train, ev, "harness train")
     run_id = make_run_id(args.model, args.conditioning, args.seed, data, train)
     return RunSpec(run_id=run_id, sweep="standalone", model=args.model, conditioning=args.conditioning,
                    seed=args.seed, data=data, train=train, eval=ev)
