@@ -122,6 +122,32 @@ def fetch_command(name: str, local_dir: str | Path) -> str:
             f"(older huggingface_hub: `huggingface-cli download {VAE_REPOS[name]} --local-dir {local_dir}`)")
 
 
+def locate_vae(name: str, path: str | Path | None) -> Path | None:
+    """The folder of an SD VAE's weights (`path`, or its vae/ subfolder), or None when the Hugging Face
+    cache holds them; HarnessError saying how to get them when neither does. Opens no weights."""
+    if path is None:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        if isinstance(try_to_load_from_cache(VAE_REPOS[name], "config.json"), str):
+            return None
+        expected = Path(HF_HUB_CACHE) / ("models--" + VAE_REPOS[name].replace("/", "--"))
+        raise HarnessError(
+            f"{expected}: the {name} weights are not in the Hugging Face cache (key data.autoencoder_path is "
+            f"unset). Fix: on a machine with internet run {fetch_command(name, 'sd-vae')} and set "
+            "data.autoencoder_path (or --autoencoder-path) to that folder.")
+    folder = Path(path).expanduser()
+    if (folder / "vae" / "config.json").exists() and not (folder / "config.json").exists():
+        folder = folder / "vae"  # a full Stable Diffusion checkpoint folder
+    weights = [folder / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
+    if not (folder / "config.json").exists() or not any(w.exists() for w in weights):
+        raise HarnessError(
+            f"{folder}: no {name} weights here (expected config.json and diffusion_pytorch_model."
+            f"safetensors; key data.autoencoder_path / --autoencoder-path). Fix: on a machine with internet run "
+            f"{fetch_command(name, folder)} and copy the folder to this path.")
+    return folder
+
+
 def load_autoencoder(name: str, path: str | Path | None = None, allow_download: bool = False) -> Autoencoder:
     """'identity', or an SD VAE from a local folder (`path`) or the Hugging Face cache.
 
@@ -135,14 +161,7 @@ def load_autoencoder(name: str, path: str | Path | None = None, allow_download: 
     from diffusers import AutoencoderKL
 
     if path is not None:
-        folder = Path(path).expanduser()
-        if (folder / "vae" / "config.json").exists() and not (folder / "config.json").exists():
-            folder = folder / "vae"  # a full Stable Diffusion checkpoint folder
-        if not (folder / "config.json").exists():
-            raise HarnessError(
-                f"{folder}: no {name} weights here (expected config.json and diffusion_pytorch_model."
-                f"safetensors; key data.autoencoder_path / --autoencoder-path). On a machine with internet run "
-                f"{fetch_command(name, folder)} and copy the folder to this path.")
+        folder = locate_vae(name, path)
         try:
             vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
@@ -159,7 +178,7 @@ def load_autoencoder(name: str, path: str | Path | None = None, allow_download: 
                "pass --allow-download to fetch it from the Hugging Face hub")
         raise HarnessError(
             f"{expected}: the {name} weights are not in the Hugging Face cache (key data.autoencoder_path is "
-            f"unset). Either {how}, or on a machine with internet run {fetch_command(name, 'sd-vae')} "
+            f"unset). Fix: either {how}, or on a machine with internet run {fetch_command(name, 'sd-vae')} "
             f"and set data.autoencoder_path (or --autoencoder-path) to that folder.") from err
     return VAEAutoencoder(name, vae)
 

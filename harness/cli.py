@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results", help="results root")
     s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")
     s.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check every input (data, weights, reference, folders, Slurm's sbatch --test-only), submit nothing")
     s.add_argument("--reports", default="reports", help="reports root of the closing report")
 
     s = sub.add_parser("status", help="state and progress of each run of a sweep")

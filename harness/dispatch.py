@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +31,8 @@ from harness import layout
 from harness.errors import HarnessError
 from harness.job import SweepJob
 from harness.latents import run_latent_stage
-from harness.spec import SweepSpec, expand_path, load_spec
+from harness.preflight import require_ready, sbatch_fix
+from harness.spec import SweepSpec, load_spec
 from harness.status import (ACTIVE_STATES, POLL_S, RunStatus, format_status, job_error, job_reason,
                             record_outcome, run_statuses, sacct_states, slurm_job)
 
@@ -96,20 +96,6 @@ def _link_logs(rdir: Path, job: Any) -> None:
             link.symlink_to(os.path.relpath(target, logs))
 
 
-# (words in sbatch's refusal, the spec key to change, how to find a value the cluster accepts); first
-# match wins, so "Invalid account or account/partition combination" names the account
-_SBATCH_REFUSALS = (
-    ("gres", "launcher.gpus_per_node", "use a GPU count a node of the partition has (0 where there are none)"),
-    ("account", "launcher.account", "`sacctmgr show assoc user=$USER format=account,partition` lists yours"),
-    ("qos", "launcher.qos", "`sacctmgr show qos format=name` lists them"),
-    ("time limit", "launcher.timeout_min", "stay within the partition's limit (`sinfo -o '%P %l'`)"),
-    ("partition", "launcher.partition", "`sinfo -s` lists the partitions"),
-    ("memory", "launcher.mem_gb", "ask for at most a node's memory (`sinfo -o '%P %m'`)"),
-    ("node configuration", "launcher.gpus_per_node, cpus_per_task or mem_gb",
-     "ask for what one node has (`sinfo -o '%P %c %m %G'`)"),
-)
-
-
 @contextlib.contextmanager
 def _held_stderr() -> Iterator[None]:
     """Hold what child processes (sbatch) write to stderr; replay it unless the block raised, so a
@@ -134,42 +120,18 @@ def _sbatch_refusal(spec: SweepSpec, err: Exception) -> HarnessError:
     """One line for a job array sbatch refused: the spec key to change and sbatch's own words."""
     said = [x.strip().removeprefix("sbatch: error: ") for x in str(err).splitlines() if "error" in x.lower()]
     said = said or [x.strip() for x in str(err).splitlines() if x.strip()][:1]
-    text = " ".join(said).lower()
-    key, how = next(((k, h) for word, k, h in _SBATCH_REFUSALS if word in text),
-                    ("launcher (partition, account, qos, gpus_per_node, timeout_min or additional)",
-                     "compare with `sinfo` and your site's documentation"))
+    key, how = sbatch_fix(" ".join(said))
     return HarnessError(f"{spec.path}: Slurm refused the job array (sbatch: {'; '.join(said)}). Fix: change "
                         f"{key} in the spec; {how}. Nothing was submitted.")
 
 
 # --------------------------------------------------------------------------- dispatch
-def _check_runnable(spec: SweepSpec, results: Path) -> None:
-    """What validation cannot know until dispatch: environment variables and source checkpoints."""
-    d = spec.data
-    if d.dataset == "imagefolder" and spec.train.steps > 0:  # steps 0: evaluate train.init_from only
-        path = Path(expand_path(d.path, "data.path"))
-        if not path.is_dir():
-            raise HarnessError(f"{spec.path}: data.path {path} is not a folder. Fix: point it (or the variable "
-                               "it names) at the ImageNet train folder, root/<class>/<image>.")
-    expand_path(d.autoencoder_path, "data.autoencoder_path")
-    expand_path(spec.eval.reference, "eval.reference")
-    expand_path(spec.eval.inception_weights, "eval.inception_weights")
-    if spec.checkpoints_from and not (layout.sweep_dir(results, spec.checkpoints_from) / layout.RUNS_DIR).is_dir():
-        raise HarnessError(f"{spec.path}: checkpoints_from: no results of sweep {spec.checkpoints_from!r} under "
-                           f"{results}. Fix: run `harness sweep sweeps/{spec.checkpoints_from}.yaml` first, or pass "
-                           "--results where they live.")
-
-
 def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | None = None,
              wait: bool = True) -> list[RunStatus]:
     """Submit every run of `spec` that needs work; wait (unless `wait` is False); return statuses."""
     results = Path(results)
     kind = launcher or spec.launcher.kind
-    if kind == "slurm" and shutil.which("sbatch") is None:
-        raise HarnessError(f"{spec.path}: launcher.kind is slurm but `sbatch` is not on PATH. Fix: run on a "
-                           "Slurm login node, start a local cluster (sudo scripts/local-slurm.sh), or pass "
-                           "--launcher local.")
-    _check_runnable(spec, results)
+    require_ready(spec, results, kind)  # every input checked, all problems at once, before anything is written
     sdir = layout.sweep_dir(results, spec.name)
     with sweep_lock(sdir):
         state = layout.load_state(sdir)
@@ -277,6 +239,12 @@ def cli_sweep(args: Any) -> int:
 
     spec = load_spec(args.sweep, args.overrides)
     results = Path(args.results or "results")
+    if args.dry_run:
+        require_ready(spec, results, args.launcher)
+        runs = spec.expand()
+        print(f"pre-flight passed: every input of the {len(runs)} run(s) of {spec.name} is in place "
+              f"(launcher {args.launcher or spec.launcher.kind}); nothing was submitted")
+        return 0
     statuses = dispatch(spec, results, args.launcher, wait=not args.no_wait)
     print(format_status(spec, statuses))
     if args.no_wait:

@@ -107,9 +107,13 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cache_root() -> Path:
+    """The harness's cache folder, not created: $HARNESS_CACHE, else ~/.cache/dit-harness."""
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "dit-harness")
+
+
 def cache_dir(*parts: str) -> Path:
-    """The harness's cache folder: $HARNESS_CACHE, else ~/.cache/dit-harness (created on use)."""
-    root = Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "dit-harness")
-    path = root.joinpath(*parts)
+    """A folder of the harness's cache (`cache_root()`), created on use."""
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

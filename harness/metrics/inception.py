@@ -48,7 +48,7 @@ def resolve_weights(path: str | os.PathLike | None = None) -> Path:
         p = Path(path).expanduser()
         if not p.is_file():
             raise HarnessError(f"Inception weights file {p} (--inception-weights / eval.inception_weights) "
-                               f"does not exist; download {WEIGHTS_URL} there, or leave the option unset "
+                               f"does not exist. Fix: download {WEIGHTS_URL} there, or leave the option unset "
                                f"to use {hub_weights_path()}")
         return p
     candidates = []
@@ -61,7 +61,7 @@ def resolve_weights(path: str | os.PathLike | None = None) -> Path:
     hub = hub_weights_path()
     raise HarnessError(
         f"FID Inception weights not found (looked at: {', '.join(str(c) for c in candidates)}). "
-        f"Download them once: `mkdir -p {hub.parent} && curl -L {WEIGHTS_URL} -o {hub}`, or point "
+        f"Fix: download them once: `mkdir -p {hub.parent} && curl -L {WEIGHTS_URL} -o {hub}`, or point "
         f"--inception-weights / eval.inception_weights / ${WEIGHTS_ENV} at a local copy; "
         "for CPU studies without them use the digits feature space (--features digits)")
 
