@@ -377,18 +377,20 @@ def export_diffusers(src: str | Path, out: str | Path, raw: bool = False) -> Pat
     if unexpected or set(missing) - {"pos_embed.pos_embed"}:
         raise HarnessError(f"{ckpt}: diffusers {diffusers.__version__} expects other tensors "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
-    vae = None
-    if data.autoencoder != "identity":
-        vae = load_autoencoder(data.autoencoder, data.resolved_autoencoder_path()).vae
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["id2label"] = _id2label(data)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "README.md").write_text(_export_note(run, ckpt, raw, vae is not None))
+        if data.autoencoder != "identity":  # a whole DiTPipeline: transformer, scheduler, vae
+            vae = load_autoencoder(data.autoencoder, data.resolved_autoencoder_path()).vae
+            DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+            index = json.loads((tmp / "model_index.json").read_text())
+            index["id2label"] = _id2label(data)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        else:  # pixel space: DiTPipeline cannot load without a VAE, so the two parts a sampling loop needs
+            transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "README.md").write_text(export_readme(run, ckpt, raw))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -396,20 +398,60 @@ def export_diffusers(src: str | Path, out: str | Path, raw: bool = False) -> Pat
     return out
 
 
-def _export_note(run: dict, ckpt: Path, raw: bool, has_vae: bool) -> str:
+def _pipeline_snippet(run: dict) -> str:
+    """Python that loads a latent-space export with DiTPipeline and samples it (run in the export folder)."""
+    labels = [0, 1, 2, 3] if run["data"]["num_classes"] >= 4 else [0]
+    return ("import torch\n"
+            "from diffusers import DiTPipeline\n\n"
+            'EXPORT = "."  # this folder\n'
+            "pipe = DiTPipeline.from_pretrained(EXPORT, local_files_only=True)\n"
+            "generator = torch.Generator().manual_seed(0)\n"
+            f"images = pipe(class_labels={labels}, num_inference_steps=25, guidance_scale=1.0,\n"
+            '              generator=generator, output_type="np").images  # N x H x W x 3 floats in [0, 1]\n')
+
+
+def _pixel_snippet(run: dict) -> str:
+    """Python that samples a pixel-space export with its transformer and DDIM scheduler (in the export folder)."""
     data = run["data"]
-    vae = (f"vae/: the run's {data['autoencoder']} weights (latents are scaled by 0.18215)." if has_vae else
-           "No vae/: this model works in pixel space (identity autoencoder). DiTPipeline loads without one, but "
-           "its decode step needs a VAE: call the transformer and the scheduler yourself, the pixels are the latents.")
+    channels = 1 if data["dataset"] == "digits" else 3
+    labels = list(range(min(4, data["num_classes"])))
+    return ("import torch\n"
+            "from diffusers import DDIMScheduler, DiTTransformer2DModel\n\n"
+            'EXPORT = "."  # this folder\n'
+            'transformer = DiTTransformer2DModel.from_pretrained(f"{EXPORT}/transformer", local_files_only=True)\n'
+            'scheduler = DDIMScheduler.from_pretrained(f"{EXPORT}/scheduler", local_files_only=True)\n'
+            f"labels = torch.tensor({labels})\n"
+            f"x = torch.randn(len(labels), {channels}, {data['image_size']}, {data['image_size']}, "
+            "generator=torch.Generator().manual_seed(0))\n"
+            "scheduler.set_timesteps(50)\n"
+            "with torch.no_grad():\n"
+            "    for t in scheduler.timesteps:\n"
+            "        out = transformer(x, timestep=t.expand(len(x)), class_labels=labels).sample\n"
+            f"        eps = out[:, :{channels}]  # the other half is the learned variance, which DDIM does not use\n"
+            "        x = scheduler.step(eps, t, x).prev_sample\n"
+            "images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # N x C x H x W, the pixels themselves\n")
+
+
+def export_readme(run: dict, ckpt: Path, raw: bool) -> str:
+    """The exported folder's README: what it holds, and a loading snippet that runs from inside the folder."""
+    data = run["data"]
+    pixel = data["autoencoder"] == "identity"
+    holds = ("transformer/ and scheduler/ only: this model works in pixel space (identity autoencoder), and "
+             "DiTPipeline needs a VAE to load, so sample with the transformer and the scheduler as below; the "
+             "samples are the pixels." if pixel else
+             f"a DiTPipeline: transformer/, scheduler/ and vae/ (the run's {data['autoencoder']} weights; latents "
+             "are scaled by 0.18215).")
     return (f"# {run['model']} ({run.get('conditioning', 'adaLN-Zero')}) from the DiT scaling harness\n\n"
             f"- checkpoint: {ckpt.name} (step {ckpt.stem.removeprefix('step_').lstrip('0') or 0}) of run "
             f"{run.get('run_id')}, {'raw (trained)' if raw else 'EMA'} weights\n"
             f"- data: {data['dataset']} at {data['image_size']} px, {data['num_classes']} classes "
             f"(null class {data['num_classes']}; DiTPipeline hard-codes 1000, so guidance_scale > 1 needs a 1000-class model)\n"
-            f"- {vae}\n"
+            f"- holds {holds}\n"
             "- The weights are copied exactly. diffusers' DiT spaces its timestep frequencies as 10000^(-i/127), the "
             "official DiT (where these weights were trained) as 10000^(-i/128), so diffusers' outputs differ slightly "
-            "from the harness's for the same weights (see the harness README, 'diffusers').\n")
+            "from the harness's for the same weights (see the harness README, 'diffusers').\n\n"
+            "## Sampling, offline (run from this folder)\n\n"
+            f"```python\n{_pixel_snippet(run) if pixel else _pipeline_snippet(run)}```\n")
 
 
 def import_weights(src: str | Path, fmt: str, out: str | Path) -> Path:
@@ -437,8 +479,13 @@ def import_weights(src: str | Path, fmt: str, out: str | Path) -> Path:
 def cli_export(args: Any) -> int:
     """`harness export CHECKPOINT_OR_RUN --to diffusers OUT [--raw]`."""
     out = export_diffusers(args.source, args.out, raw=args.raw)
-    print(f"{out}: DiTPipeline folder ({'raw' if args.raw else 'EMA'} weights); "
-          f"load with DiTPipeline.from_pretrained({str(out)!r}, local_files_only=True)")
+    weights = "raw" if args.raw else "EMA"
+    if (out / "model_index.json").exists():
+        print(f"{out}: DiTPipeline folder ({weights} weights); "
+              f"load with DiTPipeline.from_pretrained({str(out)!r}, local_files_only=True)")
+    else:
+        print(f"{out}: pixel-space DiTTransformer2DModel and DDIMScheduler ({weights} weights; DiTPipeline needs a "
+              f"VAE, so it does not load this one); {out / 'README.md'} has the sampling loop")
     return 0
 
 
