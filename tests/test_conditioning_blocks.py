@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from harness.models import CONDITIONINGS, build_model
+from tolerance import fp32_bound, rel_err
 
 NUM_CLASSES = 10
 
@@ -39,11 +40,16 @@ def test_output_changes_with_t_and_y_and_not_under_the_null_class(conditioning):
         null = model(x, t, torch.full_like(y, NUM_CLASSES))
     assert _differs(out[1:2], out[0:1]).all(), f"{conditioning}: the label does not reach the output"
     assert _differs(out[2:3], out[0:1]).all(), f"{conditioning}: the timestep does not reach the output"
-    torch.testing.assert_close(out[3], out[0])  # same inputs, same output: the check is not noise
+    # Same inputs, same output, up to the order a batch row's sums may take at another position or batch: the
+    # outputs reach ~7, so relative to their scale, 64 float32 roundings for one forward (test_interop's FORWARD),
+    # well under _differs' 1e-4
+    def same(a, b):
+        return rel_err(a, b) < fp32_bound(64)
+    assert same(out[3], out[0])  # the check is not noise
     # the null class forced for both labels: the labels no longer matter, and forcing equals passing it
-    torch.testing.assert_close(forced[1], forced[0])
-    torch.testing.assert_close(forced, null)
+    assert same(forced[1], forced[0])
+    assert same(forced, null)
     assert _differs(forced[0:1], out[0:1]).all()
     # force_drop acts per sample: only the second one is dropped
-    torch.testing.assert_close(partly[[0, 2, 3]], out[[0, 2, 3]])
-    torch.testing.assert_close(partly[1], null[1])
+    assert same(partly[[0, 2, 3]], out[[0, 2, 3]])
+    assert same(partly[1], null[1])

@@ -30,6 +30,9 @@ from tolerance import fp32_bound, rel_err
 
 EXE = Path(sys.executable).with_name("harness")
 MODEL = "DiT-2x32x2/2"
+# float32 roundings one forward of the tiny DiT may take in another order in another code or kernel (ten DDIM
+# steps below are bounded by 256 of them, ~25 a step): 64 for one forward, and measured 0 on this machine
+FORWARD = 64
 
 
 def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -76,12 +79,13 @@ def test_state_dict_maps_exactly_and_only_the_timestep_frequencies_differ():
     t = torch.tensor([999, 500, 20, 1])
     with torch.no_grad():
         ref = theirs(x, timestep=t, class_labels=y).sample
-        stock_gap = (ours(x, t, y) - ref).abs().max().item()
-        assert torch.allclose(ours(x, torch.zeros_like(t), y), theirs(x, timestep=torch.zeros_like(t),
-                                                                          class_labels=y).sample, atol=1e-5)
+        stock_gap = rel_err(ours(x, t, y), ref)
+        # one forward of each code, relative to the outputs' scale: FORWARD roundings in another order
+        assert rel_err(ours(x, torch.zeros_like(t), y),
+                       theirs(x, timestep=torch.zeros_like(t), class_labels=y).sample) < fp32_bound(FORWARD)
         ours.t_embedder.freq_shift = 1  # diffusers' frequency spacing: then the codes agree everywhere
-        assert (ours(x, t, y) - ref).abs().max().item() < 1e-5
-    assert stock_gap > 1e-3  # the documented difference is real for t > 0, not a mapping error
+        assert rel_err(ours(x, t, y), ref) < fp32_bound(FORWARD)
+    assert stock_gap > 1e-3  # the documented difference is real for t > 0, not a mapping error (0.14 measured)
 
 
 def _pipeline_latents(pipe, labels, seeds, steps, cfg):
@@ -166,7 +170,7 @@ def test_import_from_diffusers_and_official_gives_the_same_outputs(tmp_path):
         model.load_state_dict(sd)
         model.t_embedder.freq_shift = shift  # a diffusers source runs with diffusers' frequencies
         with torch.no_grad():
-            assert (model(x, t, y) - ref_fn()).abs().max().item() < 1e-5, fmt
+            assert rel_err(model(x, t, y), ref_fn()) < fp32_bound(FORWARD), fmt
 
 
 def test_corrupt_and_wrong_sources_get_one_line(tmp_path):

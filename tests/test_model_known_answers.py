@@ -21,8 +21,14 @@ from harness.errors import HarnessError
 from harness.models import build_model
 from harness.models.dit import sincos_pos_embed_2d
 from harness.models.registry import ModelShape, check_conditioning, check_shape, resolve_shape
+from tolerance import fp32_bound, fp64_bound, rel_err
 
 BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
+# float64 roundings between the module's forward and the reference (other sums, other order), relative to the
+# outputs' scale (~26 with 0.3 N(0, 1) weights): bounded by the summed lengths of the dot products along the
+# network (~940: timestep MLP 256 + 32, per block 32 + 32 + 16 + 16 + 32 + 32 + 128, the patch and final
+# layers); 63 measured
+FORWARD64 = 1024
 
 
 def _linear(x, layer):
@@ -149,7 +155,7 @@ def test_forward_equals_the_papers_equations(conditioning):
     with torch.no_grad():
         got = model(x, t, y)
     assert got.shape == (3, 6, 8, 8)
-    assert torch.allclose(got, reference_forward(model, x, t, y), atol=1e-10, rtol=0)
+    assert rel_err(got, reference_forward(model, x, t, y)) < fp64_bound(FORWARD64)
 
 
 def test_diffusers_timestep_spacing_follows_freq_shift():
@@ -158,14 +164,15 @@ def test_diffusers_timestep_spacing_follows_freq_shift():
     x, t, y = _inputs()
     with torch.no_grad():
         got = model(x, t, y)
-    assert torch.allclose(got, reference_forward(model, x, t, y, shift=1), atol=1e-10, rtol=0)
-    assert not torch.allclose(got, reference_forward(model, x, t, y, shift=0), atol=1e-6)
+    assert rel_err(got, reference_forward(model, x, t, y, shift=1)) < fp64_bound(FORWARD64)
+    assert rel_err(got, reference_forward(model, x, t, y, shift=0)) > 1e-3   # 0.89 measured
 
 
 def test_positions_are_the_sincos_formula_in_float32():
     got = sincos_pos_embed_2d(16, 3)
     assert got.dtype.name == "float32" and got.shape == (9, 16)
-    assert torch.allclose(torch.from_numpy(got).double(), _positions(16, 3), atol=1e-7)
+    # one rounding of float64 values in [-1, 1] to float32 (the float64 formulas agree to ~1e-16)
+    assert rel_err(torch.from_numpy(got).double(), _positions(16, 3)) <= fp32_bound(1) + fp64_bound(8)
     with pytest.raises(AssertionError, match="^dim must be a multiple of 4$"):
         sincos_pos_embed_2d(6, 2)
 
@@ -189,8 +196,9 @@ def test_gradient_checkpointing_is_the_same_step_and_recomputes_blocks_only_when
     plain_out, plain_grads, plain_calls = step(False, True)
     ckpt_out, ckpt_grads, ckpt_calls = step(True, True)
     assert (plain_calls, ckpt_calls) == (1, 2)
-    assert torch.allclose(plain_out, ckpt_out, atol=1e-12)
-    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(plain_grads, ckpt_grads))
+    assert torch.equal(plain_out, ckpt_out)   # the same forward ops on the same inputs
+    # gradients reach ~4e4: relative, in case backward sums a parameter's contributions in another order
+    assert all(rel_err(b, a) < fp64_bound(FORWARD64) for a, b in zip(plain_grads, ckpt_grads))
     assert step(True, False)[2] == 1
     assert _random_model("adaLN").grad_checkpointing is False
 

@@ -11,6 +11,7 @@ import torch
 from harness.errors import HarnessError
 from harness.runtime import Dist, derive_seed
 from harness.train import step_randomness
+from tolerance import fp32_bound, rel_err
 
 #: the smallest evaluation that runs every metric: 7 images, one batch, 2 DDPM steps
 TINY_EVAL = dict(num_samples=7, batch_size=7, sampler="ddpm", sampling_steps=[2])
@@ -288,7 +289,8 @@ def test_train_init_from_starts_model_and_ema_from_its_weights_and_steps_0_evalu
     fine_tune.resume()
     for net in (fine_tune.model, fine_tune.ema):   # pos_embed: the model keeps its own fixed sin-cos table
         assert all(torch.equal(w, ema[k]) for k, w in net.state_dict().items() if k != "pos_embed")
-        torch.testing.assert_close(net.pos_embed, ema["pos_embed"], rtol=0, atol=1e-6)  # the EMA's copy: rounding
+        # the EMA's copy of the fixed table (values in [-1, 1]) drifts by rounding: 3 a step, 2 steps
+        assert rel_err(net.pos_embed, ema["pos_embed"]) <= fp32_bound(6)
     assert fine_tune.step == 0 and fine_tune.opt.state_dict()["state"] == {}
     evaluate = tiny_run(steps=0, init_from=str(source), at_steps=[0],
                         eval=TINY_EVAL)

@@ -13,6 +13,7 @@ from harness.io import read_jsonl
 from harness.models import dit
 from harness.train import run_training
 from train_tiny import final_state, tiny_run
+from tolerance import fp32_bound, rel_err
 
 
 @pytest.mark.parametrize("decay", [0.8, 0.37])
@@ -26,7 +27,9 @@ def test_one_ema_step_is_the_formula_with_the_spec_decay(tmp_path, decay):
         if not ema2.is_floating_point() or name == "pos_embed":  # pos_embed is a fixed, frozen table
             continue
         want = decay * one["ema"][name].double() + (1 - decay) * two["model"][name].double()
-        torch.testing.assert_close(ema2.double(), want, rtol=1e-5, atol=1e-7, msg=f"ema.{name}")
+        # float32 EMA vs the float64 formula: the decay's rounding to float32, two products and a sum, relative
+        # to the tensor's scale (an atol on weights up to ~1 is a few ulps there, and the rtol 1e-5 per entry far more)
+        assert rel_err(ema2, want) < fp32_bound(4), f"ema.{name}"
         moved += float((one["ema"][name] - two["model"][name]).abs().max()) > 1e-4
     # where the old average and the new weights differ, another decay (or swapped weights) gives
     # another answer, so the check has teeth on these tensors
