@@ -59,16 +59,37 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _drop_torn_tail(f: Any, path: Path) -> None:
+    """Cut a torn last line (a crash mid-append: no newline at the end) off the file `f` (open a+b).
+    Complete lines always end in a newline, since each is one write; only the torn fragment goes."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    pos = end
+    while pos > 0:  # back to the newline that ends the last complete line
+        start = max(0, pos - 4096)
+        f.seek(start)
+        block = f.read(pos - start)
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            pos = start + nl + 1
+            break
+        pos = start
+    f.truncate(pos)
+    log.warning("%s: removed a torn last line (%d bytes) left by an interrupted write", path, end - pos)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one record as a single line (one write call, then fsync). Never rewrites the file."""
+    """Append one record as a single line (one write call, then fsync). Earlier lines are never
+    rewritten; a torn last line (a crash mid-append) is removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True, default=str) + "\n"
     with open(path, "a+b") as f:
-        if f.tell() > 0:  # a crash mid-append leaves a torn line: end it, so it is skipped alone
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
+        _drop_torn_tail(f, path)
         f.write(line.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
