@@ -175,8 +175,8 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         state = layout.load_state(sdir)
         state.update(sweep=spec.name, spec=str(spec.path))
         layout.write_sweep_record(sdir, [r.run_id for r in spec.expand()], spec.path.read_text())
-        statuses = run_statuses(spec, results)
-        todo = [s for s in statuses if s.state in ("new", "interrupted", "failed")]
+        statuses = _repaired(spec, results, run_statuses(spec, results))
+        todo = [s for s in statuses if s.state in ("new", "interrupted", "failed", "damaged")]
         active = [s for s in statuses if s.state in ("pending", "running")]
         log.info("sweep %s: %d runs, %d done, %d already queued or running, %d to submit", spec.name,
                  len(statuses), sum(s.state == "done" for s in statuses), len(active), len(todo))
@@ -241,6 +241,16 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         finally:
             layout.save_state(sdir, state)
         return run_statuses(spec, results, query_scheduler=(kind == "slurm"))
+
+
+def _repaired(spec: SweepSpec, results: Path, statuses: list[RunStatus]) -> list[RunStatus]:
+    """Repair what can be rebuilt in the runs no job works on (`harness.repair`: run.json from the
+    spec, checkpoints without a sidecar); the statuses again if anything was repaired."""
+    from harness.repair import repair
+
+    fixed = [line for s in statuses if s.state not in ("pending", "running") and s.dir.is_dir()
+             for line in repair(s.run, s.dir)]
+    return run_statuses(spec, results) if fixed else statuses
 
 
 def _wait_slurm(jobs: dict[str, Any], state: dict, sdir: Path) -> None:
