@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from harness import layout
 from harness.errors import HarnessError
+from harness.io import writing
 from harness.job import SweepJob
 from harness.latents import run_latent_stage
 from harness.spec import SweepSpec, expand_path, load_spec
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def sweep_lock(sdir: Path) -> Iterator[None]:
     """Hold an exclusive, non-blocking flock on <sweep>/.sweep.lock; HarnessError if taken."""
-    sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / layout.LOCK_FILE
-    f = open(path, "a+")
+    with writing(path):  # a read-only or vanished results folder: one line
+        sdir.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,10 +55,11 @@ def sweep_lock(sdir: Path) -> Iterator[None]:
             holder = f.read().strip() or "another process"
             raise HarnessError(f"{path}: this sweep is being dispatched by {holder}. Fix: wait for it to finish "
                                f"(or stop it); `harness status` shows progress meanwhile.")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
+        with writing(path):
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            f.flush()
         yield
     finally:
         f.close()  # releases the flock

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def job_error(job: Any) -> str | None:
     if outcome != "error":
         return None
     lines = [x for x in str(payload).strip().splitlines() if x.strip()]
-    return lines[-1].strip() if lines else "error"
+    # "harness.io.WriteError: FILE: ... Fix: ..." -> the harness's own one line, without the class
+    return re.sub(r"^harness(\.\w+)+Error: ", "", lines[-1].strip()) if lines else "error"
 
 
 def job_reason(job: Any, state: str) -> str:
