@@ -94,6 +94,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
     return path
 
 
+def seal_checkpoint(path: Path) -> None:
+    """Write the sidecar of a checkpoint whose wholeness was established otherwise (harness.repair)."""
+    atomic_write_text(sidecar_path(path), f"{_sha256_file(path)}  {path.name}\n")
+
+
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every step_*.pt in the folder, oldest first (validity not checked)."""
     ckpt_dir = Path(ckpt_dir)

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from harness import layout
 from harness.errors import HarnessError
+from harness.io import writing
 from harness.job import SweepJob
 from harness.latents import run_latent_stage
 from harness.preflight import require_ready, sbatch_fix
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def sweep_lock(sdir: Path) -> Iterator[None]:
     """Hold an exclusive, non-blocking flock on <sweep>/.sweep.lock; HarnessError if taken."""
-    sdir.mkdir(parents=True, exist_ok=True)
     path = sdir / layout.LOCK_FILE
-    f = open(path, "a+")
+    with writing(path):  # a read-only or vanished results folder: one line
+        sdir.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,10 +55,11 @@ def sweep_lock(sdir: Path) -> Iterator[None]:
             holder = f.read().strip() or "another process"
             raise HarnessError(f"{path}: this sweep is being dispatched by {holder}. Fix: wait for it to finish "
                                f"(or stop it); `harness status` shows progress meanwhile.")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
+        with writing(path):
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            f.flush()
         yield
     finally:
         f.close()  # releases the flock
@@ -137,8 +140,8 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         state = layout.load_state(sdir)
         state.update(sweep=spec.name, spec=str(spec.path))
         layout.write_sweep_record(sdir, [r.run_id for r in spec.expand()], spec.text or spec.path.read_text())
-        statuses = run_statuses(spec, results)
-        todo = [s for s in statuses if s.state in ("new", "interrupted", "failed")]
+        statuses = _repaired(spec, results, run_statuses(spec, results))
+        todo = [s for s in statuses if s.state in ("new", "interrupted", "failed", "damaged")]
         active = [s for s in statuses if s.state in ("pending", "running")]
         log.info("sweep %s: %d runs, %d done, %d already queued or running, %d to submit", spec.name,
                  len(statuses), sum(s.state == "done" for s in statuses), len(active), len(todo))
@@ -203,6 +206,16 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         finally:
             layout.save_state(sdir, state)
         return run_statuses(spec, results, query_scheduler=(kind == "slurm"))
+
+
+def _repaired(spec: SweepSpec, results: Path, statuses: list[RunStatus]) -> list[RunStatus]:
+    """Repair what can be rebuilt in the runs no job works on (`harness.repair`: run.json from the
+    spec, checkpoints without a sidecar); the statuses again if anything was repaired."""
+    from harness.repair import repair
+
+    fixed = [line for s in statuses if s.state not in ("pending", "running") and s.dir.is_dir()
+             for line in repair(s.run, s.dir)]
+    return run_statuses(spec, results) if fixed else statuses
 
 
 def _wait_slurm(jobs: dict[str, Any], state: dict, sdir: Path) -> None:

@@ -314,9 +314,13 @@ def _run_checkpoint(path: Path) -> Path:
     if path.is_file():
         return path
     found = list_checkpoints(path / "checkpoints") if path.is_dir() else []
-    for _, ckpt in reversed(found):
-        if verify_checkpoint(ckpt) is None:
-            return ckpt
+    if found and (problem := verify_checkpoint(found[-1][1])) is not None:  # never an older step in silence
+        older = [c for _, c in found[:-1] if verify_checkpoint(c) is None]
+        alt = f"or pass {older[-1]} to export that step" if older else "or retrain the run"
+        raise HarnessError(f"{found[-1][1]}: the run's newest checkpoint is not valid ({problem}). Fix: run "
+                           f"`harness sweep` on its spec, which re-verifies or quarantines it, {alt}.")
+    if found:
+        return found[-1][1]
     raise HarnessError(f"{path}: neither a checkpoint file nor a run folder with a valid checkpoints/step_*.pt.")
 
 

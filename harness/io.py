@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -10,7 +11,54 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from harness.errors import HarnessError
+
 log = logging.getLogger(__name__)
+
+# errno -> what to do about it; the rest get the generic fix
+_FIXES = {
+    errno.ENOSPC: "free space on that file system (`df -h {folder}`)",
+    errno.EDQUOT: "free space within your quota on that file system (`quota -s`)",
+    errno.EACCES: "make {folder} writable for you (`ls -ld {folder}`), or use another results folder",
+    errno.EPERM: "make {folder} writable for you (`ls -ld {folder}`), or use another results folder",
+    errno.EROFS: "that file system is read-only: use a results (or HARNESS_CACHE) folder on a writable one",
+    errno.ENOENT: "its folder {folder} vanished (removed or unmounted): restore it",
+}
+
+
+class WriteError(HarnessError, OSError):
+    """An OSError while writing a file of the harness, as one line naming the file and the fix.
+    Still an OSError (errno, strerror), so callers that handle failed writes keep doing so."""
+
+    def __init__(self, message: str, code: int | None = None, strerror: str | None = None):
+        super().__init__(code, strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message, self.errno, self.strerror)
+
+
+def write_error(path: str | Path, err: OSError) -> WriteError:
+    """The one-line error for `err`, met writing `path`."""
+    if isinstance(err, WriteError):
+        return err
+    path = Path(path)
+    fix = _FIXES.get(err.errno, "check that {folder} exists and is writable").format(folder=path.parent)
+    return WriteError(f"{path}: could not write it ({err.strerror or err}). Fix: {fix}, then run the same "
+                      "command again (what was written before is kept; nothing was left half-written).",
+                      err.errno, err.strerror)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an OSError inside the block into the WriteError naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,19 +83,21 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     file gets the mode any file the user writes gets (0666 less the umask), not the temp file's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports from the group
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports from the group
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
     return path
 
 
@@ -59,19 +109,47 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _drop_torn_tail(f: Any, path: Path) -> None:
+    """Cut a torn last line (a crash mid-append: no newline at the end) off the file `f` (open a+b).
+    Complete lines always end in a newline, since each is one write; only the torn fragment goes."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    pos = end
+    while pos > 0:  # back to the newline that ends the last complete line
+        start = max(0, pos - 4096)
+        f.seek(start)
+        block = f.read(pos - start)
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            pos = start + nl + 1
+            break
+        pos = start
+    f.truncate(pos)
+    log.warning("%s: removed a torn last line (%d bytes) left by an interrupted write", path, end - pos)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one record as a single line (one write call, then fsync). Never rewrites the file."""
+    """Append one record as a single line (one write call, then fsync). Earlier lines are never
+    rewritten; a torn last line (a crash mid-append) is removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True, default=str) + "\n"
-    with open(path, "a+b") as f:
-        if f.tell() > 0:  # a crash mid-append leaves a torn line: end it, so it is skipped alone
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as f:
+            _drop_torn_tail(f, path)
+            end = f.tell()
+            try:
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:  # a full disk mid-line: take the fragment back (else the next append does)
+                with contextlib.suppress(OSError):
+                    f.truncate(end)
+                raise
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
@@ -94,8 +172,10 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
 def file_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created if needed), waiting for it if another process has it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,5 +195,6 @@ def cache_root() -> Path:
 def cache_dir(*parts: str) -> Path:
     """A folder of the harness's cache (`cache_root()`), created on use."""
     path = cache_root().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    with writing(path / "."):
+        path.mkdir(parents=True, exist_ok=True)
     return path

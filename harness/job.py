@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.io import writing
 from harness.layout import RunFolder, sidecar_path
 from harness.spec import RunSpec
 
@@ -38,12 +39,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists() or not src.exists():
         return
     tmp = dst.with_name(f".{dst.name}.stage.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    with writing(dst):
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            try:
+                shutil.copy2(src, tmp)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # no half-copied checkpoint left behind
+                raise
+        os.replace(tmp, dst)
 
 
 def stage_checkpoints(run: RunSpec, source_dir: Path, rdir: Path) -> None:
@@ -86,8 +92,9 @@ class SweepJob:
         handler = None
         rank = _global_rank()
         if rank == 0:
-            RunFolder(path).logs.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(RunFolder(path).job_log)
+            with writing(RunFolder(path).job_log):  # a full or read-only disk: one line naming the file
+                RunFolder(path).logs.mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(RunFolder(path).job_log)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger().addHandler(handler)
         try:

@@ -132,7 +132,9 @@ def read_json(path: Path, what: str, fix: str) -> Any:
 
 
 def read_run_json(rdir: Path) -> dict:
-    return read_json(RunFolder(Path(rdir)).run_json, "run record", "delete the run folder and rerun it")
+    return read_json(RunFolder(Path(rdir)).run_json, "run record",
+                     "run `harness sweep` on its spec: it rewrites run.json from the spec and keeps the "
+                     "checkpoints and evaluations")
 
 
 # --------------------------------------------------------------------------- the sweep's own files

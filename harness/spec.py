@@ -34,7 +34,12 @@ checks that every run id exists there.
 
 Validation happens before anything runs: unknown keys (with a did-you-mean), wrong types, unknown
 models or blocks, sizes that don't divide, empty lists, non-positive counts, duplicate YAML keys,
-eval steps beyond train.steps. Every error is a HarnessError "FILE:LINE: KEY: problem. Fix: ...".
+eval steps beyond train.steps, NaN or inf, numbers beyond their range. Every error is a HarnessError
+"FILE:LINE: KEY: problem. Fix: ...". Every number has a finite range that follows from what it means
+(the table at the end of this docstring, with each reason; the one home is harness/limits.py), and
+each model must fit two geometric bounds: at most 4,096 tokens per image ((input side / patch)^2,
+a 64x64 grid: 1024 px through the VAE at patch 2; attention grows as its square) and about 5e9
+parameters (20 bytes each in training, held on every GPU by DDP: 100 GB of a 141 GB H200).
 YAML is read by `harness.specfile`: a SafeLoader that also accepts `1e-4` as a float (YAML 1.1 would
 read a string), within stated bounds (64 KiB, 16 levels, 10,000 values after alias expansion); a sweep
 expands to at most MAX_RUNS runs.
@@ -55,6 +60,7 @@ from typing import Any
 
 import yaml
 
+from harness import limits as L
 from harness.errors import HarnessError
 from harness.layout import RUN_JSON_PLAN_KEYS
 from harness.specfile import Where, apply_overrides, check_keys, check_value, read_yaml, section, typename
@@ -67,7 +73,7 @@ AUTOENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-ft-mse")
 PRECISIONS = ("fp32", "bf16")
 LAUNCHERS = ("slurm", "local", "debug")
 #: the most runs one sweep may expand to (a bound, so a typo cannot plan a million runs)
-MAX_RUNS = 10_000
+MAX_RUNS = L.MAX_RUNS
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -83,10 +89,10 @@ def _opt(default: Any, **meta: Any) -> Any:
 class DataSpec:
     dataset: str = _opt("digits", kind=str, choices=DATASETS)
     path: str | None = _opt(None, kind=str, nullable=True)
-    image_size: int = _opt(8, kind=int, min=1)
+    image_size: int = _opt(8, kind=int, min=1, **L.IMAGE_SIZE)
     autoencoder: str = _opt("identity", kind=str, choices=AUTOENCODERS)
     autoencoder_path: str | None = _opt(None, kind=str, nullable=True)
-    num_classes: int = _opt(10, kind=int, min=1)
+    num_classes: int = _opt(10, kind=int, min=1, **L.NUM_CLASSES)
     flip: bool = _opt(True, kind=bool)  # random horizontal flips (the paper's only augmentation);
     #                                     off for data that is not mirror-symmetric, such as digits
 
@@ -112,20 +118,21 @@ class DataSpec:
 
 @dataclass
 class TrainSpec:
-    steps: int = _opt(2000, kind=int, min=0)  # 0: evaluate train.init_from's weights, train nothing
-    global_batch: int = _opt(64, kind=int, min=1)
-    lr: float = _opt(1.0e-4, kind=float, gt=0.0)
-    weight_decay: float = _opt(0.0, kind=float, min=0.0)
-    warmup_steps: int = _opt(0, kind=int, min=0)
-    ema_decay: float = _opt(0.9999, kind=float, min=0.0, lt=1.0)
-    class_dropout: float = _opt(0.1, kind=float, min=0.0, lt=1.0)
+    steps: int = _opt(2000, kind=int, min=0, **L.STEPS)  # 0: evaluate train.init_from's weights, train nothing
+    global_batch: int = _opt(64, kind=int, min=1, **L.GLOBAL_BATCH)
+    lr: float = _opt(1.0e-4, kind=float, gt=0.0, **L.LR)
+    weight_decay: float = _opt(0.0, kind=float, min=0.0, **L.WEIGHT_DECAY)
+    warmup_steps: int = _opt(0, kind=int, min=0, **L.STEP_COUNT)
+    ema_decay: float = _opt(0.9999, kind=float, min=0.0, lt=1.0, why=L.EMA_WHY)
+    class_dropout: float = _opt(0.1, kind=float, min=0.0, lt=1.0, why=L.DROPOUT_WHY)
     precision: str = _opt("fp32", kind=str, choices=PRECISIONS)
     compile: bool | str = _opt("auto", kind="auto_bool")  # auto: compiled on CUDA, eager on the CPU
-    micro_batch: int | str = _opt("auto", kind="auto_int")  # per-GPU micro-batch; auto: largest that fits
+    # per-GPU micro-batch; auto: the largest that fits
+    micro_batch: int | str = _opt("auto", kind="auto_int", min=1, **L.MICRO_BATCH)
     grad_checkpointing: bool = _opt(False, kind=bool)
-    ckpt_every: int = _opt(500, kind=int, min=1)
-    keep_last: int = _opt(2, kind=int, min=1)
-    log_every: int = _opt(50, kind=int, min=1)
+    ckpt_every: int = _opt(500, kind=int, min=1, **L.STEP_COUNT)
+    keep_last: int = _opt(2, kind=int, min=1, **L.KEEP_LAST)
+    log_every: int = _opt(50, kind=int, min=1, **L.STEP_COUNT)
     # weights to start from (harness checkpoint, official-layout state dict, diffusers DiT folder); the run id
     # hashes the file's content, not its path; a fresh optimizer. See harness.interop.
     init_from: str | None = _opt(None, kind=str, nullable=True)
@@ -133,16 +140,16 @@ class TrainSpec:
 
 @dataclass
 class EvalSpec:
-    at_steps: list[int] = _opt([2000], kind=list, item=int, min=0, nonempty=True)
-    num_samples: int = _opt(1000, kind=int, min=1)
-    sampling_steps: list[int] = _opt([50], kind=list, item=int, min=1, nonempty=True)
+    at_steps: list[int] = _opt([2000], kind=list, item=int, min=0, nonempty=True, **L.STEP_COUNT)
+    num_samples: int = _opt(1000, kind=int, min=1, **L.NUM_SAMPLES)
+    sampling_steps: list[int] = _opt([50], kind=list, item=int, min=1, nonempty=True, **L.SAMPLING_STEPS)
     sampler: str = _opt("ddim", kind=str, choices=tuple(SAMPLERS))
-    cfg_scales: list[float] = _opt([1.0], kind=list, item=float, min=1.0, nonempty=True)
+    cfg_scales: list[float] = _opt([1.0], kind=list, item=float, min=1.0, nonempty=True, **L.CFG_SCALE)
     guidance_channels: int | str = _opt(3, kind="guidance")
     metrics: list[str] = _opt(list(METRICS), kind=list, item=str, choices=METRICS, nonempty=True)
     features: str = _opt("digits", kind=str, choices=FEATURE_SPACES)
     reference: str = _opt("digits", kind=str)
-    batch_size: int = _opt(250, kind=int, min=1)
+    batch_size: int = _opt(250, kind=int, min=1, **L.SAMPLE_BATCH)
     inception_weights: str | None = _opt(None, kind=str, nullable=True)
 
     def resolved_reference(self) -> str:
@@ -159,15 +166,15 @@ class LauncherSpec:
     partition: str | None = _opt(None, kind=str, nullable=True)
     account: str | None = _opt(None, kind=str, nullable=True)
     qos: str | None = _opt(None, kind=str, nullable=True)
-    nodes: int = _opt(1, kind=int, min=1)
-    gpus_per_node: int = _opt(0, kind=int, min=0)
-    tasks_per_node: int | None = _opt(None, kind=int, min=1, nullable=True)  # training ranks per node;
-    #                            default gpus_per_node (one rank per GPU), or 1 without GPUs
-    cpus_per_task: int = _opt(2, kind=int, min=1)
-    mem_gb: float = _opt(8.0, kind=float, gt=0.0)
-    timeout_min: int = _opt(60, kind=int, min=1)
-    array_parallelism: int = _opt(16, kind=int, min=1)
-    max_concurrent_local: int = _opt(1, kind=int, min=1)
+    nodes: int = _opt(1, kind=int, min=1, **L.NODES)
+    gpus_per_node: int = _opt(0, kind=int, min=0, **L.GPUS_PER_NODE)
+    # training ranks per node; default gpus_per_node (one rank per GPU), or 1 without GPUs
+    tasks_per_node: int | None = _opt(None, kind=int, min=1, nullable=True, **L.TASKS_PER_NODE)
+    cpus_per_task: int = _opt(2, kind=int, min=1, **L.CPUS_PER_TASK)
+    mem_gb: float = _opt(8.0, kind=float, gt=0.0, **L.MEM_GB)
+    timeout_min: int = _opt(60, kind=int, min=1, **L.TIMEOUT_MIN)
+    array_parallelism: int = _opt(16, kind=int, min=1, **L.ARRAY_PARALLELISM)
+    max_concurrent_local: int = _opt(1, kind=int, min=1, **L.MAX_CONCURRENT_LOCAL)
     additional: dict = _opt({}, kind=dict)
 
     @property
@@ -175,6 +182,8 @@ class LauncherSpec:
         """Training processes per node: tasks_per_node, else one per GPU, else 1."""
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
+
+__doc__ += L.ranges_doc(DataSpec, TrainSpec, EvalSpec, LauncherSpec)
 
 # train keys that do not change the maths, hence not the run id
 _TRAIN_ID_EXCLUDED = ("steps", "compile", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
@@ -317,7 +326,7 @@ def _models(raw: Any, where: Where) -> list[str]:
                                   "write {sizes: [S, B, L, XL], patches: [8, 4, 2]}")
         sizes = check_value(raw["sizes"], {"kind": list, "item": str, "nonempty": True, "choices": tuple(SIZES)},
                        path + ("sizes",), where)
-        patches = check_value(raw["patches"], {"kind": list, "item": int, "nonempty": True, "min": 1},
+        patches = check_value(raw["patches"], {"kind": list, "item": int, "nonempty": True, "min": 1, **L.PATCH},
                          path + ("patches",), where)
         return [f"DiT-{s}/{p}" for s in sizes for p in patches]
     names = _str_list(raw, "models", where)
@@ -362,6 +371,8 @@ def _cross_checks(spec: SweepSpec, where: Where) -> None:
             problem, fix = _split_shape_error(str(err), model)
             raise where.error(("models", i), f"{problem} (image_size {d.image_size}, autoencoder "
                               f"{d.autoencoder})", fix or "change the model or data.image_size")
+        if (beyond := L.check_geometry(resolve_shape(model), d.input_size)) is not None:
+            raise L.refuse(where, ("models", i), beyond)
     for i, step in enumerate(e.at_steps):
         if step > t.steps:
             raise where.error(("eval", "at_steps", i), f"step {step} is beyond train.steps {t.steps}",
@@ -483,7 +494,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> SweepSpec:
     spec = SweepSpec(
         name=name, path=path, description=description, models=_models(raw["models"], where),
         conditioning=_str_list(raw.get("conditioning", ["adaLN-Zero"]), "conditioning", where, CONDITIONINGS),
-        seeds=check_value(raw.get("seeds", [0]), {"kind": list, "item": int, "min": 0, "nonempty": True},
+        seeds=check_value(raw.get("seeds", [0]), {"kind": list, "item": int, "min": 0, "nonempty": True, **L.SEED},
                      ("seeds",), where),
         checkpoints_from=source,
         data=section(DataSpec, raw.get("data"), "data", where),

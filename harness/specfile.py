@@ -8,6 +8,7 @@ a "billion laughs" is not). Errors are HarnessError "FILE:LINE: KEY: problem. Fi
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -232,12 +233,30 @@ def _scalar(value: Any, kind: Any, meta: dict, path: tuple, where: Where) -> Any
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise where.error(path, f"unknown value {value!r}", f"{hint}use one of: {', '.join(meta['choices'])}")
     if kind in (int, float):
-        if "min" in meta and value < meta["min"]:
-            raise where.error(path, f"must be >= {meta['min']}, got {value}", f"use a value >= {meta['min']}")
-        if "gt" in meta and value <= meta["gt"]:
-            raise where.error(path, f"must be > {meta['gt']}, got {value}", "use a positive value")
-        if "lt" in meta and value >= meta["lt"]:
-            raise where.error(path, f"must be < {meta['lt']}, got {value}", f"use a value below {meta['lt']}")
+        return _in_range(value, meta, path, where)
+    return value
+
+
+def _num(v: float) -> str:
+    """A number as a person reads it: 10,000,000; 1e+26; 0.5."""
+    return f"{v:,}" if isinstance(v, int) and abs(v) < 10**15 else f"{v:.6g}"
+
+
+def _in_range(value: Any, meta: dict, path: tuple, where: Where) -> Any:
+    """`value` if finite and within the field's min/gt/lt/max, else the error naming the range and why."""
+    hi, why = meta.get("max"), f" ({meta['why']})" if meta.get("why") else ""
+    if not math.isfinite(value):
+        lo, top = meta.get("min", meta.get("gt")), meta.get("max", meta.get("lt"))
+        span = f"between {_num(lo)} and {_num(top)}" if None not in (lo, top) else "that is finite"
+        raise where.error(path, f"{value} is not a finite number", f"write a number {span}{why}")
+    if "min" in meta and value < meta["min"]:
+        raise where.error(path, f"must be >= {meta['min']}, got {_num(value)}", f"use a value >= {meta['min']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise where.error(path, f"must be > {meta['gt']}, got {_num(value)}", "use a positive value")
+    if "lt" in meta and value >= meta["lt"]:
+        raise where.error(path, f"must be < {meta['lt']}, got {_num(value)}", f"use a value below {meta['lt']}")
+    if hi is not None and value > hi:
+        raise where.error(path, f"must be <= {_num(hi)}, got {_num(value)}", f"use a value <= {_num(hi)}{why}")
     return value
 
 
@@ -257,7 +276,7 @@ def check_value(value: Any, meta: dict, path: tuple, where: Where) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise where.error(path, f"expected a positive integer or auto, got {value!r}",
                               "write auto (the largest that fits the GPU) or a divisor of the per-GPU batch")
-        return value
+        return _in_range(value, meta, path, where)
     if kind == "guidance":
         if value in (3, "3"):
             return 3

@@ -2,13 +2,15 @@
 
 A run is `done` (its `done` file exists and its eval records are complete), `pending` or `running`
 (its Slurm job is queued or active), `failed` (with the reason: the scheduler state and the last
-line of the job's error), `interrupted` (some progress, no job) or `new`.
+line of the job's error), `interrupted` (some progress, no job), `damaged` (what `harness.repair`
+finds: a bad run.json, a checkpoint without its sidecar; the next `harness sweep` repairs it) or `new`.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 from harness import layout
 from harness.evaluation import eval_progress
 from harness.io import read_jsonl
+from harness.repair import damage
 from harness.spec import RunSpec, SweepSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ def job_error(job: Any) -> str | None:
     if outcome != "error":
         return None
     lines = [x for x in str(payload).strip().splitlines() if x.strip()]
-    return lines[-1].strip() if lines else "error"
+    # "harness.io.WriteError: FILE: ... Fix: ..." -> the harness's own one line, without the class
+    return re.sub(r"^harness(\.\w+)+Error: ", "", lines[-1].strip()) if lines else "error"
 
 
 def job_reason(job: Any, state: str) -> str:
@@ -127,7 +131,7 @@ def slurm_job(state_entry: dict) -> Any:
 class RunStatus:
     run: RunSpec
     dir: Path
-    state: str            # done | pending | running | failed | interrupted | new
+    state: str            # done | pending | running | failed | interrupted | damaged | new
     step: int
     evals: tuple[int, int]
     job_id: str | None
@@ -155,10 +159,13 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
         evals = eval_progress(run, rdir)
         step = train_progress(rdir)
         job_id, reason = entry.get("job_id"), entry.get("reason")
+        damaged = damage(run, rdir) if rdir.is_dir() else None
         if is_complete(run, rdir):
-            st, reason = "done", None
+            st, reason = ("damaged", damaged) if damaged else ("done", None)
         elif entry.get("launcher") == "slurm" and job_id and query_scheduler:
             st, reason = _slurm_state(entry, sched_states.get(job_id, "UNKNOWN"))
+        elif damaged:
+            st, reason = "damaged", damaged
         elif reason:
             st = "failed"
         elif step > 0 or evals[0] > 0:

@@ -27,7 +27,7 @@ import torch
 from harness import checkpoint as ckpt
 from harness.errors import HarnessError
 from harness.evaluation import evaluate_step, pending_evals, save_grid
-from harness.io import append_jsonl, atomic_write_json, file_lock
+from harness.io import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from harness.layout import RunFolder, write_run_json
 from harness.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
                              seed_everything, set_rng_state, setup_distributed)
@@ -297,6 +297,10 @@ class Trainer:
                 _write_done(self.run_dir, self.step)
             return
         self.prepare_step()
+        # steps a resume redoes (between its checkpoint and the crash) are in train.jsonl already:
+        # bitwise the same steps, so their first record stands and each step appears once
+        self.logged = max((int(r.get("step", 0)) for r in read_jsonl(self.folder.train_log)), default=0) \
+            if dist.main else 0
         self.source = BatchSource(self.latents, self.labels, self.order, tr.global_batch, dist, run.data.flip)
         gen = torch.Generator(device=self.device)
         lo, hi = dist.rank * self.per_rank, (dist.rank + 1) * self.per_rank
@@ -352,7 +356,9 @@ class Trainer:
         now = time.perf_counter()
         tot = all_reduce(self.sums.clone(), self.dist) / (self.count * self.dist.world)
         sps = self.count / max(now - self.t_log, 1e-9)
-        if self.dist.main:
+        if self.dist.main and s <= self.logged:
+            log.info("step %d loss %.4f (redone after the resume; train.jsonl has it already)", s, tot[0].item())
+        elif self.dist.main:
             tr = self.run.train
             images = sps * tr.global_batch
             tflops = train_tflops(self.gflops, images / self.dist.world) if self.gflops else None

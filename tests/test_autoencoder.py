@@ -249,3 +249,21 @@ def test_cli_latents_tasks_and_shards(image_folder, tmp_path, capsys):
     assert main([*args, "--shard", "1/2", "--tasks", "2"]) == 2 and "give one of the two" in capsys.readouterr().err
     assert main([*args, "--tasks", "2", "--workers", "0"]) == 0  # two real processes, then the manifest
     assert "6 images x 2 flips, latents (4, 2, 2) float16" in capsys.readouterr().out
+
+
+def test_two_sizes_of_one_image_folder_are_two_caches(image_folder, cache_root):
+    """An ImageFolder's identity (its file list) does not change with the size, so the cache key itself
+    must hold it (issue 28, finding 7): 8 px and 16 px are two caches, each reused at its own size."""
+    from harness.autoencoder import cache_key
+
+    ae = Counting(IdentityAutoencoder())
+    small = build_latent_cache(image_folder, ae, 8, batch_size=8)
+    large = build_latent_cache(image_folder, ae, 16, batch_size=8)
+    assert small.root != large.root and ae.calls == 2 * 2
+    assert small.arrays()[0].shape == (6, 2, 3, 8, 8) and large.arrays()[0].shape == (6, 2, 3, 16, 16)
+    assert build_latent_cache(image_folder, ae, 8, batch_size=8).root == small.root and ae.calls == 4
+    # the hash itself, not only the readable name, tells the sizes apart
+    identity = ImageFolder(image_folder, 8).identity()
+    assert identity == ImageFolder(image_folder, 16).identity()
+    digests = {cache_key(identity, IdentityAutoencoder(), size, 3).rsplit("_", 1)[1] for size in (8, 16)}
+    assert len(digests) == 2

@@ -13,6 +13,21 @@ def test_torn_last_line_does_not_swallow_the_next_record(tmp_path):
         f.write('{"step": 2, "fi')
     append_jsonl(path, {"step": 3})
     assert [r["step"] for r in read_jsonl(path)] == [1, 3]
+    # the torn fragment is gone, not just skipped by readers: every line of the file is a record
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 3]
+
+
+def test_torn_line_longer_than_a_block_and_a_torn_first_line_are_repaired(tmp_path):
+    path = tmp_path / "train.jsonl"
+    append_jsonl(path, {"step": 1})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "pad": "' + "x" * 10000)
+    append_jsonl(path, {"step": 3})
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+    only = tmp_path / "eval.jsonl"
+    only.write_text('{"step": 1, "fid"')  # torn before any line was complete
+    append_jsonl(only, {"step": 2})
+    assert only.read_text() == '{"step": 2}\n'
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

@@ -57,6 +57,11 @@ def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
     assert "step_0000004.pt" in caplog.text and "resumed" in caplog.text and "step_0000002.pt" in caplog.text
     run_training(run4, tmp_path / "b")
     assert_bitwise_equal(final_state(tmp_path / "a", 6), final_state(tmp_path / "b", 6))
+    # steps 3 and 4 were trained twice (the resume went back to step 2), but each is recorded once,
+    # with the loss of the undisturbed run (issue 28, finding 7)
+    a, b = (list(read_jsonl(tmp_path / d / "train.jsonl")) for d in "ab")
+    assert [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoint import SLOW_SAVE_ENV
+from harness.io import read_jsonl
 from train_tiny import assert_bitwise_equal, final_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,8 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_equal(tmp_path):
     assert resumed.returncode == 0, out
     assert "resumed" in out and "step_0000002.pt" in out
     assert not list(ckpt_dir.glob(".*.tmp"))  # the partial write was cleaned up
+    steps = [r["step"] for r in read_jsonl(killed / "train.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6], steps  # steps 3 and 4, redone after the kill, recorded once
 
     clean = _start(tmp_path, tmp_path / "clean", {})
     out = clean.communicate(timeout=300)[0]
