@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 
+from harness import hardware
 from harness.errors import HarnessError
 from harness.metrics import FEATURE_SPACES, METRICS
 from harness.models import CONDITIONINGS
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results", help="results root of --forecast-from")
     s.add_argument("--throughput-from", default=None,
                    help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
+    s.add_argument("--gpu", type=str.lower, default=hardware.DEFAULT_GPU,
+                   help=f"GPU kind of the packaged throughput table behind the hours (have: {', '.join(hardware.gpus())})")
     s.add_argument("--sampling-throughput", type=float, default=None,
                    help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
     s.add_argument("--latent-throughput", type=float, default=None,

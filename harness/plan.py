@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
-from harness import paper
+from harness import hardware, paper
 from harness.errors import HarnessError
 from harness.spec import RunSpec, SweepSpec, load_spec
 
@@ -147,13 +149,43 @@ def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, fl
     return measured
 
 
+def _nearest(rows: list, gflops: float, gflops_of) -> Any:
+    """The row whose model's Gflops is nearest to `gflops` on a log scale."""
+    return min(rows, key=lambda m: abs(math.log(gflops_of(m.model) / gflops)))
+
+
+def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float, float]], dict]:
+    """({run_id: (training images/s, sampling images/s per denoising step)}, basis) from the packaged table
+    of `gpu`: a measured model at the table's geometry takes its own figures; any other run those of the
+    nearest measured model (by Gflops), scaled by Gflops(that model) / Gflops(run)."""
+    from harness.flops import model_gflops
+
+    rows = hardware.measured(gpu)
+    side, channels, classes = hardware.GEOMETRY
+    ref = {m.model: model_gflops(m.model, "adaLN-Zero", side, channels, classes)[0] for m in rows}
+    sampled = [m for m in rows if m.sample_images_per_s_one_step]
+    speeds, own, scaled = {}, set(), set()
+    for run in runs:
+        d = run.data
+        g = model_gflops(run.model, run.conditioning, d.input_size, d.channels, d.num_classes)[0]
+        t, s = _nearest(rows, g, ref.get), _nearest(sampled, g, ref.get)
+        speeds[run.run_id] = (t.train_images_per_s * ref[t.model] / g,
+                              s.sample_images_per_s_one_step * ref[s.model] / g)
+        (own if ref[t.model] == g and t.model == run.model else scaled).add(run.model)
+    basis = {"gpu": gpu, "measured": sorted(own), "scaled_by_gflops": sorted(scaled - own),
+             "sampling": "; ".join(f"{m.model}: {m.sample_config} ({m.measured})" for m in sampled),
+             "training": "; ".join(f"{m.model}: {m.train_config} ({m.measured})" for m in rows)}
+    return speeds, basis
+
+
 def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None,
                sampling_throughput: float | None = None, latent_throughput: float | None = None,
-               throughput_from: str | None = None) -> dict:
+               throughput_from: str | None = None, gpu: str | None = hardware.DEFAULT_GPU) -> dict:
     """{"sweep", "description", "checkpoints_from", "throughput_images_per_s", "throughput_model",
     "sampling_images_per_s", "latent_encodes_per_s", "runs": [RunPlan dicts], "totals"}.
     `throughput_model`: the model `throughput` and `sampling_throughput` were measured on.
-    `throughput_from`: a `harness bench` JSON measuring each run's own model (instead of both)."""
+    `throughput_from`: a `harness bench` JSON measuring each run's own model (instead of both).
+    Without any of them, the packaged measurements of `gpu` (`harness.hardware`; None: no hours)."""
     if throughput_from is not None and (throughput is not None or sampling_throughput is not None):
         raise HarnessError("--throughput-from: gives every run its own measured speed; drop --throughput and "
                            "--sampling-throughput, or drop --throughput-from")
@@ -177,9 +209,13 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
         d = spec.data
         reference = model_gflops(model, spec.conditioning[0], d.input_size, d.channels, d.num_classes)[0]
     runs = spec.expand()
+    basis = None
     if throughput_from is not None:
         measured = _measured(throughput_from, runs)
         plans = [plan_run(run, measured[run.model][0], None, measured[run.model][1]) for run in runs]
+    elif throughput is None and gpu is not None:
+        speeds, basis = _table_speeds(runs, gpu)
+        plans = [plan_run(run, speeds[run.run_id][0], None, speeds[run.run_id][1]) for run in runs]
     else:
         plans = [plan_run(run, throughput, reference, sampling_throughput) for run in runs]
     if latent_throughput is not None:
@@ -191,7 +227,7 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
         "sampling_gflops": sum(p.sampling_gflops for p in plans),
     }
     totals["total_gflops"] = totals["train_gflops"] + totals["sampling_gflops"]
-    if throughput is not None or throughput_from is not None:
+    if all(p.train_accel_hours is not None for p in plans):
         totals["train_accel_hours"] = sum(p.train_accel_hours for p in plans)
         totals["sampling_accel_hours"] = sum(p.sampling_accel_hours for p in plans)
         totals["accel_hours"] = totals["train_accel_hours"] + totals["sampling_accel_hours"]
@@ -206,7 +242,7 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
                                         if throughput_from is not None else throughput),
             "throughput_model": f"measured per model ({throughput_from})" if throughput_from else throughput_model,
             "sampling_images_per_s": sampling_throughput,
-            "latent_encodes_per_s": latent_throughput,
+            "latent_encodes_per_s": latent_throughput, "table": basis,
             "runs": [p.to_dict() for p in plans], "totals": totals}
 
 
@@ -216,7 +252,7 @@ def _sci(x: float | None) -> str:
 
 def format_table(plan: dict) -> str:
     """A fixed-width text table of a plan, one row per run plus a totals row."""
-    hours = plan["throughput_images_per_s"] is not None
+    hours = "accel_hours" in plan["totals"]
     latent = plan.get("latent_encodes_per_s") is not None
     cols = ["run_id", "gflops", "paper", "params_m", "train_gflops", "eval_samples", "sampling_gflops"]
     if hours:
@@ -257,7 +293,15 @@ def format_table(plan: dict) -> str:
     out += [line(["-" * w for w in widths]), line(total)]
     out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
                "sampling = gflops x steps x samples (x2 with guidance, cfg != 1)")
-    if hours and isinstance(plan["throughput_images_per_s"], dict):
+    if plan.get("table"):
+        b = plan["table"]
+        out.append(f"accelerator-hours on one {b['gpu'].upper()} each, from the packaged measurements "
+                   f"(harness/hardware/throughput.csv; --gpu picks another kind, --throughput-from your own "
+                   f"`harness bench --suite`): training measured for {', '.join(b['measured']) or 'none of these models'}"
+                   + (f", scaled by Gflops from the nearest measured model for {', '.join(b['scaled_by_gflops'])}"
+                      if b["scaled_by_gflops"] else "")
+                   + f"; evaluation scaled by Gflops from {b['sampling']}; total {t['accel_hours']:.1f} h")
+    elif hours and isinstance(plan["throughput_images_per_s"], dict):
         speeds = ", ".join(f"{m} {v:,.0f}" for m, v in plan["throughput_images_per_s"].items())
         out.append(f"accelerator-hours from the training and sampling images/s {plan['throughput_model']}: "
                    f"training {speeds}; total {t['accel_hours']:.1f} h")
@@ -267,6 +311,11 @@ def format_table(plan: dict) -> str:
                     if plan.get("sampling_images_per_s") else "3x that per denoising step (no --sampling-throughput)")
         out.append(f"accelerator-hours estimated from {plan['throughput_images_per_s']:g} training images/s and "
                    f"{sampling} per accelerator{on}; total {t['accel_hours']:.1f} h")
+    if hours and t["sampling_accel_hours"] > t["accel_hours"] / 3:
+        out.append(f"note: evaluation is {t['sampling_accel_hours'] / t['accel_hours']:.0%} of the accelerator-hours "
+                   f"({t['sampling_accel_hours']:.1f} of {t['accel_hours']:.1f} h). To cut it: evaluate fewer "
+                   "eval.at_steps, fewer sampling_steps or cfg_scales, or FID-10K at intermediate steps (a second "
+                   "sweep with checkpoints_from and eval.num_samples: 10000) and FID-50K only at the last step")
     if latent:
         out.append(f"latent_h: this run's share of its latent stage at {plan['latent_encodes_per_s']:g} VAE "
                    "encodes/s per accelerator (each image and its flip)")
@@ -307,9 +356,8 @@ def _hours(h: float | None) -> str:
 
 def cli_plan(args) -> int:
     spec = load_spec(args.sweep, args.overrides)
-    plan = plan_sweep(spec, getattr(args, "throughput", None), getattr(args, "throughput_model", None),
-                      getattr(args, "sampling_throughput", None), getattr(args, "latent_throughput", None),
-                      getattr(args, "throughput_from", None))
+    plan = plan_sweep(spec, args.throughput, args.throughput_model, args.sampling_throughput,
+                      args.latent_throughput, args.throughput_from, args.gpu)
     if getattr(args, "forecast_from", None):
         add_forecast(plan, args.results, args.forecast_from)
     if args.format == "json":

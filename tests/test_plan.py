@@ -72,7 +72,51 @@ def test_checkpoints_from_sweep_trains_nothing(tmp_path):
     path.write_text(SPEC.replace("name: p", "name: s\ncheckpoints_from: src"))
     plan = plan_sweep(load_spec(path))
     assert plan["checkpoints_from"] == "src" and plan["totals"]["train_gflops"] == 0
-    assert plan["totals"]["sampling_gflops"] > 0 and plan["runs"][0]["train_accel_hours"] is None
+    assert plan["totals"]["sampling_gflops"] > 0 and plan["runs"][0]["train_accel_hours"] == 0.0
+    assert plan["runs"][0]["sampling_accel_hours"] > 0  # hours by default, from the packaged table
+    assert plan_sweep(load_spec(path), gpu=None)["runs"][0]["sampling_accel_hours"] is None
+
+
+def test_hours_without_flags_come_from_the_packaged_table_measured_or_scaled_by_gflops():
+    """Hand-computed: a measured model takes its own figures; another takes the nearest measured model's
+    (log Gflops), scaled by Gflops; evaluation the measured evaluation path's, scaled the same way."""
+    from harness import hardware
+
+    plan = plan_sweep(load_spec(SWEEPS / "gflops.yaml"), gpu="h100")
+    rows = {m.model: m for m in hardware.measured("h100")}
+    runs = {r["model"]: r for r in plan["runs"]}
+    g = {m: runs[m]["gflops"] for m in runs}
+    xl2 = runs["DiT-XL/2"]
+    assert xl2["train_accel_hours"] == pytest.approx(256 * 400_000 / rows["DiT-XL/2"].train_images_per_s / 3600,
+                                                     rel=1e-12)
+    assert xl2["sampling_accel_hours"] == pytest.approx(
+        xl2["sampling_forwards"] / rows["DiT-XL/2"].sample_images_per_s_one_step / 3600, rel=1e-12)
+    s4 = runs["DiT-S/4"]  # 1.42 Gflops: nearest measured is S/2 (6.07) on a log scale
+    assert s4["train_accel_hours"] == pytest.approx(
+        256 * 400_000 / (rows["DiT-S/2"].train_images_per_s * g["DiT-S/2"] / g["DiT-S/4"]) / 3600, rel=1e-9)
+    assert s4["sampling_accel_hours"] == pytest.approx(
+        s4["sampling_forwards"] / (rows["DiT-XL/2"].sample_images_per_s_one_step * g["DiT-XL/2"] / g["DiT-S/4"])
+        / 3600, rel=1e-9)
+    assert plan["table"]["measured"] == sorted(rows) and "DiT-S/4" in plan["table"]["scaled_by_gflops"]
+    t = plan["totals"]
+    assert t["accel_hours"] == pytest.approx(t["train_accel_hours"] + t["sampling_accel_hours"], rel=1e-12)
+
+
+def test_the_table_flags_evaluation_above_a_third_and_says_how_to_cut_it():
+    heavy = plan_sweep(load_spec(SWEEPS / "gflops.yaml"))  # eight FID-50K evaluations of DDPM-250 per run
+    text = format_table(heavy)
+    t = heavy["totals"]
+    assert t["sampling_accel_hours"] > t["accel_hours"] / 3
+    assert f"note: evaluation is {t['sampling_accel_hours'] / t['accel_hours']:.0%} of the accelerator-hours" in text
+    assert "FID-10K at intermediate steps" in text
+    light = plan_sweep(load_spec(SWEEPS / "gflops.yaml", ["eval.at_steps=[400000]", "eval.num_samples=10000"]))
+    assert light["totals"]["sampling_accel_hours"] < light["totals"]["accel_hours"] / 3
+    assert "note: evaluation is" not in format_table(light)
+
+
+def test_an_unknown_gpu_kind_is_one_line_naming_the_kinds_there_are():
+    with pytest.raises(HarnessError, match=r"--gpu a100: no packaged throughputs for this GPU kind \(have: h100, h200\)"):
+        plan_sweep(load_spec(SWEEPS / "smoke.yaml"), gpu="a100")
 
 
 def test_cli_plan_json_smoke(capsys):
