@@ -176,11 +176,53 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
     return out
 
 
+@dataclasses.dataclass
+class Progress:
+    """What a run's records say of its pace: latest FID, training wall time, speed."""
+    fid: float | None = None
+    fid_step: int | None = None
+    elapsed_s: float = 0.0            # training wall time, summed over every attempt (resumes included)
+    images_per_s: float | None = None  # at the last logged step
+    steps_per_s: float | None = None
+
+
+def run_progress(rdir: Path) -> Progress:
+    """Progress from train.jsonl and eval.jsonl; each attempt's wall_s restarts at 0, so attempts are summed."""
+    folder = layout.RunFolder(rdir)
+    out, last_wall = Progress(), 0.0
+    for rec in read_jsonl(folder.train_log):
+        wall = float(rec.get("wall_s") or 0.0)
+        if wall < last_wall:  # a new attempt: the previous one ran for last_wall seconds
+            out.elapsed_s += last_wall
+        last_wall = wall
+        out.images_per_s, out.steps_per_s = rec.get("images_per_s"), rec.get("steps_per_s")
+    out.elapsed_s += last_wall
+    for rec in read_jsonl(folder.eval_log):
+        if rec.get("fid") is not None:
+            out.fid, out.fid_step = float(rec["fid"]), int(rec.get("step", 0))
+    return out
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes = seconds / 60
+    return f"{seconds:.0f}s" if seconds < 90 else f"{minutes:.0f}m" if minutes < 90 else f"{minutes / 60:.1f}h"
+
+
 def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
-    rows = [["run_id", "state", "step", "evals", "job", "reason"]]
+    """A table: state, step, evaluations, latest FID, training wall time, images/s, a training ETA (remaining
+    steps at the last logged speed; evaluations not included), job and reason; then counts per state."""
+    rows = [["run_id", "state", "step", "evals", "fid", "elapsed", "img/s", "eta", "job", "reason"]]
     for s in statuses:
         steps = s.run.train.steps if not s.run.checkpoints_from else max(s.run.eval.at_steps)
+        p = run_progress(s.dir)
+        active = p.steps_per_s and steps > s.step and s.state not in ("done", "failed")
+        eta = (steps - s.step) / p.steps_per_s if active else None
         rows.append([s.run.run_id, s.state, f"{s.step}/{steps}", f"{s.evals[0]}/{s.evals[1]}",
+                     f"{p.fid:.2f}@{p.fid_step}" if p.fid is not None else "-",
+                     _duration(p.elapsed_s) if p.elapsed_s else "-",
+                     f"{p.images_per_s:,.0f}" if p.images_per_s else "-", _duration(eta),
                      s.job_id or "-", (s.reason or "").replace(str(s.dir), "run")[:160]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

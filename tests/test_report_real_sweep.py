@@ -140,3 +140,38 @@ def test_report_pdf_of_a_real_sweep(real_sweep, tmp_path):
     assert [p.split(" ", 1)[1] for p in manifest["pdf_pages"] if p.startswith("figure")] == [
         f for f in manifest["figures"] if f != "fid_vs_gflops"]
     _assert_not_blank(pages)
+
+
+def test_status_reads_pace_and_latest_fid_from_what_the_trainer_wrote(real_sweep):
+    """`harness status` of the real sweep: per run the last FID with its step, the summed training wall time and
+    the last logged images/s, as train.jsonl and eval.jsonl hold them; no ETA for a finished run."""
+    from harness.status import run_progress
+
+    results, _, _ = real_sweep
+    proc = subprocess.run([sys.executable, "-m", "harness", "status", str(SMOKE), "--results", str(results)],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.splitlines()
+    assert header.split() == ["run_id", "state", "step", "evals", "fid", "elapsed", "img/s", "eta", "job", "reason"]
+    for run in load_spec(SMOKE).expand():
+        rdir = results / "smoke" / "runs" / run.run_id
+        train = list(read_jsonl(rdir / "train.jsonl"))
+        last_eval = [r for r in read_jsonl(rdir / "eval.jsonl") if r.get("fid") is not None][-1]
+        p = run_progress(rdir)
+        assert (p.fid, p.fid_step) == (last_eval["fid"], last_eval["step"])
+        assert p.images_per_s == train[-1]["images_per_s"] and p.elapsed_s == train[-1]["wall_s"]  # one attempt
+        (row,) = [r.split() for r in rows if r.startswith(run.run_id)]
+        assert row[1] == "done" and row[4] == f"{last_eval['fid']:.2f}@{last_eval['step']}"
+        assert row[6] == f"{train[-1]['images_per_s']:,.0f}" and row[7] == "-"
+
+
+def test_elapsed_time_sums_the_attempts_of_a_resumed_run(tmp_path):
+    """wall_s restarts at 0 in each attempt (the trainer's clock starts with its process)."""
+    from harness.io import append_jsonl
+    from harness.status import run_progress
+
+    log = tmp_path / "train.jsonl"
+    for step, wall in ((10, 5.0), (20, 9.0), (20, 2.0), (30, 6.5)):  # killed after 9 s, resumed for 6.5 s
+        append_jsonl(log, {"step": step, "wall_s": wall, "images_per_s": 100.0 + step, "steps_per_s": 1.0})
+    p = run_progress(tmp_path)
+    assert p.elapsed_s == 9.0 + 6.5 and p.images_per_s == 130.0 and p.fid is None
