@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/mini.yaml
+# ARGS: more words for sweep, plan and status, e.g. ARGS=--dry-run or ARGS="train.lr=2e-4 name=gflops-lr"
+ARGS ?=
 COMMA := ,
 
 .PHONY: venv sweep report report-paper plan status test test-fast mutation slurm slurm-down system-deps clean-venv
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 sweep: venv  ## run a sweep end to end (default: the CPU mini study), then render its report
-	$(BIN)/harness sweep $(SWEEP)
+	$(BIN)/harness sweep $(SWEEP) $(ARGS)
 
 report: venv  ## render reports/<sweep>/index.html and report.pdf again
 	$(BIN)/harness report $(SWEEP)
@@ -27,10 +29,10 @@ report-paper: venv  ## the paper's own Table 4 as a report: reports/paper/
 	$(BIN)/harness report --paper
 
 plan: venv  ## runs, Gflops and compute of a sweep, without running it
-	$(BIN)/harness plan $(SWEEP)
+	$(BIN)/harness plan $(SWEEP) $(ARGS)
 
 status: venv
-	$(BIN)/harness status $(SWEEP)
+	$(BIN)/harness status $(SWEEP) $(ARGS)
 
 # Tiny models: one intra-op thread per process beats two threads fighting over two cores.
 test: venv  ## the whole suite, slow tests included (what CI runs)
