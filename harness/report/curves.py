@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.report.figures import PRINT_WIDTH_IN, _model_order, _se_bars, main_conditioning, style_for
+from harness.report.figures import COND_COLOURS, PRINT_WIDTH_IN, _model_order, _se_bars, main_conditioning, style_for
 from harness.results import METRICS, default_setting
 
 LOSS_TERMS = {"loss": "loss (mse + vb)", "mse": "mse (noise prediction)", "vb": "vb (variational bound)"}
@@ -25,8 +25,8 @@ def _run_styles(runs: list[dict]) -> dict[str, dict]:
     out = {}
     for run in sorted(runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", ""))):
         st = style_for(run.get("size"), run.get("patch"), seen)
-        if run.get("conditioning") != "adaLN-Zero":
-            st = {**st, "linestyle": "-."}
+        if run.get("conditioning") != "adaLN-Zero":  # the ablation's blocks: their own colours
+            st = {**st, "linestyle": "-.", "color": COND_COLOURS.get(run.get("conditioning"), st["color"])}
         out[run.get("run_id", "")] = st
     return out
 
