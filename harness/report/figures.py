@@ -129,7 +129,8 @@ def uncertainty_caption(frame: pd.DataFrame) -> str:
         parts.append("bars: 90% interval of each FID (± 1.645 bootstrap standard errors over the samples)")
     if seeds > 1:
         parts.append(f"shaded: range over {seeds} seeds")
-    return ("; ".join(parts).capitalize() + ".") if parts else "One seed and no standard error recorded: no bars."
+    text = "; ".join(parts)
+    return (text[:1].upper() + text[1:] + ".") if parts else "One seed and no standard error recorded: no bars."
 
 
 def fid_vs_gflops(models: pd.DataFrame, corr: analysis.Correlation | None, fit: analysis.PowerLawFit | None,

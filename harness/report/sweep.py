@@ -158,9 +158,11 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
         bars = " Bars: 90% interval of each FID (± 1.645 standard errors)." if v.models["fid_se"].notna().any() else ""
         rep.figures.insert(0, FigureSpec(
             "fid_vs_gflops", "FID vs transformer Gflops",
-            f"One point per model at step {v.step:,} ({v.cond}, seed mean); log x.{bars} Black line: power law "
-            "fitted to the points; grey band: its 95% bootstrap band (runs resampled). The box gives the "
-            "correlation of FID with log10(Gflops).", F.fid_vs_gflops(v.models, c, gfit, v.step, paper_rows=v.paper_rows)))
+            f"One point per model at step {v.step:,} ({v.cond}, seed mean); log x.{bars}"
+            + (" Black line: power law fitted to the points; grey band: its 95% bootstrap band (runs resampled)."
+               if gfit is not None else " No fit: it needs at least 3 models at this step.")
+            + (" The box gives the correlation of FID with log10(Gflops)." if c is not None and np.isfinite(c.pearson_r)
+               else ""), F.fid_vs_gflops(v.models, c, gfit, v.step, paper_rows=v.paper_rows)))
 
 
 def _resolved(status: str) -> str:
