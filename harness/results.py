@@ -51,6 +51,7 @@ class SweepResults:
     missing: dict[str, str] = field(default_factory=dict)  # run_id -> why it has no evaluation
     spec_text: str | None = None    # results/<name>/spec.yaml, if present
     throughput: dict[str, dict] = field(default_factory=dict)  # run_id -> train_throughput(train.jsonl)
+    train_logs: dict[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> train.jsonl, one row a line
 
     @property
     def run_ids(self) -> list[str]:
@@ -110,10 +111,8 @@ def train_throughput(train_records: list[dict]) -> dict | None:
             "peak_mem_mb": max(peaks) if peaks else None, "log_lines": len(recs)}
 
 
-def _rows_of_run(run: dict, run_dir: Path) -> list[dict]:
-    folder = layout.RunFolder(run_dir)
-    evals = list(read_jsonl(folder.eval_log))
-    train = list(read_jsonl(folder.train_log))
+def _rows_of_run(run: dict, run_dir: Path, train: list[dict]) -> list[dict]:
+    evals = list(read_jsonl(layout.RunFolder(run_dir).eval_log))
     data, tr = run.get("data") or {}, run.get("train") or {}
     gflops = run.get("gflops")
     batch = tr.get("global_batch")
@@ -155,7 +154,7 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     root = layout.sweep_dir(results_root, name)
     runs_dir = root / layout.RUNS_DIR
     expected = layout.read_expected_runs(root)
-    runs, rows, missing, throughput = [], [], {}, {}
+    runs, rows, missing, throughput, train_logs = [], [], {}, {}, {}
     run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     for run_dir in run_dirs:
         if not layout.RunFolder(run_dir).run_json.is_file():
@@ -163,10 +162,13 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
             continue
         run = layout.read_run_json(run_dir)
         runs.append(run)
-        speed = train_throughput(list(read_jsonl(layout.RunFolder(run_dir).train_log)))
+        train = list(read_jsonl(layout.RunFolder(run_dir).train_log))
+        speed = train_throughput(train)
         if speed is not None:
             throughput[run.get("run_id", run_dir.name)] = speed
-        run_rows = _rows_of_run(run, run_dir)
+        if train:
+            train_logs[run.get("run_id", run_dir.name)] = pd.DataFrame(train).sort_values("step", kind="stable")
+        run_rows = _rows_of_run(run, run_dir, train)
         if not run_rows:
             missing[run.get("run_id", run_dir.name)] = "no evaluation yet (eval.jsonl empty or absent)"
         rows.extend(run_rows)
@@ -188,7 +190,8 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
     if missing:
         log.warning("sweep %s: %d run(s) without evaluation: %s", name, len(missing), ", ".join(sorted(missing)))
     return SweepResults(name=name, root=root, frame=frame, runs=runs, expected=expected,
-                        missing=dict(sorted(missing.items())), spec_text=spec_text, throughput=throughput)
+                        missing=dict(sorted(missing.items())), spec_text=spec_text, throughput=throughput,
+                        train_logs=train_logs)
 
 
 def load_results(results_root: str | Path, sweep: str | Path) -> pd.DataFrame:

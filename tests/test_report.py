@@ -1,6 +1,7 @@
 """The rendered report: files, HTML content, PDF pages (pdftoppm), the paper report, partial sweeps."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import stat
@@ -20,8 +21,10 @@ from harness.report import figures as F
 from harness.report.sweep import paper_setup_matches
 from report_synth import rendered_partial_sweep, rendered_scaling_sweep
 
-SWEEP_FIGURES = ["fid_vs_steps", "fid_vs_gflops", "fid_vs_train_compute", "compute_optimal", "conditioning",
-                 "sampling_compute", "samples"]
+SWEEP_FIGURES = ["fid_vs_gflops", "fid_vs_steps", "fid_vs_train_compute", "training_loss", "metrics_vs_steps",
+                 "metrics_vs_compute", "compute_optimal", "conditioning", "sampling_compute", "samples"]
+DEJAVU_BOX_EM = 0.928 + 0.236  # DejaVu Sans ascent + descent: poppler's word box is this many em tall
+MIN_PT = 8.0
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +46,53 @@ def _pdf_pages(pdf: Path, tmp: Path) -> list[np.ndarray]:
     subprocess.run(["pdftoppm", "-r", "40", "-gray", "-png", str(pdf), str(tmp / "page")], check=True, timeout=120)
     files = sorted(tmp.glob("page-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     return [np.asarray(Image.open(f).convert("L"), dtype=float) for f in files]
+
+
+def _box(attrs: str) -> tuple[float, float, float, float]:
+    return tuple(float(re.search(rf'{k}="([-\d.]+)"', attrs).group(1)) for k in ("xMin", "yMin", "xMax", "yMax"))
+
+
+def pdf_font_sizes(pdf: Path) -> list[tuple[int, str, float]]:
+    """(page, word, font size in pt) of every word, from poppler's `pdftotext -bbox-layout`: the word box's
+    extent across the reading direction over DEJAVU_BOX_EM. A line of several words runs down the page (a
+    rotated axis label) when it is taller than wide; a one-word line is read as horizontal, so a rotated
+    one-word label is measured along its length (a short one reads too small, a long one is not checked)."""
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext absent: apt-get install -y poppler-utils")
+    xml = subprocess.run(["pdftotext", "-bbox-layout", str(pdf), "-"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    out = []
+    for page_no, page in enumerate(xml.split("<page ")[1:], 1):
+        for head, body in re.findall(r"<line ([^>]*)>(.*?)</line>", page, re.S):
+            words = [(_box(a), html.unescape(t)) for a, t in re.findall(r"<word ([^>]*)>([^<]*)</word>", body)]
+            x0, y0, x1, y1 = _box(head)
+            vertical = len(words) > 1 and (y1 - y0) > (x1 - x0)
+            for (wx0, wy0, wx1, wy1), text in words:
+                out.append((page_no, text, ((wx1 - wx0) if vertical else (wy1 - wy0)) / DEJAVU_BOX_EM))
+    return out
+
+
+def pdf_page_sizes(pdf: Path) -> set[str]:
+    info = subprocess.run(["pdfinfo", "-f", "1", "-l", "1000", str(pdf)], capture_output=True, text=True,
+                          check=True).stdout
+    return set(re.findall(r"Page\s+\d+ size:\s+(.*)", info))
+
+
+def assert_printable(pdf: Path) -> list[tuple[int, str, float]]:
+    """One page size (A4) and no word under MIN_PT, in DejaVu fonts only (what the size estimate assumes)."""
+    fonts = subprocess.run(["pdffonts", str(pdf)], capture_output=True, text=True, check=True).stdout
+    names = [ln.split()[0] for ln in fonts.splitlines()[2:] if ln.strip()]
+    assert names and all("DejaVu" in n for n in names), names
+    assert len(pdf_page_sizes(pdf)) == 1 and "A4" in next(iter(pdf_page_sizes(pdf)))
+    sizes = pdf_font_sizes(pdf)
+    small = [(p, w, round(s, 2)) for p, w, s in sizes if s < MIN_PT * 0.99]
+    assert len(sizes) > 200 and not small, small[:20]
+    return sizes
+
+
+def _need_pdf(manifest: dict) -> None:
+    if manifest["pdf"] is None:
+        pytest.skip(manifest["pdf_note"])
 
 
 def _assert_not_blank(pages: list[np.ndarray]) -> None:
@@ -69,6 +119,12 @@ def test_sweep_report_html_content(sweep_report):
     for src in re.findall(r'<img src="([^"]+)"', html):
         assert (folder / src).is_file(), src
     assert len(re.findall(r"<img ", html)) == len(SWEEP_FIGURES)
+    # the report opens with the headline figure and the findings table, each finding linked to its figure
+    assert html.index('id="headline"') < html.index('id="findings"') < html.index('id="scaling"')
+    assert html.index('id="fig-fid_vs_gflops"') < html.index("<h2")
+    assert 'href="#fig-fid_vs_gflops"' in html and 'href="#fig-conditioning"' in html
+    assert re.search(r'<details id="details">', html)  # collapsed on screen
+    assert "nan" not in re.sub(r"<details.*</details>", "", html, flags=re.S).lower().replace("nano", "")
     assert "Missing runs" in html
     for rid in ids["missing"]:
         assert rid in html and rid in manifest["missing"]
@@ -100,18 +156,32 @@ def test_paper_overlay_only_where_setup_matches():
 
 
 @pytest.mark.system
-def test_sweep_pdf_pages(sweep_report, tmp_path):
+def test_sweep_pdf_is_printable(sweep_report, tmp_path):
+    """The PDF Chromium printed: A4 throughout, no text under 8 pt, page 1 the headline and findings,
+    the figures as vectors (their labels are text), the collapsed details printed open."""
     folder, manifest, _ = sweep_report
-    pages = _pdf_pages(folder / "report.pdf", tmp_path)
-    expected = manifest["pdf_pages"]
-    assert len(pages) == len(expected)
-    # the headline figure with the findings table first, the summary, every other figure in order,
-    # then tables and the spec
-    assert expected[0] == "headline" and expected[1].startswith("summary")
-    assert [p.split(" ", 1)[1] for p in expected if p.startswith("figure")] == [
-        f for f in SWEEP_FIGURES if f != "fid_vs_gflops"]
-    assert any(p.startswith("tables") for p in expected) and expected[-1].startswith("spec")
-    _assert_not_blank(pages)
+    _need_pdf(manifest)
+    pdf = folder / "report.pdf"
+    sizes = assert_printable(pdf)
+    page1 = " ".join(w for p, w, _ in sizes if p == 1)
+    assert "FID vs transformer Gflops" in page1 and "Findings and their uncertainty" in page1
+    assert "Pearson" in page1  # the figure's own text box: a vector figure, not a picture of one
+    words = " ".join(w for _, w, _ in sizes)
+    assert "Sweep spec" in words and "Environment" in words and "Training loss" in words
+    _assert_not_blank(_pdf_pages(pdf, tmp_path))
+
+
+def test_report_without_chromium_still_writes_the_html(tmp_path, monkeypatch, capsys):
+    """No browser on a laptop: index.html and the figures are written, the PDF is not, one line says why."""
+    from report_synth import write_sweep
+
+    write_sweep(tmp_path / "results", "nobrowser", conditioning_ablation=False, sampling=False)
+    monkeypatch.setenv("HARNESS_CHROMIUM", str(tmp_path / "no-such-browser"))
+    assert main(["report", "nobrowser", "--results", str(tmp_path / "results"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("report.pdf not written: no Chromium found") for line in out), out
+    assert (tmp_path / "nobrowser" / "index.html").is_file() and not (tmp_path / "nobrowser" / "report.pdf").exists()
+    assert not (tmp_path / "nobrowser" / ".print.html").exists()
 
 
 @pytest.mark.system
@@ -124,9 +194,9 @@ def test_paper_report(paper_report, tmp_path):
     assert manifest["figures"] == ["fid_vs_gflops", "fid_vs_train_compute", "conditioning"]
     svg = (paper_report / "figures" / "fid_vs_gflops.svg").read_text()
     assert "-0.930" in svg and "DiT-XL/2" in svg
-    pages = _pdf_pages(paper_report / "report.pdf", tmp_path)
-    assert len(pages) == len(manifest["pdf_pages"]) == 5
-    _assert_not_blank(pages)
+    _need_pdf(manifest)
+    assert_printable(paper_report / "report.pdf")
+    _assert_not_blank(_pdf_pages(paper_report / "report.pdf", tmp_path))
     tidy = pd.read_csv(paper_report / "table4_tidy.csv")
     xl = tidy[(tidy["model"] == "DiT-XL/2") & (tidy["step"] == 400000) & (tidy["conditioning"] == "adaLN-Zero")
               & (tidy["image_size"] == 256)]
@@ -155,7 +225,8 @@ def test_degenerate_sweeps_still_report(tmp_path, models, steps):
         write_run(tmp_path / "tiny" / "runs", m, "adaLN-Zero", 0, rng, steps=steps, grid=False)
     rep = build_sweep_report(load_sweep(tmp_path, "tiny"), n_boot=20)
     names = [f.name for f in rep.figures]
-    assert names[:2] == ["fid_vs_steps", "fid_vs_gflops"] and "samples" not in names
+    assert names[:2] == ["fid_vs_gflops", "fid_vs_steps"] and rep.headline == "fid_vs_gflops"
+    assert "samples" not in names
     fits = next(t for t in rep.tables if t.title == "Fits")
     for row in fits.rows:  # < 3 runs: the interval is reported as unknown, never as a fake zero width
         assert "CI n/a" in row[3] and "nan" not in row[3]
@@ -177,7 +248,10 @@ def test_scaling_sweep_report_has_the_forecast_section(tmp_path_factory):
     assert "F_inf" not in html
     for m in re.finditer(r"E = (\S+)", notes):  # the saturating offset: an interval or 'not identified'
         assert m.group(1) == "not" or "[" in notes[m.end():m.end() + 40]
-    assert manifest["pdf_pages"][0] == "headline"
+    assert manifest["headline"] == "fid_vs_gflops"
+    findings = re.search(r'<section id="findings">.*?</section>', html, re.S).group(0)
+    assert "back-test" not in findings.lower() or "predicts held-out" in findings
+    assert "forecast:" not in findings and "E ended on a bound" not in findings and " | " not in findings
 
 
 @pytest.mark.slow
@@ -194,6 +268,7 @@ def test_report_written_under_umask_022_is_readable_by_the_group(tmp_path):
     finally:
         os.umask(old)
     out = tmp_path / "reports" / "umask"
-    files = [out / "index.html", out / "report.pdf", out / "results.csv", *sorted((out / "figures").iterdir())]
+    files = [out / "index.html", *[out / "report.pdf"][:(out / "report.pdf").exists()], out / "results.csv",
+             *sorted((out / "figures").iterdir())]
     assert len(files) > 5
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}

@@ -31,7 +31,7 @@ def browser(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     for arg in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1280,900"]:
+                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,900"]:
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
@@ -58,6 +58,27 @@ def _severe(driver) -> list[dict]:
     return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
 
 
+ORDER_JS = """const main = document.querySelector('main');
+return Array.from(main.children).filter(e => e.offsetHeight > 0).map(e => ({id: e.id, tag: e.tagName,
+    top: e.getBoundingClientRect().top + window.scrollY, open: e.open === true}));"""
+
+
+def reading_order(driver) -> list[dict]:
+    """The report's top-level blocks as a person scrolls through them (visible ones, top to bottom)."""
+    return sorted(driver.execute_script(ORDER_JS), key=lambda b: b["top"])
+
+
+def assert_opens_with_headline(driver) -> None:
+    """Headline figure first, in the first screen at 1400 px; then the findings table; the details collapsed."""
+    blocks = reading_order(driver)
+    assert [b["id"] for b in blocks[:2]] == ["headline", "findings"], blocks
+    head = driver.find_element("css selector", "#headline img")
+    assert head.get_attribute("src").endswith("figures/fid_vs_gflops.png") and head.size["width"] > 600
+    assert head.location["y"] < driver.execute_script("return window.innerHeight")
+    details = next(b for b in blocks if b["id"] == "details")
+    assert not details["open"] and details is blocks[-1]
+
+
 def test_checks_catch_a_broken_page(browser, tmp_path):
     """Negative control: a missing image is seen by both checks, so their passing below means something."""
     (tmp_path / "broken.html").write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head>'
@@ -78,6 +99,7 @@ def test_report_in_headless_chromium(browser, tmp_path_factory, tmp_path):
     assert not _severe(browser), _severe(browser)
     text = browser.find_element("tag name", "body").text
     assert "Missing runs" in text and all(rid in text for rid in ids["missing"])
+    assert_opens_with_headline(browser)
     # full-page screenshot
     height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(1280, min(int(height) + 50, 16000))
@@ -98,7 +120,9 @@ def test_forecast_figures_in_headless_chromium(browser, tmp_path_factory):
         assert img["complete"] and img["w"] > 300 and img["h"] > 200, img
     assert not _severe(browser), _severe(browser)
     text = browser.find_element("tag name", "body").text
-    assert "Findings and their uncertainty" in text and "Forecast back-test" in text
+    assert "Findings and their uncertainty" in text and "llo err" not in text  # the candidate laws: collapsed
+    browser.find_element("css selector", "#details > summary").click()
+    assert "llo err" in browser.find_element("tag name", "body").text
     assert browser.find_element("css selector", 'a[href="#fig-forecast_backtest"]').is_displayed()
     assert browser.find_element("css selector", "#fig-forecast_backtest img").is_displayed()
 

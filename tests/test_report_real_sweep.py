@@ -19,7 +19,8 @@ from PIL import Image
 
 from harness.io import read_jsonl
 from harness.spec import load_spec
-from test_report import SWEEP_FIGURES, _assert_not_blank, _pdf_pages
+from test_report import SWEEP_FIGURES, _assert_not_blank, _need_pdf, _pdf_pages, assert_printable
+from test_report_browser import CHROMEDRIVER, CHROMIUM, _open, _severe, assert_opens_with_headline, browser  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -131,15 +132,43 @@ def test_analysis_loads_a_real_sweep(real_sweep):
 
 @pytest.mark.system
 def test_report_pdf_of_a_real_sweep(real_sweep, tmp_path):
+    """A4 throughout, nothing under 8 pt, page 1 opens with the headline figure and the findings."""
     _, reports, _ = real_sweep
     manifest = json.loads((reports / "smoke" / "manifest.json").read_text())
-    pages = _pdf_pages(reports / "smoke" / "report.pdf", tmp_path)
-    assert len(pages) == len(manifest["pdf_pages"])
-    # page 1 is the headline figure with the findings; every other figure has a page of its own, in order
-    assert manifest["pdf_pages"][0] == "headline"
-    assert [p.split(" ", 1)[1] for p in manifest["pdf_pages"] if p.startswith("figure")] == [
-        f for f in manifest["figures"] if f != "fid_vs_gflops"]
-    _assert_not_blank(pages)
+    _need_pdf(manifest)
+    sizes = assert_printable(reports / "smoke" / "report.pdf")
+    page1 = " ".join(w for p, w, _ in sizes if p == 1)
+    assert "FID vs transformer Gflops" in page1 and "Findings and their uncertainty" in page1
+    _assert_not_blank(_pdf_pages(reports / "smoke" / "report.pdf", tmp_path))
+
+
+@pytest.mark.browser
+def test_real_sweep_report_as_a_person_reads_it(real_sweep, request):
+    """In headless Chromium: the headline first, then the findings; the trainer's loss curves, every metric
+    over training, real and generated grids, and a cost table with one row per run and the total."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs Debian chromium + chromium-driver: apt-get install -y chromium chromium-driver")
+    driver = request.getfixturevalue("browser")
+    results, reports, _ = real_sweep
+    driver.get_log("browser")
+    images = _open(driver, reports / "smoke" / "index.html")
+    assert images and all(i["complete"] and i["w"] > 0 for i in images), images
+    assert not _severe(driver), _severe(driver)
+    assert_opens_with_headline(driver)
+    for name in ("training_loss", "metrics_vs_steps", "metrics_vs_compute", "samples"):
+        assert driver.find_element("css selector", f"#fig-{name} img").is_displayed(), name
+    svg = (reports / "smoke" / "figures" / "training_loss.svg").read_text()
+    assert "loss (mse + vb)" in svg and "vb (variational bound)" in svg
+    metrics = (reports / "smoke" / "figures" / "metrics_vs_steps.svg").read_text()
+    assert "Precision" in metrics and "Recall" in metrics and "FID" in metrics
+    assert "real training images" in (reports / "smoke" / "figures" / "samples.svg").read_text()
+    cost = driver.find_element("css selector", "#cost table")
+    rows = [r.text for r in cost.find_elements("css selector", "tbody tr")]
+    runs = load_spec(SMOKE).expand()
+    assert len(rows) == len(runs) + 1 and rows[-1].startswith("all runs"), rows
+    # the total is the sum of the runs' device-hours, as the table prints them (3 significant digits)
+    hours = [float(r.find_elements("css selector", "td")[5].text) for r in cost.find_elements("css selector", "tbody tr")]
+    assert hours[-1] == pytest.approx(sum(hours[:-1]), rel=0.02) and hours[-1] > 0
 
 
 def test_status_reads_pace_and_latest_fid_from_what_the_trainer_wrote(real_sweep):

@@ -31,7 +31,9 @@ def cli_report(args: argparse.Namespace) -> int:
         raise HarnessError("harness report: name a sweep (sweeps/NAME.yaml or NAME), or pass --paper")
     if args.paper:
         manifest = render_paper_report(args.out)
-        print(f"wrote {Path(args.out) / manifest['name'] / 'index.html'} and report.pdf")
+        print(f"wrote {Path(args.out) / manifest['name'] / 'index.html'}" + (" and report.pdf" if manifest["pdf"] else ""))
+        if manifest["pdf_note"]:
+            print(manifest["pdf_note"])
         for note in manifest["notes"][:1]:
             print(note)
     if args.sweep:
@@ -43,7 +45,9 @@ def report_sweep(results_root, sweep, out_root) -> dict:
     """Render a sweep's report and say on stdout where it is and which runs are missing."""
     manifest = render_sweep_report(results_root, sweep, out_root)
     out = Path(out_root) / manifest["name"]
-    print(f"wrote {out / 'index.html'}, {out / 'report.pdf'}, {out / manifest['csv']}")
+    print(f"wrote {out / 'index.html'}, " + (f"{out / 'report.pdf'}, " if manifest["pdf"] else "") + f"{out / manifest['csv']}")
+    if manifest["pdf_note"]:
+        print(manifest["pdf_note"])
     if manifest["missing"]:
         print(f"partial sweep: {len(manifest['missing'])} run(s) missing: {', '.join(manifest['missing'])}")
     return manifest

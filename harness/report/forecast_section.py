@@ -28,7 +28,7 @@ def hold_out_spec(points: pd.DataFrame) -> str:
 def backtest_figure(points: pd.DataFrame, res: dict) -> Figure:
     """Left: every eligible law's predictions of the held-out runs with their intervals against the
     actual FID; right: the chosen law's residuals log(predicted / actual) against Gflops."""
-    fig = Figure(figsize=(9.6, 4.4), dpi=110, layout="constrained")
+    fig = Figure(figsize=(7.0, 5.6), dpi=110, layout="constrained")  # printed 1:1 (report.figures.PRINT_WIDTH_IN)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     fig.suptitle(f"Back-test: hold out {res['hold_out']}, fit on the rest ({res['level']:.0%} intervals)", fontsize=11)
     eligible = [c for c in res["candidates"] if c["eligible"] and c["predictions"]]
@@ -48,7 +48,7 @@ def backtest_figure(points: pd.DataFrame, res: dict) -> Figure:
     ax1.set_xlabel("actual FID (held-out runs)")
     ax1.set_ylabel("predicted FID")
     ax1.grid(True, alpha=0.3)
-    ax1.legend(fontsize=6, loc="upper left", framealpha=0.85)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)  # off the bars
     best = next(c for c in res["candidates"] if c["chosen"])
     fitted = forecast.backtest_fit(points, res)
     train = points[~points["name"].isin(res["test"])]

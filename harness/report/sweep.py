@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import analysis, laws, layout
+from harness import analysis, laws
 from harness.errors import HarnessError
 from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
 from harness.report.forecast_section import add_forecast_section
+from harness.report import training
 from harness.report.render import FigureSpec, Report, Table, write_report
 from harness.results import METRICS, SweepResults, default_setting, load_sweep
 
@@ -71,7 +72,7 @@ class SweepView:
     step: int
     corrs: list
     paper_rows: list[dict] | None  # the paper's 400K-step rows, when its setup matches this sweep's
-    findings: list[list[str]] = field(default_factory=list)  # [finding, value, interval, status]: PDF page 1
+    findings: list[list[str]] = field(default_factory=list)  # [finding, value, interval, resolved?, figure]
 
     @property
     def fid_corr(self):
@@ -108,18 +109,23 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
     """FID vs training steps; FID vs Gflops at one step, its correlation and power law; patch pairs."""
     if v.main["fid"].notna().any():
         rep.figures.append(FigureSpec("fid_vs_steps", "FID vs training steps",
-                                      f"One line per model ({v.cond}); colour = size, line style = patch. Shaded: "
-                                      "range over seeds.", F.fid_vs_steps(v.default, paper_rows=v.paper_rows)))
+                                      f"One line per model ({v.cond}, seed mean); colour = size, line style = patch. "
+                                      + F.uncertainty_caption(v.main),
+                                      F.fid_vs_steps(v.default, paper_rows=v.paper_rows)))
     gfit = None
     ok = v.models["fid"].notna()
     if ok.sum() >= 3 and v.models.loc[ok, "gflops"].nunique() >= 2:
         gfit = analysis.fit_power_law(v.models.loc[ok, "gflops"], v.models.loc[ok, "fid"], n_boot=n_boot)
         fits.append(_fit_row(f"FID vs Gflops (step {v.step:,})", gfit, f"a = {_g(gfit.a)}",
                              f"b = {gfit.b:.4f} {analysis.ci_text(gfit.b_ci, '.4f')}", _g(gfit.r2, 3)))
-        v.findings.append([f"FID vs Gflops exponent (step {v.step:,})", f"{gfit.b:.3f}", analysis.ci_text(gfit.b_ci),
-                           "resolved" if gfit.b_ci[1] < 0 else "not resolved at this budget"])
+        v.findings.append([f"Larger models reach lower FID: exponent b of FID ∝ Gflops^b at step {v.step:,}",
+                           f"b = {gfit.b:.3f}", analysis.ci_text(gfit.b_ci) + " (95%)",
+                           "yes: b < 0" if gfit.b_ci[1] < 0 else "no: the interval reaches 0", "fid_vs_gflops"])
     c = v.fid_corr
     if c is not None and np.isfinite(c.pearson_r):
+        v.findings.insert(0, [f"FID falls as model Gflops grow: correlation over {c.n} models at step {v.step:,}",
+                              f"r = {c.pearson_r:.2f} (Spearman ρ = {c.spearman_rho:.2f})", f"p = {c.pearson_p:.2g}",
+                              "yes: p < 0.05" if c.pearson_p < 0.05 else "no: p ≥ 0.05", "fid_vs_gflops"])
         rep.notes.append(f"At step {v.step:,}, Pearson r between log10(Gflops) and FID over {c.n} models is "
                          f"{c.pearson_r:.3f} (p = {c.pearson_p:.2g}); Spearman ρ = {c.spearman_rho:.3f}. The paper "
                          f"reports {PAPER_CORRELATION_LOG_GFLOPS_FID} for its 12 models at 400K steps.")
@@ -133,9 +139,10 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
                          f"{wins} of {len(pairs)} pairs, {resolved} of them resolved ({detail}). The paper finds "
                          "smaller patches better at every size.")
         for p in pairs:
-            v.findings.append([f"{p['size']}: patch /{p['small_patch']} vs /{p['large_patch']} (FID)",
-                               f"{p['small']:.3g} vs {p['large']:.3g}",
-                               f"± {1.645 * p['small_se']:.2g} / ± {1.645 * p['large_se']:.2g}", p["status"]])
+            better = "smaller" if p["smaller_wins"] else "larger"
+            v.findings.append([f"Size {p['size']}: the {better} patch gives the lower FID (/{p['small_patch']} vs "
+                               f"/{p['large_patch']})", f"{p['small']:.3g} vs {p['large']:.3g}",
+                               _pm_pair(p["small_se"], p["large_se"]), _resolved(p["status"]), "fid_vs_gflops"])
     all_blocks, _ = analysis.per_model(v.default, v.step)
     for model, ranked in analysis.conditioning_ranking(all_blocks).items():
         order = " < ".join(f"{c} {_pm(val, se)}" for c, val, se in ranked)
@@ -144,14 +151,31 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
                          f"{', '.join(steps_)}. The paper's order on DiT-XL/2: adaLN-Zero < adaLN < "
                          "cross-attention < in-context.")
         for a, b, st in zip(ranked, ranked[1:], steps_):
-            v.findings.append([f"{model}: {a[0]} vs {b[0]} (FID)", f"{a[1]:.3g} vs {b[1]:.3g}",
-                               f"± {1.645 * a[2]:.2g} / ± {1.645 * b[2]:.2g}", st])
+            v.findings.append([f"{model}: {a[0]} gives a lower FID than {b[0]}", f"{a[1]:.3g} vs {b[1]:.3g}",
+                               _pm_pair(a[2], b[2]), _resolved(st), "conditioning"])
     if v.models["fid"].notna().any():
         rep.headline = "fid_vs_gflops"
-        rep.figures.append(FigureSpec("fid_vs_gflops", "FID vs transformer Gflops",
-                                      "One point per model at one step (seed mean); log x; black: power-law fit "
-                                      "with its 95% bootstrap band.",
-                                      F.fid_vs_gflops(v.models, c, gfit, v.step, paper_rows=v.paper_rows)))
+        bars = " Bars: 90% interval of each FID (± 1.645 standard errors)." if v.models["fid_se"].notna().any() else ""
+        rep.figures.insert(0, FigureSpec(
+            "fid_vs_gflops", "FID vs transformer Gflops",
+            f"One point per model at step {v.step:,} ({v.cond}, seed mean); log x.{bars}"
+            + (" Black line: power law fitted to the points; grey band: its 95% bootstrap band (runs resampled)."
+               if gfit is not None else " No fit: it needs at least 3 models at this step.")
+            + (" The box gives the correlation of FID with log10(Gflops)." if c is not None and np.isfinite(c.pearson_r)
+               else ""), F.fid_vs_gflops(v.models, c, gfit, v.step, paper_rows=v.paper_rows)))
+
+
+def _resolved(status: str) -> str:
+    """analysis.compare's verdict in the findings table's words."""
+    return {"resolved": "yes: apart by more than 1.645 SE", "not resolved at this budget": "no: within 1.645 SE",
+            "no uncertainty recorded": "unknown: no standard error recorded"}.get(status, status)
+
+
+def _pm_pair(se_a: float, se_b: float) -> str:
+    """'± 1.2 / ± 0.8' (90% half-widths), or '–' when a standard error is missing."""
+    if not (np.isfinite(se_a) and np.isfinite(se_b)):
+        return "–"
+    return f"± {1.645 * se_a:.2g} / ± {1.645 * se_b:.2g}"
 
 
 def _saturating(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
@@ -194,10 +218,14 @@ def _training_compute(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
         log.info("frontier fit skipped: %s", err)
     paper_pts = ([(r["model"], train_compute(r["gflops"], PAPER_GLOBAL_BATCH, r["train_steps"]), r["fid50k"])
                   for r in v.paper_rows] if v.paper_rows else None)
+    bars = F.uncertainty_caption(v.main)
     rep.figures.append(FigureSpec("fid_vs_train_compute", "FID vs training compute",
-                                  "Log-log; grey band: the compute-efficient frontier (best model at each "
-                                  "compute); dotted verticals: crossovers; diamond: extrapolation with its "
-                                  "95% bootstrap interval (runs resampled).",
+                                  "Log-log; one line per model (seed mean). " + bars + " Thick grey: the "
+                                  "compute-efficient frontier, the lowest FID any model reached with at most that "
+                                  "compute; thin black: a power law fitted to the frontier; diamond: its "
+                                  f"extrapolation to {EXTRAPOLATE_FACTOR:g}× the largest compute, with its 95% "
+                                  "bootstrap interval (runs resampled). Where the best model changes: the table "
+                                  "'Compute-efficient frontier: crossovers' under Details.",
                                   F.fid_vs_train_compute(v.main, front, ffit, extrap, paper_points=paper_pts)))
     rep.tables.append(Table("Compute-efficient frontier: crossovers", ["training compute (Gflops)", "best below",
                                                                        "best above"],
@@ -207,15 +235,42 @@ def _training_compute(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
 
 def _forecast(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
     """Back-test of the scaling laws, residuals, the compute-optimal view, the next model's forecast."""
+    figures, tables, first = len(rep.figures), len(rep.tables), len(v.findings)
     add_forecast_section(rep, v.default, v.findings, n_boot=min(n_boot, 200))
+    for f in rep.figures[figures:]:
+        f.section = "forecast"
+    for t in rep.tables[tables:]:  # candidate laws and the isoFLOP numbers: diagnostics, under Details
+        t.section = "details"
+    v.findings[first:] = [row for row in map(_forecast_finding, v.findings[first:]) if row is not None]
+
+
+def _forecast_finding(row: list[str]) -> list[str] | None:
+    """A forecast-section finding in the table's words; the next-model forecast is a prediction, not a
+    finding, and stays in the forecast section (its notes)."""
+    name, value, interval, status = row[:4]
+    if name.startswith("forecast:"):
+        return None
+    if name.startswith("back-test: FID of "):
+        model = name.removeprefix("back-test: FID of ").removesuffix(" (held out)")
+        return [f"Scaling law fitted to the smaller models predicts held-out {model} (predicted vs measured FID)",
+                value, interval + " (90%)", "yes: measured value inside the interval" if status == "covered"
+                else "no: measured value outside the interval", "forecast_backtest"]
+    if name.startswith("compute-optimal"):
+        verdict = {"resolved": "yes: slope > 0", "not identified": "no: not identified"}.get(
+            status, "no: the interval reaches 0")
+        return ["Larger budgets favour larger models: slope of the best model's log Gflops against log compute",
+                value, interval + (" (90%)" if interval != "–" else ""), verdict, "compute_optimal"]
+    return list(row[:4]) + [row[4] if len(row) > 4 else ""]
 
 
 def _conditioning(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
     if v.default.groupby("model")["conditioning"].nunique().max() > 1:
         rows = _paper_400k_all() if v.paper_rows is not None else None
         rep.figures.append(FigureSpec("conditioning", "Conditioning block ablation",
-                                      "FID vs steps per conditioning block, and at the last step.",
-                                      F.conditioning_ablation(v.default, paper_rows=rows)))
+                                      "Left: FID against steps per conditioning block; right: FID at the last "
+                                      "step. " + F.uncertainty_caption(v.default[v.default["model"] == F.ablation_model(
+                                          v.default)]), F.conditioning_ablation(v.default, paper_rows=rows),
+                                      section="ablations"))
 
 
 def _sampling_compute(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
@@ -225,28 +280,27 @@ def _sampling_compute(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
         rep.figures.append(FigureSpec("sampling_compute", "FID vs sampling compute",
                                       "Last checkpoint of each run; numbers: sampling steps. Sampling compute = "
                                       "model Gflops × steps, ×2 with classifier-free guidance.",
-                                      F.sampling_compute(study)))
+                                      F.sampling_compute(study), section="ablations"))
         rep.tables.append(Table("Sampling compute", ["model", "steps", "sampler", "cfg", "sampling Gflops", "FID"],
                                 [[r["label"], str(int(r["sampling_steps"])), _sampler_name(r), _g(r["cfg_scale"]),
                                   _g(r["sampling_compute"]), _g(r["fid"])] for _, r in study.iterrows()]))
 
 
-def _sample_grids(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
-    grids = []
-    for run in _runs_by_gflops(v.res):
-        newest = layout.RunFolder(layout.run_dir(v.res.root.parent, v.res.name, run.get("run_id", ""))).newest_grid()
-        if newest:
-            step_n, path = newest
-            grids.append((f"{run.get('model')} {run.get('conditioning')} s{run.get('seed')} @ {step_n:,}", path))
-    if grids:
-        rep.figures.append(FigureSpec("samples", "Sample grids", "The newest sample grid of each run.",
-                                      F.sample_grids(grids)))
+def _training(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    """Loss curves and every metric against steps and compute (harness.report.training)."""
+    training.loss_section(v, rep)
+    training.metric_curves_section(v, rep)
+
+
+def _samples_and_cost(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
+    training.samples_section(v, rep)
+    training.cost_section(v, rep)
 
 
 def _throughput(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
     """Training speed per run from train.jsonl (medians after the first log line)."""
     rows = []
-    for run in _runs_by_gflops(v.res):
+    for run in training.runs_by_gflops(v.res.runs):
         t = v.res.throughput.get(run.get("run_id", ""))
         if t is None:
             continue
@@ -265,18 +319,14 @@ def _throughput(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
 
 
 #: the report's sections in order; a new analysis adds a function here
-SECTIONS = (_overview, _steps_and_gflops, _training_compute, _forecast, _conditioning, _sampling_compute, _sample_grids,
-            _throughput)
+SECTIONS = (_overview, _steps_and_gflops, _training_compute, _training, _forecast, _conditioning, _sampling_compute,
+            _samples_and_cost, _throughput)
 
 
 # --------------------------------------------------------------------------- tables that lead the report
-def _runs_by_gflops(res: SweepResults) -> list[dict]:
-    return sorted(res.runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", "")))
-
-
 def _run_table(v: SweepView) -> Table:
     rows = []
-    for run in _runs_by_gflops(v.res):
+    for run in training.runs_by_gflops(v.res.runs):
         rid = run.get("run_id", "")
         g = v.default[v.default["run_id"] == rid].sort_values("step")
         last = g.iloc[-1] if len(g) else None
@@ -336,9 +386,12 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
     for section in SECTIONS:
         section(v, rep, fits, n_boot)
     rep.tables[:0] = [_run_table(v), _correlation_table(v), _fits_table(v, fits)]
-    rep.findings = Table("Findings and their uncertainty", ["finding", "value", "interval", "status"], v.findings,
-                         "Intervals: 95% bootstrap over runs for fits, 90% for forecasts and the compute-optimal "
-                         "slope; comparisons: ± 1.645 standard errors (bootstrap over samples, or over seeds).")
+    rep.findings = Table("Findings and their uncertainty", ["finding", "value", "interval", "resolved?", "figure"],
+                         v.findings,
+                         "Intervals: 95% bootstrap over runs for fitted exponents, 90% for forecasts and the "
+                         "compute-optimal slope; comparisons: ± 1.645 standard errors (bootstrap over samples, or "
+                         "over seeds), resolved when the two values are further apart than 1.645 standard errors "
+                         "of their difference. How each law was fitted: Details.")
     rep.provenance = _provenance(v.frame)
     return rep
 
