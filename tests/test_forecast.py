@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from harness import forecast
+from harness import forecast, forecast_table
+from harness.compute_optimal import compute_optimal
 from harness.cli import main
 
 
@@ -38,7 +39,7 @@ def test_paper_largest_3_chosen_law_within_20pct(capsys):
 
 
 def test_hold_out_specs_select_the_named_runs():
-    pts = forecast.paper_points()
+    pts = forecast_table.paper_points()
     assert sorted(pts.loc[forecast.held_out(pts, "largest:2"), "name"]) == ["DiT-L/2", "DiT-XL/2"]
     assert set(pts.loc[forecast.held_out(pts, "size:XL"), "name"]) == {"DiT-XL/8", "DiT-XL/4", "DiT-XL/2"}
     assert forecast.held_out(pts, "patch:2").sum() == 4
@@ -55,7 +56,7 @@ def test_bad_hold_out_is_one_clear_line(spec, msg, capsys):
 
 def test_forecast_needs_a_sweep_or_paper(capsys):
     assert main(["forecast", "--hold-out", "largest:1"]) == 2
-    assert "--paper" in capsys.readouterr().err
+    assert "--paper or --table" in capsys.readouterr().err
 
 
 def test_backtest_on_a_recorded_sweep_and_compute_optimal(tmp_path):
@@ -70,9 +71,9 @@ def test_backtest_on_a_recorded_sweep_and_compute_optimal(tmp_path):
     assert len(points) == 6 and step == frame["step"].max()
     res = forecast.backtest(points, "largest:1", n_boot=30)
     json.dumps(forecast._finite(res), allow_nan=False)
-    best = next(c for c in res["candidates"] if c["chosen"])
-    assert best["eligible"] and len(best["predictions"]) == 1
-    co = forecast.compute_optimal(frame, n_boot=100)
+    best = next(c for c in res["candidates"] if c["default"])
+    assert best["law"] == res["default"] and len(best["predictions"]) == 1
+    co = compute_optimal(frame, n_boot=100)
     assert co is not None and not co.why_not
     assert co.slope > 0 and co.best[0] != co.best[-1]
     # never read past a run's last checkpoint: budgets beyond a curve are NaN for that model
