@@ -13,6 +13,7 @@ from harness.compute_optimal import ComputeOptimal, compute_optimal
 from harness.errors import HarnessError
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table
+from harness.report.step_section import add_stop_early_section
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ def isoflop_figure(co: ComputeOptimal) -> Figure:
 
 def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[str]], n_boot: int = 200) -> dict:
     """Back-test, compute-optimal view and next-model forecast into `rep` (figures, tables, notes) and
-    rows of the findings table; returns {"backtest", "next", "compute_optimal"} (None where not possible)."""
-    out: dict = {"backtest": None, "next": None, "compute_optimal": None}
+    rows of the findings table, then the stop-early back-test (harness/report/step_section.py); returns
+    {"backtest", "next", "compute_optimal", "stop_early"} (None where not possible)."""
+    out: dict = {"backtest": None, "next": None, "compute_optimal": None, "stop_early": None}
     try:
         points, step = forecast.sweep_points(frame)
         if points["name"].nunique() < 4:
@@ -180,4 +182,5 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
                                  + [co.best[j]] for j, b in enumerate(co.budgets)],
                                 "Read along each model's curve between its evaluated checkpoints (linear in log-log); "
                                 "'–': the model's run did not reach or starts after that budget."))
+    out["stop_early"] = add_stop_early_section(rep, frame, findings)
     return out
