@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from harness import laws
+from harness import forecast_table, laws
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -298,14 +297,12 @@ def _finite(obj):
 
 def cli_forecast(args) -> int:
     """`harness forecast [SWEEP | --paper | --table FILE] --hold-out SPEC|all` or `SWEEP --at-step S --from-steps K`."""
-    from harness import forecast_table
-
     sources = [bool(args.sweep), args.paper, bool(args.table)]
     if sum(sources) != 1:
         raise HarnessError("harness forecast: name one source: a sweep (sweeps/NAME.yaml or NAME), --paper or "
                            "--table FILE.csv")
     if args.at_step is not None:
-        from harness import step_forecast
+        from harness import step_forecast  # here: step_forecast imports this module
         return step_forecast.cli_step_forecast(args)
     if not args.hold_out:
         raise HarnessError("harness forecast: --hold-out is required (largest:K, size:S, patch:P, names, or all)")

@@ -15,14 +15,17 @@ sqrt(1 + leverage), with a prior of sd 1 on each normalised parameter.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from harness.analysis import curve_label
 from harness.errors import HarnessError
-from harness.forecast import LEVEL, MIN_DOF
+from harness.forecast import LEVEL, MIN_DOF, _finite
+from harness.results import default_setting, load_sweep
 
 EXPONENT_MAX, OFFSET_MIN = 5.0, -10.0
 
@@ -108,9 +111,6 @@ def choose_form(n_points: int, n_runs: int) -> str:
 
 def curves_of(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, evaluated step) in the default sampling setting: run_id, label, step, fid."""
-    from harness.analysis import curve_label
-    from harness.results import default_setting
-
     rows = default_setting(frame)
     rows = rows[rows["fid"].notna()].copy()
     rows["label"] = curve_label(rows)
@@ -179,11 +179,6 @@ def format_step_forecast(res: dict) -> str:
 
 
 def cli_step_forecast(args) -> int:
-    import json
-
-    from harness.forecast import _finite
-    from harness.results import load_sweep
-
     if not args.sweep:
         raise HarnessError("--at-step forecasts the runs of a sweep: name it (sweeps/NAME.yaml or NAME)")
     res = step_forecast(load_sweep(args.results, args.sweep).frame, args.at_step, args.from_steps)
