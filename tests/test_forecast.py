@@ -32,6 +32,14 @@ def test_paper_largest_2_default_method_within_10pct_and_inside_its_intervals(ca
 
 
 @pytest.mark.slow
+def test_paper_largest_3_default_method_within_20pct(capsys):
+    res = _paper(capsys, "largest:3")
+    errs = {p["name"]: p["error_pct"] for p in res["candidates"][0]["predictions"]}
+    assert set(errs) == {"DiT-XL/4", "DiT-L/2", "DiT-XL/2"}
+    assert all(abs(e) < 20 for e in errs.values()), errs
+
+
+@pytest.mark.slow
 def test_paper_every_hold_out_family_pooled_coverage_at_least_80pct(capsys):
     """Done-when: the 46 held-out predictions of every Table 4 hold-out family (largest:1-4, size:S,
     patch:P, leave-one-out); pooled coverage of the 90% intervals >= 80%."""
