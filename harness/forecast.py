@@ -7,8 +7,8 @@ The default method (issue 24). Written down and committed before it was evaluate
 it looks at the table's design (which columns, how many rows), never at its FIDs:
   1. Law: two-factor, FID = E + A (N/N0)^-alpha + B (T/T0)^-beta (N parameters, T tokens per image),
      when N and T each take >= 3 values (E + B T^-beta on 2 values of T is not determined) and there
-     are >= k + MIN_DOF = 8 rows to fit; else saturating
-     in forward Gflops, FID = E + A (C/C0)^-alpha, with >= 6 rows; else the power law A (C/C0)^-alpha.
+     are >= k + MIN_DOF = 8 rows to fit; else saturating in forward Gflops, FID = E + A (C/C0)^-alpha,
+     with >= 6 rows; else the power law A (C/C0)^-alpha.
      Why: DiT scales two design axes separately (size and patch) and the paper finds both matter; the
      additive form with an offset is the literature's (Hoffmann et al. 2022); an offset because FID
      saturates; >= MIN_DOF residual degrees of freedom, else fewer parameters.
