@@ -206,15 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results")
     s.add_argument("--out", default="reports", help="reports root")
 
-    s = sub.add_parser("forecast", help="back-test scaling laws: fit on the smaller runs, predict the held-out ones")
+    s = sub.add_parser("forecast", help="back-test scaling laws (fit on the smaller runs, predict the held-out "
+                       "ones), or forecast a run's FID at a later step from its first checkpoints")
     s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")
     s.add_argument("--paper", action="store_true", help="back-test on the paper's Table 4 (12 models, 400K steps)")
-    s.add_argument("--hold-out", required=True,
-                   help="largest:K (by Gflops), size:S, patch:P, or comma-separated model names / run ids")
-    s.add_argument("--select", choices=["llo", "loo"], default="llo",
-                   help="choose the law by leave-largest-out (default) or leave-one-out error inside the training runs")
+    s.add_argument("--table", default=None, metavar="FILE.csv",
+                   help="back-test on any table: one row per model (name, params, gflops, tokens or input_size + "
+                        "patch, steps or images_seen, fid, optional fid_se, size)")
+    s.add_argument("--hold-out", default=None,
+                   help="largest:K (by Gflops), size:S, patch:P, comma-separated model names / run ids, or all "
+                        "(every family, pooled)")
+    s.add_argument("--law", choices=["two-factor", "saturating", "power"], default=None,
+                   help="fit this law instead of the default rule's choice (log FID, squares, offset free)")
+    s.add_argument("--at-step", type=_positive_int, default=None,
+                   help="with a sweep: forecast each run's FID at this training step from its early checkpoints")
+    s.add_argument("--from-steps", type=_positive_int, default=None, metavar="K",
+                   help="with --at-step: use the checkpoints at steps <= K (default: all evaluated ones)")
     s.add_argument("--step", type=_positive_int, default=None, help="evaluated step (default: the last most runs reached)")
-    s.add_argument("--n-boot", type=_positive_int, default=200, help="bootstrap resamples per law")
+    s.add_argument("--n-boot", type=_positive_int, default=200, help="bootstrap resamples for parameter intervals")
     s.add_argument("--results", default="results")
     s.add_argument("--format", choices=["table", "json"], default="table")
     return p

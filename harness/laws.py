@@ -9,9 +9,19 @@ A fitting choice is a family plus the space it is fitted in (FID or log FID), th
 Huber) and, for families with an offset E, whether E may be negative ("free") or not ("nonneg").
 Every fit starts from several points and keeps the lowest cost.
 
-Bootstrap unit: a group (a model); a sweep with several seeds per model resamples models, then seeds
-inside each model. A prediction interval adds a resampled training residual (in the fitting space)
-to each bootstrap prediction, so it covers a new run, not only the mean law.
+Parameter intervals: a bootstrap whose unit is a group (a model); a sweep with several seeds per
+model resamples models, then seeds inside each model.
+
+Prediction interval of a new run (`Fit.interval`, needs `fit(..., loo=True)`), in log FID:
+    log FID_hat(x) +- t_{n-k}((1+level)/2) * s * sqrt(1 + v(x))
+s^2: the mean squared leave-one-group-out error in log FID (each model predicted by the law fitted to
+the others: noise plus the misfit the law shows inside the data); v(x) = g(x)' (J'J + s^2 I)^-1 g(x), the
+target's leverage (g, J: gradients of log FID in the parameters at x and at the fitted rows; it
+grows with extrapolation and with weakly determined parameters); t: Student's with n - k degrees of
+freedom. It is the textbook nonlinear-regression prediction interval with the in-sample residual
+scale replaced by the out-of-sample one, so that misfit of the law's form widens it, and a prior of
+sd 1 on each normalised parameter (J'J + s^2 I), so that a parameter the rows do not determine widens
+it too.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, stats
 
 from harness.errors import HarnessError
 
@@ -114,6 +124,8 @@ class Fit:
     at_bound: list[str]     # parameters that ended on a bound
     n: int
     boot: np.ndarray | None = field(default=None, repr=False)   # (B, k) bootstrap thetas
+    z: np.ndarray | None = field(default=None, repr=False)      # (n, inputs) normalised fitted inputs
+    loo: np.ndarray | None = field(default=None, repr=False)    # leave-one-group-out log errors (pred/actual)
 
     @property
     def law(self) -> Law:
@@ -136,22 +148,27 @@ class Fit:
         mult = np.array([self.scale if k != "exponent" else 1.0 for k in self.law.kinds])
         return self.boot * mult if self.boot is not None and self.boot.size else np.empty((0, len(mult)))
 
-    def interval(self, X: dict, level: float = 0.9, noise: bool = True, seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile bootstrap interval of the prediction at X (m,); with `noise` a resampled
-        training residual is added (a prediction interval for a new run). NaN without a bootstrap."""
+    def leverage(self, X: dict, s: float) -> np.ndarray:
+        """v(x) = g' (J'J + s^2 I)^-1 g of each target (m,), with gradients of log FID in the parameters
+        and s the residual scale: a Gaussian prior of sd 1 on each normalised parameter, so that a
+        direction the rows do not determine counts as uncertain, not as known (a pseudo-inverse would
+        drop it)."""
+        g = log_gradient(self.law, self.theta, self._z(X))
+        J = log_gradient(self.law, self.theta, self.z)
+        return np.einsum("mk,kl,ml->m", g, np.linalg.inv(J.T @ J + s ** 2 * np.eye(len(self.theta))), g)
+
+    def interval(self, X: dict, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+        """The prediction interval of a new run at X (module docstring); NaN without leave-one-out
+        errors or without a residual degree of freedom."""
         m = len(next(iter(X.values())))
-        if self.boot is None or len(self.boot) < 10:
+        dof = self.n - len(self.theta)
+        ok = self.loo[np.isfinite(self.loo)] if self.loo is not None else np.empty(0)
+        if dof < 1 or len(ok) < 2 or self.z is None:
             return np.full(m, np.nan), np.full(m, np.nan)
-        z = self._z(X)
-        preds = np.array([self.scale * self.law.value(t, z) for t in self.boot])  # (B, m)
-        if noise and len(self.resid):
-            rng = np.random.default_rng(seed)
-            r = rng.choice(self.resid, size=preds.shape)
-            preds = preds * np.exp(r) if self.choice.space == "log" else preds + r * self.scale
-        q = [(1 - level) / 2, (1 + level) / 2]
-        lo, hi = np.nanquantile(preds, q, axis=0)
-        return np.maximum(lo, 0.0), hi  # FID is never negative
+        s = float(np.sqrt(np.mean(ok ** 2)))
+        half = stats.t.ppf((1 + level) / 2, dof) * s * np.sqrt(1 + self.leverage(X, s))
+        pred = self.predict(X)
+        return pred * np.exp(-half), pred * np.exp(half)
 
     def param_intervals(self, level: float = 0.9) -> dict[str, tuple[float, float]]:
         bp = self.boot_params()
@@ -220,13 +237,10 @@ def _residual_fn(law: Law, space: str, z: np.ndarray, yn: np.ndarray):
 
 
 def _residual_jac(law: Law, space: str, z: np.ndarray):
-    """The analytic Jacobian of `_residual_fn` (n, k); in log space d log v = dv / v, and 0 where the
-    value is clipped (the clip is flat there)."""
+    """The analytic Jacobian of `_residual_fn` (n, k); in log space d log v = dv / v (0 where the
+    value is clipped: the clip is flat there)."""
     if space == "log":
-        def jac(p):
-            v = law.value(p, z)
-            return np.where((v > 1e-9)[:, None], law.jacobian(p, z) / np.maximum(v, 1e-9)[:, None], 0.0)
-        return jac
+        return lambda p: log_gradient(law, p, z)
     return lambda p: law.jacobian(p, z)
 
 
@@ -264,13 +278,20 @@ def _fit_theta(choice: Choice, z: np.ndarray, yn: np.ndarray, starts: list[np.nd
     return best.x
 
 
+def log_gradient(law: Law, p: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """d log(value) / d p (n, k); 0 where the value is not positive."""
+    v = law.value(p, z)
+    return np.where((v > 1e-9)[:, None], law.jacobian(p, z) / np.maximum(v, 1e-9)[:, None], 0.0)
+
+
 def _needed(law: Law) -> int:
     return len(law.params) + 1
 
 
-def fit(choice: Choice, X: dict, y, groups=None, n_boot: int = 0, seed: int = 0) -> Fit:
-    """Fit one choice to FIDs y (n,) at inputs X ({input: (n,)}); `groups` (n,) is the bootstrap unit
-    (default: each point its own). HarnessError when the points cannot determine the law."""
+def fit(choice: Choice, X: dict, y, groups=None, n_boot: int = 0, seed: int = 0, loo: bool = False) -> Fit:
+    """Fit one choice to FIDs y (n,) at inputs X ({input: (n,)}); `groups` (n,) is the bootstrap and
+    leave-one-out unit (default: each point its own); `loo` computes the leave-one-group-out errors
+    that `Fit.interval` needs. HarnessError when the points cannot determine the law."""
     law = LAWS[choice.law]
     y = np.asarray(y, float)
     cols = [np.asarray(X[k], float) for k in law.inputs]
@@ -290,9 +311,27 @@ def fit(choice: Choice, X: dict, y, groups=None, n_boot: int = 0, seed: int = 0)
                 if (np.isfinite(a) and abs(v - a) <= _BOUND_TOL * (1 + abs(a)))
                 or (np.isfinite(b) and abs(v - b) <= _BOUND_TOL * (1 + abs(b)))]
     resid = _residual_fn(law, choice.space, z, yn)(theta)
-    out = Fit(choice, theta, x0, scale, resid, at_bound, len(y))
+    out = Fit(choice, theta, x0, scale, resid, at_bound, len(y), z=z)
+    if loo:
+        out.loo = loo_errors(choice, X, y, groups)
     if n_boot:
         bootstrap(out, X, y, groups, n_boot, seed)
+    return out
+
+
+def loo_errors(choice: Choice, X: dict, y, groups=None) -> np.ndarray:
+    """log(predicted / actual) of each row, its group left out of the fit (NaN where that fit fails)."""
+    y = np.asarray(y, float)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    out = np.full(len(y), np.nan)
+    for g in dict.fromkeys(groups.tolist()):
+        test = groups == g
+        try:
+            f = fit(choice, {k: np.asarray(v, float)[~test] for k, v in X.items()}, y[~test])
+        except HarnessError:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[test] = np.log(f.predict({k: np.asarray(v, float)[test] for k, v in X.items()}) / y[test])
     return out
 
 

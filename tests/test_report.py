@@ -237,13 +237,14 @@ def test_scaling_sweep_report_has_the_forecast_section(tmp_path_factory):
     a larger model, and states every comparison as resolved or not; no fitted number is printed for a
     parameter that is not identified."""
     folder, manifest = rendered_scaling_sweep(tmp_path_factory.mktemp("scaling-report"))
-    assert {"forecast_backtest", "compute_optimal", "fid_vs_gflops"} <= set(manifest["figures"])
+    assert {"forecast_backtest", "compute_optimal", "fid_vs_gflops", "stop_early"} <= set(manifest["figures"])
     html = (folder / "index.html").read_text()
     assert "Forecast back-test" in html and "Findings and their uncertainty" in html
     assert 'href="#fig-forecast_backtest"' in html
     notes = " ".join(manifest["notes"])
     assert "Back-test (step 2,000): holding out largest:1" in notes
     assert "Forecast for a larger model" in notes and "Compute-optimal model size" in notes
+    assert "Stop early? Each run's FID at step 2,000 forecast from its checkpoints up to step 1,000" in notes
     assert re.search(r"\((resolved|not resolved at this budget)\)", notes)
     assert "F_inf" not in html
     for m in re.finditer(r"E = (\S+)", notes):  # the saturating offset: an interval or 'not identified'

@@ -9,9 +9,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness import forecast
+from harness.compute_optimal import ComputeOptimal, compute_optimal
 from harness.errors import HarnessError
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table
+from harness.report.step_section import add_stop_early_section
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +28,22 @@ def hold_out_spec(points: pd.DataFrame) -> str:
 
 
 def backtest_figure(points: pd.DataFrame, res: dict) -> Figure:
-    """Left: every eligible law's predictions of the held-out runs with their intervals against the
-    actual FID; right: the chosen law's residuals log(predicted / actual) against Gflops."""
+    """Left: every fitted law's predictions of the held-out runs against the actual FID, the default
+    method's with its intervals; right: the default method's residuals log(predicted / actual) against Gflops."""
     fig = Figure(figsize=(7.0, 5.6), dpi=110, layout="constrained")  # printed 1:1 (report.figures.PRINT_WIDTH_IN)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     fig.suptitle(f"Back-test: hold out {res['hold_out']}, fit on the rest ({res['level']:.0%} intervals)", fontsize=11)
-    eligible = [c for c in res["candidates"] if c["eligible"] and c["predictions"]]
+    eligible = [c for c in res["candidates"] if not c["why_not"] and c["predictions"]]
     actual = [p["actual"] for p in eligible[0]["predictions"]] if eligible else []
     for k, c in enumerate(eligible):
         pr = c["predictions"]
         x = np.array([p["actual"] for p in pr]) * (1 + 0.012 * (k - len(eligible) / 2))  # dodge
         y = np.array([p["predicted"] for p in pr])
         err = np.array([[max(p["predicted"] - p["lo"], 0) for p in pr], [max(p["hi"] - p["predicted"], 0) for p in pr]])
-        style = dict(color="black", marker="D", markersize=7, zorder=4) if c["chosen"] else \
+        style = dict(color="black", marker="D", markersize=7, zorder=4) if c["default"] else \
             dict(color=F.EXTRA_COLOURS[k % len(F.EXTRA_COLOURS)], marker="o", markersize=4, alpha=0.8)
-        ax1.errorbar(x, y, yerr=err if np.all(np.isfinite(err)) else None, linestyle="none", capsize=3,
-                     label=("chosen: " if c["chosen"] else "") + c["law"], **style)
+        ax1.errorbar(x, y, yerr=err if c["default"] and np.all(np.isfinite(err)) else None, linestyle="none",
+                     capsize=3, label=("default: " if c["default"] else "") + c["law"], **style)
     if actual:
         lim = [min(actual) * 0.5, max(actual) * 1.8]
         ax1.plot(lim, lim, color="0.5", linewidth=0.8, linestyle="--")
@@ -49,7 +51,7 @@ def backtest_figure(points: pd.DataFrame, res: dict) -> Figure:
     ax1.set_ylabel("predicted FID")
     ax1.grid(True, alpha=0.3)
     fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)  # off the bars
-    best = next(c for c in res["candidates"] if c["chosen"])
+    best = next(c for c in res["candidates"] if c["default"])
     fitted = forecast.backtest_fit(points, res)
     train = points[~points["name"].isin(res["test"])]
     ax2.axhline(0, color="0.5", linewidth=0.8)
@@ -61,13 +63,13 @@ def backtest_figure(points: pd.DataFrame, res: dict) -> Figure:
     ax2.set_xscale("log")
     ax2.set_xlabel("transformer Gflops")
     ax2.set_ylabel("log(predicted / actual)")
-    ax2.set_title(f"residuals of the chosen law: {best['law']}", fontsize=8)
+    ax2.set_title(f"residuals of the default method: {best['law']}", fontsize=8)
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)
     return fig
 
 
-def isoflop_figure(co: forecast.ComputeOptimal) -> Figure:
+def isoflop_figure(co: ComputeOptimal) -> Figure:
     """Left: FID against model Gflops at each training-compute budget (isoFLOP), best marked; right:
     the best model's Gflops against the budget and its log-log fit."""
     fig = Figure(figsize=(9.6, 4.4), dpi=110, layout="constrained")
@@ -105,8 +107,9 @@ def isoflop_figure(co: forecast.ComputeOptimal) -> Figure:
 
 def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[str]], n_boot: int = 200) -> dict:
     """Back-test, compute-optimal view and next-model forecast into `rep` (figures, tables, notes) and
-    rows of the findings table; returns {"backtest", "next", "compute_optimal"} (None where not possible)."""
-    out: dict = {"backtest": None, "next": None, "compute_optimal": None}
+    rows of the findings table, then the stop-early back-test (harness/report/step_section.py); returns
+    {"backtest", "next", "compute_optimal", "stop_early"} (None where not possible)."""
+    out: dict = {"backtest": None, "next": None, "compute_optimal": None, "stop_early": None}
     try:
         points, step = forecast.sweep_points(frame)
         if points["name"].nunique() < 4:
@@ -119,35 +122,34 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
         res = None
     if res is not None:
         out["backtest"] = res
-        best = next(c for c in res["candidates"] if c["chosen"])
+        best = next(c for c in res["candidates"] if c["default"])
         errs = ", ".join(f"{p['name']} {_pct(p['error_pct'])} ({'inside' if p['covered'] else 'outside'} "
                          f"[{p['lo']:.3g}, {p['hi']:.3g}])" for p in best["predictions"])
-        rep.notes.append(f"Back-test (step {step:,}): holding out {spec} and choosing among {len(res['candidates'])} "
-                         f"fitted laws by leave-largest-out error inside the other runs picks {res['chosen']}; it "
-                         f"predicts {errs}. Every law's errors are in the table 'Forecast back-test'.")
+        rep.notes.append(f"Back-test (step {step:,}): holding out {spec}, the default method (fixed before the data: "
+                         f"{res['default']}) fitted to the other runs predicts {errs}. The other "
+                         f"{len(res['candidates']) - 1} laws, for comparison only, are in the table 'Forecast back-test'.")
         for p in best["predictions"]:
             findings.append([f"back-test: FID of {p['name']} (held out)", f"{p['predicted']:.3g} vs {p['actual']:.3g}",
                              f"[{p['lo']:.3g}, {p['hi']:.3g}]", "covered" if p["covered"] else "not covered"])
         rep.figures.append(FigureSpec("forecast_backtest", "Forecast back-test",
                                       f"Held-out runs ({spec}) predicted by every eligible law fitted to the other runs, "
-                                      f"with {res['level']:.0%} bootstrap prediction intervals; right: residuals of the "
-                                      "chosen law.", backtest_figure(points, res)))
+                                      f"the default method's with its {res['level']:.0%} prediction intervals; right: "
+                                      "its residuals.", backtest_figure(points, res)))
         rows = []
         for c in res["candidates"]:
             params = "; ".join(f"{k} = {v['value']:.3g} [{v['ci'][0]:.3g}, {v['ci'][1]:.3g}]" if isinstance(v, dict)
                                else f"{k}: {v}" for k, v in (c.get("params") or {}).items())
             for p in c["predictions"] or [{}]:
-                rows.append([("chosen: " if c["chosen"] else "") + c["law"], f"{c['llo_error']:.3f}",
+                rows.append([("default: " if c["default"] else "") + c["law"], f"{c['llo_error']:.3f}",
                              f"{c['loo_error']:.3f}", p.get("name", "–"), f"{p['predicted']:.3g}" if p else "–",
                              f"{p['actual']:.3g}" if p else "–", _pct(p.get("error_pct", np.nan)),
-                             ("yes" if p["covered"] else "no") if p and c["eligible"] else "–",
-                             params if c["eligible"] else f"not eligible: {c['why_not']}"])
+                             ("yes" if p["covered"] else "no") if p else "–", c["why_not"] or params])
         rep.tables.append(Table("Forecast back-test", ["law", "llo err", "loo err", "held out", "predicted",
                                                        "actual", "error", f"in {res['level']:.0%} interval",
                                                        "parameters [interval] on the training runs"], rows,
-                                "Errors inside the training runs are mean |log(predicted/actual)|; the chosen law "
-                                "has the lowest leave-largest-out error among eligible ones (no parameter on a "
-                                "bound). Intervals: bootstrap over models plus a resampled residual."))
+                                "Errors inside the training runs are mean |log(predicted/actual)|, shown for "
+                                "comparison: they choose nothing. Intervals: Student's t x the leave-one-model-out "
+                                "error x sqrt(1 + leverage), in log FID (harness/laws.py)."))
         try:
             nxt = forecast.forecast_next(points, n_boot=n_boot)
             out["next"] = nxt
@@ -158,7 +160,7 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
                              f"[{nxt['lo']:.3g}, {nxt['hi']:.3g}]", nxt["law"]])
         except HarnessError as err:
             rep.notes.append(f"No forecast beyond the largest model: {err}")
-    co = forecast.compute_optimal(frame, n_boot=max(n_boot, 200))
+    co = compute_optimal(frame, n_boot=max(n_boot, 200))
     out["compute_optimal"] = co
     if co is not None:
         rep.figures.append(FigureSpec("compute_optimal", "Compute-optimal (isoFLOP) view",
@@ -180,4 +182,5 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
                                  + [co.best[j]] for j, b in enumerate(co.budgets)],
                                 "Read along each model's curve between its evaluated checkpoints (linear in log-log); "
                                 "'–': the model's run did not reach or starts after that budget."))
+    out["stop_early"] = add_stop_early_section(rep, frame, findings)
     return out
