@@ -22,7 +22,7 @@ from harness.report.sweep import paper_setup_matches
 from report_synth import rendered_partial_sweep, rendered_scaling_sweep
 
 SWEEP_FIGURES = ["fid_vs_gflops", "fid_vs_steps", "fid_vs_train_compute", "training_loss", "metrics_vs_steps",
-                 "metrics_vs_compute", "compute_optimal", "conditioning", "sampling_compute", "samples"]
+                 "metrics_vs_compute", "compute_optimal", "stop_early", "conditioning", "sampling_compute", "samples"]
 DEJAVU_BOX_EM = 0.928 + 0.236  # DejaVu Sans ascent + descent: poppler's word box is this many em tall
 MIN_PT = 8.0
 
