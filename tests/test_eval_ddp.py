@@ -69,7 +69,9 @@ def test_two_rank_evaluation_matches_one_rank(tmp_path):
     for a, b in zip(one, two):
         assert (a["cfg_scale"], a["sampling_steps"]) == (b["cfg_scale"], b["sampling_steps"])
         for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-            assert a[key] is not None and abs(a[key] - b[key]) <= 1e-9, (key, a[key], b[key])
+            # exact by design: each batch's features come from bitwise-equal images (checked below), in a batch of
+            # the same size, on one thread, whichever rank computes them; rank 0 concatenates them in the same order
+            assert a[key] is not None and a[key] == b[key], (key, a[key], b[key])
     fids = [r["fid"] for r in one]
     assert fids[0] != fids[1]  # the two guidance scales give different samples: the check can fail
     for name in sorted(p.name for p in (tmp_path / "one" / "samples").glob("*.npz")):

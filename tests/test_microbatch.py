@@ -17,7 +17,7 @@ from harness.models import build_model
 from harness.runtime import Dist
 from harness.step import Batch, TrainStep, check_micro_batch, resolve_compile
 from harness.train import run_training
-from train_tiny import as_rank, free_port, TINY_MODEL, assert_bitwise_equal, final_state, tiny_run
+from train_tiny import as_rank, free_port, TINY_MODEL, assert_adam_close, assert_bitwise_equal, final_state, tiny_run
 from tolerance import fp32_bound, rel_err
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -128,8 +128,9 @@ def test_micro_batch_is_bookkeeping_the_run_trains_the_same_model(tmp_path):
     run_training(a, tmp_path / "a")
     run_training(b, tmp_path / "b")
     sa, sb = final_state(tmp_path / "a", 3), final_state(tmp_path / "b", 3)
-    for name, w in sa["model"].items():
-        torch.testing.assert_close(sb["model"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+    # 3 AdamW steps whose gradients are sums of 16 x 16 token terms in another order (255 roundings): the
+    # weights agree to lr x steps x that, Adam's sign where a gradient is ~0, and the weights' own roundings
+    assert_adam_close(sb, sa, lr=1e-3, steps=3, grad_rel=fp32_bound(256))
     rec = list(read_jsonl(tmp_path / "b" / "train.jsonl"))[-1]
     assert rec["micro_batch"] == 4 and rec["compiled"] is False and rec["tflops_per_device"] > 0
     assert rec["mfu"] is None  # no known peak for a CPU

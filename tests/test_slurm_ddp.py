@@ -10,6 +10,8 @@ import torch
 from harness.dispatch import dispatch
 from harness.spec import load_spec
 from slurm_tools import need_slurm
+from tolerance import fp32_bound
+from train_tiny import assert_adam_close
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -38,7 +40,6 @@ def test_two_slurm_tasks_train_the_weights_of_one(tmp_path, monkeypatch):
         assert "micro-batches of 4" in log  # per-rank 8 (2 tasks) or 16 (1 task), in micro-batches of 4
     two, one = finals[2], finals[1]
     assert two["world_size"] == 2 and one["world_size"] == 1
-    for key in ("model", "ema"):
-        for name, w in one[key].items():
-            # summation order differs between 2 ranks x 2 micro-batches and 1 rank x 4
-            torch.testing.assert_close(two[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    # summation order differs between 2 ranks x 2 micro-batches and 1 rank x 4: gradients of 16 x 4 token
+    # terms (<= 64 roundings); after 4 AdamW steps weights, EMA and first moments agree within tolerance.adam_bound
+    assert_adam_close(two, one, lr=1e-3, steps=4, grad_rel=fp32_bound(64))

@@ -9,7 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from harness.train import run_training
-from train_tiny import as_rank, free_port, final_state, tiny_run
+from tolerance import fp32_bound
+from train_tiny import as_rank, assert_adam_close, free_port, final_state, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -33,12 +34,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert a["world_size"] == 2 and b["world_size"] == 1
     assert a["data_pos"] == b["data_pos"] == 4 * 16
     moved = 0.0
-    for key in ("model", "ema"):
-        for name, w in b[key].items():
-            torch.testing.assert_close(a[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    # 4 AdamW steps whose gradients are the 16 x 16 token terms summed in another order (2 ranks of 128, an
+    # all-reduce and a halving vs one sum of 256: <= 256 roundings): weights, EMA and first moments within
+    # lr x steps x that, Adam's sign where a gradient is ~0, and their own roundings (tolerance.adam_bound)
+    assert_adam_close(a, b, lr=1e-3, steps=4, grad_rel=fp32_bound(256))
     init = torch.load(tmp_path / "single" / "checkpoints" / "step_0000002.pt", weights_only=True)
     for name, w in b["model"].items():
         moved = max(moved, (w - init["model"][name]).abs().max().item())
     assert moved > 1e-3  # the weights did train, so the agreement is not trivial
-    for i, st in b["opt"]["state"].items():
-        torch.testing.assert_close(a["opt"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-4, atol=1e-6)

@@ -85,3 +85,34 @@ def tf32_off():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def assert_adam_close(a: dict, b: dict, lr: float, steps: int, grad_rel: float) -> float:
+    """Two checkpoints trained from the same weights for `steps` AdamW steps whose gradients differ by
+    `grad_rel` of each tensor's scale (another summation order) hold weights, EMA and first moments within
+    `tolerance.adam_bound` of each other. Returns the worst error / bound (for the report)."""
+    from tolerance import FP32_U, adam_bound, adam_grad_max, scale
+
+    b1 = 0.9
+    worst = 0.0
+    for i, name in enumerate(b["model"]):
+        w = b["model"][name]
+        st = b["opt"]["state"].get(i)
+        if st is None:  # never had a gradient (pos_embed): no step moved it
+            assert torch.equal(a["model"][name], w) and torch.equal(a["ema"][name], b["ema"][name]), name
+            continue
+        bound = adam_bound(lr, steps, grad_rel, st["exp_avg_sq"], w)
+        # EMA: a convex combination of the weights of steps 0..T (each within the bound at T), plus its own
+        # 3 roundings a step on each side
+        ema_bound = bound + steps * 6 * FP32_U * scale(b["ema"][name])
+        # first moment: (1 - b1) sum_k b1^k g moves by <= (1 - b1^T) E, plus 3 roundings a step on each side
+        m = st["exp_avg"]
+        m_bound = (1 - b1 ** steps) * grad_rel * adam_grad_max(st["exp_avg_sq"], steps).max().item() \
+            + steps * 6 * FP32_U * scale(m)
+        for what, x, y, bd in (("model", a["model"][name], w, bound), ("ema", a["ema"][name], b["ema"][name], ema_bound),
+                               ("exp_avg", a["opt"]["state"][i]["exp_avg"], m, m_bound)):
+            err = (x.double() - y.double()).abs()
+            ratio = (err / bd).max().item()
+            assert ratio <= 1, f"{what}.{name}: error {err.max().item():.3g} over its bound (worst ratio {ratio:.3g})"
+            worst = max(worst, ratio)
+    return worst
