@@ -143,7 +143,7 @@ def _standalone_args(**changes):
     import argparse
 
     base = dict(model="DiT-2x32x2/2", conditioning="adaLN-Zero", seed=0, data="digits", image_size=None,
-                autoencoder=None, steps=None, batch=None, lr=None, precision=None, compile=False)
+                autoencoder=None, steps=None, batch=None, lr=None, precision=None, compile=False, overrides=[])
     return argparse.Namespace(**{**base, **changes})
 
 
