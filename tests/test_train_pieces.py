@@ -192,8 +192,8 @@ def test_a_recorded_run_refuses_each_standalone_override(tmp_path, capsys, flag)
 
     write_run_json(_standalone_run(_standalone_args(steps=3)), tmp_path)
     assert main(["train", "--run-dir", str(tmp_path), *flag]) == 2
-    assert (f"{tmp_path / 'run.json'} exists: --steps/--batch/--lr/--precision/--compile only apply to a new "
-            "standalone run; edit the sweep spec instead or use a new --run-dir") in capsys.readouterr().err
+    assert (f"{tmp_path / 'run.json'} exists: --steps/--batch/--lr/--precision/--compile and KEY=VALUE only apply "
+            "to a new standalone run; edit the sweep spec instead or use a new --run-dir") in capsys.readouterr().err
 
 
 def test_train_reads_the_run_json_named_by_config_and_names_it_when_it_is_bad(tmp_path, capsys):
