@@ -39,7 +39,8 @@ def held_sweep(tmp_path):
     spec, results = load_spec(path), tmp_path / "results"
     statuses = dispatch(spec, results, wait=False)
     yield spec, results, statuses
-    ids = {e["job_id"].split("_")[0] for e in load_state(sweep_dir(results, spec.name))["runs"].values()}
+    # every job the sweep submitted, the held latent jobs included, has its folder under jobs/
+    ids = [p.name for p in (sweep_dir(results, spec.name) / "jobs").iterdir()]
     subprocess.run(["scancel", *ids], timeout=30)
 
 
