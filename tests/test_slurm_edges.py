@@ -39,9 +39,10 @@ def held_sweep(tmp_path):
     spec, results = load_spec(path), tmp_path / "results"
     statuses = dispatch(spec, results, wait=False)
     yield spec, results, statuses
-    # every job the sweep submitted, the held latent jobs included, has its folder under jobs/
-    ids = [p.name for p in (sweep_dir(results, spec.name) / "jobs").iterdir()]
-    subprocess.run(["scancel", *ids], timeout=30)
+    # every job the sweep submitted, the held latent jobs included, has its folder under jobs/ ("ID" or
+    # "ARRAY_4294967294"); scancel cancels nothing if one id is invalid
+    ids = {p.name.split("_")[0] for p in (sweep_dir(results, spec.name) / "jobs").iterdir() if p.is_dir()}
+    subprocess.run(["scancel", *sorted(i for i in ids if i.isdigit())], timeout=30)
 
 
 def test_task_cancelled_while_pending_fails_at_once_and_is_resubmitted(held_sweep):
