@@ -8,8 +8,9 @@ other in this process. What runs inside each job is `harness.job.SweepJob`; wher
 is `harness.status`.
 
 A rerun is safe: runs whose `done` file exists and whose eval records are complete are skipped;
-Slurm jobs still pending or running are waited for, not resubmitted; failed, cancelled and
-interrupted runs are resubmitted and resume from their checkpoints. Within a job, rank 0 holds an
+Slurm jobs still pending or running are waited for, not resubmitted (and a local or debug dispatch
+is refused while they are); failed, cancelled and interrupted runs, and array tasks cancelled while
+pending, are resubmitted and resume from their checkpoints. Within a job, rank 0 holds an
 flock on runs/<run_id>/.run.lock while training, so an orphaned process of a killed sweep and its
 replacement never train the same run at once.
 

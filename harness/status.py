@@ -1,4 +1,4 @@
-"""`harness status`: where each run of a sweep stands, from its folder, the sweep state and sacct.
+"""`harness status`: where each run of a sweep stands, from its folder, the sweep state, squeue and sacct.
 
 A run is `done` (its `done` file exists and its eval records are complete), `pending` or `running`
 (its Slurm job is queued or active), `failed` (with the reason: the scheduler state and the last
