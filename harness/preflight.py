@@ -41,6 +41,8 @@ SBATCH_REFUSALS = (
     ("memory", "launcher.mem_gb", "ask for at most a node's memory (`sinfo -o '%P %m'`)"),
     ("node configuration", "launcher.gpus_per_node, cpus_per_task or mem_gb",
      "ask for what one node has (`sinfo -o '%P %c %m %G'`)"),
+    ("processors", "launcher.tasks_per_node, gpus_per_node (one rank per GPU) or cpus_per_task",
+     "ask for at most the CPUs a node has (`sinfo -o '%P %c'`)"),
 )
 _SBATCH_OTHER = ("launcher (partition, account, qos, gpus_per_node, timeout_min or additional)",
                  "compare with `sinfo` and your site's documentation")

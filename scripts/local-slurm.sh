@@ -98,6 +98,7 @@ await "munge" bash -c 'munge -n | unmunge'
 # 4. slurm.conf -------------------------------------------------------------------------------
 install -d -m 0755 "$ETC" "$RUN" "$LOG" /var/spool/slurmctld /var/spool/slurmd
 CPUS=$(nproc)
+GPUS=${LOCAL_SLURM_GPUS:-2}   # fake GPUs: see gres.conf below
 MEM_MB=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 ((MEM_MB > 1024)) && MEM_MB=$((MEM_MB - 512))   # stay under what slurmd measures, or the node drains
 conf=$(cat <<CONF
@@ -127,14 +128,29 @@ SlurmdLogFile=$LOG/slurmd.log
 SlurmctldPort=6817
 SlurmdPort=6818
 AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageTRES=gres/gpu
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/linux
 MaxArraySize=10001
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+GresTypes=gpu
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 )
+# GPUs the node declares, so Slurm allocates and accounts GPUs per job (per-run resources are testable here)
+# while the jobs run on the CPU. slurmd counts a gpu gres by its device files (a count alone reports 0), so
+# each fake GPU is a character device that reads as /dev/null: nothing binds it (task/none), nothing opens it.
+gres=""
+for ((i = 0; i < GPUS; i++)); do
+  [[ -e /dev/fakegpu$i ]] || mknod -m 0666 /dev/fakegpu$i c 1 3
+  gres+="NodeName=$NODE Name=gpu File=/dev/fakegpu$i"$'\n'
+done
+gres=${gres%$'\n'}
+if [[ ! -f $ETC/gres.conf || "$(cat "$ETC/gres.conf")" != "$gres" ]]; then
+  printf '%s\n' "$gres" >"$ETC/gres.conf"
+  rm -f "$ETC/slurm.conf"  # restart below: slurmd reads gres.conf only at start
+fi
 if [[ ! -f $ETC/slurm.conf || "$(cat "$ETC/slurm.conf")" != "$conf" ]]; then
   if running $RUN/slurmctld.pid slurmctld || running $RUN/slurmd.pid slurmd; then
     say "slurm.conf changed: restarting slurmd and slurmctld"

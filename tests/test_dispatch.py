@@ -139,12 +139,15 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, key, said", [
-    ("gpus_per_node: 4", "launcher.gpus_per_node", "Invalid generic resource (gres) specification"),
-    ("partition: no-such-partition", "launcher.partition", "Invalid partition name specified"),
+    ("gpus_per_node: 4, tasks_per_node: 1", "launcher.gpus_per_node, cpus_per_task or mem_gb",
+     "Requested node configuration is not available"),
+    ("gpus_per_node: 4", "launcher.tasks_per_node, gpus_per_node (one rank per GPU) or cpus_per_task",
+     "More processors requested than permitted"),
+    ("partition: no-such-partition", "launcher.partition", "invalid partition specified"),
 ])
 def test_sbatch_refusal_is_one_line_naming_the_spec_key(tmp_path, launcher, key, said):
-    """The real local Slurm refuses what the spec asks (more GPUs than its node declares, a partition it does not
-    have) at pre-flight, through `sbatch --test-only`: one problem line naming the spec key to change and sbatch's
+    """The real local Slurm (2 CPUs, 2 fake GPUs) refuses what the spec asks (more GPUs or ranks than its node has,
+    a partition it does not have) at pre-flight, through `sbatch --test-only`: one problem line naming the spec key to change and sbatch's
     own words, exit 2, no traceback, and nothing submitted or written."""
     need_slurm()
     path = tiny(tmp_path, "refused", kind="slurm")
