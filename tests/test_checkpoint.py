@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from harness import checkpoint as ckpt
+from harness.models import checkpoint as ckpt
 from harness.errors import HarnessError
 
 
@@ -78,7 +78,7 @@ def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
 
     import numpy as np
 
-    from harness.runtime import rng_state, set_rng_state
+    from harness.training.runtime import rng_state, set_rng_state
 
     np.random.seed(3)
     random.seed(3)

@@ -218,7 +218,7 @@ def test_report_cli_errors(tmp_path, capsys):
 def test_degenerate_sweeps_still_report(tmp_path, models, steps):
     """One model, or one evaluated step: no crash; fits without enough runs carry no interval."""
     from harness.report.sweep import build_sweep_report
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
     from report_synth import write_run
     rng = np.random.default_rng(0)
     for m in models:

@@ -90,7 +90,7 @@ def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
 
 def train_digits_classifier(config: dict = DIGITS_CONFIG) -> tuple[DigitsNet, float]:
     """Train the digits CNN deterministically on its train split; returns (net, held-out accuracy)."""
-    from harness.data import load_digits
+    from harness.data.datasets import load_digits
 
     images, labels = load_digits()
     train_idx, held_idx = _split(labels, config["holdout_fraction"], config["seed"])

@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, Agg), in the style of the paper's scaling plots.
 
-Each function takes the tidy frame (harness.results) or analysis objects and returns a Figure;
+Each function takes the tidy frame (harness.study.results) or analysis objects and returns a Figure;
 `save_figure` writes it as PNG and SVG atomically. Colour encodes model size, line style the patch.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness import analysis  # noqa: E402
+from harness.study import analysis  # noqa: E402
 from harness.io import atomic_write  # noqa: E402
-from harness.results import METRICS, default_setting  # noqa: E402
+from harness.study.results import METRICS, default_setting  # noqa: E402
 
 log = logging.getLogger(__name__)
 

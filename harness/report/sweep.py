@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import analysis, laws
+from harness.study import analysis, laws
 from harness.errors import HarnessError
 from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
 from harness.report.forecast_section import add_forecast_section
 from harness.report import training
 from harness.report.render import FigureSpec, Report, Table, write_report
-from harness.results import METRICS, SweepResults, default_setting, load_sweep
+from harness.study.results import METRICS, SweepResults, default_setting, load_sweep
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from harness import layout
+from harness.config import layout
 from harness.errors import HarnessError
 from harness.report import curves as C
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table
-from harness.runtime import train_tflops
+from harness.training.runtime import train_tflops
 
 if TYPE_CHECKING:
     from harness.report.sweep import SweepView
@@ -52,9 +52,9 @@ def metric_curves_section(v: "SweepView", rep: Report) -> None:
 
 def real_grid(run: dict) -> np.ndarray | None:
     """REAL_GRID_SIZE training images of the run's dataset, laid out and enlarged as the trainer's sample
-    grids are (harness.sample.save_grid); classes in turn for the digits. None when the data is not here."""
-    from harness.data import open_dataset
-    from harness.sample import make_grid
+    grids are (harness.sampling.sample.save_grid); classes in turn for the digits. None when the data is not here."""
+    from harness.data.datasets import open_dataset
+    from harness.sampling.sample import make_grid
 
     data = run.get("data") or {}
     try:
