@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results", help="results root of --forecast-from")
     s.add_argument("--throughput-from", default=None,
                    help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
-    s.add_argument("--gpu", type=str.lower, default=hardware.DEFAULT_GPU,
-                   help=f"GPU kind of the packaged throughput table behind the hours (have: {', '.join(hardware.gpus())})")
+    s.add_argument("--gpu", type=str.lower, default=None,
+                   help=f"GPU kind of the packaged throughput table behind the hours (have: {', '.join(hardware.gpus())}; "
+                        "default launcher.gpu_kind)")
+    s.add_argument("--nodes", type=_positive_int, default=None, help="plan the queue on this many nodes (default launcher.nodes)")
+    s.add_argument("--gpus-per-node", type=_positive_int, default=None, help="GPUs a node (default launcher.gpus_per_node)")
     s.add_argument("--sampling-throughput", type=float, default=None,
                    help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
     s.add_argument("--latent-throughput", type=float, default=None,
@@ -230,7 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options too (`harness plan SPEC --nodes 1 train.lr=2e-4`), which a
+    # positional nargs="*" cannot take once an option has come between
+    if hasattr(args, "overrides"):
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     module_name, func_name = COMMANDS[args.command].split(":")

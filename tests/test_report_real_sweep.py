@@ -181,7 +181,8 @@ def test_status_reads_pace_and_latest_fid_from_what_the_trainer_wrote(real_sweep
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     header, *rows = proc.stdout.splitlines()
-    assert header.split() == ["run_id", "state", "step", "evals", "fid", "elapsed", "img/s", "eta", "job", "reason"]
+    assert header.split() == ["run_id", "state", "gpus", "step", "evals", "fid", "elapsed", "img/s", "eta", "job",
+                              "reason"]
     for run in load_spec(SMOKE).expand():
         rdir = results / "smoke" / "runs" / run.run_id
         train = list(read_jsonl(rdir / "train.jsonl"))
@@ -190,8 +191,9 @@ def test_status_reads_pace_and_latest_fid_from_what_the_trainer_wrote(real_sweep
         assert (p.fid, p.fid_step) == (last_eval["fid"], last_eval["step"])
         assert p.images_per_s == train[-1]["images_per_s"] and p.elapsed_s == train[-1]["wall_s"]  # one attempt
         (row,) = [r.split() for r in rows if r.startswith(run.run_id)]
-        assert row[1] == "done" and row[4] == f"{last_eval['fid']:.2f}@{last_eval['step']}"
-        assert row[6] == f"{train[-1]['images_per_s']:,.0f}" and row[7] == "-"
+        assert row[1] == "done" and row[2] == "-"  # a debug-launcher run: no GPUs sized
+        assert row[5] == f"{last_eval['fid']:.2f}@{last_eval['step']}"
+        assert row[7] == f"{train[-1]['images_per_s']:,.0f}" and row[8] == "-"
 
 
 def test_elapsed_time_sums_the_attempts_of_a_resumed_run(tmp_path):

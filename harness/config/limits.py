@@ -48,6 +48,7 @@ SEED = _bound(2**31 - 1, "a signed 32-bit integer, which every RNG and tool acce
 PATCH = _bound(MAX_IMAGE_SIZE, "a patch is at most the largest image")
 NODES = _bound(1024, "a training job's nodes; larger jobs need more than DDP")
 GPUS_PER_NODE = _bound(16, "the largest GPU nodes hold 16")
+GPUS_PER_RUN = _bound(16 * 1024, "16 GPUs a node on at most 1,024 nodes (launcher.nodes)")
 TASKS_PER_NODE = _bound(256, "one rank per GPU or core of the largest nodes")
 CPUS_PER_TASK = _bound(512, "the largest nodes have 2 x 128 cores with 2 threads each")
 MEM_GB = _bound(16_384, "16 TB, above the largest node's memory")

@@ -60,6 +60,7 @@ from typing import Any
 
 import yaml
 
+from harness import hardware
 from harness.config import limits as L
 from harness.errors import HarnessError
 from harness.config.layout import RUN_JSON_PLAN_KEYS
@@ -176,6 +177,12 @@ class LauncherSpec:
     array_parallelism: int = _opt(16, kind=int, min=1, **L.ARRAY_PARALLELISM)
     max_concurrent_local: int = _opt(1, kind=int, min=1, **L.MAX_CONCURRENT_LOCAL)
     additional: dict = _opt({}, kind=dict)
+    # GPUs of each run's own Slurm job: auto (the fewest that finish it in time, harness.launch.schedule) or a count;
+    # gpus_per_model {model name or size letter: GPUs} overrides it; gpu_kind: whose measured speed sizes runs
+    gpus_per_run: int | str = _opt("auto", kind="auto_int", min=1, **L.GPUS_PER_RUN,
+                                   auto_fix="write auto (the fewest GPUs that finish each run in time) or a GPU count")
+    gpus_per_model: dict = _opt({}, kind=dict)
+    gpu_kind: str = _opt(hardware.DEFAULT_GPU, kind=str, choices=tuple(hardware.gpus()))
 
     @property
     def ranks_per_node(self) -> int:
@@ -398,8 +405,26 @@ def _cross_checks(spec: SweepSpec, where: Where) -> None:
     if e.features == "inception" and e.reference == "digits" and d.dataset != "digits":
         raise where.error(("eval", "reference"), "reference 'digits' does not match the dataset",
                           "point eval.reference at an ADM reference npz or an image folder")
+    _check_gpus_per_model(spec, where)
     if launch.kind == "slurm" and launch.array_parallelism < 1:
         raise where.error(("launcher", "array_parallelism"), "must be >= 1", "use 1 or more")
+
+
+def _check_gpus_per_model(spec: SweepSpec, where: Where) -> None:
+    """launcher.gpus_per_model: keys are this sweep's models or size letters, values GPU counts a run can use."""
+    launch, path = spec.launcher, ("launcher", "gpus_per_model")
+    sizes = {m.removeprefix("DiT-").split("/")[0] for m in spec.models}
+    cluster = launch.nodes * max(launch.gpus_per_node, 1)
+    for key, gpus in launch.gpus_per_model.items():
+        if key not in spec.models and key not in sizes:
+            raise where.error(path + (key,), f"{key!r} is neither a model of this sweep nor its size letter",
+                              f"use one of {', '.join(spec.models + sorted(sizes))}")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= cluster:
+            raise where.error(path + (key,), f"{gpus!r} is not a GPU count between 1 and {cluster} "
+                              "(launcher.nodes x gpus_per_node)", "write a whole number of GPUs")
+        if spec.train.global_batch % gpus:
+            raise where.error(path + (key,), f"train.global_batch {spec.train.global_batch} does not split over "
+                              f"{gpus} GPUs", "use a divisor of the global batch, such as a power of two")
 
 
 def _check_init_from(spec: SweepSpec, where: Where) -> None:

@@ -275,7 +275,8 @@ def check_value(value: Any, meta: dict, path: tuple, where: Where) -> Any:
             return value
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise where.error(path, f"expected a positive integer or auto, got {value!r}",
-                              "write auto (the largest that fits the GPU) or a divisor of the per-GPU batch")
+                              meta.get("auto_fix", "write auto (the largest that fits the GPU) or a divisor of "
+                                                   "the per-GPU batch"))
         return _in_range(value, meta, path, where)
     if kind == "guidance":
         if value in (3, "3"):

@@ -66,18 +66,23 @@ def sweep_lock(sdir: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- executors
-def make_executor(kind: str, spec: SweepSpec, folder: Path) -> Any:
+def make_executor(kind: str, spec: SweepSpec, folder: Path, gpus: int | None = None) -> Any:
+    """A submitit executor for the spec's launcher; with `gpus`, for one run of that many GPUs (Slurm):
+    whole nodes beyond one node's GPUs, else that share of a node (GPUs, one rank each, memory pro rata)."""
     import submitit
 
     L = spec.launcher
     ex = submitit.AutoExecutor(folder=folder / "%j", cluster=kind)
-    tasks = L.ranks_per_node
+    tasks, nodes, per_node, mem_gb = L.ranks_per_node, L.nodes, L.gpus_per_node, L.mem_gb
+    if gpus is not None and L.gpus_per_node:
+        per_node = min(gpus, L.gpus_per_node)
+        nodes, tasks, mem_gb = max(1, gpus // L.gpus_per_node), per_node, L.mem_gb * per_node / L.gpus_per_node
     params: dict[str, Any] = {"name": f"dit-{spec.name}", "timeout_min": L.timeout_min}
     if kind == "slurm":
-        params.update(nodes=L.nodes, tasks_per_node=tasks, cpus_per_task=L.cpus_per_task, mem_gb=L.mem_gb,
+        params.update(nodes=nodes, tasks_per_node=tasks, cpus_per_task=L.cpus_per_task, mem_gb=mem_gb,
                       slurm_array_parallelism=L.array_parallelism)
-        if L.gpus_per_node:
-            params["gpus_per_node"] = L.gpus_per_node
+        if per_node:
+            params["gpus_per_node"] = per_node
         for key in ("partition", "account", "qos"):
             if getattr(L, key):
                 params[f"slurm_{key}"] = getattr(L, key)
@@ -119,13 +124,24 @@ def _held_stderr() -> Iterator[None]:
         sys.stderr.write(held.read().decode(errors="replace"))
 
 
-def _sbatch_refusal(spec: SweepSpec, err: Exception) -> HarnessError:
+def run_gpus(spec: SweepSpec) -> dict[str, tuple[int, float]]:
+    """{run_id: (GPUs, planned hours on them)} by harness.launch.schedule's rule, from the plan at the spec's gpu_kind;
+    HarnessError (one line) for a run no GPU count can finish in time: refused before anything is submitted."""
+    from harness.launch.plan import plan_sweep  # fvcore and torch: only for GPU sweeps on Slurm
+
+    plan = plan_sweep(spec, gpu=spec.launcher.gpu_kind)
+    return {r["run_id"]: (r["gpus"], r["end_h"] - r["start_h"]) for r in plan["runs"]}
+
+
+def _sbatch_refusal(spec: SweepSpec, err: Exception, earlier: int = 0) -> HarnessError:
     """One line for a job array sbatch refused: the spec key to change and sbatch's own words."""
     said = [x.strip().removeprefix("sbatch: error: ") for x in str(err).splitlines() if "error" in x.lower()]
     said = said or [x.strip() for x in str(err).splitlines() if x.strip()][:1]
     key, how = sbatch_fix(" ".join(said))
+    done = (f"The {earlier} run(s) of the arrays before it were submitted; run the same command again once fixed"
+            if earlier else "Nothing was submitted")
     return HarnessError(f"{spec.path}: Slurm refused the job array (sbatch: {'; '.join(said)}). Fix: change "
-                        f"{key} in the spec; {how}. Nothing was submitted.")
+                        f"{key} in the spec; {how}. {done}.")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -135,6 +151,7 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
     results = Path(results)
     kind = launcher or spec.launcher.kind
     require_ready(spec, results, kind)  # every input checked, all problems at once, before anything is written
+    sized = run_gpus(spec) if kind == "slurm" and spec.launcher.gpus_per_node else {}
     sdir = layout.sweep_dir(results, spec.name)
     with sweep_lock(sdir):
         state = layout.load_state(sdir)
@@ -150,8 +167,8 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
             s.dir.mkdir(parents=True, exist_ok=True)
             p = layout.write_run_json(s.run, s.dir)
             costs[s.run.run_id] = p.train_gflops + p.sampling_gflops
-        # costliest first: with a few local workers the longest run no longer starts last and runs alone
-        todo.sort(key=lambda s: -costs[s.run.run_id])
+        # longest first (planned hours on its GPUs when sized, else Gflops): the longest run never starts last
+        todo.sort(key=lambda s: -(sized[s.run.run_id][1] if sized else costs[s.run.run_id]))
         args = [(s.run.to_dict(), str(s.dir),
                  str(layout.run_dir(results, spec.checkpoints_from, s.run.run_id)) if spec.checkpoints_from else None)
                 for s in todo]
@@ -162,7 +179,8 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         def record(s: RunStatus, job: Any) -> None:
             entry = state["runs"].setdefault(s.run.run_id, {})
             entry.update(launcher=kind, job_id=str(job.job_id), job_folder=str(jobs_dir / "%j"),
-                         submitted=time.time(), attempts=entry.get("attempts", 0) + 1, reason=None)
+                         submitted=time.time(), attempts=entry.get("attempts", 0) + 1, reason=None,
+                         gpus=sized[s.run.run_id][0] if sized else None)
             _link_logs(s.dir, job)
             jobs[s.run.run_id] = job
 
@@ -178,16 +196,23 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
                 raise _sbatch_refusal(spec, err) from None
             state["latent_jobs"] = latent_jobs or state.get("latent_jobs", [])
             if kind == "slurm":
-                if todo:
-                    try:  # one sbatch for the whole array: it is submitted whole or not at all
-                        with _held_stderr(), ex.batch():
-                            submitted = [ex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for a in args]
+                groups: dict[int | None, list] = {}  # one job array per GPU count, in submission order
+                for s, a in zip(todo, args):
+                    groups.setdefault(sized[s.run.run_id][0] if sized else None, []).append((s, a))
+                for gpus, members in groups.items():
+                    gex = ex if gpus is None else make_executor(kind, spec, jobs_dir, gpus)
+                    if gpus is not None and latent_jobs:
+                        gex.update_parameters(slurm_dependency="afterok:" + ":".join(latent_jobs))
+                    try:  # one sbatch per array: it is submitted whole or not at all
+                        with _held_stderr(), gex.batch():
+                            submitted = [gex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for _, a in members]
                     except FailedJobError as err:  # submitit carries sbatch's stderr
-                        raise _sbatch_refusal(spec, err) from None
-                    for s, job in zip(todo, submitted):
+                        raise _sbatch_refusal(spec, err, earlier=len(jobs)) from None
+                    for (s, _), job in zip(members, submitted):
                         record(s, job)
                     layout.save_state(sdir, state)
-                    log.info("submitted job array %s (%d runs)", submitted[0].job_id.split("_")[0], len(submitted))
+                    log.info("submitted job array %s (%d runs%s)", submitted[0].job_id.split("_")[0], len(submitted),
+                             f", {gpus} GPU(s) each" if gpus else "")
                 for s in active:
                     jobs[s.run.run_id] = slurm_job(state["runs"][s.run.run_id])
                 if wait:

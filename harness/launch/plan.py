@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness import hardware, paper
+from harness.launch import schedule
 from harness.errors import HarnessError
 from harness.config.spec import RunSpec, SweepSpec, load_spec
 
@@ -58,6 +59,9 @@ class RunPlan:
     train_accel_hours: float | None = None
     sampling_accel_hours: float | None = None   # evaluation: sampling (and its VAE decode)
     latent_accel_hours: float | None = None     # this run's share of its latent stage
+    gpus: int | None = None                  # the run's own job's GPUs (harness.launch.schedule), with hours
+    start_h: float | None = None             # its place in the simulated queue (hours from the start)
+    end_h: float | None = None
     forecast_fid: float | None = None        # with --forecast-from: the chosen law's FID and interval
     forecast_lo: float | None = None
     forecast_hi: float | None = None
@@ -178,14 +182,36 @@ def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float,
     return speeds, basis
 
 
+def _schedule(spec: SweepSpec, plans: list[RunPlan], nodes: int, gpus_per_node: int) -> dict:
+    """Each run's GPUs and place in the simulated queue (`harness.launch.schedule`); the sweep's makespan."""
+    L = spec.launcher
+    hours = [p.train_accel_hours + p.sampling_accel_hours + (p.latent_accel_hours or 0.0) for p in plans]
+    ideal = sum(hours) / (nodes * gpus_per_node)
+    for p, h in zip(plans, hours):
+        p.gpus = schedule.gpus_for_run(p.model, h, p.global_batch, p.tokens, nodes, gpus_per_node, L.timeout_min,
+                                       L.gpus_per_run, L.gpus_per_model, where=str(spec.path), ideal_makespan_h=ideal)
+    order = schedule.submission_order([h / p.gpus for p, h in zip(plans, hours)])
+    queue = [(plans[i].run_id, plans[i].model, plans[i].gpus, hours[i]) for i in order]
+    slots = schedule.simulate(queue, nodes, gpus_per_node)
+    for i, slot in zip(order, slots):
+        plans[i].start_h, plans[i].end_h = slot.start_h, slot.end_h
+    out = schedule.summary(slots, nodes, gpus_per_node)
+    out["below_efficient"] = [p.model for p in plans
+                              if p.gpus * schedule.EFFICIENT_TOKENS_PER_GPU > p.global_batch * p.tokens and p.gpus > 1]
+    return out
+
+
 def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None,
                sampling_throughput: float | None = None, latent_throughput: float | None = None,
-               throughput_from: str | None = None, gpu: str | None = hardware.DEFAULT_GPU) -> dict:
+               throughput_from: str | None = None, gpu: str | None = hardware.DEFAULT_GPU,
+               nodes: int | None = None, gpus_per_node: int | None = None) -> dict:
     """{"sweep", "description", "checkpoints_from", "throughput_images_per_s", "throughput_model",
     "sampling_images_per_s", "latent_encodes_per_s", "runs": [RunPlan dicts], "totals"}.
     `throughput_model`: the model `throughput` and `sampling_throughput` were measured on.
     `throughput_from`: a `harness bench` JSON measuring each run's own model (instead of both).
-    Without any of them, the packaged measurements of `gpu` (`harness.hardware`; None: no hours)."""
+    Without any of them, the packaged measurements of `gpu` (`harness.hardware`; None: no hours).
+    With hours and GPUs (`nodes` x `gpus_per_node`, default the spec's launcher), each run's GPU count and
+    the simulated queue: "schedule" holds the makespan, utilisation and the run that ends last."""
     if throughput_from is not None and (throughput is not None or sampling_throughput is not None):
         raise HarnessError("--throughput-from: gives every run its own measured speed; drop --throughput and "
                            "--sampling-throughput, or drop --throughput-from")
@@ -227,6 +253,10 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
         "sampling_gflops": sum(p.sampling_gflops for p in plans),
     }
     totals["total_gflops"] = totals["train_gflops"] + totals["sampling_gflops"]
+    nodes = nodes or spec.launcher.nodes
+    gpus_per_node = spec.launcher.gpus_per_node if gpus_per_node is None else gpus_per_node
+    timed = all(p.train_accel_hours is not None for p in plans)
+    sched = _schedule(spec, plans, nodes, gpus_per_node) if timed and gpus_per_node > 0 else None
     if all(p.train_accel_hours is not None for p in plans):
         totals["train_accel_hours"] = sum(p.train_accel_hours for p in plans)
         totals["sampling_accel_hours"] = sum(p.sampling_accel_hours for p in plans)
@@ -242,7 +272,7 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
                                         if throughput_from is not None else throughput),
             "throughput_model": f"measured per model ({throughput_from})" if throughput_from else throughput_model,
             "sampling_images_per_s": sampling_throughput,
-            "latent_encodes_per_s": latent_throughput, "table": basis,
+            "latent_encodes_per_s": latent_throughput, "table": basis, "schedule": sched,
             "runs": [p.to_dict() for p in plans], "totals": totals}
 
 
@@ -259,6 +289,9 @@ def format_table(plan: dict) -> str:
         cols += ["train_h", "eval_h"]
     if latent:
         cols += ["latent_h"]
+    sched = plan.get("schedule")
+    if sched:
+        cols += ["gpus", "start_h", "end_h"]
     fc = plan.get("forecast_from") is not None
     if fc:
         cols += ["forecast_fid"]
@@ -271,6 +304,8 @@ def format_table(plan: dict) -> str:
             row += [f"{r['train_accel_hours']:.1f}", f"{r['sampling_accel_hours']:.1f}"]
         if latent:
             row += [_hours(r["latent_accel_hours"])]
+        if sched:
+            row += [str(r["gpus"]), f"{r['start_h']:.1f}", f"{r['end_h']:.1f}"]
         if fc:
             row += [f"{r['forecast_fid']:.3g} [{r['forecast_lo']:.3g}, {r['forecast_hi']:.3g}]"
                     if r["forecast_fid"] is not None else "-"]
@@ -282,6 +317,8 @@ def format_table(plan: dict) -> str:
         total += [f"{t['train_accel_hours']:.1f}", f"{t['sampling_accel_hours']:.1f}"]
     if latent:
         total += [_hours(t["latent_accel_hours"])]
+    if sched:
+        total += ["", "", f"{sched['makespan_h']:.1f}"]
     if fc:
         total += [""]
     widths = [max(len(c), *(len(r[i]) for r in rows + [total])) for i, c in enumerate(cols)]
@@ -316,6 +353,15 @@ def format_table(plan: dict) -> str:
                    f"({t['sampling_accel_hours']:.1f} of {t['accel_hours']:.1f} h). To cut it: evaluate fewer "
                    "eval.at_steps, fewer sampling_steps or cfg_scales, or FID-10K at intermediate steps (a second "
                    "sweep with checkpoints_from and eval.num_samples: 10000) and FID-50K only at the last step")
+    if sched:
+        out.append(f"schedule on {sched['nodes']} node(s) x {sched['gpus_per_node']} GPUs, each run its own job in "
+                   f"submission order (harness.launch.schedule): makespan {sched['makespan_h']:.1f} h, GPU utilisation "
+                   f"{sched['utilisation']:.0%}, last to finish {sched['critical_run']}; --nodes and --gpus-per-node "
+                   "plan another cluster, launcher.gpus_per_run / gpus_per_model fix the GPUs per run")
+        if sched["below_efficient"]:
+            out.append(f"note: {', '.join(sched['below_efficient'])} get fewer than "
+                       f"{schedule.EFFICIENT_TOKENS_PER_GPU:,} tokens per GPU a step, where no throughput was measured: "
+                       "their hours assume perfect scaling and are optimistic (launcher.gpus_per_run: auto avoids this)")
     if latent:
         out.append(f"latent_h: this run's share of its latent stage at {plan['latent_encodes_per_s']:g} VAE "
                    "encodes/s per accelerator (each image and its flip)")
@@ -357,7 +403,8 @@ def _hours(h: float | None) -> str:
 def cli_plan(args) -> int:
     spec = load_spec(args.sweep, args.overrides)
     plan = plan_sweep(spec, args.throughput, args.throughput_model, args.sampling_throughput,
-                      args.latent_throughput, args.throughput_from, args.gpu)
+                      args.latent_throughput, args.throughput_from, args.gpu or spec.launcher.gpu_kind,
+                      args.nodes, args.gpus_per_node)
     if getattr(args, "forecast_from", None):
         add_forecast(plan, args.results, args.forecast_from)
     if args.format == "json":

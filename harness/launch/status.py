@@ -136,6 +136,7 @@ class RunStatus:
     evals: tuple[int, int]
     job_id: str | None
     reason: str | None
+    gpus: int | None = None  # the GPUs its Slurm job asked for (harness.launch.schedule), when sized
 
 
 def _slurm_state(entry: dict, sched: str) -> tuple[str, str | None]:
@@ -172,7 +173,7 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
             st = "interrupted"
         else:
             st = "new"
-        out.append(RunStatus(run, rdir, st, step, evals, job_id, reason))
+        out.append(RunStatus(run, rdir, st, step, evals, job_id, reason, entry.get("gpus")))
     return out
 
 
@@ -211,15 +212,15 @@ def _duration(seconds: float | None) -> str:
 
 
 def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
-    """A table: state, step, evaluations, latest FID, training wall time, images/s, a training ETA (remaining
+    """A table: state, the GPUs its job asked for, step, evaluations, latest FID, training wall time, images/s, a training ETA (remaining
     steps at the last logged speed; evaluations not included), job and reason; then counts per state."""
-    rows = [["run_id", "state", "step", "evals", "fid", "elapsed", "img/s", "eta", "job", "reason"]]
+    rows = [["run_id", "state", "gpus", "step", "evals", "fid", "elapsed", "img/s", "eta", "job", "reason"]]
     for s in statuses:
         steps = s.run.train.steps if not s.run.checkpoints_from else max(s.run.eval.at_steps)
         p = run_progress(s.dir)
         active = p.steps_per_s and steps > s.step and s.state not in ("done", "failed")
         eta = (steps - s.step) / p.steps_per_s if active else None
-        rows.append([s.run.run_id, s.state, f"{s.step}/{steps}", f"{s.evals[0]}/{s.evals[1]}",
+        rows.append([s.run.run_id, s.state, str(s.gpus or "-"), f"{s.step}/{steps}", f"{s.evals[0]}/{s.evals[1]}",
                      f"{p.fid:.2f}@{p.fid_step}" if p.fid is not None else "-",
                      _duration(p.elapsed_s) if p.elapsed_s else "-",
                      f"{p.images_per_s:,.0f}" if p.images_per_s else "-", _duration(eta),
