@@ -12,9 +12,8 @@ import sys
 
 from harness import hardware
 from harness.errors import HarnessError
-from harness.metrics import FEATURE_SPACES, METRICS
+from harness.config.vocab import FEATURE_SPACES, GUIDANCE_CHANNELS, METRICS, SAMPLERS
 from harness.config.registry import CONDITIONINGS
-from harness.sampling.samplers import GUIDANCE_CHANNELS, SAMPLERS
 from harness.config.spec import AUTOENCODERS, LAUNCHERS, PRECISIONS
 
 # The choices below come from the layer that owns each vocabulary; all of these import without torch.

@@ -80,7 +80,7 @@ def test_backtest_on_a_recorded_sweep_and_compute_optimal(tmp_path):
     points, step = forecast.sweep_points(frame)
     assert len(points) == 6 and step == frame["step"].max()
     res = forecast.backtest(points, "largest:1", n_boot=30)
-    json.dumps(forecast._finite(res), allow_nan=False)
+    json.dumps(laws.finite_json(res), allow_nan=False)
     best = next(c for c in res["candidates"] if c["default"])
     assert best["law"] == res["default"] and len(best["predictions"]) == 1
     co = compute_optimal(frame, n_boot=100)

@@ -18,7 +18,7 @@ from PIL import Image
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.report import figures as F
-from harness.report.sweep import paper_setup_matches
+from harness.report.view import paper_setup_matches
 from report_synth import rendered_partial_sweep, rendered_scaling_sweep
 
 SWEEP_FIGURES = ["fid_vs_gflops", "fid_vs_steps", "fid_vs_train_compute", "training_loss", "metrics_vs_steps",

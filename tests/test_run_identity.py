@@ -112,7 +112,7 @@ def test_run_ids_of_the_smoke_sweep_are_stable():
 
 
 def test_init_from_enters_the_identity_by_content_not_by_path(tmp_path, monkeypatch):
-    from harness.interop.convert import source_digest
+    from harness.config.spec import init_from_digest
 
     weights = tmp_path / "a" / "w.pt"
     weights.parent.mkdir()
@@ -121,7 +121,7 @@ def test_init_from_enters_the_identity_by_content_not_by_path(tmp_path, monkeypa
     train = TrainSpec(init_from="${WEIGHTS_HOME}/w.pt")
     identity = S.run_identity(*BASE, DataSpec(), train)
     assert "init_from" not in identity["train"]
-    assert identity["train"]["init_from_sha256"] == source_digest(weights)
+    assert identity["train"]["init_from_sha256"] == init_from_digest(weights)
     first = make_run_id(*BASE, DataSpec(), train)
     moved = tmp_path / "b" / "w.pt"
     moved.parent.mkdir()

@@ -187,10 +187,10 @@ def test_a_standalone_run_takes_each_cli_argument_and_the_spec_defaults_for_the_
                                   ["--compile"]])
 def test_a_recorded_run_refuses_each_standalone_override(tmp_path, capsys, flag):
     from harness.cli import main
-    from harness.config.layout import write_run_json
+    from harness.launch.plan import record_run
     from harness.training.train import _standalone_run
 
-    write_run_json(_standalone_run(_standalone_args(steps=3)), tmp_path)
+    record_run(_standalone_run(_standalone_args(steps=3)), tmp_path)
     assert main(["train", "--run-dir", str(tmp_path), *flag]) == 2
     assert (f"{tmp_path / 'run.json'} exists: --steps/--batch/--lr/--precision/--compile and KEY=VALUE only apply "
             "to a new standalone run; edit the sweep spec instead or use a new --run-dir") in capsys.readouterr().err

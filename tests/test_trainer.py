@@ -60,14 +60,14 @@ def test_without_gflops_training_goes_on_and_logs_no_tflops(tmp_path, monkeypatc
     """Throughput bookkeeping never stops training: if fvcore cannot count the model, train.jsonl says None."""
     import harness.models.flops
     from harness.io import read_jsonl
-    from harness.config.layout import write_run_json
+    from harness.launch.plan import record_run
     from harness.training.train import run_training
     from train_tiny import tiny_run
 
     def no_count(*args, **kwargs):
         raise RuntimeError("fvcore is not installed")
 
-    write_run_json(tiny_run(steps=1), tmp_path)   # as a sweep's planner wrote it (it counts the Gflops itself)
+    record_run(tiny_run(steps=1), tmp_path)   # as a sweep's planner wrote it (it counts the Gflops itself)
     monkeypatch.setattr(harness.models.flops, "model_gflops", no_count)
     run_training(tiny_run(steps=1), tmp_path)
     (line,) = read_jsonl(tmp_path / "train.jsonl")

@@ -16,6 +16,7 @@ import pytest
 from harness import io
 from harness.config import layout
 from harness.errors import HarnessError
+from harness.launch.plan import record_run
 from train_tiny import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def _state(d: Path, n: int) -> Path:
 
 def _run_json(d: Path, n: int) -> Path:
     run = tiny_run(steps=4 + n)
-    layout.write_run_json(run, d)
+    record_run(run, d)
     return layout.RunFolder(d).run_json
 
 

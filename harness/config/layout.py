@@ -109,18 +109,14 @@ class RunFolder:
 
 
 # --------------------------------------------------------------------------- run.json
-def write_run_json(run: Any, rdir: Path) -> Any:
-    """Write rdir/run.json, the only writer: the run (a RunSpec), its shape, Gflops and params.
-    Returns the run's `harness.launch.plan.RunPlan` (fvcore, cached)."""
-    from harness.launch.plan import plan_run
-
-    p = plan_run(run)
-    planned = {**run.shape.to_dict(), "gflops": p.gflops, "params": p.params, "input_size": p.input_size,
-               "in_channels": p.in_channels}
+def write_run_json(run: Any, rdir: Path, gflops: float, params: int) -> None:
+    """Write rdir/run.json, the only writer: the run (a RunSpec), its shape, and the model's forward
+    Gflops and parameters as the caller counted them (`harness.launch.plan.record_run`, the trainer)."""
+    planned = {**run.shape.to_dict(), "gflops": gflops, "params": params, "input_size": run.data.input_size,
+               "in_channels": run.data.channels}
     record = run.to_dict()
     record.update({k: planned[k] for k in RUN_JSON_PLAN_KEYS})
     atomic_write_json(RunFolder(Path(rdir)).run_json, record)
-    return p
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:

@@ -63,11 +63,11 @@ import yaml
 from harness import hardware
 from harness.config import limits as L
 from harness.errors import HarnessError
+from harness.io import path_digest
 from harness.config.layout import RUN_JSON_PLAN_KEYS
 from harness.config.specfile import Where, apply_overrides, check_keys, check_value, read_yaml, section, typename
-from harness.metrics import FEATURE_SPACES, METRICS
 from harness.config.registry import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
-from harness.sampling.samplers import SAMPLERS
+from harness.config.vocab import FEATURE_SPACES, METRICS, SAMPLERS
 
 DATASETS = ("digits", "imagefolder")
 AUTOENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-ft-mse")
@@ -279,10 +279,16 @@ def run_identity(model: str, conditioning: str, seed: int, data: DataSpec, train
     t = {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(train).items()
          if k not in _TRAIN_ID_EXCLUDED}
     if t.pop("init_from", None) is not None:  # by content (sha256), so moving the file keeps the id
-        from harness.interop.convert import source_digest
-
-        t["init_from_sha256"] = source_digest(expand_path(train.init_from, "train.init_from"))
+        t["init_from_sha256"] = init_from_digest(expand_path(train.init_from, "train.init_from"))
     return {"model": model, "conditioning": conditioning, "seed": int(seed), "data": d, "train": t}
+
+
+def init_from_digest(path: str | Path) -> str:
+    """sha256 of train.init_from's weights (a file's bytes; a folder's names and bytes), cached per mtime."""
+    if not Path(path).exists():
+        raise HarnessError(f"{path}: no such file or folder (key train.init_from); point it at a checkpoint, "
+                           "a state dict or a diffusers DiT folder.")
+    return path_digest(path)
 
 
 def make_run_id(model: str, conditioning: str, seed: int, data: DataSpec, train: TrainSpec) -> str:
@@ -427,20 +433,22 @@ def _check_gpus_per_model(spec: SweepSpec, where: Where) -> None:
                               f"{gpus} GPUs", "use a divisor of the global batch, such as a power of two")
 
 
-def _check_init_from(spec: SweepSpec, where: Where) -> None:
-    """train.init_from exists, reads, and fits every run's model and block (before anything runs)."""
-    from harness.interop.convert import check_init_source
+#: what to do about a train.init_from that does not exist or does not fit
+INIT_FROM_FIX = ("point train.init_from at weights of this sweep's model (a checkpoint, `harness import` output "
+                 "or an official DiT .pt)")
 
+
+def _check_init_from(spec: SweepSpec, where: Where) -> None:
+    """train.init_from names a file or folder that exists (whether it fits every run's model is torch's
+    business: `harness.launch.preflight.require_init_weights` checks it before anything is submitted)."""
     path = ("train", "init_from")
     unset = [v for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", spec.train.init_from) if v not in os.environ]
     if unset:
         raise where.error(path, f"{spec.train.init_from!r} uses the unset environment variable {unset[0]}",
                           f"export {unset[0]}=/path/to/the/weights (the run id hashes the file, so it must be here)")
-    try:
-        check_init_source(expand_path(spec.train.init_from, "train.init_from"), spec.expand())
-    except HarnessError as err:
-        raise where.error(path, str(err).rstrip("."), "point train.init_from at weights of this sweep's model "
-                          "(a checkpoint, `harness import` output or an official DiT .pt)") from None
+    source = expand_path(spec.train.init_from, "train.init_from")
+    if not Path(source).exists():
+        raise where.error(path, f"{source}: no such file or folder", INIT_FROM_FIX)
 
 
 def _check_source_sweep(spec: SweepSpec, where: Where) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError
 from harness.io import atomic_write, atomic_write_json, cache_dir, file_lock
+from harness.data.datasets import dataset_channels, open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +375,6 @@ def build_latent_cache(dataset_name_or_path: str | Path, autoencoder: Autoencode
     return None. Shards are written atomically, so an interrupted build resumes from its finished
     shards; the manifest is written last. num_workers: DataLoader workers (default: loader_workers()).
     """
-    from harness.data.datasets import dataset_channels, open_dataset
-
     i, n = task
     if not (n >= 1 and 0 <= i < n):
         raise HarnessError(f"latent task {i}/{n} (--shard I/N): use 0 <= I < N.")

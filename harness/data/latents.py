@@ -42,6 +42,7 @@ class LatentStage:
     def build(self, task: tuple[int, int] = (0, 1), num_workers: int | None = None) -> Any:
         """harness.data.autoencoder.build_latent_cache for this stage: the LatentCache, or None when other
         tasks still own unfinished shards."""
+        # torch and diffusers: dispatch imports this module to plan the stage
         from harness.data.autoencoder import SHARD_SIZE, build_latent_cache, load_autoencoder
 
         ae = load_autoencoder(self.autoencoder, self.autoencoder_path)
@@ -169,6 +170,7 @@ def _spawn_tasks(args: Any, n: int) -> None:
 
 def cli_latents(args: Any) -> int:
     """`harness latents`: build (or find) the latent cache ahead of training, whole or one task's share."""
+    # torch and diffusers: dispatch imports this module to plan the stage
     from harness.data.autoencoder import load_autoencoder
 
     load_autoencoder(args.autoencoder, args.autoencoder_path, args.allow_download)  # fetch/check once

@@ -17,18 +17,21 @@ Shapes: state dicts map names to tensors; qkv (3D, D) <-> to_q, to_k, to_v (D, D
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.errors import HarnessError
+from harness.config.spec import DataSpec, expand_path
+from harness.data.autoencoder import load_autoencoder
+from harness.io import atomic_write
+from harness.models.checkpoint import list_checkpoints, verify_checkpoint
+from harness.models.dit import build_model
 
 log = logging.getLogger(__name__)
 
@@ -275,31 +278,6 @@ def load_into(model: torch.nn.Module, source: Source, conditioning: str, what: s
     return model
 
 
-@lru_cache(maxsize=64)
-def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
-    root = Path(path)
-    h = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for f in files:
-        if root.is_dir():
-            h.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def source_digest(path: str | Path) -> str:
-    """sha256 of a weights file's bytes (a folder: of its files' names and bytes), cached per mtime."""
-    p = Path(path)
-    if not p.exists():
-        raise HarnessError(f"{p}: no such file or folder (key train.init_from); point it at a checkpoint, "
-                           "a state dict or a diffusers DiT folder.")
-    st = p.stat()
-    newest = max([st.st_mtime_ns] + ([f.stat().st_mtime_ns for f in p.rglob("*")] if p.is_dir() else []))
-    return _digest_cached(str(p.resolve()), st.st_size, newest)
-
-
 # ----------------------------------------------------------------------------- export and import
 #: the diffusion DiT trains with (harness.models.diffusion): linear betas 1e-4..0.02 over 1000 steps
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
@@ -309,8 +287,6 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end":
 
 def _run_checkpoint(path: Path) -> Path:
     """A checkpoint file as given, or the newest verified checkpoint of a run folder."""
-    from harness.models.checkpoint import list_checkpoints, verify_checkpoint
-
     if path.is_file():
         return path
     found = list_checkpoints(path / "checkpoints") if path.is_dir() else []
@@ -326,10 +302,6 @@ def _run_checkpoint(path: Path) -> Path:
 
 def model_from_checkpoint(path: Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict, Source]:
     """(our DiT with the checkpoint's EMA or raw weights, its run dict, the source) of a harness checkpoint."""
-    from harness.models.checkpoint import verify_checkpoint
-    from harness.models.dit import build_model
-    from harness.config.spec import DataSpec
-
     problem = verify_checkpoint(path)
     if problem:
         raise HarnessError(f"{path}: {problem}.")
@@ -364,9 +336,6 @@ def export_diffusers(src: str | Path, out: str | Path, raw: bool = False) -> Pat
 
     import diffusers
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    from harness.data.autoencoder import load_autoencoder
-    from harness.config.spec import DataSpec
 
     out = Path(out)
     if out.exists():
@@ -460,8 +429,6 @@ def export_readme(run: dict, ckpt: Path, raw: bool) -> str:
 
 def import_weights(src: str | Path, fmt: str, out: str | Path) -> Path:
     """Write our (official-layout) state dict from a diffusers folder or an official .pt, atomically."""
-    from harness.io import atomic_write
-
     src, out = Path(src), Path(out)
     if fmt == "diffusers":
         if not src.is_dir():
@@ -502,8 +469,6 @@ def cli_import(args: Any) -> int:
 
 # ----------------------------------------------------------------------------- train.init_from
 def _run_model(run: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
-    from harness.models.dit import build_model
-
     return build_model(run.model, run.conditioning, input_size=run.data.input_size, in_channels=run.data.channels,
                        num_classes=run.data.num_classes, class_dropout_prob=run.train.class_dropout).to(device)
 
@@ -519,8 +484,6 @@ def check_init_source(path: str, runs: list[Any]) -> None:
 
 def init_from_source(run: Any, model: torch.nn.Module, ema: torch.nn.Module) -> None:
     """Start `model` and its EMA from train.init_from (weights only; the optimizer starts fresh)."""
-    from harness.config.spec import expand_path
-
     source = read_source(expand_path(run.train.init_from, "train.init_from"))
     load_into(model, source, run.conditioning, f"run {run.run_id} ({run.model}, {run.conditioning})")
     ema.load_state_dict(model.state_dict())

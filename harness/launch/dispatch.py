@@ -31,11 +31,15 @@ from harness.config import layout
 from harness.errors import HarnessError
 from harness.io import writing
 from harness.launch.job import SweepJob
+from harness.launch.plan import plan_sweep, record_run
 from harness.data.latents import run_latent_stage
 from harness.launch.preflight import require_ready, sbatch_fix
 from harness.config.spec import SweepSpec, load_spec
 from harness.launch.status import (ACTIVE_STATES, POLL_S, RunStatus, format_status, job_error, job_reason,
                             record_outcome, run_statuses, sacct_states, slurm_job)
+from harness.launch.local_pool import run_local
+from harness.launch.repair import repair
+from harness.report import report_sweep
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +131,6 @@ def _held_stderr() -> Iterator[None]:
 def run_gpus(spec: SweepSpec) -> dict[str, tuple[int, float]]:
     """{run_id: (GPUs, planned hours on them)} by harness.launch.schedule's rule, from the plan at the spec's gpu_kind;
     HarnessError (one line) for a run no GPU count can finish in time: refused before anything is submitted."""
-    from harness.launch.plan import plan_sweep  # fvcore and torch: only for GPU sweeps on Slurm
-
     plan = plan_sweep(spec, gpu=spec.launcher.gpu_kind)
     return {r["run_id"]: (r["gpus"], r["end_h"] - r["start_h"]) for r in plan["runs"]}
 
@@ -165,7 +167,7 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         costs = {}
         for s in todo:
             s.dir.mkdir(parents=True, exist_ok=True)
-            p = layout.write_run_json(s.run, s.dir)
+            p = record_run(s.run, s.dir)
             costs[s.run.run_id] = p.train_gflops + p.sampling_gflops
         # longest first (planned hours on its GPUs when sized, else Gflops): the longest run never starts last
         todo.sort(key=lambda s: -(sized[s.run.run_id][1] if sized else costs[s.run.run_id]))
@@ -218,8 +220,6 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
                 if wait:
                     _wait_slurm(jobs, state, sdir)
             elif kind == "local":
-                from harness.launch.local_pool import run_local
-
                 run_local(ex, spec, todo, args, record, state, sdir)
             else:
                 for s, a in zip(todo, args):
@@ -236,8 +236,6 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
 def _repaired(spec: SweepSpec, results: Path, statuses: list[RunStatus]) -> list[RunStatus]:
     """Repair what can be rebuilt in the runs no job works on (`harness.launch.repair`: run.json from the
     spec, checkpoints without a sidecar); the statuses again if anything was repaired."""
-    from harness.launch.repair import repair
-
     fixed = [line for s in statuses if s.state not in ("pending", "running") and s.dir.is_dir()
              for line in repair(s.run, s.dir)]
     return run_statuses(spec, results) if fixed else statuses
@@ -273,8 +271,6 @@ def _wait_slurm(jobs: dict[str, Any], state: dict, sdir: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 def cli_sweep(args: Any) -> int:
     """`harness sweep SPEC`: dispatch, print the statuses, and render the report when all are done."""
-    from harness.report import report_sweep
-
     spec = load_spec(args.sweep, args.overrides)
     results = Path(args.results or "results")
     if args.dry_run:

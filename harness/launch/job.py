@@ -81,7 +81,7 @@ class SweepJob:
     def __call__(self, run: dict, rdir: str, source_dir: str | None = None) -> str:
         import torch
 
-        from harness.training.train import run_training
+        from harness.training.train import run_training  # torch: the submitting process never loads it
 
         if self.cpus_per_task and not torch.cuda.is_available():
             torch.set_num_threads(self.cpus_per_task)

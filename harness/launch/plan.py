@@ -25,10 +25,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 from harness import hardware, paper
+from harness.config import layout
+from harness.config.registry import resolve_shape
+from harness.study import forecast
+from harness.study.results import load_sweep
 from harness.launch import schedule
 from harness.errors import HarnessError
 from harness.config.spec import RunSpec, SweepSpec, load_spec
@@ -104,11 +109,18 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
     return plan
 
 
+def record_run(run: RunSpec, rdir: Path) -> RunPlan:
+    """Write the run's run.json (`layout.write_run_json`) with its planned Gflops and params; its plan."""
+    p = plan_run(run)
+    layout.write_run_json(run, rdir, p.gflops, p.params)
+    return p
+
+
 def latent_images(run: RunSpec) -> int | None:
     """Images in the run's training set, for the latent stage's cost (None: unknown here)."""
     import os
 
-    from harness.data.datasets import list_image_files, load_digits
+    from harness.data.datasets import list_image_files, load_digits  # torch and fvcore: only where a plan needs them
 
     d = run.data
     if d.dataset == "digits":
@@ -143,7 +155,7 @@ def _latent_hours(plans: list[RunPlan], runs: list[RunSpec], latent_throughput: 
 
 def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, float]]:
     """{model: (training images/s, sampling images/s per step)} for every run's model, from a bench JSON."""
-    from harness.training.bench import read_throughput
+    from harness.training.bench import read_throughput  # torch and fvcore: only where a plan needs them
 
     measured = read_throughput(bench_json)
     missing = sorted({r.model for r in runs} - set(measured))
@@ -162,7 +174,7 @@ def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float,
     """({run_id: (training images/s, sampling images/s per denoising step)}, basis) from the packaged table
     of `gpu`: a measured model at the table's geometry takes its own figures; any other run those of the
     nearest measured model (by Gflops), scaled by Gflops(that model) / Gflops(run)."""
-    from harness.models.flops import model_gflops
+    from harness.models.flops import model_gflops  # torch and fvcore: only where a plan needs them
 
     rows = hardware.measured(gpu)
     side, channels, classes = hardware.GEOMETRY
@@ -225,8 +237,7 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
                            "both figures of `harness bench`.")
     reference = None
     if throughput_model is not None:
-        from harness.models.flops import model_gflops
-        from harness.config.registry import resolve_shape
+        from harness.models.flops import model_gflops  # torch and fvcore: only where a plan needs them
 
         if throughput is None:
             raise HarnessError("--throughput-model: needs --throughput. Fix: pass the images/s that "
@@ -376,9 +387,6 @@ def format_table(plan: dict) -> str:
 def add_forecast(plan: dict, results_root: str, source: str) -> dict:
     """Add each planned run's forecast FID from the chosen law of a finished smaller sweep `source`."""
     import numpy as np
-
-    from harness.study import forecast
-    from harness.study.results import load_sweep
 
     res = load_sweep(results_root, source)
     points, step = forecast.sweep_points(res.frame)

@@ -24,7 +24,7 @@ import numpy as np
 from harness.config import layout
 from harness.errors import HarnessError
 from harness.io import cache_root
-from harness.config.spec import SweepSpec
+from harness.config.spec import INIT_FROM_FIX, SweepSpec, expand_path
 
 #: ADM's precomputed Inception statistics of a reference batch and their shapes (pool 2048-d, spatial 2023-d)
 ADM_STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
@@ -232,8 +232,22 @@ def preflight(spec: SweepSpec, results: str | Path, launcher: str | None = None)
     return problems
 
 
+def require_init_weights(spec: SweepSpec) -> None:
+    """train.init_from's weights fit every run's model and block; else one line naming the file and the
+    first mismatch (checked first: every run would fail the same way)."""
+    if spec.train.init_from is None:
+        return
+    from harness.interop.convert import check_init_source  # torch: only for sweeps that start from weights
+
+    try:
+        check_init_source(expand_path(spec.train.init_from, "train.init_from"), spec.expand())
+    except HarnessError as err:
+        raise HarnessError(f"{spec.path}: train.init_from: {str(err).rstrip('.')}. Fix: {INIT_FROM_FIX}.") from None
+
+
 def require_ready(spec: SweepSpec, results: str | Path, launcher: str | None = None) -> None:
     """HarnessError listing every problem (one line each) unless the sweep's inputs are all there."""
+    require_init_weights(spec)
     problems = preflight(spec, results, launcher)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)

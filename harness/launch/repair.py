@@ -23,14 +23,14 @@ from typing import Any
 
 from harness.config import layout
 from harness.errors import HarnessError
+from harness.launch.plan import record_run
+from harness.config.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
 def run_json_problem(run: Any, rdir: Path) -> str | None:
     """Why rdir/run.json is not `run`'s record, or None (also None when there is none yet)."""
-    from harness.config.spec import RunSpec
-
     path = layout.RunFolder(rdir).run_json
     if not path.exists():
         return None
@@ -81,13 +81,13 @@ def _reverify(path: Path) -> str | None:
 
 def repair(run: Any, rdir: Path) -> list[str]:
     """Fix what `damage` finds; returns one line per thing done (also logged)."""
-    from harness.models.checkpoint import seal_checkpoint
+    from harness.models.checkpoint import seal_checkpoint  # torch: status reads damage without it
 
     folder, done = layout.RunFolder(rdir), []
     newest = max(folder.checkpoint_steps(), default=None)
     problem = run_json_problem(run, rdir)
     if problem:
-        layout.write_run_json(run, rdir)
+        record_run(run, rdir)
         done.append(f"{run.run_id}: {problem}; rewrote it from the spec")
     for path in unsealed_checkpoints(rdir):
         why = _reverify(path)

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from harness.errors import HarnessError
-from harness.io import atomic_write, atomic_write_text
+from harness.io import atomic_write, atomic_write_text, sha256_file
 from harness.config.layout import checkpoint_name, checkpoint_step, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ def _slow_save_seconds(step: int) -> float:
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
     return Path(ckpt_dir) / checkpoint_name(step)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
@@ -96,7 +85,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
 
 def seal_checkpoint(path: Path) -> None:
     """Write the sidecar of a checkpoint whose wholeness was established otherwise (harness.launch.repair)."""
-    atomic_write_text(sidecar_path(path), f"{_sha256_file(path)}  {path.name}\n")
+    atomic_write_text(sidecar_path(path), f"{sha256_file(path)}  {path.name}\n")
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
@@ -120,7 +109,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         return f"no checksum file {side.name} (the save did not finish)"
     text = side.read_text().split()
     want = text[0] if text else ""
-    got = _sha256_file(path)
+    got = sha256_file(path)
     if got != want:
         return f"checksum mismatch (file {got[:12]}..., recorded {want[:12]}...): truncated or corrupt"
     return None

@@ -22,6 +22,12 @@ import torch
 from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.samplers import SAMPLERS, guidance_on, sample_loop
+from harness.config.spec import expand_path
+from harness.data.autoencoder import load_autoencoder, latent_shape
+from harness.data.datasets import to_uint8, dataset_channels
+from harness.models.checkpoint import load_checkpoint
+from harness.models.diffusion import guided_model_fn
+from harness.models.dit import build_model
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +53,6 @@ def _data_field(run: Any, key: str, default: Any = None) -> Any:
 
 def autoencoder_for(run: Any) -> Any:
     """The run's autoencoder (data.autoencoder, data.autoencoder_path), loaded once per process."""
-    from harness.data.autoencoder import load_autoencoder
-
-    from harness.config.spec import expand_path
-
     key = (_data_field(run, "autoencoder", "identity"),
            expand_path(_data_field(run, "autoencoder_path"), "data.autoencoder_path"))
     if key not in _AUTOENCODERS:
@@ -84,9 +86,6 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
     Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
     """
-    from harness.models.diffusion import guided_model_fn
-    from harness.data.datasets import to_uint8
-
     if sampler not in SAMPLERS:
         raise HarnessError(f"sampler {sampler!r} (key eval.sampler or --sampler): use one of {', '.join(SAMPLERS)}.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -174,11 +173,6 @@ def load_model_from_checkpoint(path: str | Path, use_ema: bool = True,
                                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
     """(model with the EMA (or raw) weights in eval mode, the run dict, the checkpoint) of a
     training checkpoint {model, ema, step, run, ...}."""
-    from harness.data.autoencoder import latent_shape
-    from harness.models.checkpoint import load_checkpoint
-    from harness.data.datasets import dataset_channels
-    from harness.models.dit import build_model
-
     path = Path(path)
     if not path.exists():
         raise HarnessError(f"{path}: no such checkpoint (--checkpoint); checkpoints live in "

@@ -1,4 +1,4 @@
-"""The samplers: the vocabulary (`SAMPLERS`, which the spec and the CLI import) and one entry point.
+"""The samplers and one entry point; their names (`SAMPLERS`) live in `harness.config.vocab`.
 
 * ``ddpm`` and ``ddim``: ours (harness.models.diffusion), on ADM's respaced process (`sampling_steps`
   evenly spaced steps, both ends kept), as the paper samples.
@@ -9,21 +9,18 @@
 
 `model_evaluations` says how many network calls one sample costs (Heun: two per step but the last),
 so samplers can be compared at equal compute. `provenance` names the implementation and version.
-Also the rest of the sampling vocabulary, torch-free so the spec and the CLI can validate against it:
-guidance channel choices, and whether a guidance scale turns guidance on.
 """
 from __future__ import annotations
 
-import math
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
+
+from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS, guidance_on  # noqa: F401  (re-exported from their home)
+from harness.models.diffusion import create_diffusion
 
 if TYPE_CHECKING:  # torch loads with the first sampler call, so `harness --help` stays fast
     import torch
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun")
-#: eval.guidance_channels / --guidance-channels: guide the first 3 latent channels (the paper) or all
-GUIDANCE_CHANNELS = (3, "all")
 #: sampler -> (diffusers scheduler class, extra config)
 DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -34,15 +31,6 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 #: the training process, in diffusers' words (harness.models.diffusion.linear_betas, T = 1000)
 PROCESS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
            "prediction_type": "epsilon"}
-
-
-def guidance_on(cfg_scale: float | None) -> bool:
-    """Classifier-free guidance is on for any scale other than 1 (1 = the conditional model alone;
-    a missing scale means none was used). The one place this is decided."""
-    if cfg_scale is None:
-        return False
-    scale = float(cfg_scale)
-    return not math.isnan(scale) and not math.isclose(scale, 1.0)
 
 
 def model_evaluations(sampler: str, steps: int) -> int:
@@ -94,8 +82,6 @@ def sample_loop(sampler: str, model_fn: Callable[..., torch.Tensor], noise: torc
     """Run `sampler` for `steps` steps from x_T = noise (N, C, H, W); returns x_0 (N, C, H, W)."""
     if sampler in DIFFUSERS_SCHEDULERS:
         return diffusers_sample_loop(sampler, model_fn, noise, steps, model_kwargs, progress)
-    from harness.models.diffusion import create_diffusion
-
     diffusion = create_diffusion(str(int(steps)), learn_sigma=learn_sigma)
     loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     return loop(model_fn, tuple(noise.shape), noise=noise, model_kwargs=model_kwargs, device=noise.device,

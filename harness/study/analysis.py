@@ -275,12 +275,12 @@ class Frontier:
     x: str = "train_compute"
 
     def best_at(self, compute: float) -> str | None:
-        vals = {k: _interp(cx, cy, compute) for k, (cx, cy) in self.curves.items()}
+        vals = {k: interp(cx, cy, compute) for k, (cx, cy) in self.curves.items()}
         vals = {k: v for k, v in vals.items() if np.isfinite(v)}
         return min(vals, key=vals.get) if vals else None
 
 
-def _interp(cx: np.ndarray, cy: np.ndarray, c: float) -> float:
+def interp(cx: np.ndarray, cy: np.ndarray, c: float) -> float:
     """Linear in log-log (exact for a power law) inside the curve's range, NaN outside; linear in
     log10(compute) when the metric has values <= 0."""
     if c < cx[0] * (1 - 1e-9) or c > cx[-1] * (1 + 1e-9):
@@ -314,7 +314,7 @@ def frontier_from_curves(cv: dict[str, tuple[np.ndarray, np.ndarray]], metric: s
     grid = np.geomspace(lo, hi, n_grid) if hi > lo else np.array([lo])
     sign = 1.0 if lower_is_better else -1.0
     names = list(cv)
-    vals = np.array([[_interp(*cv[k], g) for g in grid] for k in names])  # (models, grid)
+    vals = np.array([[interp(*cv[k], g) for g in grid] for k in names])  # (models, grid)
     best, best_value = [], np.full(len(grid), np.nan)
     for j in range(len(grid)):
         col = sign * vals[:, j]
@@ -330,7 +330,7 @@ def frontier_from_curves(cv: dict[str, tuple[np.ndarray, np.ndarray]], metric: s
         if a is None or b is None or a == b:
             continue
         at = grid[j]
-        fa, fb = (lambda t, k=a: _interp(*cv[k], 10 ** t)), (lambda t, k=b: _interp(*cv[k], 10 ** t))
+        fa, fb = (lambda t, k=a: interp(*cv[k], 10 ** t)), (lambda t, k=b: interp(*cv[k], 10 ** t))
         t0, t1 = np.log10(grid[j - 1]), np.log10(grid[j])
         d0, d1 = fa(t0) - fb(t0), fa(t1) - fb(t1)
         if np.isfinite(d0) and np.isfinite(d1) and d0 * d1 < 0:
@@ -350,7 +350,7 @@ def frontier_points(cv: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.nd
     xs, ys, ks = [], [], []
     for k, (cx, cy) in cv.items():
         for xv, yv in zip(cx, cy):
-            others = [_interp(*cv[o], xv) for o in cv if o != k]
+            others = [interp(*cv[o], xv) for o in cv if o != k]
             if all(not (np.isfinite(v) and v < yv) for v in others):
                 xs.append(xv), ys.append(yv), ks.append(k)
     return np.array(xs, float), np.array(ys, float), np.array(ks, dtype=object)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from harness.study.forecast import LEVEL
+from harness.study.analysis import curves, interp
+from harness.study.laws import LEVEL
+from harness.study.results import main_conditioning
 
 
 @dataclass
@@ -41,9 +43,6 @@ def compute_optimal(frame: pd.DataFrame, n_budgets: int = 8, n_boot: int = 500, 
                     seed: int = 0) -> ComputeOptimal | None:
     """The compute-optimal view of a sweep evaluated at several checkpoints; None when fewer than 2
     models have 2 or more checkpoints. The slope's interval resamples models (with replacement)."""
-    from harness.study.analysis import _interp, curves
-    from harness.report.figures import main_conditioning
-
     main = frame[frame["conditioning"] == main_conditioning(frame)]
     cv = {k: v for k, v in curves(main, "fid", "train_compute").items() if len(v[0]) >= 2}
     if len(cv) < 2:
@@ -53,12 +52,12 @@ def compute_optimal(frame: pd.DataFrame, n_budgets: int = 8, n_boot: int = 500, 
     gflops = np.array([g.get(k, np.nan) for k in models], float)
     lo, hi = min(cv[k][0][0] for k in models), max(cv[k][0][-1] for k in models)
     grid = np.geomspace(lo, hi, 4 * n_budgets)
-    fid = np.array([[_interp(*cv[k], b) for b in grid] for k in models])
+    fid = np.array([[interp(*cv[k], b) for b in grid] for k in models])
     grid_ok = np.isfinite(fid).sum(axis=0) >= 2  # budgets where at least two models can be compared
     if grid_ok.sum() < 2:
         return None
     budgets = np.geomspace(grid[grid_ok].min(), grid[grid_ok].max(), n_budgets)
-    fid = np.array([[_interp(*cv[k], b) for b in budgets] for k in models])
+    fid = np.array([[interp(*cv[k], b) for b in budgets] for k in models])
     best_idx = _best_per_budget(fid, np.ones(len(models), bool))
     best = [models[i] for i in best_idx]
 

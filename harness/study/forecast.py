@@ -38,13 +38,14 @@ import logging
 import numpy as np
 import pandas as pd
 
-from harness.study import forecast_table, laws
 from harness.errors import HarnessError
+from harness.study import forecast_table, laws, step_forecast
+from harness.study.analysis import choose_step
+from harness.study.laws import LEVEL, MIN_DOF, finite_json
+from harness.study.results import default_setting, load_sweep, main_conditioning
 
 log = logging.getLogger(__name__)
 
-LEVEL = 0.9
-MIN_DOF = 3
 INPUTS = ("compute", "params", "tokens")
 NEEDS = {"two-factor": ("params", "tokens"), "saturating": ("compute",), "power": ("compute",)}
 
@@ -54,10 +55,6 @@ def sweep_points(frame: pd.DataFrame, step: int | None = None, conditioning: str
     """One row per run (seed) at `step` (default: the largest step most runs reached) in the default
     sampling setting, main conditioning block: name (model), run_id, size, patch, compute (Gflops),
     params, tokens, fid, fid_se."""
-    from harness.study.analysis import choose_step
-    from harness.report.figures import main_conditioning
-    from harness.study.results import default_setting
-
     rows = default_setting(frame)
     cond = conditioning or main_conditioning(frame)
     rows = rows[(rows["conditioning"] == cond) & rows["fid"].notna()]
@@ -284,15 +281,6 @@ def format_families(ev: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite(obj):
-    """A result dict with non-finite floats as null (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def cli_forecast(args) -> int:
@@ -302,7 +290,6 @@ def cli_forecast(args) -> int:
         raise HarnessError("harness forecast: name one source: a sweep (sweeps/NAME.yaml or NAME), --paper or "
                            "--table FILE.csv")
     if args.at_step is not None:
-        from harness.study import step_forecast  # here: step_forecast imports this module
         return step_forecast.cli_step_forecast(args)
     if not args.hold_out:
         raise HarnessError("harness forecast: --hold-out is required (largest:K, size:S, patch:P, names, or all)")
@@ -311,7 +298,6 @@ def cli_forecast(args) -> int:
     elif args.table:
         points = forecast_table.table_points(args.table)
     else:
-        from harness.study.results import load_sweep
         points, _ = sweep_points(load_sweep(args.results, args.sweep).frame, args.step)
     if args.hold_out == "all":
         res = evaluate_families(points, law=args.law)
@@ -319,5 +305,5 @@ def cli_forecast(args) -> int:
     else:
         res = backtest(points, args.hold_out, n_boot=args.n_boot, law=args.law)
         text = format_backtest(res)
-    print(json.dumps(_finite(res), indent=2) if args.format == "json" else text)
+    print(json.dumps(finite_json(res), indent=2) if args.format == "json" else text)
     return 0

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.paper import table4
 
 NUMBERS = ("fid", "steps", "images_seen", "params", "tokens", "input_size", "patch", "gflops", "fid_se")
 POSITIVE = ("fid", "steps", "images_seen", "params", "tokens", "input_size", "patch", "gflops")
@@ -94,8 +95,6 @@ def table_points(path: str | Path) -> pd.DataFrame:
 def paper_table() -> pd.DataFrame:
     """Table 4's 12 adaLN-Zero models at 256px and 400K steps in the forecast table's columns (the
     transformer's input is the 32x32 SD-VAE latent)."""
-    from harness.paper import table4
-
     rows = [r for r in table4() if r["conditioning"] == "adaLN-Zero" and r["image_size"] == 256
             and r["train_steps"] == 400000]
     return pd.DataFrame({"name": [r["model"] for r in rows], "size": [r["size"] for r in rows],

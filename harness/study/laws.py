@@ -40,6 +40,8 @@ EXPONENT_MAX = 5.0
 SPAN_MAX = 100.0       # a positive parameter whose interval spans more than this factor is not identified
 OFFSET_MIN = -10.0     # a free offset may go down to -10 x the median FID (a runaway ends on this bound)
 _BOUND_TOL = 1e-5
+LEVEL = 0.9            # the prediction intervals' level, fixed in advance (harness.study.forecast)
+MIN_DOF = 3            # residual degrees of freedom a law must leave to be fitted
 
 
 @dataclass(frozen=True)
@@ -371,3 +373,13 @@ def _bootstrap_thetas(choice: Choice, z, yn, theta, groups, n_boot: int, seed: i
         if seen[key] is not None:
             out.append(seen[key])
     return np.array(out) if out else np.empty((0, len(theta)))
+
+def finite_json(obj):
+    """A result dict with non-finite floats as null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

@@ -16,9 +16,8 @@ import pandas as pd
 from harness.config import layout
 from harness.errors import HarnessError
 from harness.io import read_jsonl
-from harness.metrics import METRIC_LABELS
+from harness.config.vocab import METRIC_LABELS, guidance_on
 from harness.paper import train_compute
-from harness.sampling.samplers import guidance_on
 from harness.config.specfile import Where, read_yaml
 
 log = logging.getLogger(__name__)
@@ -210,3 +209,11 @@ def default_setting(frame: pd.DataFrame) -> pd.DataFrame:
     pool = key[unguided] if unguided.any() else key
     top = pool.value_counts(sort=True).index[0]
     return frame[key == top]
+
+
+def main_conditioning(frame: pd.DataFrame) -> str:
+    """adaLN-Zero if the sweep has it (the paper's scaling runs), else the most common block."""
+    conds = frame["conditioning"].dropna()
+    if (conds == "adaLN-Zero").any() or conds.empty:
+        return "adaLN-Zero"
+    return str(conds.value_counts().index[0])

@@ -24,7 +24,7 @@ from scipy import optimize, stats
 
 from harness.study.analysis import curve_label
 from harness.errors import HarnessError
-from harness.study.forecast import LEVEL, MIN_DOF, _finite
+from harness.study.laws import LEVEL, MIN_DOF, finite_json
 from harness.study.results import default_setting, load_sweep
 
 EXPONENT_MAX, OFFSET_MIN = 5.0, -10.0
@@ -183,5 +183,5 @@ def cli_step_forecast(args) -> int:
         raise HarnessError("--at-step forecasts the runs of a sweep: name it (sweeps/NAME.yaml or NAME)")
     res = step_forecast(load_sweep(args.results, args.sweep).frame, args.at_step, args.from_steps)
     res.pop("fit")
-    print(json.dumps(_finite(res), indent=2) if args.format == "json" else format_step_forecast(res))
+    print(json.dumps(finite_json(res), indent=2) if args.format == "json" else format_step_forecast(res))
     return 0

@@ -31,6 +31,15 @@ import torch
 
 from harness.errors import HarnessError
 from harness.training.runtime import Dist, peak_mem_mb, peak_tflops, train_tflops
+from harness.config.registry import VARIANTS
+from harness.data.autoencoder import SD_VAE_CONFIG, VAEAutoencoder, load_autoencoder, IdentityAutoencoder
+from harness.io import atomic_write_json, atomic_write_text
+from harness.models.diffusion import create_diffusion
+from harness.models.dit import build_model
+from harness.models.flops import model_gflops
+from harness.sampling.sample import balanced_labels, sample_images
+from harness.training.microbatch import cache_key, resolve_micro_batch
+from harness.training.step import Batch, TrainStep, resolve_compile, autocast
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +102,6 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
           grad_checkpointing: bool = False, input_size: int = 32, in_channels: int = 4,
           num_classes: int = 1000, device: torch.device | None = None) -> BenchResult:
     """Time `steps` training steps and `steps` sampling forwards after `warmup` of each."""
-    from harness.models.diffusion import create_diffusion
-    from harness.models.flops import model_gflops
-    from harness.training.microbatch import cache_key, resolve_micro_batch
-    from harness.models.dit import build_model
-    from harness.training.step import Batch, TrainStep, resolve_compile
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -140,8 +143,6 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
              "compiled" if step.compiled else "eager", step.compile_s or 0.0, peak_mem_mb(device))
 
     model.eval()
-    from harness.training.step import autocast
-
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     fwd = torch.compile(model) if step.compiled else model
     with torch.no_grad(), autocast(device, precision):
@@ -275,8 +276,6 @@ def format_table(r: BenchResult) -> str:
 # ----------------------------------------------------------------------------- latent stage and sampling
 def _sd_vae(path: str | None) -> Any:
     """The SD VAE from `path`, else its architecture with random weights (same speed)."""
-    from harness.data.autoencoder import SD_VAE_CONFIG, VAEAutoencoder, load_autoencoder
-
     if path:
         return load_autoencoder("sd-vae-ft-ema", path)
     from diffusers import AutoencoderKL
@@ -313,10 +312,6 @@ def bench_sampling(model_name: str, conditioning: str = "adaLN-Zero", sampling_s
     """Finished images/s of harness.sampling.sample.sample_images (DDPM, no guidance, VAE decode included when
     in_channels is 4) with `sampling_steps` steps, after one warm-up batch; images/s per denoising
     step = that x sampling_steps (what `harness plan --sampling-throughput` takes)."""
-    from harness.data.autoencoder import IdentityAutoencoder
-    from harness.models.dit import build_model
-    from harness.sampling.sample import balanced_labels, sample_images
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
@@ -349,14 +344,10 @@ def format_stage(r: dict) -> str:
 
 
 def cli_bench(args: Any) -> int:
-    from harness.io import atomic_write_json, atomic_write_text
-
     compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
     kw = dict(steps=args.steps, warmup=args.warmup, precision=args.precision, compile=compile_,
               input_size=args.input_size, in_channels=args.in_channels, conditioning=args.conditioning)
     if args.suite is not None:
-        from harness.config.registry import VARIANTS
-
         models = list(VARIANTS) if args.suite in ("", "paper") else [m.strip() for m in args.suite.split(",")]
         results = bench_suite(models, args.batch, **kw)
         table = suite_markdown(results)

@@ -65,7 +65,7 @@ def eval_progress(run: Any, run_dir: str | Path) -> tuple[int, int]:
 # (Rank 0 gathers the images too, for the ADM npz: at 256 px, 50K samples are 9.8 GB of host memory.)
 def save_grid(run: Any, run_dir: Path, ema: torch.nn.Module, dist: Dist, step: int, n: int = 16) -> Path | None:
     """Rank 0: a grid of `n` class-balanced EMA samples, samples/grid_step_XXXXXXX.png (others: None)."""
-    from harness.training.runtime import derive_seed
+    from harness.training.runtime import derive_seed  # torch: status imports this module to count owed evaluations
     from harness.sampling.sample import balanced_labels, sample_images, save_grid
 
     if not dist.main:
@@ -84,7 +84,7 @@ def _sample_batch(run: Any, ema: torch.nn.Module, dist: Dist, setting: dict, ext
                   first: int) -> tuple[int, np.ndarray, np.ndarray, Any]:
     """Global batch starting at sample `first`: (first, uint8 images (B, H, W, 3), labels (B,),
     Features of the B images)."""
-    from harness.training.runtime import derive_seed
+    from harness.training.runtime import derive_seed  # torch: status imports this module to count owed evaluations
     from harness.sampling.sample import balanced_labels, sample_images
 
     ev = run.eval
@@ -102,6 +102,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dis
     against eval.reference from the gathered features, writes the ADM npz and appends eval.jsonl.
     Returns the number of records appended (on every rank). No rank waits for another longer than
     runtime.COLLECTIVE_TIMEOUT."""
+    # torch: status imports this module to count owed evaluations
     from harness.metrics import Features, get_feature_extractor, load_reference, metrics_from_features
     from harness.training.runtime import COLLECTIVE_TIMEOUT, bounded_barrier, broadcast_from_main, gather_to_main
     from harness.sampling.sample import save_npz
@@ -155,7 +156,7 @@ def pending_evals(run: Any, run_dir: Path, ema_now: torch.nn.Module, dist: Dist,
                   upto: int, current: int) -> None:
     """All ranks: evaluate eval steps <= `upto` whose records are missing, from their retained
     checkpoints (rank 0 decides which; every rank loads the checkpoint)."""
-    from harness.models import checkpoint as ckpt
+    from harness.models import checkpoint as ckpt  # torch: status imports this module to count owed evaluations
     from harness.training.runtime import broadcast_from_main
 
     plan: list[tuple[int, str | None]] = []

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.paper import TRAIN_PASSES
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,4 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
 
 def train_tflops(gflops: float, images_per_s: float) -> float:
     """Achieved training TFLOP/s: Gflops (forward multiply-adds per image) x 2 x 3 x images/s / 1000."""
-    from harness.paper import TRAIN_PASSES
-
     return gflops * FLOPS_PER_MAC * TRAIN_PASSES * images_per_s / 1e3

@@ -25,12 +25,21 @@ import numpy as np
 import torch
 
 from harness.models import checkpoint as ckpt
+from harness.models import flops
 from harness.errors import HarnessError
 from harness.training.evaluation import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from harness.config.layout import RunFolder, write_run_json
 from harness.training.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
                              seed_everything, set_rng_state, setup_distributed)
+from harness.config.spec import RunSpec, DataSpec, EvalSpec, TrainSpec, make_run_id, override_sections
+from harness.data.autoencoder import build_latent_cache, load_autoencoder
+from harness.interop.convert import init_from_source
+from harness.models.diffusion import sample_timesteps, create_diffusion
+from harness.models.dit import build_model
+from harness.training.microbatch import cache_key, resolve_micro_batch
+from harness.training.runtime import peak_tflops, train_tflops
+from harness.training.step import check_micro_batch, TrainStep, attention_backends, resolve_compile, Batch, compiled_graphs
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +85,6 @@ class DataOrder:
 def load_training_arrays(run: Any) -> tuple[np.ndarray, np.ndarray]:
     """The run's training set from the latent cache: latents (N, 2, C, h, w) (index 1 = flipped)
     and labels (N,). Built on first use (identity autoencoder on digits: pixels in [-1, 1])."""
-    from harness.data.autoencoder import build_latent_cache, load_autoencoder
-
     d = run.data
     source = d.resolved_path() if d.dataset == "imagefolder" else d.dataset
     cache = build_latent_cache(source, load_autoencoder(d.autoencoder, d.resolved_autoencoder_path()), d.image_size)
@@ -150,8 +157,6 @@ def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int,
     """Timesteps (B,), noise (B, C, H, W) and label drops (B,) of rows lo:hi of step `step`'s global
     batch: drawn for the whole global batch from a generator seeded by (seed, step), so they do not
     depend on the number of ranks or on the micro-batch."""
-    from harness.models.diffusion import sample_timesteps
-
     device = gen.device
     gen.manual_seed(derive_seed(seed, _TAG_STEP, step))
     t = sample_timesteps(global_batch, num_timesteps, device, gen)[lo:hi]
@@ -196,22 +201,18 @@ class Trainer:
 
     # -- build: data, model, EMA, optimizer ------------------------------------------------
     def build(self) -> None:
-        from harness.models.diffusion import create_diffusion
-        from harness.models.dit import build_model
-
         run, tr, dist = self.run, self.run.train, self.dist
         if tr.global_batch % dist.world:
             raise HarnessError(f"{self.run_dir}/run.json: train.global_batch={tr.global_batch} is not divisible "
                                f"by the {dist.world} ranks; choose a batch that is a multiple of the GPU count")
         self.per_rank = tr.global_batch // dist.world
         if tr.micro_batch != "auto":
-            from harness.training.step import check_micro_batch
-
             check_micro_batch(int(tr.micro_batch), self.per_rank)
         if dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.folder.run_json.exists():  # a standalone `harness train`: the sweep's writer
-                write_run_json(run, self.run_dir)
+                write_run_json(run, self.run_dir, *flops.model_gflops(run.model, run.conditioning, run.data.input_size,
+                                                                 run.data.channels, run.data.num_classes))
             ckpt.clean_partial_writes(self.ckpt_dir)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -259,8 +260,6 @@ class Trainer:
         else:
             seed_everything(derive_seed(run.seed, dist.rank))
             if run.train.init_from:  # weights only: a fresh optimizer
-                from harness.interop.convert import init_from_source
-
                 init_from_source(run, self.model, self.ema)
         # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
         pending_evals(run, self.run_dir, self.ema, dist, upto=self.step, current=self.step)  # every rank samples
@@ -268,9 +267,6 @@ class Trainer:
 
     # -- the step machinery: micro-batch, compilation ------------------------------------------
     def prepare_step(self) -> None:
-        from harness.training.microbatch import cache_key, resolve_micro_batch
-        from harness.training.step import TrainStep, attention_backends, resolve_compile
-
         run, tr = self.run, self.run.train
         self.model.grad_checkpointing = bool(tr.grad_checkpointing)
         self.model.train()
@@ -311,8 +307,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
-        from harness.training.step import Batch
-
         while self.step < tr.steps:
             s = self.step + 1
             if step_delay:
@@ -348,9 +342,6 @@ class Trainer:
 
     # -- log: one train.jsonl line (the only host sync of the loop) ---------------------------
     def log(self, s: int) -> None:
-        from harness.training.runtime import peak_tflops, train_tflops
-        from harness.training.step import compiled_graphs
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
@@ -396,10 +387,8 @@ class Trainer:
 
 def _model_gflops(run: Any, shape: tuple[int, int, int]) -> float | None:
     """The model's forward Gflops per image (fvcore, cached), for TFLOP/s and MFU in train.jsonl."""
-    from harness.models.flops import model_gflops
-
     try:
-        return model_gflops(run.model, run.conditioning, shape[1], shape[0], run.data.num_classes)[0]
+        return flops.model_gflops(run.model, run.conditioning, shape[1], shape[0], run.data.num_classes)[0]
     except Exception as err:  # noqa: BLE001 - throughput bookkeeping must never stop training
         log.warning("no Gflops for %s (%s): train.jsonl records no TFLOP/s", run.model, err)
         return None
@@ -415,8 +404,6 @@ def _write_done(run_dir: Path, step: int) -> None:
 def cli_train(args: Any) -> int:
     """`harness train`: train from RUN_DIR/run.json (or --config), or a standalone run from --model."""
     import json
-
-    from harness.config.spec import RunSpec
 
     run_dir = Path(args.run_dir)
     config = Path(args.config) if args.config else run_dir / "run.json"
@@ -440,8 +427,6 @@ def cli_train(args: Any) -> int:
 
 def _standalone_run(args: Any) -> Any:
     """A RunSpec from the spec defaults and the CLI arguments (sweep name 'standalone')."""
-    from harness.config.spec import DataSpec, EvalSpec, RunSpec, TrainSpec, make_run_id, override_sections
-
     data = DataSpec()
     if args.data != "digits":
         data = DataSpec(dataset="imagefolder", path=args.data, image_size=args.image_size or 256,
