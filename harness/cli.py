@@ -26,7 +26,7 @@ COMMANDS = {
     "bench": "harness.training.bench:cli_bench",
     "sample": "harness.sampling.sample:cli_sample",
     "evaluate": "harness.metrics.evaluate:cli_evaluate",
-    "plan": "harness.launch.plan:cli_plan",
+    "plan": "harness.cost.plan:cli_plan",
     "sweep": "harness.launch.dispatch:cli_sweep",
     "status": "harness.launch.status:cli_status",
     "report": "harness.report:cli_report",

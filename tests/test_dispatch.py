@@ -139,12 +139,13 @@ def test_slurm_requeue_resumes_from_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, key, said", [
-    ("gpus_per_node: 1", "launcher.gpus_per_node", "Invalid generic resource (gres) specification"),
+    ("gpus_per_node: 4", "launcher.gpus_per_node", "Invalid generic resource (gres) specification"),
     ("partition: no-such-partition", "launcher.partition", "Invalid partition name specified"),
 ])
 def test_sbatch_refusal_is_one_line_naming_the_spec_key(tmp_path, launcher, key, said):
-    """The real local Slurm (no GPUs configured) refuses the array: one line naming the spec key to
-    change and sbatch's own words, exit 2, no traceback, and the sweep state records no job."""
+    """The real local Slurm refuses what the spec asks (more GPUs than its node declares, a partition it does not
+    have) at pre-flight, through `sbatch --test-only`: one problem line naming the spec key to change and sbatch's
+    own words, exit 2, no traceback, and nothing submitted or written."""
     need_slurm()
     path = tiny(tmp_path, "refused", kind="slurm")
     path.write_text(path.read_text().replace("kind: slurm,", f"kind: slurm, {launcher},"))
@@ -152,10 +153,10 @@ def test_sbatch_refusal_is_one_line_naming_the_spec_key(tmp_path, launcher, key,
     proc = subprocess.run([str(EXE), "sweep", str(path), "--results", str(results), "--no-wait"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    [line] = [x for x in proc.stderr.splitlines() if not x[:2].isdigit()]  # the rest are timestamped logs
-    assert line.startswith(f"error: {path}: Slurm refused") and key in line and said in line, line
-    state = json.loads((results / "refused" / "sweep_state.json").read_text())
-    assert state["runs"] == {}
+    head, line = [x for x in proc.stderr.splitlines() if not x[:2].isdigit()]  # the rest are timestamped logs
+    assert head.startswith(f"error: {path}: 1 problem(s) found before submitting anything"), head
+    assert line.strip().startswith(f"{key}: Slurm refuses the job (sbatch --test-only: ") and said in line, line
+    assert not results.exists()
     status = subprocess.run([str(EXE), "status", str(path), "--results", str(results)], capture_output=True,
                             text=True, timeout=120)
     assert status.returncode == 0 and " new " in status.stdout, status.stdout

@@ -23,6 +23,7 @@ STAGES = [
     ("sampling", ("harness.sampling",)),
     ("interop", ("harness.interop",)),
     ("training", ("harness.training",)),
+    ("cost", ("harness.cost",)),
     ("report", ("harness.report",)),
     ("launch", ("harness.launch",)),
     ("cli", ("harness.cli", "harness.__main__", "harness")),
@@ -130,7 +131,7 @@ def test_the_torch_free_layers_import_without_torch():
     import subprocess
     import sys
 
-    torch_free = sorted(m for m in MODULES if m.startswith(("harness.config", "harness.study", "harness.launch"))
+    torch_free = sorted(m for m in MODULES if m.startswith(("harness.config", "harness.study", "harness.cost", "harness.launch"))
                         or m in ("harness.cli", "harness.errors", "harness.io", "harness.metrics",
                                  "harness.training.evaluation", "harness.report", "harness.data.latents"))
     code = f"import sys\nfor m in {torch_free!r}:\n    __import__(m)\nprint('torch' in sys.modules)"

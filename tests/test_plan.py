@@ -11,7 +11,7 @@ import pytest
 from harness import cli, paper
 from harness.errors import HarnessError
 from harness.models.flops import model_gflops
-from harness.launch.plan import format_table, plan_sweep
+from harness.cost.plan import format_table, plan_sweep
 from harness.config.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

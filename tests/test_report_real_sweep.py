@@ -54,9 +54,10 @@ def test_report_of_a_real_sweep_files_figures_and_numbers(real_sweep):
     folder = reports / "smoke"
     manifest = json.loads((folder / "manifest.json").read_text())
     # one model family, one block, one sampling setting, two models (too few for the compute-optimal
-    # view): the figures that apply, in the report's order
+    # view), two evaluated steps (too few for the stop-early back-test): the figures that apply, in order
     assert manifest["figures"] == [f for f in SWEEP_FIGURES
-                                   if f not in ("conditioning", "sampling_compute", "compute_optimal")]
+                                   if f not in ("conditioning", "sampling_compute", "compute_optimal", "stop_early")
+                                   ] + ["timeline"]  # the trainer's clock is in real records only
     for name in manifest["figures"]:
         png = Image.open(folder / "figures" / f"{name}.png")
         assert png.width > 300 and png.height > 200
@@ -206,3 +207,31 @@ def test_elapsed_time_sums_the_attempts_of_a_resumed_run(tmp_path):
         append_jsonl(log, {"step": step, "wall_s": wall, "images_per_s": 100.0 + step, "steps_per_s": 1.0})
     p = run_progress(tmp_path)
     assert p.elapsed_s == 9.0 + 6.5 and p.images_per_s == 130.0 and p.fid is None
+
+
+def test_the_timeline_draws_each_run_from_the_trainers_clock(real_sweep):
+    """The report's Gantt chart of the real sweep: one bar a run, from its first log line's time less its wall
+    clock to its last line, evaluation after it; no planned bars for a sweep that asks for no GPUs."""
+    from harness.report.timeline import attempts, measured_spans, planned_schedule
+    from harness.study.results import load_sweep
+
+    results, reports, _ = real_sweep
+    manifest = json.loads((reports / "smoke" / "manifest.json").read_text())
+    assert "timeline" in manifest["figures"]
+    res = load_sweep(results, "smoke")
+    spans = measured_spans(res)
+    for run in load_spec(SMOKE).expand():
+        train = list(read_jsonl(results / "smoke" / "runs" / run.run_id / "train.jsonl"))
+        (start, end, kind), (_, eval_end, eval_kind) = spans[run.run_id]
+        assert (kind, eval_kind) == ("train", "eval")
+        assert start == train[0]["time"] - train[0]["wall_s"] and end == train[-1]["time"] <= eval_end
+    assert planned_schedule(res) is None
+
+
+def test_attempts_split_where_the_wall_clock_restarts():
+    import pandas as pd
+
+    from harness.report.timeline import attempts
+
+    log = pd.DataFrame({"time": [105.0, 110.0, 202.0, 206.0], "wall_s": [5.0, 10.0, 2.0, 6.0]})
+    assert attempts(log) == [(100.0, 110.0), (200.0, 206.0)]

@@ -185,10 +185,11 @@ def test_sweep_stopped_by_sigterm_stops_its_jobs_then_rerun_completes(tmp_path):
 # --------------------------------------------------------------------------- failure and resubmission
 @pytest.mark.slow
 def test_failing_run_shows_its_reason_and_is_resubmitted(tmp_path):
-    """A learning rate of 1e8 makes the loss non-finite: the trainer's NaN stop (a HarnessError)
-    fails the job, `harness status` shows it failed with that reason, and the next sweep resubmits it."""
+    """A learning rate of 1 (the spec's largest) makes the loss non-finite within a few steps: the trainer's NaN
+    stop (a HarnessError) fails the job, `harness status` shows it failed with that reason, and the next sweep
+    resubmits it."""
     spec = derived_spec(tmp_path, "diverge", models=["DiT-2x32x2/4"],
-                        train={"steps": 20, "lr": 1.0e8, "warmup_steps": 0}, eval={"at_steps": [20]})
+                        train={"steps": 20, "lr": 1.0, "warmup_steps": 0}, eval={"at_steps": [20]})
     results = tmp_path / "results"
     first = run_sweep(spec, results, "--no-report")
     assert first.returncode == 1, first.stdout + first.stderr

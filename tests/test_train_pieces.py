@@ -187,7 +187,7 @@ def test_a_standalone_run_takes_each_cli_argument_and_the_spec_defaults_for_the_
                                   ["--compile"]])
 def test_a_recorded_run_refuses_each_standalone_override(tmp_path, capsys, flag):
     from harness.cli import main
-    from harness.launch.plan import record_run
+    from harness.cost.plan import record_run
     from harness.training.train import _standalone_run
 
     record_run(_standalone_run(_standalone_args(steps=3)), tmp_path)

@@ -60,7 +60,7 @@ def test_without_gflops_training_goes_on_and_logs_no_tflops(tmp_path, monkeypatc
     """Throughput bookkeeping never stops training: if fvcore cannot count the model, train.jsonl says None."""
     import harness.models.flops
     from harness.io import read_jsonl
-    from harness.launch.plan import record_run
+    from harness.cost.plan import record_run
     from harness.training.train import run_training
     from train_tiny import tiny_run
 

@@ -16,7 +16,7 @@ import pytest
 from harness import io
 from harness.config import layout
 from harness.errors import HarnessError
-from harness.launch.plan import record_run
+from harness.cost.plan import record_run
 from train_tiny import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]

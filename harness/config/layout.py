@@ -111,7 +111,7 @@ class RunFolder:
 # --------------------------------------------------------------------------- run.json
 def write_run_json(run: Any, rdir: Path, gflops: float, params: int) -> None:
     """Write rdir/run.json, the only writer: the run (a RunSpec), its shape, and the model's forward
-    Gflops and parameters as the caller counted them (`harness.launch.plan.record_run`, the trainer)."""
+    Gflops and parameters as the caller counted them (`harness.cost.plan.record_run`, the trainer)."""
     planned = {**run.shape.to_dict(), "gflops": gflops, "params": params, "input_size": run.data.input_size,
                "in_channels": run.data.channels}
     record = run.to_dict()

@@ -8,8 +8,9 @@ other in this process. What runs inside each job is `harness.launch.job.SweepJob
 is `harness.launch.status`.
 
 A rerun is safe: runs whose `done` file exists and whose eval records are complete are skipped;
-Slurm jobs still pending or running are waited for, not resubmitted; failed, cancelled and
-interrupted runs are resubmitted and resume from their checkpoints. Within a job, rank 0 holds an
+Slurm jobs still pending or running are waited for, not resubmitted (and a local or debug dispatch
+is refused while they are); failed, cancelled and interrupted runs, and array tasks cancelled while
+pending, are resubmitted and resume from their checkpoints. Within a job, rank 0 holds an
 flock on runs/<run_id>/.run.lock while training, so an orphaned process of a killed sweep and its
 replacement never train the same run at once.
 
@@ -31,7 +32,7 @@ from harness.config import layout
 from harness.errors import HarnessError
 from harness.io import writing
 from harness.launch.job import SweepJob
-from harness.launch.plan import plan_sweep, record_run
+from harness.cost.plan import plan_sweep, record_run
 from harness.data.latents import run_latent_stage
 from harness.launch.preflight import require_ready, sbatch_fix
 from harness.config.spec import SweepSpec, load_spec
@@ -129,7 +130,7 @@ def _held_stderr() -> Iterator[None]:
 
 
 def run_gpus(spec: SweepSpec) -> dict[str, tuple[int, float]]:
-    """{run_id: (GPUs, planned hours on them)} by harness.launch.schedule's rule, from the plan at the spec's gpu_kind;
+    """{run_id: (GPUs, planned hours on them)} by harness.cost.schedule's rule, from the plan at the spec's gpu_kind;
     HarnessError (one line) for a run no GPU count can finish in time: refused before anything is submitted."""
     plan = plan_sweep(spec, gpu=spec.launcher.gpu_kind)
     return {r["run_id"]: (r["gpus"], r["end_h"] - r["start_h"]) for r in plan["runs"]}
@@ -157,9 +158,12 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
     sdir = layout.sweep_dir(results, spec.name)
     with sweep_lock(sdir):
         state = layout.load_state(sdir)
+        statuses = run_statuses(spec, results)
+        if kind != "slurm":
+            _refuse_beside_slurm(spec, sdir, kind, statuses)
         state.update(sweep=spec.name, spec=str(spec.path))
         layout.write_sweep_record(sdir, [r.run_id for r in spec.expand()], spec.text or spec.path.read_text())
-        statuses = _repaired(spec, results, run_statuses(spec, results))
+        statuses = _repaired(spec, results, statuses)
         todo = [s for s in statuses if s.state in ("new", "interrupted", "failed", "damaged")]
         active = [s for s in statuses if s.state in ("pending", "running")]
         log.info("sweep %s: %d runs, %d done, %d already queued or running, %d to submit", spec.name,
@@ -231,6 +235,20 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         finally:
             layout.save_state(sdir, state)
         return run_statuses(spec, results, query_scheduler=(kind == "slurm"))
+
+
+def _refuse_beside_slurm(spec: SweepSpec, sdir: Path, kind: str, statuses: list[RunStatus]) -> None:
+    """Refuse a local or debug dispatch while Slurm jobs of the sweep are queued or running: running
+    those runs here too would train them twice at once, and leaving them to Slurm would end this
+    dispatch with runs not done that nothing here can finish."""
+    queued = [s.job_id for s in statuses if s.state in ("pending", "running")]
+    if queued:
+        shown = ", ".join(queued[:8]) + (f" and {len(queued) - 8} more" if len(queued) > 8 else "")
+        arrays = " ".join(sorted({j.split("_")[0] for j in queued}))
+        raise HarnessError(f"{sdir / layout.STATE_FILE}: {len(queued)} run(s) of sweep {spec.name} are queued or "
+                           f"running on Slurm (job {shown}); launcher {kind} would train them a second time. Fix: "
+                           f"wait for them (`harness status {spec.path}`), or `scancel {arrays}` and run this "
+                           f"again. Nothing was started.")
 
 
 def _repaired(spec: SweepSpec, results: Path, statuses: list[RunStatus]) -> list[RunStatus]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from harness.config import layout
 from harness.errors import HarnessError
-from harness.launch.plan import record_run
+from harness.cost.plan import record_run
 from harness.config.spec import RunSpec
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""`harness status`: where each run of a sweep stands, from its folder, the sweep state and sacct.
+"""`harness status`: where each run of a sweep stands, from its folder, the sweep state, squeue and sacct.
 
 A run is `done` (its `done` file exists and its eval records are complete), `pending` or `running`
 (its Slurm job is queued or active), `failed` (with the reason: the scheduler state and the last
@@ -8,9 +8,11 @@ finds: a bad run.json, a checkpoint without its sidecar; the next `harness sweep
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}
+#: a job neither the controller nor sacct knows: an array task cancelled before it started
+GONE = "GONE"
 #: seconds between polls of sacct (Slurm) and of local jobs
 POLL_S = float(os.environ.get("HARNESS_POLL_S", "5"))
 
@@ -63,9 +67,38 @@ def job_error(job: Any) -> str | None:
 
 
 def job_reason(job: Any, state: str) -> str:
-    """A one-line failure reason: the scheduler state and the last line of the job's error."""
+    """A one-line failure reason: the scheduler state and the last line of the job's error, or
+    (Slurm, no error recorded) how the job's processes ended: "killed by signal 9 (SIGKILL)"."""
+    if state == GONE:
+        return (f"CANCELLED while pending: job {getattr(job, 'job_id', '?')} left Slurm's queue before it "
+                "started, and sacct has no record of it")
     detail = job_error(job)
+    if detail is None and state != "CANCELLED" and getattr(job, "job_id", None):
+        detail = slurm_exit(job.job_id)
     return f"{state}: {detail}" if detail else state
+
+
+def slurm_exit(job_id: str) -> str | None:
+    """How a Slurm job's processes ended, from sacct's ExitCode fields ("code:signal"; the job's
+    DerivedExitCode and each step's ExitCode): "killed by signal 9 (SIGKILL)", "exit code 1" or None.
+    A task killed under srun shows as the job's ExitCode "9:0" (srun exits with the signal number)
+    and the step's "0:9"; the signal field is the one to trust."""
+    out = _query(["sacct", "-n", "-P", "-o", "JobID,ExitCode,DerivedExitCode", "-j", job_id]) or ""
+    signals, codes = [], []
+    for line in out.splitlines():
+        for field in line.split("|")[1:]:
+            code, _, sig = field.partition(":")
+            if sig.strip().isdigit() and int(sig):
+                signals.append(int(sig))
+            elif code.strip().isdigit() and int(code):
+                codes.append(int(code))
+    if signals:
+        try:
+            name = signal.Signals(signals[0]).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {signals[0]} ({name})"
+    return f"exit code {codes[0]}" if codes else None
 
 
 def record_outcome(run_id: str, job: Any, state: dict, sched: str, debug: bool = False) -> None:
@@ -91,31 +124,58 @@ def record_outcome(run_id: str, job: Any, state: dict, sched: str, debug: bool =
         log.warning("run %s failed: %s", run_id, entry["reason"])
 
 
+def _query(cmd: list[str]) -> str | None:
+    """stdout of a Slurm command, or None (with a warning) if it is absent, hangs or fails."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("%s failed: %s", cmd[0], err)
+        return None
+    if proc.returncode != 0:
+        log.warning("%s failed: %s", cmd[0], proc.stderr.strip()[:300])
+        return None
+    return proc.stdout
+
+
+def _states(text: str) -> dict[str, str]:
+    """{job id: state} from "ID|STATE" lines ("CANCELLED by 0" -> "CANCELLED")."""
+    out = {}
+    for line in text.splitlines():
+        jid, _, st = line.partition("|")
+        if jid.strip():
+            out[jid.strip()] = (st.split() or ["UNKNOWN"])[0]
+    return out
+
+
+def _array_record(job_id: str, records: dict[str, str]) -> str | None:
+    """The state of array task "A_T" from sacct's one record "A_[0,2-5%2]" of A's unstarted tasks."""
+    array, _, task = job_id.partition("_")
+    if not task.isdigit():
+        return None
+    for key, st in records.items():
+        if key.startswith(array + "_[") and key.endswith("]"):
+            for part in key[len(array) + 2:-1].split("%")[0].split(","):
+                lo, _, hi = part.partition("-")
+                if lo.isdigit() and int(lo) <= int(task) <= int(hi if hi.isdigit() else lo):
+                    return st
+    return None
+
+
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """{job id: Slurm state} straight from sacct (submitit's watcher polls at most once a minute).
-    Array tasks not yet started show in sacct as "ID_[0-3]"; they are reported PENDING."""
+    """{job id: Slurm state} from the controller (squeue, which knows every job it holds, finished
+    ones for MinJobAge) and sacct (submitit's watcher polls at most once a minute). An array task
+    that neither knows is GONE: cancelled while pending (Slurm drops it from the array and records
+    nothing). If squeue cannot be asked, a job sacct does not know is UNKNOWN."""
     ids = [j for j in job_ids if j]
     if not ids:
         return {}
-    try:
-        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
-                              capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.warning("sacct failed: %s", err)
-        return {}
-    seen: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        jid, _, st = line.partition("|")
-        if jid.strip():
-            seen[jid.strip()] = (st.split() or ["UNKNOWN"])[0]
+    accounted = _query(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)])
+    queued = _query(["squeue", "-h", "-r", "-t", "all", "-u", getpass.getuser(), "-o", "%i|%T"])
+    acct, queue = _states(accounted or ""), _states(queued or "")
     out = {}
     for j in ids:
-        if j in seen:
-            out[j] = seen[j]
-        elif "_" in j and any(k.startswith(j.split("_")[0] + "_[") for k in seen):
-            out[j] = "PENDING"
-        else:
-            out[j] = "UNKNOWN"
+        st = queue.get(j) or acct.get(j) or _array_record(j, acct)
+        out[j] = st or (GONE if accounted is not None and queued is not None else "UNKNOWN")
     return out
 
 
@@ -136,7 +196,7 @@ class RunStatus:
     evals: tuple[int, int]
     job_id: str | None
     reason: str | None
-    gpus: int | None = None  # the GPUs its Slurm job asked for (harness.launch.schedule), when sized
+    gpus: int | None = None  # the GPUs its Slurm job asked for (harness.cost.schedule), when sized
 
 
 def _slurm_state(entry: dict, sched: str) -> tuple[str, str | None]:

@@ -12,7 +12,7 @@ from harness.errors import HarnessError
 from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, table4, train_compute
 from harness.report import figures as F
 from harness.report.forecast_section import add_forecast_section
-from harness.report import training
+from harness.report import timeline, training
 from harness.report.render import FigureSpec, Report, Table, write_report
 from harness.report.view import SweepView, sweep_view
 from harness.study.results import METRICS, SweepResults, load_sweep
@@ -244,6 +244,7 @@ def _training(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
 def _samples_and_cost(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:
     training.samples_section(v, rep)
     training.cost_section(v, rep)
+    timeline.timeline_section(v.res, rep)
 
 
 def _throughput(v: SweepView, rep: Report, fits: list, n_boot: int) -> None:

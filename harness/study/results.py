@@ -33,7 +33,7 @@ COLUMNS = [
     "step", "gflops", "params", "tokens", "train_compute",
     "sampling_steps", "sampler", "sampler_impl", "sampler_version", "model_evaluations", "cfg_scale",
     "guidance_channels", "feature_space", "reference", "num_samples", *METRICS, "fid_se", "train_wall_s",
-    "eval_wall_s",
+    "eval_wall_s", "eval_time",
 ]
 
 
@@ -137,7 +137,7 @@ def _rows_of_run(run: dict, run_dir: Path, train: list[dict]) -> list[dict]:
             "cfg_scale": ev.get("cfg_scale"), "guidance_channels": ev.get("guidance_channels"),
             "feature_space": ev.get("features_id") or ev.get("feature_space"), "reference": ev.get("reference"),
             "num_samples": ev.get("num_samples"),
-            "train_wall_s": _train_wall(train, int(step)), "eval_wall_s": ev.get("wall_s"),
+            "train_wall_s": _train_wall(train, int(step)), "eval_wall_s": ev.get("wall_s"), "eval_time": ev.get("time"),
         }
         for m in METRICS:
             row[m] = ev.get(m)
@@ -181,7 +181,8 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
             f"({len(run_dirs)} run folder(s), none with eval.jsonl); run `harness sweep sweeps/{name}.yaml` "
             f"first, or pass --results with the folder that holds {name}/runs/")
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ["gflops", "tokens", "train_compute", "cfg_scale", *METRICS, "fid_se", "train_wall_s", "eval_wall_s"]:
+    for col in ["gflops", "tokens", "train_compute", "cfg_scale", *METRICS, "fid_se", "train_wall_s", "eval_wall_s",
+                "eval_time"]:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     frame = frame.sort_values(["model", "conditioning", "seed", "step", "sampling_steps", "cfg_scale"],
                               na_position="last", kind="stable").reset_index(drop=True)

@@ -34,7 +34,7 @@ from harness.config import layout
 from harness.config.registry import resolve_shape
 from harness.study import forecast
 from harness.study.results import load_sweep
-from harness.launch import schedule
+from harness.cost import schedule
 from harness.errors import HarnessError
 from harness.config.spec import RunSpec, SweepSpec, load_spec
 
@@ -64,7 +64,7 @@ class RunPlan:
     train_accel_hours: float | None = None
     sampling_accel_hours: float | None = None   # evaluation: sampling (and its VAE decode)
     latent_accel_hours: float | None = None     # this run's share of its latent stage
-    gpus: int | None = None                  # the run's own job's GPUs (harness.launch.schedule), with hours
+    gpus: int | None = None                  # the run's own job's GPUs (harness.cost.schedule), with hours
     start_h: float | None = None             # its place in the simulated queue (hours from the start)
     end_h: float | None = None
     forecast_fid: float | None = None        # with --forecast-from: the chosen law's FID and interval
@@ -195,7 +195,7 @@ def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float,
 
 
 def _schedule(spec: SweepSpec, plans: list[RunPlan], nodes: int, gpus_per_node: int) -> dict:
-    """Each run's GPUs and place in the simulated queue (`harness.launch.schedule`); the sweep's makespan."""
+    """Each run's GPUs and place in the simulated queue (`harness.cost.schedule`); the sweep's makespan."""
     L = spec.launcher
     hours = [p.train_accel_hours + p.sampling_accel_hours + (p.latent_accel_hours or 0.0) for p in plans]
     ideal = sum(hours) / (nodes * gpus_per_node)
@@ -366,7 +366,7 @@ def format_table(plan: dict) -> str:
                    "sweep with checkpoints_from and eval.num_samples: 10000) and FID-50K only at the last step")
     if sched:
         out.append(f"schedule on {sched['nodes']} node(s) x {sched['gpus_per_node']} GPUs, each run its own job in "
-                   f"submission order (harness.launch.schedule): makespan {sched['makespan_h']:.1f} h, GPU utilisation "
+                   f"submission order (harness.cost.schedule): makespan {sched['makespan_h']:.1f} h, GPU utilisation "
                    f"{sched['utilisation']:.0%}, last to finish {sched['critical_run']}; --nodes and --gpus-per-node "
                    "plan another cluster, launcher.gpus_per_run / gpus_per_model fix the GPUs per run")
         if sched["below_efficient"]:
