@@ -120,7 +120,7 @@ def latent_images(run: RunSpec) -> int | None:
     """Images in the run's training set, for the latent stage's cost (None: unknown here)."""
     import os
 
-    from harness.data.datasets import list_image_files, load_digits  # torch and fvcore: only where a plan needs them
+    from harness.data.datasets import list_image_files, load_digits  # torch: only to count a data set's images
 
     d = run.data
     if d.dataset == "digits":
@@ -155,7 +155,7 @@ def _latent_hours(plans: list[RunPlan], runs: list[RunSpec], latent_throughput: 
 
 def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, float]]:
     """{model: (training images/s, sampling images/s per step)} for every run's model, from a bench JSON."""
-    from harness.training.bench import read_throughput  # torch and fvcore: only where a plan needs them
+    from harness.training.bench import read_throughput  # torch: only with --throughput-from
 
     measured = read_throughput(bench_json)
     missing = sorted({r.model for r in runs} - set(measured))
