@@ -12,28 +12,27 @@ import sys
 
 from harness import hardware
 from harness.errors import HarnessError
-from harness.metrics import FEATURE_SPACES, METRICS
-from harness.models import CONDITIONINGS
-from harness.samplers import GUIDANCE_CHANNELS, SAMPLERS
-from harness.spec import AUTOENCODERS, LAUNCHERS, PRECISIONS
+from harness.config.vocab import FEATURE_SPACES, GUIDANCE_CHANNELS, METRICS, SAMPLERS
+from harness.config.registry import CONDITIONINGS
+from harness.config.spec import AUTOENCODERS, LAUNCHERS, PRECISIONS
 
 # The choices below come from the layer that owns each vocabulary; all of these import without torch.
 
 # sub-command -> "module:function"; each function takes the parsed argparse.Namespace.
 COMMANDS = {
-    "flops": "harness.flops:cli_flops",
-    "latents": "harness.latents:cli_latents",
-    "train": "harness.train:cli_train",
-    "bench": "harness.bench:cli_bench",
-    "sample": "harness.sample:cli_sample",
+    "flops": "harness.models.flops:cli_flops",
+    "latents": "harness.data.latents:cli_latents",
+    "train": "harness.training.train:cli_train",
+    "bench": "harness.training.bench:cli_bench",
+    "sample": "harness.sampling.sample:cli_sample",
     "evaluate": "harness.metrics.evaluate:cli_evaluate",
-    "plan": "harness.plan:cli_plan",
-    "sweep": "harness.dispatch:cli_sweep",
-    "status": "harness.status:cli_status",
+    "plan": "harness.cost.plan:cli_plan",
+    "sweep": "harness.launch.dispatch:cli_sweep",
+    "status": "harness.launch.status:cli_status",
     "report": "harness.report:cli_report",
-    "forecast": "harness.forecast:cli_forecast",
-    "export": "harness.interop:cli_export",
-    "import": "harness.interop:cli_import",
+    "forecast": "harness.study.forecast:cli_forecast",
+    "export": "harness.interop.convert:cli_export",
+    "import": "harness.interop.convert:cli_import",
 }
 
 

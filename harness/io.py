@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 from harness.errors import HarnessError
@@ -198,3 +200,36 @@ def cache_dir(*parts: str) -> Path:
     with writing(path / "."):
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------- digests
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, streamed in `chunk`-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _path_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    root = Path(path)
+    if root.is_file():
+        return sha256_file(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def path_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (a folder: of its files' names and bytes, in sorted order), cached per
+    size and newest mtime, so hashing the same multi-GB weights again is free."""
+    p = Path(path)
+    st = p.stat()
+    newest = max([st.st_mtime_ns] + ([f.stat().st_mtime_ns for f in p.rglob("*")] if p.is_dir() else []))
+    return _path_digest_cached(str(p.resolve()), st.st_size, newest)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from harness.io import append_jsonl, atomic_write_json
-from harness.layout import write_sweep_record
+from harness.config.layout import write_sweep_record
 
 # name -> (size, patch, depth, hidden, heads, gflops)
 MODELS = {

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness import analysis
+from harness.study import analysis
 from harness.errors import HarnessError
-from harness.results import COLUMNS, load_results, load_sweep, sweep_name
+from harness.study.results import COLUMNS, load_results, load_sweep, sweep_name
 from report_synth import BATCH, MODELS, true_fid, write_sweep
 
 
@@ -170,7 +170,7 @@ def test_sweep_name_from_yaml_or_bare(tmp_path):
 
 
 def test_patch_pairs_and_conditioning_ranking():
-    from harness.analysis import conditioning_ranking, patch_pairs
+    from harness.study.analysis import conditioning_ranking, patch_pairs
 
     models = pd.DataFrame({
         "model": ["A/4", "A/2", "B/8", "B/4", "B/2", "C/2", "B/2", "B/2"],
@@ -190,7 +190,7 @@ def test_patch_pairs_and_conditioning_ranking():
 
 
 def test_compare_needs_the_interval_to_separate():
-    from harness.analysis import compare
+    from harness.study.analysis import compare
 
     assert compare(10.0, 1.0, 12.0, 1.0) == "not resolved at this budget"  # 2 < 1.645 * 1.414
     assert compare(10.0, 1.0, 13.0, 1.0) == "resolved"                     # 3 > 2.33

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.autoencoder import (SD_SCALE, IdentityAutoencoder, LatentCache, VAEAutoencoder, build_latent_cache,
+from harness.data.autoencoder import (SD_SCALE, IdentityAutoencoder, LatentCache, VAEAutoencoder, build_latent_cache,
                                  latent_shape, load_autoencoder)
-from harness.data import DigitsDataset, ImageFolder
+from harness.data.datasets import DigitsDataset, ImageFolder
 from harness.errors import HarnessError
 from tolerance import fp16_bound, fp32_bound, scale
 
@@ -254,7 +254,7 @@ def test_cli_latents_tasks_and_shards(image_folder, tmp_path, capsys):
 def test_two_sizes_of_one_image_folder_are_two_caches(image_folder, cache_root):
     """An ImageFolder's identity (its file list) does not change with the size, so the cache key itself
     must hold it (issue 28, finding 7): 8 px and 16 px are two caches, each reused at its own size."""
-    from harness.autoencoder import cache_key
+    from harness.data.autoencoder import cache_key
 
     ae = Counting(IdentityAutoencoder())
     small = build_latent_cache(image_folder, ae, 8, batch_size=8)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from harness.bench import CONVENTION, bench, peak_tflops
+from harness.training.bench import CONVENTION, bench, peak_tflops
 from harness.cli import main
 from tolerance import fp64_bound
 

@@ -7,7 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from harness import checkpoint as ckpt
+from harness.io import sha256_file
+from harness.models import checkpoint as ckpt
 from harness.errors import HarnessError
 
 
@@ -78,7 +79,7 @@ def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
 
     import numpy as np
 
-    from harness.runtime import rng_state, set_rng_state
+    from harness.training.runtime import rng_state, set_rng_state
 
     np.random.seed(3)
     random.seed(3)
@@ -104,7 +105,7 @@ def test_sidecar_is_the_sha256_of_the_file_and_chunked_hashing_agrees(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 3, _state(3))
     digest, name = (tmp_path / "step_0000003.pt.sha256").read_text().split()
     assert name == path.name and digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert ckpt._sha256_file(path, chunk=1000) == digest  # many chunks, a short last one
+    assert sha256_file(path, chunk=1000) == digest  # many chunks, a short last one
 
 
 def test_an_empty_sidecar_is_a_mismatch_not_a_crash(tmp_path):

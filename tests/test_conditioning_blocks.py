@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.models import CONDITIONINGS, build_model
+from harness.config.registry import CONDITIONINGS
+from harness.models.dit import build_model
 from tolerance import fp32_bound, rel_err
 
 NUM_CLASSES = 10

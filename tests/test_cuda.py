@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from harness.diffusion import create_diffusion
-from harness.models import build_model
-from harness.runtime import Dist
-from harness.step import Batch, TrainStep
+from harness.models.diffusion import create_diffusion
+from harness.models.dit import build_model
+from harness.training.runtime import Dist
+from harness.training.step import Batch, TrainStep
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
@@ -74,8 +74,8 @@ def test_fifty_bf16_steps_lower_the_loss():
 def test_cuda_sampling_equals_cpu_sampling():
     """DDIM (deterministic), 10 steps, fp32 on both with TF32 off, the same per-sample CPU noise:
     CUDA and CPU images (uint8) differ by at most one level (rounding at a level boundary)."""
-    from harness.sample import sample_images
-    from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
+    from harness.sampling.sample import sample_images
+    from harness.config.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
     from train_tiny import tf32_off
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_cuda_sampling_equals_cpu_sampling():
 def test_training_on_cuda_turns_tf32_on_and_fuses_adamw(tmp_path):
     """The paper's fp32 runs on an H100 use TF32 matmuls and convolutions: the trainer sets both switches;
     the model, its EMA and a fused AdamW live on the GPU."""
-    from harness.train import Trainer
+    from harness.training.train import Trainer
     from train_tiny import tf32_off, tiny_run
 
     with tf32_off():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import (DigitsDataset, ImageFolder, center_crop_arr, dataset_channels, load_digits,
+from harness.data.datasets import (DigitsDataset, ImageFolder, center_crop_arr, dataset_channels, load_digits,
                           open_dataset, to_tensor, to_uint8)
 from harness.errors import HarnessError
 

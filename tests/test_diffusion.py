@@ -1,4 +1,4 @@
-"""Tests of harness.diffusion against closed forms.
+"""Tests of harness.models.diffusion against closed forms.
 
 Analytic oracle: for data from a Gaussian mixture, the noised marginal q(x_t) is again a
 Gaussian mixture (component k: N(sqrt(abar_t) mu_k, abar_t Sigma_k + (1 - abar_t) I)), so the
@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from harness.diffusion import (
+from harness.models.diffusion import (
     create_diffusion,
     discretized_gaussian_log_likelihood,
     guided_model_fn,
@@ -500,7 +500,7 @@ def test_guided_sampling_runs_through_the_sampler():
 
 def test_respacing_keeps_the_steps_adm_keeps_for_odd_counts():
     # ADM accumulates a float stride; for 21 of 1000 its 11th step is 499 (j * stride would round 499.5 to 500)
-    from harness.diffusion import space_timesteps
+    from harness.models.diffusion import space_timesteps
 
     kept = space_timesteps(1000, 21)
     assert len(kept) == 21 and kept[0] == 0 and kept[-1] == 999 and kept[10] == 499

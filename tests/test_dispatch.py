@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.dispatch import dispatch, sweep_lock
-from harness.status import run_statuses
+from harness.launch.dispatch import dispatch, sweep_lock
+from harness.launch.status import run_statuses
 from harness.errors import HarnessError
 from harness.io import read_jsonl
-from harness.spec import load_spec
+from harness.config.spec import load_spec
 from slurm_tools import need_slurm, wait_until
 
 EXE = Path(sys.executable).with_name("harness")
@@ -176,7 +176,7 @@ def test_sbatch_refusal_is_one_line_naming_the_spec_key(tmp_path, launcher, key,
 def test_sbatch_refusals_that_a_local_cluster_cannot_produce_name_their_key(tmp_path, said, key):
     """Account, QOS and time-limit refusals need an accounting database the local cluster lacks;
     their wording is Slurm's (src/common/slurm_errno.c)."""
-    from harness.dispatch import _sbatch_refusal
+    from harness.launch.dispatch import _sbatch_refusal
 
     spec = load_spec(tiny(tmp_path, kind="slurm"))
     msg = str(_sbatch_refusal(spec, RuntimeError(said)))

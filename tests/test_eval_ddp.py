@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness.evaluation import evaluate_step, pending_evals
+from harness.training.evaluation import evaluate_step, pending_evals
 from harness.io import read_jsonl
-from harness.runtime import Dist, bounded_barrier, setup_distributed
+from harness.training.runtime import Dist, bounded_barrier, setup_distributed
 from train_tiny import nudged_tiny_dit, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -104,7 +104,7 @@ def test_a_missing_rank_fails_the_barrier_after_the_bound(tmp_path):
 
 
 def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    from harness.train import run_training
+    from harness.training.train import run_training
 
     _join(rank, world, port)
     run_training(tiny_run(steps=4, at_steps=[2, 4], eval=EVAL), Path(run_dir))

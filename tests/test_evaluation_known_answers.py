@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness import evaluation as ev_mod
-from harness.checkpoint import save_checkpoint
-from harness.evaluation import (TAG_EVAL, eval_progress, eval_settings, evaluate_step, missing_settings, pending_evals,
+from harness.training import evaluation as ev_mod
+from harness.models.checkpoint import save_checkpoint
+from harness.training.evaluation import (TAG_EVAL, eval_progress, eval_settings, evaluate_step, missing_settings, pending_evals,
                                 save_grid, setting_key)
 from harness.io import append_jsonl, read_jsonl
-from harness.runtime import Dist, derive_seed
-from harness.sample import balanced_labels, sample_images
+from harness.training.runtime import Dist, derive_seed
+from harness.sampling.sample import balanced_labels, sample_images
 from train_tiny import nudged_tiny_dit, tiny_run
 
 EVAL = dict(num_samples=7, batch_size=3, sampler="ddpm", sampling_steps=[2, 3], cfg_scales=[1.0, 2.5],
@@ -55,7 +55,7 @@ def test_missing_settings_and_progress_follow_what_eval_jsonl_holds(tmp_path):
 @pytest.mark.parametrize("sampler", ["ddpm", "heun"])   # heun: two model evaluations per step but the last
 def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_path, sampler, caplog):
     from harness.metrics import get_feature_extractor, load_reference, metrics_from_features
-    from harness.samplers import model_evaluations, provenance
+    from harness.sampling.samplers import model_evaluations, provenance
 
     run = tiny_run(at_steps=[4], eval={**EVAL, "sampling_steps": [2], "cfg_scales": [2.5], "sampler": sampler})
     ema = _ema()
@@ -94,7 +94,7 @@ def test_the_grid_is_rank_zeros_balanced_samples_at_the_cheapest_most_guided_set
     assert path == tmp_path / "samples" / "grid_step_0000004.png"
     want = sample_images(ema, run, balanced_labels(16, 10), sampling_steps=2, sampler="ddim", cfg_scale=2.5,
                          guidance_channels=3, seed=derive_seed(run.seed, TAG_EVAL, 4))
-    from harness.sample import save_grid as write_grid
+    from harness.sampling.sample import save_grid as write_grid
     assert path.read_bytes() == write_grid(want, tmp_path / "want.png").read_bytes()
 
 

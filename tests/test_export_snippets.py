@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from harness import cli
-from harness.diffusion import create_diffusion
-from harness.models import build_model
-from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
+from harness.models.diffusion import create_diffusion
+from harness.models.dit import build_model
+from harness.config.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
 from test_interop import MODEL, randomised, vae_run, write_checkpoint
 from tolerance import fp32_bound, rel_err
 

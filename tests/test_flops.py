@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from harness import paper
-from harness.flops import count_flops, flops_table, model_gflops
-from harness.models import build_model
+from harness.models.flops import count_flops, flops_table, model_gflops
+from harness.models.dit import build_model
 
 
 def test_known_answer_on_a_tiny_model_counted_by_hand():
@@ -43,7 +43,7 @@ def test_all_fifteen_rows_of_table4_within_one_percent():
 
 
 def test_default_table_lists_twelve_variants_then_the_ablation(monkeypatch):
-    import harness.flops as flops
+    import harness.models.flops as flops
 
     monkeypatch.setattr(flops, "model_gflops", lambda *a, **k: (1.0, 1_000_000))
     rows = flops_table(None, None, 256)

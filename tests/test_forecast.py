@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import forecast, forecast_table, laws, step_forecast
-from harness.compute_optimal import compute_optimal
+from harness.study import forecast, forecast_table, laws, step_forecast
+from harness.study.compute_optimal import compute_optimal
 from harness.cli import main
 
 
@@ -73,14 +73,14 @@ def test_backtest_on_a_recorded_sweep_and_compute_optimal(tmp_path):
     """A sweep written by the record writer with 6 models on a known law: the back-test runs end to
     end with strict JSON, and the compute-optimal slope is positive (bigger models win later)."""
     from report_synth import write_scaling_sweep
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
 
     write_scaling_sweep(tmp_path)
     frame = load_sweep(tmp_path, "scaling").frame
     points, step = forecast.sweep_points(frame)
     assert len(points) == 6 and step == frame["step"].max()
     res = forecast.backtest(points, "largest:1", n_boot=30)
-    json.dumps(forecast._finite(res), allow_nan=False)
+    json.dumps(laws.finite_json(res), allow_nan=False)
     best = next(c for c in res["candidates"] if c["default"])
     assert best["law"] == res["default"] and len(best["predictions"]) == 1
     co = compute_optimal(frame, n_boot=100)
@@ -147,7 +147,7 @@ def test_step_forecast_recovers_a_known_training_curve(tmp_path):
     curve with a shared exponent is the true form, so step 2,000 forecast from steps <= 1,000 is within
     5% (5x the noise) and inside its interval for every run."""
     from report_synth import write_scaling_sweep
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
 
     write_scaling_sweep(tmp_path)
     res = step_forecast.step_forecast(load_sweep(tmp_path, "scaling").frame, 2000, 1000)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness import forecast, laws
+from harness.study import forecast, laws
 
 LEVEL, NOISE, N_DRAWS = 0.9, 0.03, 200
 LOWER = LEVEL - 5 * np.sqrt(LEVEL * (1 - LEVEL) / N_DRAWS)
@@ -62,7 +62,7 @@ def test_an_interval_made_to_cover_everything_fails_the_width_check():
 def synthetic_table4(seed: int, noise: float = NOISE) -> pd.DataFrame:
     """The paper's design (parameters and tokens of Table 4's 12 models) with FIDs from a known
     two-factor law: 5 + 60 (N/1e8)^-0.3 + 40 (T/64)^-0.7, times lognormal noise."""
-    from harness.forecast_table import paper_points
+    from harness.study.forecast_table import paper_points
 
     pts = paper_points()
     truth = 5 + 60 * (pts["params"] / 1e8) ** -0.3 + 40 * (pts["tokens"] / 64) ** -0.7

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import checkpoint as ckpt
+from harness.models import checkpoint as ckpt
 from harness.errors import HarnessError
 from train_tiny import tiny_run
 
@@ -104,7 +104,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_as_resume_point(tm
     point, no torn file or temporary left, and the next call resumes from step 2 and finishes."""
     import logging
 
-    from harness.train import run_training
+    from harness.training.train import run_training
 
     real_write = ckpt.atomic_write
 
@@ -126,7 +126,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_as_resume_point(tm
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_0000002.pt", "step_0000002.pt.sha256"], names
     monkeypatch.setattr(ckpt, "atomic_write", real_write)
-    with caplog.at_level(logging.INFO, logger="harness.train"):
+    with caplog.at_level(logging.INFO, logger="harness.training.train"):
         run_training(run, tmp_path)
     assert "step_0000002.pt at step 2" in caplog.text  # resumed there
     assert (tmp_path / "done").exists() and ckpt.load_latest_valid(tmp_path / "checkpoints")[0]["step"] == 6

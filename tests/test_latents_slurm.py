@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.autoencoder import SHARD_DELAY_ENV, LatentCache
-from harness.latents import LatentStage, submit_latent_job
+from harness.data.autoencoder import SHARD_DELAY_ENV, LatentCache
+from harness.data.latents import LatentStage, submit_latent_job
 from slurm_tools import need_slurm, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -127,9 +127,9 @@ launcher: {kind: slurm, cpus_per_task: 1, mem_gb: 3, timeout_min: 10}
 
 
 def test_sweep_submits_the_latent_job_first_and_training_after_it(tmp_path, monkeypatch):
-    from harness.dispatch import dispatch, run_statuses
-    from harness.layout import load_state, sweep_dir
-    from harness.spec import load_spec
+    from harness.launch.dispatch import dispatch, run_statuses
+    from harness.config.layout import load_state, sweep_dir
+    from harness.config.spec import load_spec
 
     need_slurm()
     monkeypatch.setenv("HARNESS_POLL_S", "1")

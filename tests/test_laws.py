@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import laws
+from harness.study import laws
 from harness.errors import HarnessError
 
 DRAWS, MIN_COVER, NOISE = 40, 0.80, 0.03

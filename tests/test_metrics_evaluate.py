@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import load_digits
+from harness.data.datasets import load_digits
 from harness.errors import HarnessError
 from harness.metrics import get_feature_extractor, load_reference
 from harness.metrics.features import FeatureExtractor

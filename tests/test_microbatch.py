@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness.diffusion import create_diffusion
+from harness.models.diffusion import create_diffusion
 from harness.errors import HarnessError
-from harness.models import build_model
-from harness.runtime import Dist
-from harness.step import Batch, TrainStep, check_micro_batch, resolve_compile
-from harness.train import run_training
+from harness.models.dit import build_model
+from harness.training.runtime import Dist
+from harness.training.step import Batch, TrainStep, check_micro_batch, resolve_compile
+from harness.training.train import run_training
 from train_tiny import as_rank, free_port, TINY_MODEL, assert_adam_close, assert_bitwise_equal, final_state, tiny_run
 from tolerance import fp32_bound, rel_err
 
@@ -87,9 +87,9 @@ def test_micro_batch_must_divide_the_per_gpu_batch(tmp_path):
 
 
 def test_compile_true_where_it_cannot_compile_is_one_line(monkeypatch):
-    import harness.step
+    import harness.training.step
 
-    monkeypatch.setattr(harness.step.shutil, "which", lambda name: None)
+    monkeypatch.setattr(harness.training.step.shutil, "which", lambda name: None)
     cpu = torch.device("cpu")
     with pytest.raises(HarnessError, match=r"train.compile: true, but .*C\+\+ compiler.*Fix: set train.compile: auto"):
         resolve_compile(True, cpu)
@@ -138,7 +138,7 @@ def test_micro_batch_is_bookkeeping_the_run_trains_the_same_model(tmp_path):
 
 # ----------------------------------------------------------------------------- auto
 def test_auto_on_cpu_picks_the_largest_size_that_fits_and_says_so(monkeypatch, caplog):
-    from harness import microbatch
+    from harness.training import microbatch
 
     caplog.set_level(logging.INFO, logger="harness")
     step = _step(16)
@@ -160,7 +160,7 @@ def test_auto_on_cpu_picks_the_largest_size_that_fits_and_says_so(monkeypatch, c
 
 
 def test_auto_that_finds_nothing_names_the_smallest_size_tried(monkeypatch):
-    from harness import microbatch
+    from harness.training import microbatch
 
     monkeypatch.setenv(microbatch.BUDGET_ENV, "0.001")
     with pytest.raises(HarnessError, match=r"found no micro-batch that fits.*smallest tried was 1"):
@@ -178,7 +178,7 @@ def test_auto_probe_does_not_disturb_training_randomness(tmp_path):
 def _ddp_grads(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, TESTS)
     as_rank(rank, world, port)
-    from harness.runtime import setup_distributed
+    from harness.training.runtime import setup_distributed
 
     dist = setup_distributed()
     step = _step(2, dist)  # per-rank batch 4 in two micro-batches of 2; global 8
@@ -206,7 +206,7 @@ def test_ddp_two_ranks_with_micro_batches_give_the_one_batch_gradient(tmp_path):
 def test_a_compiler_failure_falls_back_to_eager_in_one_line(monkeypatch, caplog):
     """If compiling fails at the first step, the step warns once, leaves no half-accumulated
     gradient, and the result equals the eager step's."""
-    import harness.step
+    import harness.training.step
 
     def broken_compile(fn, **kw):
         def call(*a, **k):
@@ -214,7 +214,7 @@ def test_a_compiler_failure_falls_back_to_eager_in_one_line(monkeypatch, caplog)
         return call
 
     caplog.set_level(logging.WARNING, logger="harness")
-    monkeypatch.setattr(harness.step.torch, "compile", broken_compile)
+    monkeypatch.setattr(harness.training.step.torch, "compile", broken_compile)
     eager, failing = _step(4), _step(4)
     failing.compiled = True
     failing._set_functions()

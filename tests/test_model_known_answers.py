@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.models import build_model
+from harness.models.dit import build_model
 from harness.models.dit import sincos_pos_embed_2d
-from harness.models.registry import ModelShape, check_conditioning, check_shape, resolve_shape
+from harness.config.registry import ModelShape, check_conditioning, check_shape, resolve_shape
 from tolerance import fp32_bound, fp64_bound, rel_err
 
 BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.models import CONDITIONINGS, VARIANTS, build_model, resolve_shape
+from harness.config.registry import CONDITIONINGS, VARIANTS, resolve_shape
+from harness.models.dit import build_model
 
 
 @pytest.mark.parametrize("conditioning", CONDITIONINGS)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.layout import SPEC_YAML, SWEEP_JSON, run_dir, sweep_dir
-from harness.spec import load_spec
+from harness.config.layout import SPEC_YAML, SWEEP_JSON, run_dir, sweep_dir
+from harness.config.spec import load_spec
 from test_sweep_e2e import SMOKE, ROOT, subprocess_env
 
 

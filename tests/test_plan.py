@@ -10,9 +10,9 @@ import pytest
 
 from harness import cli, paper
 from harness.errors import HarnessError
-from harness.flops import model_gflops
-from harness.plan import format_table, plan_sweep
-from harness.spec import load_spec
+from harness.models.flops import model_gflops
+from harness.cost.plan import format_table, plan_sweep
+from harness.config.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
@@ -157,9 +157,9 @@ def test_plan_shows_forecast_fid_from_a_smaller_sweep(tmp_path, capsys):
 
     import numpy as np
 
-    from harness import forecast
+    from harness.study import forecast
     from harness.cli import main
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
     from report_synth import write_scaling_sweep
 
     write_scaling_sweep(tmp_path)

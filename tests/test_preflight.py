@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from harness.preflight import preflight, reference_problems
-from harness.spec import load_spec
+from harness.launch.preflight import preflight, reference_problems
+from harness.config.spec import load_spec
 from slurm_tools import need_slurm
 from test_autoencoder import tiny_vae
 from test_sweep_e2e import ROOT, subprocess_env

@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 
-from harness import repair
+from harness.launch import repair
 from harness.errors import HarnessError
-from harness.interop import _run_checkpoint
-from harness.layout import RunFolder, sidecar_path
-from harness.train import run_training
+from harness.interop.convert import _run_checkpoint
+from harness.config.layout import RunFolder, sidecar_path
+from harness.training.train import run_training
 from train_tiny import final_state, tiny_run
 
 
@@ -35,7 +35,7 @@ def test_a_damaged_run_json_is_named_and_rewritten_from_the_spec_keeping_the_res
     text = json.dumps({**good, "run_id": "other"}) if damage == "other-run" else damage
     folder.run_json.write_text(text)
     assert "run.json" in repair.damage(run, rdir) and "`harness sweep` repairs it" in repair.damage(run, rdir)
-    with caplog.at_level(logging.WARNING, logger="harness.repair"):
+    with caplog.at_level(logging.WARNING, logger="harness.launch.repair"):
         [line] = repair.repair(run, rdir)
     assert "rewrote it from the spec" in line and line in caplog.text
     assert json.loads(folder.run_json.read_text()) == good and repair.damage(run, rdir) is None
@@ -95,10 +95,10 @@ def test_an_older_checkpoint_without_sidecar_keeps_the_run_done(finished):
 def test_status_shows_damage_and_sweep_repairs_it_so_the_report_loads(tmp_path, caplog):
     """Through a real (debug) sweep: before the repair `status` says damaged and the report's loader
     gives the fix; `sweep` repairs it, says so, and the run is done again with nothing retrained."""
-    from harness.dispatch import dispatch
-    from harness.results import load_sweep
-    from harness.spec import load_spec
-    from harness.status import run_statuses
+    from harness.launch.dispatch import dispatch
+    from harness.study.results import load_sweep
+    from harness.config.spec import load_spec
+    from harness.launch.status import run_statuses
     from test_dispatch import tiny
 
     results, spec = tmp_path / "results", load_spec(tiny(tmp_path))
@@ -111,7 +111,7 @@ def test_status_shows_damage_and_sweep_repairs_it_so_the_report_loads(tmp_path, 
     assert seen.state == "damaged" and "run.json is unreadable" in seen.reason and "step_0000010.pt" in seen.reason
     with pytest.raises(HarnessError, match="run `harness sweep` on its spec: it rewrites run.json"):
         load_sweep(results, spec.name)
-    with caplog.at_level(logging.WARNING, logger="harness.repair"):
+    with caplog.at_level(logging.WARNING, logger="harness.launch.repair"):
         [again] = dispatch(spec, results, "debug")
     assert again.state == "done" and "rewrote it from the spec" in caplog.text and "checksum was written" in caplog.text
     assert folder.train_log.read_text() == train_log  # nothing was retrained

@@ -18,7 +18,7 @@ from PIL import Image
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.report import figures as F
-from harness.report.sweep import paper_setup_matches
+from harness.report.view import paper_setup_matches
 from report_synth import rendered_partial_sweep, rendered_scaling_sweep
 
 SWEEP_FIGURES = ["fid_vs_gflops", "fid_vs_steps", "fid_vs_train_compute", "training_loss", "metrics_vs_steps",
@@ -218,7 +218,7 @@ def test_report_cli_errors(tmp_path, capsys):
 def test_degenerate_sweeps_still_report(tmp_path, models, steps):
     """One model, or one evaluated step: no crash; fits without enough runs carry no interval."""
     from harness.report.sweep import build_sweep_report
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
     from report_synth import write_run
     rng = np.random.default_rng(0)
     for m in models:

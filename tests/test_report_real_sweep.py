@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from harness.io import read_jsonl
-from harness.spec import load_spec
+from harness.config.spec import load_spec
 from test_report import SWEEP_FIGURES, _assert_not_blank, _need_pdf, _pdf_pages, assert_printable
 from test_report_browser import CHROMEDRIVER, CHROMIUM, _open, _severe, assert_opens_with_headline, browser  # noqa: F401
 
@@ -121,7 +121,7 @@ def test_report_of_a_real_sweep_lists_a_lost_run_as_missing(real_sweep, tmp_path
 
 
 def test_analysis_loads_a_real_sweep(real_sweep):
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
 
     results, _, _ = real_sweep
     sweep = load_sweep(results, "smoke")
@@ -175,7 +175,7 @@ def test_real_sweep_report_as_a_person_reads_it(real_sweep, request):
 def test_status_reads_pace_and_latest_fid_from_what_the_trainer_wrote(real_sweep):
     """`harness status` of the real sweep: per run the last FID with its step, the summed training wall time and
     the last logged images/s, as train.jsonl and eval.jsonl hold them; no ETA for a finished run."""
-    from harness.status import run_progress
+    from harness.launch.status import run_progress
 
     results, _, _ = real_sweep
     proc = subprocess.run([sys.executable, "-m", "harness", "status", str(SMOKE), "--results", str(results)],
@@ -200,7 +200,7 @@ def test_status_reads_pace_and_latest_fid_from_what_the_trainer_wrote(real_sweep
 def test_elapsed_time_sums_the_attempts_of_a_resumed_run(tmp_path):
     """wall_s restarts at 0 in each attempt (the trainer's clock starts with its process)."""
     from harness.io import append_jsonl
-    from harness.status import run_progress
+    from harness.launch.status import run_progress
 
     log = tmp_path / "train.jsonl"
     for step, wall in ((10, 5.0), (20, 9.0), (20, 2.0), (30, 6.5)):  # killed after 9 s, resumed for 6.5 s
@@ -213,7 +213,7 @@ def test_the_timeline_draws_each_run_from_the_trainers_clock(real_sweep):
     """The report's Gantt chart of the real sweep: one bar a run, from its first log line's time less its wall
     clock to its last line, evaluation after it; no planned bars for a sweep that asks for no GPUs."""
     from harness.report.timeline import attempts, measured_spans, planned_schedule
-    from harness.results import load_sweep
+    from harness.study.results import load_sweep
 
     results, reports, _ = real_sweep
     manifest = json.loads((reports / "smoke" / "manifest.json").read_text())

@@ -1,6 +1,6 @@
 """Each key of the normalised training identity changes the run id; each other key does not
 (issue 16). The key lists come from the spec itself: every field of DataSpec and TrainSpec, sorted
-by what the spec's documentation (harness/spec.py's docstring) says about it, so a new key that the
+by what the spec's documentation (harness/config/spec.py's docstring) says about it, so a new key that the
 docstring does not place fails here instead of silently joining or leaving the hash."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from harness import spec as S
-from harness.spec import DataSpec, TrainSpec, make_run_id
+from harness.config import spec as S
+from harness.config.spec import DataSpec, TrainSpec, make_run_id
 
 BASE = ("DiT-S/2", "adaLN-Zero", 0)
 
@@ -19,7 +19,7 @@ def _documented(phrase: str) -> set[str]:
     """The comma-separated names in the parentheses after `phrase` in the spec docstring."""
     text = " ".join(S.__doc__.split())
     match = re.search(re.escape(phrase) + r"\s*\(([^)]*)\)", text)
-    assert match, f"harness/spec.py's docstring no longer says {phrase!r} (...): update this test with it"
+    assert match, f"harness/config/spec.py's docstring no longer says {phrase!r} (...): update this test with it"
     return {name.strip().split(".")[-1].split(":")[0] for name in match.group(1).split(",")}
 
 
@@ -59,7 +59,7 @@ def _fields():
 def test_every_spec_key_is_documented_as_identity_or_not():
     for block, f in _fields():
         placed = (f.name in IDENTITY[block]) + (f.name in EXCLUDED[block])
-        assert placed == 1, (f"{block}.{f.name}: harness/spec.py's docstring must name it exactly once, either "
+        assert placed == 1, (f"{block}.{f.name}: harness/config/spec.py's docstring must name it exactly once, either "
                              "among the keys the run id hashes or among the excluded ones")
     for block in CLASSES:  # and the docstring names no key that does not exist
         names = {f.name for f in dataclasses.fields(CLASSES[block])}
@@ -87,7 +87,7 @@ def test_model_conditioning_and_seed_change_the_run_id():
 
 def test_the_identity_is_normalised(tmp_path):
     """Spellings of one value in the YAML (lr: 1, 1.0, 1e0) are the same run; the readable prefix names it."""
-    from harness.spec import load_spec
+    from harness.config.spec import load_spec
 
     ids = set()
     for i, lr in enumerate(("1", "1.0", "1e0")):
@@ -103,7 +103,7 @@ def test_run_ids_of_the_smoke_sweep_are_stable():
     migration that updates these known answers (a new spec key changes them too unless excluded)."""
     from pathlib import Path
 
-    from harness.spec import load_spec
+    from harness.config.spec import load_spec
 
     smoke = Path(__file__).resolve().parent.parent / "sweeps" / "smoke.yaml"
     assert [r.run_id for r in load_spec(smoke).expand()] == [
@@ -112,7 +112,7 @@ def test_run_ids_of_the_smoke_sweep_are_stable():
 
 
 def test_init_from_enters_the_identity_by_content_not_by_path(tmp_path, monkeypatch):
-    from harness.interop import source_digest
+    from harness.config.spec import init_from_digest
 
     weights = tmp_path / "a" / "w.pt"
     weights.parent.mkdir()
@@ -121,7 +121,7 @@ def test_init_from_enters_the_identity_by_content_not_by_path(tmp_path, monkeypa
     train = TrainSpec(init_from="${WEIGHTS_HOME}/w.pt")
     identity = S.run_identity(*BASE, DataSpec(), train)
     assert "init_from" not in identity["train"]
-    assert identity["train"]["init_from_sha256"] == source_digest(weights)
+    assert identity["train"]["init_from_sha256"] == init_from_digest(weights)
     first = make_run_id(*BASE, DataSpec(), train)
     moved = tmp_path / "b" / "w.pt"
     moved.parent.mkdir()

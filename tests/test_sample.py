@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.checkpoint import save_checkpoint
-from harness.models import build_model
-from harness.sample import balanced_labels, make_grid, sample_images, save_grid, save_npz
+from harness.models.checkpoint import save_checkpoint
+from harness.models.dit import build_model
+from harness.sampling.sample import balanced_labels, make_grid, sample_images, save_grid, save_npz
 
 RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
        "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
@@ -68,7 +68,7 @@ def test_guidance_changes_samples_and_channel_choice_matters():
 def test_sample_images_decodes_latents():
     from test_autoencoder import tiny_vae
 
-    from harness.autoencoder import VAEAutoencoder
+    from harness.data.autoencoder import VAEAutoencoder
 
     model = tiny_model(in_channels=4, input_size=2)
     ae = VAEAutoencoder("sd-vae-ft-ema", tiny_vae())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.checkpoint import save_checkpoint
+from harness.models.checkpoint import save_checkpoint
 from harness.cli import main
-from harness.models import build_model
-from harness.sample import sample_images
+from harness.models.dit import build_model
+from harness.sampling.sample import sample_images
 from train_tiny import nudged_tiny_dit
 
 RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,

@@ -1,5 +1,5 @@
-"""harness.sample against known answers: sample_images rebuilt from its primitives (per-sample noise
-seeds, the batch generator, harness.samplers.sample_loop, guided_model_fn, decode, to_uint8) and
+"""harness.sampling.sample against known answers: sample_images rebuilt from its primitives (per-sample noise
+seeds, the batch generator, harness.sampling.samplers.sample_loop, guided_model_fn, decode, to_uint8) and
 compared exactly; the label helpers, the grid and npz writers, checkpoint loading and `harness sample`
 with their exact outputs and error messages. Tiny models (DiT-2x32x2/2, 8x8 digits, 2-4 steps)."""
 from __future__ import annotations
@@ -13,18 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-import harness.sample
-from harness.autoencoder import IdentityAutoencoder, VAEAutoencoder
-from harness.checkpoint import save_checkpoint
+import harness.sampling.sample
+from harness.data.autoencoder import IdentityAutoencoder, VAEAutoencoder
+from harness.models.checkpoint import save_checkpoint
 from harness.cli import build_parser, main
-from harness.data import to_uint8
-from harness.diffusion import guided_model_fn
+from harness.data.datasets import to_uint8
+from harness.models.diffusion import guided_model_fn
 from harness.errors import HarnessError
-from harness.models import build_model
-from harness.sample import (_channels_arg, _data_field, _sample_seed, autoencoder_for, balanced_labels,
+from harness.models.dit import build_model
+from harness.sampling.sample import (_channels_arg, _data_field, _sample_seed, autoencoder_for, balanced_labels,
                             cli_sample, load_model_from_checkpoint, make_grid, random_labels, sample_images,
                             save_grid, save_npz)
-from harness.samplers import SAMPLERS, sample_loop
+from harness.sampling.samplers import SAMPLERS, sample_loop
 from train_tiny import nudged_tiny_dit
 
 MODEL = "DiT-2x32x2/2"
@@ -38,11 +38,11 @@ DEFAULT = object()  # "leave the argument out"
 @pytest.fixture(autouse=True)
 def _fresh_autoencoder_cache():
     """autoencoder_for caches per process: each test starts empty, and the cache is put back after."""
-    saved = dict(harness.sample._AUTOENCODERS)
-    harness.sample._AUTOENCODERS.clear()
+    saved = dict(harness.sampling.sample._AUTOENCODERS)
+    harness.sampling.sample._AUTOENCODERS.clear()
     yield
-    harness.sample._AUTOENCODERS.clear()
-    harness.sample._AUTOENCODERS.update(saved)
+    harness.sampling.sample._AUTOENCODERS.clear()
+    harness.sampling.sample._AUTOENCODERS.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_autoencoder_for_defaults_to_identity_and_caches_per_key():
     assert autoencoder_for(RUN) is a  # the same key ("identity", None): loaded once
     assert autoencoder_for(types.SimpleNamespace(data=types.SimpleNamespace(autoencoder="identity"))) is a
     assert autoencoder_for(None) is a
-    assert len(harness.sample._AUTOENCODERS) == 1
+    assert len(harness.sampling.sample._AUTOENCODERS) == 1
 
 
 def test_autoencoder_for_loads_the_named_vae_from_the_expanded_path(vae_dir, monkeypatch):
@@ -266,7 +266,7 @@ def test_defaults_are_250_ddpm_steps_seed_0_no_guidance_no_progress_bar(capsys, 
     def spy(sampler, fn, noise, steps, kwargs, learn_sigma, gen, progress):
         calls.append((sampler, steps, noise.shape[0], progress))
         return sample_loop(sampler, fn, noise, steps, kwargs, learn_sigma, gen, progress)
-    monkeypatch.setattr(harness.sample, "sample_loop", spy)
+    monkeypatch.setattr(harness.sampling.sample, "sample_loop", spy)
     got = sample_images(model, RUN, [7])
     # the images alone cannot tell 250 steps from 251 (this tiny model saturates): the call says it
     assert calls == [("ddpm", 250, 1, False)]   # one unguided sample: no null-class half

@@ -1,4 +1,4 @@
-"""harness.schedule: GPUs per run by the stated rule, the queue simulated deterministically, refusals in one
+"""harness.cost.schedule: GPUs per run by the stated rule, the queue simulated deterministically, refusals in one
 line; and the plan that carries them (run ids independent of the GPU count)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.plan import format_table, plan_sweep
-from harness.schedule import EFFICIENT_TOKENS_PER_GPU, REQUEUES, gpus_for_run, simulate, summary
-from harness.spec import load_spec
+from harness.cost.plan import format_table, plan_sweep
+from harness.cost.schedule import EFFICIENT_TOKENS_PER_GPU, REQUEUES, gpus_for_run, simulate, summary
+from harness.config.spec import load_spec
 
 GFLOPS = Path(__file__).resolve().parents[1] / "sweeps" / "gflops.yaml"
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.dispatch import dispatch
+from harness.launch.dispatch import dispatch
 from harness.io import read_jsonl
-from harness.spec import load_spec
-from harness.layout import load_state, sweep_dir
-from harness.status import ACTIVE_STATES, run_statuses, sacct_states, train_progress
+from harness.config.spec import load_spec
+from harness.config.layout import load_state, sweep_dir
+from harness.launch.status import ACTIVE_STATES, run_statuses, sacct_states, train_progress
 from slurm_tools import need_slurm, wait_until
 from train_tiny import assert_bitwise_equal, final_state
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.dispatch import dispatch
-from harness.spec import load_spec
+from harness.launch.dispatch import dispatch
+from harness.config.spec import load_spec
 from slurm_tools import need_slurm
 from tolerance import fp32_bound
 from train_tiny import assert_adam_close

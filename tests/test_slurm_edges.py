@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.dispatch import dispatch
-from harness.layout import load_state, sweep_dir
-from harness.spec import load_spec
-from harness.status import job_reason, run_statuses
+from harness.launch.dispatch import dispatch
+from harness.config.layout import load_state, sweep_dir
+from harness.config.spec import load_spec
+from harness.launch.status import job_reason, run_statuses
 from slurm_tools import need_slurm, wait_until
 
 pytestmark = pytest.mark.slurm
@@ -68,7 +68,7 @@ def test_task_cancelled_while_pending_fails_at_once_and_is_resubmitted(held_swee
 def test_whole_array_cancelled_while_pending_is_cancelled(held_sweep):
     """Cancelling the array while all its tasks pend: once the controller forgets them, sacct's one
     record "A_[0-1]" says CANCELLED for both (the task ids are read from the brackets)."""
-    from harness.status import _array_record
+    from harness.launch.status import _array_record
 
     spec, results, statuses = held_sweep
     subprocess.run(["scancel", statuses[0].job_id.split("_")[0]], check=True, timeout=30)

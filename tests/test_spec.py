@@ -12,7 +12,7 @@ import pytest
 
 from harness import cli, paper
 from harness.errors import HarnessError
-from harness.spec import RunSpec, load_spec
+from harness.config.spec import RunSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"

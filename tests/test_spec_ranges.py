@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, limits
-from harness import spec as S
+from harness import cli
+from harness.config import limits
+from harness.config import spec as S
 from harness.errors import HarnessError
-from harness.spec import load_spec
+from harness.config.spec import load_spec
 
 GOOD = """\
 name: t

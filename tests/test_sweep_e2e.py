@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.layout import load_state
-from harness.status import is_complete
+from harness.config.layout import load_state
+from harness.launch.status import is_complete
 from harness.io import read_jsonl
-from harness.spec import load_spec
+from harness.config.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"

@@ -9,7 +9,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import read_jsonl
-from harness.train import DataOrder, run_training
+from harness.training.train import DataOrder, run_training
 from train_tiny import assert_bitwise_equal, final_state, tiny_run
 
 
@@ -123,8 +123,8 @@ def test_evaluation_in_training_appends_each_setting_once(tmp_path):
 
 
 def test_eval_paths_expand_environment_variables_when_the_run_starts(tmp_path, monkeypatch):
-    from harness.data import load_digits
-    from harness.sample import save_npz
+    from harness.data.datasets import load_digits
+    from harness.sampling.sample import save_npz
 
     images, labels = load_digits()
     save_npz(np.repeat(images[:300, :, :, None], 3, axis=3), labels[:300], tmp_path / "ref" / "digits300.npz")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness.train import run_training
+from harness.training.train import run_training
 from tolerance import fp32_bound
 from train_tiny import as_rank, assert_adam_close, free_port, final_state, tiny_run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkpoint import SLOW_SAVE_ENV
+from harness.models.checkpoint import SLOW_SAVE_ENV
 from harness.io import read_jsonl
 from train_tiny import assert_bitwise_equal, final_state
 
@@ -22,7 +22,7 @@ logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from pathlib import Path
-from harness.train import run_training
+from harness.training.train import run_training
 from train_tiny import tiny_run
 run_training(tiny_run(steps=6), Path(sys.argv[1]))
 """

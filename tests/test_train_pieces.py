@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.runtime import Dist, derive_seed
-from harness.train import _TAG_EPOCH, _TAG_STEP, _NO_BAD, BatchSource, DataOrder, _check_finite, _lr_at, \
+from harness.training.runtime import Dist, derive_seed
+from harness.training.train import _TAG_EPOCH, _TAG_STEP, _NO_BAD, BatchSource, DataOrder, _check_finite, _lr_at, \
     step_randomness
 
 
@@ -114,7 +114,7 @@ def test_step_randomness_is_one_draw_for_the_global_batch_sliced_per_rank():
         assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])
     t, noise, drop = whole
     g = torch.Generator().manual_seed(derive_seed(7, _TAG_STEP, 3))
-    from harness.diffusion import sample_timesteps
+    from harness.models.diffusion import sample_timesteps
     assert torch.equal(t, sample_timesteps(8, 1000, torch.device("cpu"), g))
     assert torch.equal(noise, torch.randn((8, 2, 4, 4), generator=g))
     assert torch.equal(drop, torch.rand(8, generator=g) < 0.5) and drop.dtype == torch.bool
@@ -149,7 +149,7 @@ def _standalone_args(**changes):
 
 def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when_asked(tmp_path, capsys):
     from harness.cli import main
-    from harness.train import _standalone_run
+    from harness.training.train import _standalone_run
 
     (tmp_path / "run.json").write_text("{not json")
     assert main(["train", "--run-dir", str(tmp_path)]) == 2
@@ -165,8 +165,8 @@ def test_train_refuses_a_broken_run_json_and_a_standalone_run_compiles_only_when
 def test_a_standalone_run_takes_each_cli_argument_and_the_spec_defaults_for_the_rest():
     from dataclasses import replace
 
-    from harness.spec import DataSpec, TrainSpec, make_run_id
-    from harness.train import _standalone_run
+    from harness.config.spec import DataSpec, TrainSpec, make_run_id
+    from harness.training.train import _standalone_run
 
     plain = _standalone_run(_standalone_args())
     assert plain.data == DataSpec() and plain.train == replace(TrainSpec(), compile="auto")
@@ -187,10 +187,10 @@ def test_a_standalone_run_takes_each_cli_argument_and_the_spec_defaults_for_the_
                                   ["--compile"]])
 def test_a_recorded_run_refuses_each_standalone_override(tmp_path, capsys, flag):
     from harness.cli import main
-    from harness.layout import write_run_json
-    from harness.train import _standalone_run
+    from harness.cost.plan import record_run
+    from harness.training.train import _standalone_run
 
-    write_run_json(_standalone_run(_standalone_args(steps=3)), tmp_path)
+    record_run(_standalone_run(_standalone_args(steps=3)), tmp_path)
     assert main(["train", "--run-dir", str(tmp_path), *flag]) == 2
     assert (f"{tmp_path / 'run.json'} exists: --steps/--batch/--lr/--precision/--compile and KEY=VALUE only apply "
             "to a new standalone run; edit the sweep spec instead or use a new --run-dir") in capsys.readouterr().err

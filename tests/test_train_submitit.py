@@ -1,4 +1,4 @@
-"""The sweep job (harness.job.SweepJob) as a real submitit job (local executor: a separate process with submitit's environment)."""
+"""The sweep job (harness.launch.job.SweepJob) as a real submitit job (local executor: a separate process with submitit's environment)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import submitit
 
 from harness.io import read_jsonl
-from harness.job import SweepJob
+from harness.launch.job import SweepJob
 from train_tiny import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]

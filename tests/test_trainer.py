@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.runtime import Dist, derive_seed
-from harness.train import step_randomness
+from harness.training.runtime import Dist, derive_seed
+from harness.training.train import step_randomness
 from tolerance import fp32_bound, rel_err
 
 #: the smallest evaluation that runs every metric: 7 images, one batch, 2 DDPM steps
@@ -23,10 +23,10 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch, caplog):
     steps_per_s and wall_s are deterministic numbers, not timings."""
     import types
 
-    import harness.train as train_mod
-    from harness.flops import model_gflops
+    import harness.training.train as train_mod
+    from harness.models.flops import model_gflops
     from harness.io import read_jsonl
-    from harness.runtime import train_tflops
+    from harness.training.runtime import train_tflops
     from train_tiny import tiny_run
 
     ticks = iter(range(1000, 10**6))
@@ -34,7 +34,7 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch, caplog):
                                   sleep=train_mod.time.sleep)
     monkeypatch.setattr(train_mod, "time", clock)
     run = tiny_run(steps=2, ckpt_every=100, warmup_steps=4, lr=2e-3)
-    caplog.set_level("INFO", logger="harness.train")
+    caplog.set_level("INFO", logger="harness.training.train")
     train_mod.run_training(run, tmp_path)
     first, second = read_jsonl(tmp_path / "train.jsonl")
     for rec in (first, second):   # the job log's line says the same as train.jsonl
@@ -58,17 +58,17 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch, caplog):
 
 def test_without_gflops_training_goes_on_and_logs_no_tflops(tmp_path, monkeypatch, caplog):
     """Throughput bookkeeping never stops training: if fvcore cannot count the model, train.jsonl says None."""
-    import harness.flops
+    import harness.models.flops
     from harness.io import read_jsonl
-    from harness.layout import write_run_json
-    from harness.train import run_training
+    from harness.cost.plan import record_run
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
     def no_count(*args, **kwargs):
         raise RuntimeError("fvcore is not installed")
 
-    write_run_json(tiny_run(steps=1), tmp_path)   # as a sweep's planner wrote it (it counts the Gflops itself)
-    monkeypatch.setattr(harness.flops, "model_gflops", no_count)
+    record_run(tiny_run(steps=1), tmp_path)   # as a sweep's planner wrote it (it counts the Gflops itself)
+    monkeypatch.setattr(harness.models.flops, "model_gflops", no_count)
     run_training(tiny_run(steps=1), tmp_path)
     (line,) = read_jsonl(tmp_path / "train.jsonl")
     assert line["tflops_per_device"] is None and line["mfu"] is None and line["images_per_s"] > 0
@@ -79,7 +79,7 @@ def test_without_gflops_training_goes_on_and_logs_no_tflops(tmp_path, monkeypatc
 def test_a_non_finite_loss_stops_at_the_next_logged_step(tmp_path):
     """Checked at every logged step, not only at checkpoints: nothing is logged past the bad step."""
     from harness.io import read_jsonl
-    from harness.train import run_training
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
     with pytest.raises(HarnessError) as err:
@@ -89,13 +89,13 @@ def test_a_non_finite_loss_stops_at_the_next_logged_step(tmp_path):
 
 
 def test_the_run_log_says_how_it_trains_and_why_it_stopped(tmp_path, caplog):
-    from harness.step import attention_backends
-    from harness.train import run_training
+    from harness.training.step import attention_backends
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
-    caplog.set_level("INFO", logger="harness.train")
+    caplog.set_level("INFO", logger="harness.training.train")
     run_training(tiny_run(steps=4, ckpt_every=100), tmp_path, stop_at=2)
-    lines = [r.getMessage() for r in caplog.records if r.name == "harness.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "harness.training.train"]
     assert ("training tiny: per-GPU batch 16 in micro-batches of 16, fp32, eager, attention: "
             f"{attention_backends(torch.device('cpu'), 'fp32')}") in lines
     assert lines[-1] == "stopping at step 2 as asked (stop_at)"
@@ -106,7 +106,7 @@ def test_a_checkpoint_and_done_record_what_wrote_them(tmp_path):
     import json
     import time
 
-    from harness.train import run_training
+    from harness.training.train import run_training
     from train_tiny import final_state, tiny_run
 
     run = tiny_run(steps=2, ckpt_every=100)
@@ -126,9 +126,9 @@ def test_the_training_arrays_are_the_runs_own_image_folder_and_autoencoder(tmp_p
 
     from PIL import Image
 
-    from harness.data import ImageFolder
-    from harness.spec import DataSpec
-    from harness.train import load_training_arrays
+    from harness.data.datasets import ImageFolder
+    from harness.config.spec import DataSpec
+    from harness.training.train import load_training_arrays
     from train_tiny import tiny_run
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
@@ -159,8 +159,8 @@ def test_a_second_trainer_waits_for_the_run_folders_lock(tmp_path, caplog):
     import time
 
     from harness.io import file_lock
-    from harness.layout import RunFolder
-    from harness.train import run_training
+    from harness.config.layout import RunFolder
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
     folder = RunFolder(tmp_path)
@@ -181,7 +181,7 @@ def test_a_second_trainer_waits_for_the_run_folders_lock(tmp_path, caplog):
 def test_the_trainer_refuses_a_batch_its_ranks_cannot_split_and_sets_tf32_only_for_cuda(tmp_path):
     """Built in this process with a stand-in Dist (world 3: no process group is joined before the check).
     On the CPU the global TF32 switches stay as they were (tests/test_cuda.py checks they are set on a GPU)."""
-    from harness.train import Trainer
+    from harness.training.train import Trainer
     from train_tiny import tf32_off, tiny_run
 
     with pytest.raises(HarnessError) as err:
@@ -197,7 +197,7 @@ def test_the_trainer_refuses_a_batch_its_ranks_cannot_split_and_sets_tf32_only_f
 
 def test_an_evaluation_only_trainer_takes_its_shape_from_the_spec_and_reads_no_data(tmp_path, monkeypatch):
     """train.steps 0 (evaluating train.init_from's weights): no latent cache is opened or built."""
-    import harness.train as train_mod
+    import harness.training.train as train_mod
     from train_tiny import tiny_run
 
     monkeypatch.setattr(train_mod, "load_training_arrays", lambda run: pytest.fail("read the training data"))
@@ -211,9 +211,9 @@ def test_the_trainer_builds_the_spec_s_model_ema_and_optimizer(tmp_path, monkeyp
     set at every step, from the warmup schedule); the wait for rank 0's latent cache bounded and explained."""
     from dataclasses import replace
 
-    import harness.train as train_mod
-    from harness.models import build_model
-    from harness.runtime import seed_everything
+    import harness.training.train as train_mod
+    from harness.models.dit import build_model
+    from harness.training.runtime import seed_everything
     from train_tiny import tiny_run
 
     waits = []
@@ -237,12 +237,12 @@ def test_the_trainer_builds_the_spec_s_model_ema_and_optimizer(tmp_path, monkeyp
 
 
 def test_a_resumed_run_says_which_checkpoint_it_resumed(tmp_path, caplog):
-    from harness.checkpoint import checkpoint_path
-    from harness.train import run_training
+    from harness.models.checkpoint import checkpoint_path
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
     run_training(tiny_run(steps=4), tmp_path, stop_at=2)
-    caplog.set_level("INFO", logger="harness.train")
+    caplog.set_level("INFO", logger="harness.training.train")
     run_training(tiny_run(steps=4), tmp_path)
     assert f"resumed {checkpoint_path(tmp_path / 'checkpoints', 2)} at step 2" in caplog.messages
 
@@ -255,8 +255,8 @@ def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds
 
     from dataclasses import replace
 
-    from harness.runtime import seed_everything, set_rng_state
-    from harness.train import Trainer, run_training
+    from harness.training.runtime import seed_everything, set_rng_state
+    from harness.training.train import Trainer, run_training
     from train_tiny import final_state, tiny_run
 
     def draws():
@@ -278,9 +278,9 @@ def test_resume_restores_the_global_rngs_of_the_checkpoint_and_a_fresh_run_seeds
 def test_train_init_from_starts_model_and_ema_from_its_weights_and_steps_0_evaluates_them(tmp_path):
     """init_from a harness checkpoint: the new run's model and EMA both start from its EMA weights, with a
     fresh optimizer; with train.steps 0 the run only evaluates them, at step 0, from memory (no checkpoint)."""
-    from harness.checkpoint import checkpoint_path
+    from harness.models.checkpoint import checkpoint_path
     from harness.io import read_jsonl
-    from harness.train import Trainer, run_training
+    from harness.training.train import Trainer, run_training
     from train_tiny import final_state, tiny_run
 
     run_training(tiny_run(steps=2), tmp_path / "source")
@@ -305,8 +305,8 @@ def test_prepare_step_applies_grad_checkpointing_and_keys_the_auto_micro_batch_b
     key of this model, block, shape, classes, device, precision, compilation and per-GPU batch."""
     import json
 
-    from harness.microbatch import _cache_file, cache_key
-    from harness.train import Trainer
+    from harness.training.microbatch import _cache_file, cache_key
+    from harness.training.train import Trainer
     from train_tiny import tiny_run
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
@@ -322,12 +322,12 @@ def test_a_finished_run_called_again_only_writes_a_missing_done(tmp_path, caplog
     and neither call builds the training step again."""
     import json
 
-    from harness.train import run_training
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
     run_training(tiny_run(steps=2), tmp_path)
     (tmp_path / "done").unlink()
-    caplog.set_level("INFO", logger="harness.train")
+    caplog.set_level("INFO", logger="harness.training.train")
     run_training(tiny_run(steps=2), tmp_path)
     assert json.loads((tmp_path / "done").read_text())["step"] == 2
     assert not [m for m in caplog.messages if m.startswith("training tiny")]
@@ -337,7 +337,7 @@ def test_data_flip_reaches_the_batches_the_model_trains_on(tmp_path):
     """data.flip on and off train different weights from the same seed (16 draws: some images are mirrored)."""
     from dataclasses import replace
 
-    from harness.train import run_training
+    from harness.training.train import run_training
     from train_tiny import final_state, tiny_run
 
     for flip in (True, False):
@@ -354,8 +354,8 @@ def test_the_logged_loss_is_the_exact_mean_of_its_window_and_the_test_delay_slee
     before every step (the kill and requeue tests rely on it)."""
     import types
 
-    import harness.step as step_mod
-    import harness.train as train_mod
+    import harness.training.step as step_mod
+    import harness.training.train as train_mod
     from harness.io import read_jsonl
     from train_tiny import tiny_run
 
@@ -375,8 +375,8 @@ def test_the_logged_loss_is_the_exact_mean_of_its_window_and_the_test_delay_slee
 def test_retention_keeps_the_newest_checkpoints_and_those_at_the_evaluation_steps(tmp_path):
     """keep_last 1 with eval.at_steps [2]: of the checkpoints at 2, 4, 6, 8, steps 2 (evaluated, so its
     weights stay for later evaluation settings) and 8 (the newest) remain."""
-    from harness.checkpoint import list_checkpoints
-    from harness.train import run_training
+    from harness.models.checkpoint import list_checkpoints
+    from harness.training.train import run_training
     from train_tiny import tiny_run
 
     run_training(tiny_run(steps=8, ckpt_every=2, keep_last=1, at_steps=[2],

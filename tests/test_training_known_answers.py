@@ -11,7 +11,7 @@ import torch
 
 from harness.io import read_jsonl
 from harness.models import dit
-from harness.train import run_training
+from harness.training.train import run_training
 from train_tiny import final_state, tiny_run
 from tolerance import fp32_bound, rel_err
 
@@ -76,8 +76,8 @@ def test_class_dropout_rate_matches_the_spec_within_its_binomial_interval(tmp_pa
 def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     """The samples training writes at an eval step equal those of a model loaded with the
     checkpoint's EMA weights, and differ from those of the raw weights."""
-    from harness.evaluation import evaluate_step, save_grid
-    from harness.sample import load_model_from_checkpoint
+    from harness.training.evaluation import evaluate_step, save_grid
+    from harness.sampling.sample import load_model_from_checkpoint
 
     ev = {"num_samples": 20, "sampling_steps": [5], "metrics": ["fid"], "batch_size": 20}
     run = tiny_run(steps=3, at_steps=[3], ema_decay=0.5, lr=3e-3, eval=ev)
@@ -87,7 +87,7 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     with np.load(tmp_path / "trained" / "samples" / name) as f:
         trained = f["arr_0"]
     grid_trained = (tmp_path / "trained" / "samples" / "grid_step_0000003.png").read_bytes()
-    from harness.runtime import Dist
+    from harness.training.runtime import Dist
 
     dist = Dist(device=torch.device("cpu"))  # one rank: evaluation runs on every rank of a job
     got = {}
@@ -108,7 +108,7 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
 
 def test_ema_update_on_parameters_and_buffers():
     """The formula on parameters, and buffers (BatchNorm running statistics) copied, not averaged."""
-    from harness.runtime import ema_update
+    from harness.training.runtime import ema_update
 
     torch.manual_seed(0)
     model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)

@@ -1,5 +1,5 @@
 """The training vb term against a closed-form Gaussian KL computed here, independently of
-harness.diffusion (issue 16): float64 numpy, the schedule and posterior written out from ADM's
+harness.models.diffusion (issue 16): float64 numpy, the schedule and posterior written out from ADM's
 formulas, the learned variance interpolated in log space with v in [-1, 1]."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from harness.diffusion import create_diffusion
+from harness.models.diffusion import create_diffusion
 
 T = 1000
 

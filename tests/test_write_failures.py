@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import io, layout
+from harness import io
+from harness.config import layout
 from harness.errors import HarnessError
+from harness.cost.plan import record_run
 from train_tiny import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ def _state(d: Path, n: int) -> Path:
 
 def _run_json(d: Path, n: int) -> Path:
     run = tiny_run(steps=4 + n)
-    layout.write_run_json(run, d)
+    record_run(run, d)
     return layout.RunFolder(d).run_json
 
 
@@ -38,13 +40,13 @@ def _report(d: Path, n: int) -> Path:
 
 
 def _npz(d: Path, n: int) -> Path:
-    from harness.sample import save_npz
+    from harness.sampling.sample import save_npz
 
     return save_npz(np.full((2, 8, 8, 3), n, np.uint8), np.arange(2), d / "samples.npz")
 
 
 def _flops_cache(d: Path, n: int) -> Path:
-    from harness.flops import model_gflops
+    from harness.models.flops import model_gflops
 
     model_gflops("DiT-2x32x2/2", "adaLN-Zero", 8, 1, 10 + n)  # a new key each time: the cache is rewritten
     return io.cache_dir("flops") / "flops.json"
@@ -85,7 +87,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_file_as_it_was(tmp_path, monk
 
 
 def test_a_read_only_results_folder_is_one_line_from_the_sweep_lock(tmp_path, monkeypatch):
-    from harness.dispatch import sweep_lock
+    from harness.launch.dispatch import sweep_lock
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -109,7 +111,8 @@ def test_a_write_error_survives_the_pickle_of_a_job_result():
 TINY_FS = """
 import errno, os, sys
 from pathlib import Path
-from harness import io, layout
+from harness import io
+from harness.config import layout
 from harness.errors import HarnessError
 d = Path(sys.argv[1])
 layout.save_state(d, {"runs": {}})
@@ -155,7 +158,7 @@ def test_a_job_that_met_a_full_disk_has_the_one_line_as_its_reason(tmp_path):
 
     from submitit.core.utils import cloudpickle_dump
 
-    from harness.status import job_reason
+    from harness.launch.status import job_reason
 
     err = io.write_error(tmp_path / "eval.jsonl", OSError(errno.ENOSPC, "No space left on device"))
     trace = f'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nharness.io.WriteError: {err}\n'

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from harness.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
+from harness.config.spec import DataSpec, EvalSpec, RunSpec, TrainSpec
 
 TINY_MODEL = "DiT-2x32x2/2"
 
@@ -26,7 +26,7 @@ def nudged_tiny_dit(seed: int = 0, conditioning: str = "adaLN-Zero", in_channels
                     num_classes: int = 10, learn_sigma: bool = True) -> torch.nn.Module:
     """A tiny DiT (train mode) built under torch.manual_seed(seed), every weight then nudged by 0.05 N(0, 1):
     adaLN-Zero starts at exactly zero output, and the nudge makes labels and guidance matter."""
-    from harness.models import build_model
+    from harness.models.dit import build_model
 
     torch.manual_seed(seed)
     model = build_model(TINY_MODEL, conditioning, input_size=input_size, in_channels=in_channels,
@@ -38,7 +38,7 @@ def nudged_tiny_dit(seed: int = 0, conditioning: str = "adaLN-Zero", in_channels
 
 
 def final_state(run_dir, step: int) -> dict:
-    from harness.checkpoint import checkpoint_path
+    from harness.models.checkpoint import checkpoint_path
 
     return torch.load(checkpoint_path(run_dir / "checkpoints", step), weights_only=True)
 
@@ -68,7 +68,7 @@ def free_port() -> int:
 
 def as_rank(rank: int, world: int, port: int) -> None:
     """Inside a spawned test process: one intra-op thread and the torchrun-style environment of
-    `rank` of `world` on localhost (the trainer reads it in harness.runtime.setup_distributed)."""
+    `rank` of `world` on localhost (the trainer reads it in harness.training.runtime.setup_distributed)."""
     import os
 
     torch.set_num_threads(1)

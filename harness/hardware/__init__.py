@@ -4,7 +4,7 @@
 (256 px through the SD VAE: 32x32x4 latents, 1000 classes, adaLN-Zero): training images/s in the best
 configuration measured, and, where measured, sampling images/s for ONE denoising step on the path
 evaluation takes (its configuration says which). A model or geometry not in the table is scaled from
-the nearest measured model by Gflops (`harness.plan`). New measurements replace rows here; a user's own
+the nearest measured model by Gflops (`harness.cost.plan`). New measurements replace rows here; a user's own
 `harness bench --suite ... --out FILE.json` overrides the table with `harness plan --throughput-from`.
 Torch-free: read by `harness plan`.
 """

@@ -7,14 +7,15 @@
         "feature_space": "digits", "num_samples": N}
 
 Every number carries its feature space; numbers from different spaces are never comparable.
-The metric and feature-space names live here, importable without torch (the spec validates against
-them); the extractors and statistics load on first use.
+The metric and feature-space names live in `harness.config.vocab` (torch-free: the spec validates
+against them) and are re-exported here; the extractors and statistics load on first use.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
+from harness.config.vocab import FEATURE_SPACES, METRIC_KEYS, METRIC_LABELS, METRICS, normalize_metrics
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -40,29 +41,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(f"harness.metrics.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'harness.metrics' has no attribute {name!r}")
 
-#: metric names as eval.metrics and --metrics spell them
-METRICS = ("fid", "sfid", "is", "precision", "recall")
-#: metric name -> its key in an evaluation record (eval.jsonl, the results table)
-METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision": "precision", "recall": "recall"}
-#: record key -> its label in tables and figures
-METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
-_ALIASES = {"inception_score": "is", "isc": "is", "prec": "precision", "rec": "recall"}
-FEATURE_SPACES = ("inception", "digits")
-
 _EXTRACTORS: dict[tuple, FeatureExtractor] = {}
-
-
-def normalize_metrics(metrics: Iterable[str]) -> list[str]:
-    """Canonical metric names (fid, sfid, is, precision, recall) in a fixed order; HarnessError on others."""
-    wanted = set()
-    for m in metrics:
-        key = _ALIASES.get(str(m).strip().lower(), str(m).strip().lower())
-        if key not in METRICS:
-            raise HarnessError(f"unknown metric {m!r} (--metrics / eval.metrics); choose from {', '.join(METRICS)}")
-        wanted.add(key)
-    if not wanted:
-        raise HarnessError(f"no metrics requested (--metrics / eval.metrics); choose from {', '.join(METRICS)}")
-    return [m for m in METRICS if m in wanted]
 
 
 def get_feature_extractor(name: str, **kw) -> FeatureExtractor:
@@ -79,10 +58,10 @@ def get_feature_extractor(name: str, **kw) -> FeatureExtractor:
     if key in _EXTRACTORS:
         return _EXTRACTORS[key]
     if name == "inception":
-        from harness.metrics.inception import InceptionFeatures
+        from harness.metrics.inception import InceptionFeatures  # torch: the names import without it
         extractor: FeatureExtractor = InceptionFeatures(weights=weights, device=device)
     elif name == "digits":
-        from harness.metrics.digits import DigitsFeatures
+        from harness.metrics.digits import DigitsFeatures  # torch: the names import without it
         extractor = DigitsFeatures(device=device)
     else:
         raise HarnessError(f"unknown feature space {name!r} (--features / eval.features); "
@@ -99,7 +78,7 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
     fid_se (FID's bootstrap standard error over the samples, harness.metrics.stats.fid_bootstrap),
     feature_space, num_samples}.
     """
-    from harness.metrics.features import check_images
+    from harness.metrics.features import check_images  # torch: the names import without it
 
     wanted = normalize_metrics(metrics)
     _check_space(reference, extractor)
@@ -110,6 +89,7 @@ def compute_metrics(images: np.ndarray, reference: ReferenceStats, extractor: Fe
 def metrics_from_features(feats: Features, reference: ReferenceStats, extractor: FeatureExtractor,
                           metrics: Iterable[str] = METRICS) -> dict:
     """compute_metrics from features already extracted (e.g. on every rank, gathered to one)."""
+    # torch: the names import without it
     from harness.metrics.stats import fid_bootstrap, frechet_distance, gaussian_stats, inception_score, precision_recall
 
     wanted = normalize_metrics(metrics)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from harness.errors import HarnessError
 from harness.io import atomic_write, cache_dir
 from harness.metrics.features import FeatureExtractor, default_device
+from harness.data.datasets import load_digits
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
 
 def train_digits_classifier(config: dict = DIGITS_CONFIG) -> tuple[DigitsNet, float]:
     """Train the digits CNN deterministically on its train split; returns (net, held-out accuracy)."""
-    from harness.data import load_digits
-
     images, labels = load_digits()
     train_idx, held_idx = _split(labels, config["holdout_fraction"], config["seed"])
     x = to_input(torch.from_numpy(images))

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from harness.data import IMAGE_EXTENSIONS, center_crop_arr, list_image_files
+from harness.data.datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files, load_digits
 from harness.errors import HarnessError
 from harness.io import atomic_write, cache_dir
 from harness.metrics.features import FeatureExtractor, Features, check_images
@@ -164,8 +164,6 @@ class _Source:
 def _identify(ref: str, extractor: FeatureExtractor, image_size: int | None, max_images: int | None) -> _Source:
     """'digits', an ADM npz or an image folder -> _Source; HarnessError naming the fix otherwise."""
     if ref == "digits":
-        from harness.data import load_digits
-
         gray, _ = load_digits()
         return _Source(f"digits:{hashlib.sha256(gray.tobytes()).hexdigest()[:16]}", gray.shape[1], len(gray),
                        images=np.repeat(gray[..., None], 3, axis=-1))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from harness.models.registry import check_conditioning, check_shape, resolve_shape
+from harness.config.registry import check_conditioning, check_shape, resolve_shape
 
 ADALN = ("adaLN", "adaLN-Zero")
 

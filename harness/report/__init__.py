@@ -16,12 +16,12 @@ __all__ = ["cli_report", "report_sweep", "render_sweep_report", "render_paper_re
 
 
 def render_sweep_report(results_root, sweep, out_root, n_boot: int = 500) -> dict:
-    from harness.report.sweep import render_sweep_report as _render
+    from harness.report.sweep import render_sweep_report as _render  # matplotlib and torch: only when rendering
     return _render(results_root, sweep, out_root, n_boot=n_boot)
 
 
 def render_paper_report(out_root, n_boot: int = 1000) -> dict:
-    from harness.report.paper import render_paper_report as _render
+    from harness.report.paper import render_paper_report as _render  # matplotlib and torch: only when rendering
     return _render(out_root, n_boot=n_boot)
 
 

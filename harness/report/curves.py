@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.report.figures import COND_COLOURS, PRINT_WIDTH_IN, _model_order, _se_bars, main_conditioning, style_for
-from harness.results import METRICS, default_setting
+from harness.study.results import METRICS, default_setting
 
 LOSS_TERMS = {"loss": "loss (mse + vb)", "mse": "mse (noise prediction)", "vb": "vb (variational bound)"}
 SMOOTH_FRACTION = 0.1  # the smoothing window: a tenth of a run's log lines (at least 3)

@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, Agg), in the style of the paper's scaling plots.
 
-Each function takes the tidy frame (harness.results) or analysis objects and returns a Figure;
+Each function takes the tidy frame (harness.study.results) or analysis objects and returns a Figure;
 `save_figure` writes it as PNG and SVG atomically. Colour encodes model size, line style the patch.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness import analysis  # noqa: E402
+from harness.study import analysis  # noqa: E402
 from harness.io import atomic_write  # noqa: E402
-from harness.results import METRICS, default_setting  # noqa: E402
+from harness.study.results import METRICS, default_setting, main_conditioning  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ def style_for(size, patch, sizes_seen: list) -> dict:
         colour = EXTRA_COLOURS[sizes_seen.index(size) % len(EXTRA_COLOURS)]
     p = int(patch) if patch is not None and not pd.isna(patch) else 2
     return {"color": colour, "linestyle": PATCH_STYLES.get(p, "-."), "marker": PATCH_MARKERS.get(p, "D")}
-
-
-def main_conditioning(frame: pd.DataFrame) -> str:
-    """adaLN-Zero if the sweep has it (the paper's scaling runs), else the most common block."""
-    conds = frame["conditioning"].dropna()
-    if (conds == "adaLN-Zero").any() or conds.empty:
-        return "adaLN-Zero"
-    return str(conds.value_counts().index[0])
 
 
 def _model_order(frame: pd.DataFrame) -> list[str]:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness import forecast
-from harness.compute_optimal import ComputeOptimal, compute_optimal
+from harness.study import forecast
+from harness.study.compute_optimal import ComputeOptimal, compute_optimal
 from harness.errors import HarnessError
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table
@@ -149,7 +149,7 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
                                                        "parameters [interval] on the training runs"], rows,
                                 "Errors inside the training runs are mean |log(predicted/actual)|, shown for "
                                 "comparison: they choose nothing. Intervals: Student's t x the leave-one-model-out "
-                                "error x sqrt(1 + leverage), in log FID (harness/laws.py)."))
+                                "error x sqrt(1 + leverage), in log FID (harness/study/laws.py)."))
         try:
             nxt = forecast.forecast_next(points, n_boot=n_boot)
             out["next"] = nxt

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness import analysis
+from harness.study import analysis
 from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, headline, table4, train_compute
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table, write_report

@@ -1,5 +1,5 @@
 """The report's "stop early?" back-test: each run's FID at its last evaluated step forecast from its
-earlier checkpoints (harness.step_forecast), against the truth. Self-contained: one figure function
+earlier checkpoints (harness.study.step_forecast), against the truth. Self-contained: one figure function
 and one section function, called from the forecast section."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness import step_forecast
+from harness.study import step_forecast
 from harness.errors import HarnessError
 from harness.report.render import FigureSpec, Report, Table
 
@@ -79,6 +79,6 @@ def add_stop_early_section(rep: Report, frame: pd.DataFrame, findings: list[list
                             [[r["label"], ", ".join(f"{s:,}" for s in r["fit_steps"]), f"{r['predicted']:.3g}",
                               f"[{r['lo']:.3g}, {r['hi']:.3g}]", f"{r['actual']:.3g}", f"{r['error_pct']:+.1f}%",
                               "yes" if r["covered"] else "no", f"{r['alone']['predicted']:.3g}"] for r in judged],
-                            "Joint fit: one exponent shared by all runs (harness/step_forecast.py); 'run alone': "
+                            "Joint fit: one exponent shared by all runs (harness/study/step_forecast.py); 'run alone': "
                             "the run's own curve without the others, for comparison."))
     return res

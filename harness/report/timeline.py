@@ -3,19 +3,19 @@
 Measured: a run's attempts, each from its first train.jsonl line's time less its wall_s (the attempt's clock
 starts with its process) to its last line, and the evaluations to the last eval.jsonl line; gaps are queueing or
 a kill. Planned (when the sweep's spec.yaml asks for GPUs): `harness plan`'s simulated queue
-(`harness.schedule`), drawn from the same origin. Bars are labelled with the run's GPUs.
+(`harness.cost.schedule`), drawn from the same origin. Bars are labelled with the run's GPUs.
 """
 from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness import layout
+from harness.config import layout
 from harness.errors import HarnessError
-from harness.plan import plan_sweep
+from harness.cost.plan import plan_sweep
 from harness.report.training import runs_by_gflops
 from harness.report.render import FigureSpec, Report
-from harness.spec import load_spec
+from harness.config.spec import load_spec
 
 
 def attempts(log: pd.DataFrame) -> list[tuple[float, float]]:
@@ -93,7 +93,7 @@ def timeline_section(res, rep: Report) -> None:
     fig = timeline_figure(res, planned)
     if fig is None:
         return
-    plan_note = (" Hollow dashed bars: the plan's schedule (`harness plan`, harness.schedule) from the same origin, "
+    plan_note = (" Hollow dashed bars: the plan's schedule (`harness plan`, harness.cost.schedule) from the same origin, "
                  "labelled with each run's GPUs." if planned else " No planned schedule: the sweep asks for no GPUs.")
     rep.figures.append(FigureSpec(
         "timeline", "When each run ran",

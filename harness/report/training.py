@@ -3,20 +3,18 @@ generated image grids, and what the study cost (from train.jsonl and eval.jsonl)
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 
-from harness import layout
+from harness.config import layout
 from harness.errors import HarnessError
 from harness.report import curves as C
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table
-from harness.runtime import train_tflops
-
-if TYPE_CHECKING:
-    from harness.report.sweep import SweepView
+from harness.report.view import SweepView
+from harness.training.runtime import train_tflops
+from harness.data.datasets import open_dataset
+from harness.sampling.sample import make_grid
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +25,7 @@ def runs_by_gflops(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=lambda r: (float(r.get("gflops") or 0), r.get("run_id", "")))
 
 
-def loss_section(v: "SweepView", rep: Report) -> None:
+def loss_section(v: SweepView, rep: Report) -> None:
     if not any(("loss" in g and g["loss"].notna().any()) for g in v.res.train_logs.values()):
         return
     rep.figures.append(FigureSpec(
@@ -37,7 +35,7 @@ def loss_section(v: "SweepView", rep: Report) -> None:
         "interval is logged, not its spread.", C.loss_curves(v.res.train_logs, v.res.runs), section="training"))
 
 
-def metric_curves_section(v: "SweepView", rep: Report) -> None:
+def metric_curves_section(v: SweepView, rep: Report) -> None:
     if v.main.empty:
         return
     bars = F.uncertainty_caption(v.main)
@@ -52,10 +50,7 @@ def metric_curves_section(v: "SweepView", rep: Report) -> None:
 
 def real_grid(run: dict) -> np.ndarray | None:
     """REAL_GRID_SIZE training images of the run's dataset, laid out and enlarged as the trainer's sample
-    grids are (harness.sample.save_grid); classes in turn for the digits. None when the data is not here."""
-    from harness.data import open_dataset
-    from harness.sample import make_grid
-
+    grids are (harness.sampling.sample.save_grid); classes in turn for the digits. None when the data is not here."""
     data = run.get("data") or {}
     try:
         ds = open_dataset(data.get("path") or data.get("dataset") or "", int(data.get("image_size") or 8),
@@ -75,7 +70,7 @@ def real_grid(run: dict) -> np.ndarray | None:
     return make_grid(images.repeat(scale, axis=1).repeat(scale, axis=2))
 
 
-def samples_section(v: "SweepView", rep: Report) -> None:
+def samples_section(v: SweepView, rep: Report) -> None:
     """The newest sample grid of each run, beside a grid of real training images."""
     grids: list = []
     for run in runs_by_gflops(v.res.runs):
@@ -111,7 +106,7 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def cost_rows(v: "SweepView") -> list[dict]:
+def cost_rows(v: SweepView) -> list[dict]:
     """Per run: devices, training and evaluation wall time (s), device-hours, images/s and MFU."""
     out = []
     for run in runs_by_gflops(v.res.runs):
@@ -130,7 +125,7 @@ def cost_rows(v: "SweepView") -> list[dict]:
     return out
 
 
-def cost_section(v: "SweepView", rep: Report) -> None:
+def cost_section(v: SweepView, rep: Report) -> None:
     rows = cost_rows(v)
     if not rows:
         return

@@ -1,0 +1,1 @@
+"""Sampling: the samplers (ours and diffusers') and batched sampling from a model or a checkpoint."""

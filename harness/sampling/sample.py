@@ -1,0 +1,220 @@
+"""Sampling from a trained DiT: batched, any sampler of harness.sampling.samplers, classifier-free guidance, decoded
+to uint8 images, written as an image grid (PNG) and an ADM-layout .npz (arr_0: N x H x W x 3 uint8, arr_1:
+labels int64).
+
+Determinism: for a given seed, each sample's starting noise comes from its own generator (seeded by
+seed and the sample's global index), so DDIM (eta = 0) gives the same image for sample i whatever the
+batch size. DDPM also draws noise at every step, from a generator seeded by the global index of the
+batch's first sample, so it is reproducible for a (seed, batch_size). A slice of a larger set (one
+rank's share, `first_index` = global index of its first label) gives the images the whole set would.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError
+from harness.io import atomic_write
+from harness.sampling.samplers import SAMPLERS, guidance_on, sample_loop
+from harness.config.spec import expand_path
+from harness.data.autoencoder import load_autoencoder, latent_shape
+from harness.data.datasets import to_uint8, dataset_channels
+from harness.models.checkpoint import load_checkpoint
+from harness.models.diffusion import guided_model_fn
+from harness.models.dit import build_model
+
+log = logging.getLogger(__name__)
+
+_AUTOENCODERS: dict[tuple[str, str | None], Any] = {}  # loaded once per process
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """(n,) long: 0, 1, ..., K-1, 0, 1, ... so every class appears n // K or n // K + 1 times."""
+    return torch.arange(n, dtype=torch.long) % num_classes
+
+
+def random_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """(n,) long labels drawn uniformly from the classes with a seeded generator."""
+    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _data_field(run: Any, key: str, default: Any = None) -> Any:
+    data = run.get("data", {}) if isinstance(run, dict) else getattr(run, "data", None)
+    if data is None:
+        return default
+    return data.get(key, default) if isinstance(data, dict) else getattr(data, key, default)
+
+
+def autoencoder_for(run: Any) -> Any:
+    """The run's autoencoder (data.autoencoder, data.autoencoder_path), loaded once per process."""
+    key = (_data_field(run, "autoencoder", "identity"),
+           expand_path(_data_field(run, "autoencoder_path"), "data.autoencoder_path"))
+    if key not in _AUTOENCODERS:
+        _AUTOENCODERS[key] = load_autoencoder(*key)
+    return _AUTOENCODERS[key]
+
+
+def _channels_arg(guidance_channels: int | str | None) -> int | None:
+    if guidance_channels in (None, "all"):
+        return None
+    try:
+        return int(guidance_channels)
+    except (TypeError, ValueError):
+        raise HarnessError(f"guidance_channels={guidance_channels!r} (key eval.guidance_channels or "
+                           "--guidance-channels): use 3 (the paper's choice) or 'all'.") from None
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"sample:{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.ndarray, sampling_steps: int = 250,
+                  sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | str | None = 3,
+                  seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
+                  autoencoder: Any = None, progress: bool = False, first_index: int = 0) -> np.ndarray:
+    """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
+
+    model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
+    shape; label `model.num_classes` is the null class). run: the run (RunSpec or run.json dict) naming data.autoencoder, unless
+    `autoencoder` is given. labels[j] is sample first_index + j of the set (its noise seeds).
+    Guidance runs the conditional and null halves in one batch when
+    cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
+    """
+    if sampler not in SAMPLERS:
+        raise HarnessError(f"sampler {sampler!r} (key eval.sampler or --sampler): use one of {', '.join(SAMPLERS)}.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ae = autoencoder if autoencoder is not None else autoencoder_for(run)
+    ae.to(device)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    num_classes = int(model.num_classes)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise HarnessError(f"labels must lie in 0..{num_classes - 1} for this model.")
+    shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
+    learn_sigma = int(model.out_channels) == 2 * shape[0]
+    guided = guidance_on(cfg_scale)
+    channels = _channels_arg(guidance_channels)
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, t, y)
+
+    model_fn = guided_model_fn(net, float(cfg_scale), channels) if guided else net
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(labels), batch_size):
+                y = labels[start : start + batch_size].to(device)
+                first = first_index + start
+                noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
+                                     for i in range(first, first + len(y))]).to(device)
+                gen = torch.Generator().manual_seed(_sample_seed(seed, -1 - first))
+                if guided:
+                    noise = torch.cat([noise, noise])
+                    y = torch.cat([y, torch.full_like(y, num_classes)])
+                z = sample_loop(sampler, model_fn, noise, sampling_steps, {"y": y}, learn_sigma, gen, progress)
+                if guided:
+                    z = z[: len(z) // 2]
+                images = ae.decode(z)
+                if images.shape[1] == 1:
+                    images = images.expand(-1, 3, -1, -1)
+                out.append(to_uint8(images))
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros((0, shape[1] * ae.downsample, shape[2] * ae.downsample, 3), dtype=np.uint8)
+    return np.concatenate(out)
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one uint8 image with the samples in rows of `nrow` (default ~sqrt N)."""
+    n, h, w, c = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = im
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
+    """Write a PNG grid of uint8 (N, H, W, 3) images atomically. Small images (< 64 px) are
+    enlarged (nearest) so an 8x8 digit is visible."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+        raise ValueError(f"save_grid wants a non-empty uint8 (N, H, W, C) array, got {images.dtype} {images.shape}")
+    scale = scale or max(1, 64 // images.shape[1])
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    img = Image.fromarray(make_grid(images, nrow))
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_npz(images: np.ndarray, labels: Any, path: str | Path) -> Path:
+    """ADM layout, atomically: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,) labels."""
+    images = np.asarray(images)
+    labels = np.asarray(labels, dtype=np.int64)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(labels) != len(images):
+        raise ValueError(f"ADM npz wants uint8 (N, H, W, 3) and N labels, got {images.dtype} {images.shape}, "
+                         f"{labels.shape} labels")
+    return atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+
+
+def load_model_from_checkpoint(path: str | Path, use_ema: bool = True,
+                               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
+    """(model with the EMA (or raw) weights in eval mode, the run dict, the checkpoint) of a
+    training checkpoint {model, ema, step, run, ...}."""
+    path = Path(path)
+    if not path.exists():
+        raise HarnessError(f"{path}: no such checkpoint (--checkpoint); checkpoints live in "
+                           "results/<sweep>/runs/<run_id>/checkpoints/step_XXXXXXX.pt.")
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except ValueError as err:
+        raise HarnessError(f"{err} (--checkpoint); pick another checkpoint of the run.") from err
+    run = ckpt.get("run")
+    if not isinstance(run, dict) or "model" not in run:
+        raise HarnessError(f"{path}: the checkpoint has no 'run' dict (run.json), so the model cannot be rebuilt.")
+    weights = ckpt.get("ema") if use_ema else ckpt["model"]
+    if weights is None:
+        raise HarnessError(f"{path}: the checkpoint has no EMA weights; pass --no-ema to use the raw weights.")
+    ae = autoencoder_for(run)
+    dataset = _data_field(run, "dataset", "digits")
+    c, h, _ = latent_shape(ae, int(_data_field(run, "image_size")), dataset_channels(dataset))
+    train = run.get("train", {})
+    model = build_model(run["model"], run.get("conditioning", "adaLN-Zero"), input_size=h, in_channels=c,
+                        num_classes=int(_data_field(run, "num_classes")),
+                        class_dropout_prob=float(train.get("class_dropout", 0.1)))
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    model.load_state_dict(weights)
+    return model.to(device).eval(), run, ckpt
+
+
+def cli_sample(args) -> int:
+    """`harness sample`: a grid PNG and an ADM npz from a checkpoint (EMA weights by default)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, run, ckpt = load_model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
+    k = model.num_classes
+    if args.num_samples < 1:
+        raise HarnessError(f"--num-samples must be at least 1, got {args.num_samples}.")
+    labels = (balanced_labels(args.num_samples, k) if args.labels == "balanced"
+              else random_labels(args.num_samples, k, args.seed))
+    images = sample_images(model, run, labels, sampling_steps=args.steps, sampler=args.sampler,
+                           cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, seed=args.seed,
+                           device=device, batch_size=args.batch_size, progress=True)
+    out = Path(args.out)
+    grid = save_grid(images[:256], out / "grid.png")
+    npz = save_npz(images, labels, out / "samples.npz")
+    print(f"{npz}: {images.shape[0]} samples {images.shape[1]}x{images.shape[2]} (step {ckpt.get('step')}, "
+          f"{'raw' if args.no_ema else 'EMA'} weights, {args.sampler} {args.steps} steps, cfg {args.cfg_scale:g})\n"
+          f"{grid}: grid of the first {min(len(images), 256)}")
+    return 0

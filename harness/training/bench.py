@@ -1,0 +1,374 @@
+"""`harness bench`: training and sampling throughput of DiTs on the present device.
+
+Training: full steps of the trainer's own step (`harness.training.step.TrainStep`: the diffusion loss with
+the learned-variance term in micro-batches, backward, AdamW, EMA) on random latents, with the
+trainer's defaults: `micro_batch` and `compile` both `auto` unless given. `batch` is the batch of
+ONE device (the paper's global 256 on one GPU; 256 / N per GPU with N GPUs). Sampling: one
+denoising step is one forward pass at the batch (no classifier-free guidance; CFG doubles the
+batch), so "sampling images/s" = forward passes/s x batch for ONE step; divide by the number of
+sampling steps (e.g. 250) for finished images/s.
+
+Achieved TFLOP/s = Gflops x 2 x 3 x images/s / 1000, where Gflops is the paper's (fvcore) count of
+forward multiply-adds per image, x 2 flops per multiply-add, x 3 for forward + backward. Model-flops
+utilisation (MFU) divides that by the device's dense peak for the precision, when known.
+
+`--suite` benches a list of models (default: the paper's 12) in each configuration worth trying
+(on CUDA: the defaults, and gradient checkpointing with the whole batch in one pass) and writes
+JSON plus a markdown table with the best configuration per model; `harness plan
+--throughput-from FILE.json` reads that JSON.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from harness.training.runtime import Dist, peak_mem_mb, peak_tflops, train_tflops
+from harness.config.registry import VARIANTS
+from harness.data.autoencoder import SD_VAE_CONFIG, VAEAutoencoder, load_autoencoder, IdentityAutoencoder
+from harness.io import atomic_write_json, atomic_write_text
+from harness.models.diffusion import create_diffusion
+from harness.models.dit import build_model
+from harness.models.flops import model_gflops
+from harness.sampling.sample import balanced_labels, sample_images
+from harness.training.microbatch import cache_key, resolve_micro_batch
+from harness.training.step import Batch, TrainStep, resolve_compile, autocast
+
+log = logging.getLogger(__name__)
+
+CONVENTION = ("TFLOP/s = Gflops (fvcore forward multiply-adds per image) x 2 flops/multiply-add "
+              "x 3 (forward+backward) x images/s")
+
+
+@dataclass
+class BenchResult:
+    model: str
+    conditioning: str
+    device: str
+    torch_version: str
+    precision: str
+    compile: bool
+    micro_batch: int
+    grad_checkpointing: bool
+    batch: int
+    input_size: int
+    in_channels: int
+    threads: int
+    gflops: float
+    params: int
+    train_steps_per_s: float
+    train_images_per_s: float
+    sample_forward_per_s: float
+    sample_images_per_s_one_step: float
+    achieved_tflops: float
+    mfu: float | None
+    peak_mem_mb: float
+    compile_s: float | None
+    attention_kernel: str
+    error: str | None = None
+    convention: str = CONVENTION
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _attention_kernel(fn: Any, device: torch.device) -> str:
+    """The attention kernels one call of `fn` launched on CUDA (from the profiler), e.g. 'flash'."""
+    if device.type != "cuda":
+        return "cpu"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    names = {e.key.lower() for e in prof.key_averages()}
+    found = [label for label, frag in (("flash", "flash"), ("cudnn", "cudnn"), ("mem-efficient", "fmha"),
+                                       ("mem-efficient", "efficient_attention"), ("math", "bmm"))
+             if any(frag in n for n in names)]
+    return ",".join(dict.fromkeys(found)) or "unknown"
+
+
+def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, steps: int = 10, warmup: int = 2,
+          precision: str = "fp32", compile: bool | str = "auto", micro_batch: int | str = "auto",
+          grad_checkpointing: bool = False, input_size: int = 32, in_channels: int = 4,
+          num_classes: int = 1000, device: torch.device | None = None) -> BenchResult:
+    """Time `steps` training steps and `steps` sampling forwards after `warmup` of each."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
+    compiled = resolve_compile(compile, device, where="--compile")
+    gflops, params = model_gflops(model_name, conditioning, input_size, in_channels, num_classes)
+    torch.manual_seed(0)
+    model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
+                        num_classes=num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    model.grad_checkpointing = grad_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    diffusion = create_diffusion(None)
+    step = TrainStep(model, ema, opt, diffusion, Dist(device=device), precision=precision, micro_batch=batch,
+                     compile=compiled, ema_decay=0.9999)
+    shape = (in_channels, input_size, input_size)
+    key = cache_key(model_name, conditioning, shape, num_classes, device, precision, compiled, batch)
+    step.micro_batch = resolve_micro_batch(micro_batch, step, batch, key, shape, num_classes, "--micro-batch")
+    g = torch.Generator(device=device).manual_seed(0)
+    data = Batch(torch.randn(batch, *shape, generator=g, device=device),
+                 torch.randint(0, num_classes, (batch,), generator=g, device=device),
+                 torch.randint(0, diffusion.num_timesteps, (batch,), generator=g, device=device),
+                 torch.randn(batch, *shape, generator=g, device=device),
+                 torch.rand(batch, generator=g, device=device) < 0.1)
+
+    model.train()
+    for _ in range(warmup):
+        step(data, 1e-4)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(data, 1e-4)
+    _sync(device)
+    train_sps = steps / (time.perf_counter() - t0)
+    log.info("%s: training %.1f images/s (%.3f steps/s), micro-batch %d, %s, compile %.0f s, peak %.0f MB",
+             model_name, train_sps * batch, train_sps, step.micro_batch,
+             "compiled" if step.compiled else "eager", step.compile_s or 0.0, peak_mem_mb(device))
+
+    model.eval()
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    fwd = torch.compile(model) if step.compiled else model
+    with torch.no_grad(), autocast(device, precision):
+        for _ in range(warmup):
+            fwd(data.x0, t, data.y)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fwd(data.x0, t, data.y)
+        _sync(device)
+        fwd_ps = steps / (time.perf_counter() - t0)
+        kernel = _attention_kernel(lambda: model(data.x0, t, data.y), device)
+
+    images = train_sps * batch
+    tflops = train_tflops(gflops, images)
+    peak = peak_tflops(device, precision)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return BenchResult(model_name, conditioning, name, torch.__version__, precision, step.compiled, step.micro_batch,
+                       grad_checkpointing, batch, input_size, in_channels, torch.get_num_threads(), gflops, params,
+                       train_sps, images, fwd_ps, fwd_ps * batch, tflops, (tflops / peak) if peak else None,
+                       peak_mem_mb(device), step.compile_s, kernel)
+
+
+# ----------------------------------------------------------------------------- the suite
+def suite_configs(device: torch.device) -> list[dict]:
+    """Configurations worth trying per model: the trainer's defaults; on CUDA also recomputation
+    with the whole batch in one pass (fits where activations would not)."""
+    configs = [{"micro_batch": "auto", "grad_checkpointing": False}]
+    if device.type == "cuda":
+        configs.append({"micro_batch": None, "grad_checkpointing": True})
+    return configs
+
+
+def bench_suite(models: list[str], batch: int, **kw: Any) -> list[BenchResult]:
+    """Every model in every configuration of `suite_configs`; a configuration that fails (out of
+    memory, nothing fits) is kept as a result with its error and zero throughput."""
+    device = kw.get("device") or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for name in models:
+        for cfg in suite_configs(device):
+            micro = batch if cfg["micro_batch"] is None else cfg["micro_batch"]
+            try:
+                r = bench(name, batch=batch, micro_batch=micro, grad_checkpointing=cfg["grad_checkpointing"], **kw)
+            except (HarnessError, torch.OutOfMemoryError) as err:
+                msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                log.warning("%s %s: %s", name, cfg, msg)
+                r = _failed(name, batch, cfg, msg, kw)
+            log.info("%s: %.1f images/s (%s)", name, r.train_images_per_s, cfg)
+            out.append(r)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def _failed(name: str, batch: int, cfg: dict, msg: str, kw: dict) -> BenchResult:
+    return BenchResult(name, kw.get("conditioning", "adaLN-Zero"), "?", torch.__version__,
+                       kw.get("precision", "fp32"), False, 0, cfg["grad_checkpointing"], batch,
+                       kw.get("input_size", 32), kw.get("in_channels", 4), torch.get_num_threads(), 0.0, 0,
+                       0.0, 0.0, 0.0, 0.0, 0.0, None, 0.0, None, "", error=msg)
+
+
+def best_per_model(results: list[BenchResult]) -> dict[str, BenchResult]:
+    best: dict[str, BenchResult] = {}
+    for r in results:
+        if r.error is None and (r.model not in best or r.train_images_per_s > best[r.model].train_images_per_s):
+            best[r.model] = r
+    return best
+
+
+def suite_markdown(results: list[BenchResult]) -> str:
+    """One row per configuration, the best per model in bold."""
+    best = best_per_model(results)
+    first = next((r for r in results if r.error is None), results[0])
+    lines = [f"Device: {first.device}, torch {first.torch_version}, {first.precision}, batch {first.batch} per "
+             f"device, {first.in_channels}x{first.input_size}x{first.input_size} inputs. {CONVENTION}.", "",
+             "| model | config | images/s | steps/s | MFU | TFLOP/s | peak memory | attention |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cfg = (f"{'compiled' if r.compile else 'eager'}, micro-batch {r.micro_batch}"
+               f"{', grad checkpointing' if r.grad_checkpointing else ''}")
+        if r.error:
+            lines.append(f"| {r.model} | {cfg} | failed: {r.error} | | | | | |")
+            continue
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        cells = [r.model, cfg, f"{r.train_images_per_s:,.1f}", f"{r.train_steps_per_s:.3f}", mfu,
+                 f"{r.achieved_tflops:.3g}", f"{r.peak_mem_mb / 1024:.1f} GB", r.attention_kernel]
+        if best.get(r.model) is r:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_throughput(path: str | Path) -> dict[str, tuple[float, float]]:
+    """{model: (training images/s, sampling images/s for one denoising step)} per device, from the best
+    configuration of each model in a `harness bench --suite` JSON (or one `harness bench --out` result).
+    HarnessError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        rows = data["results"] if isinstance(data, dict) and "results" in data else [data]
+        results = [BenchResult(**{k: v for k, v in r.items() if k in BenchResult.__dataclass_fields__})
+                   for r in rows]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise HarnessError(f"{path}: not a `harness bench` JSON ({err}). Fix: write one with "
+                           "`harness bench --suite MODELS --out FILE.json`") from err
+    return {m: (r.train_images_per_s, r.sample_images_per_s_one_step) for m, r in best_per_model(results).items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+def format_table(r: BenchResult) -> str:
+    mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a (peak unknown for this device)"
+    lines = [
+        f"model               {r.model} ({r.conditioning}), {r.params / 1e6:.1f}M params, {r.gflops:.3f} Gflops",
+        f"input               batch {r.batch} (micro-batches of {r.micro_batch}) x "
+        f"{r.in_channels}x{r.input_size}x{r.input_size}",
+        f"device              {r.device} ({r.threads} CPU threads), torch {r.torch_version}, {r.precision}"
+        f"{', torch.compile' if r.compile else ', eager'}{', grad checkpointing' if r.grad_checkpointing else ''}",
+        f"training            {r.train_steps_per_s:.3f} steps/s, {r.train_images_per_s:.2f} images/s",
+        f"sampling            {r.sample_forward_per_s:.3f} forward passes/s = "
+        f"{r.sample_images_per_s_one_step:.2f} images/s for ONE denoising step (no CFG)",
+        f"achieved            {r.achieved_tflops:.4f} TFLOP/s   [{r.convention}]",
+        f"MFU                 {mfu}",
+        f"peak memory         {r.peak_mem_mb:.0f} MB",
+        f"attention kernel    {r.attention_kernel}",
+    ]
+    if r.compile_s is not None:
+        lines.append(f"compile time        {r.compile_s:.1f} s (first step)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- latent stage and sampling
+def _sd_vae(path: str | None) -> Any:
+    """The SD VAE from `path`, else its architecture with random weights (same speed)."""
+    if path:
+        return load_autoencoder("sd-vae-ft-ema", path)
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return VAEAutoencoder("sd-vae-ft-ema", AutoencoderKL(**SD_VAE_CONFIG))
+
+
+def bench_latents(image_size: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1,
+                  autoencoder_path: str | None = None, device: torch.device | None = None) -> dict:
+    """VAE encodes/s as the latent stage runs them (posterior sample; bf16 autocast on a GPU) on
+    random (batch, 3, image_size, image_size) images. Image decoding and cropping (the loader
+    workers' job) are not included."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ae = _sd_vae(autoencoder_path).to(device)
+    x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for _ in range(warmup):
+            ae.encode(x, gen)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ae.encode(x, gen)
+        _sync(device)
+    wall = time.perf_counter() - t0
+    return {"stage": "latents", "device": _device_name(device), "image_size": image_size, "batch": batch,
+            "precision": "bf16" if device.type == "cuda" else "fp32", "encodes_per_s": steps * batch / wall}
+
+
+def bench_sampling(model_name: str, conditioning: str = "adaLN-Zero", sampling_steps: int = 4, batch: int = 8,
+                   input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                   autoencoder_path: str | None = None, device: torch.device | None = None) -> dict:
+    """Finished images/s of harness.sampling.sample.sample_images (DDPM, no guidance, VAE decode included when
+    in_channels is 4) with `sampling_steps` steps, after one warm-up batch; images/s per denoising
+    step = that x sampling_steps (what `harness plan --sampling-throughput` takes)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
+                        num_classes=num_classes).to(device)
+    ae = _sd_vae(autoencoder_path) if in_channels == 4 else IdentityAutoencoder()
+    labels = balanced_labels(batch, num_classes)
+    kw = dict(sampler="ddpm", cfg_scale=1.0, device=device, batch_size=batch, autoencoder=ae)
+    sample_images(model, None, labels, sampling_steps=2, **kw)  # warm-up (1 step would respace to log(0))
+    _sync(device)
+    t0 = time.perf_counter()
+    sample_images(model, None, labels, sampling_steps=sampling_steps, **kw)
+    _sync(device)
+    images_per_s = batch / (time.perf_counter() - t0)
+    return {"stage": "sampling", "device": _device_name(device), "model": model_name, "batch": batch,
+            "sampling_steps": sampling_steps, "decode": ae.name, "precision": "fp32",
+            "images_per_s": images_per_s, "images_per_s_per_step": images_per_s * sampling_steps}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_stage(r: dict) -> str:
+    if r["stage"] == "latents":
+        return (f"latent stage        {r['encodes_per_s']:.2f} VAE encodes/s ({r['image_size']}px, batch {r['batch']}, "
+                f"{r['precision']}, {r['device']}); the stage encodes each image and its flip")
+    return (f"sampling (e2e)      {r['images_per_s']:.3f} finished images/s at {r['sampling_steps']} DDPM steps = "
+            f"{r['images_per_s_per_step']:.2f} images/s per denoising step (batch {r['batch']}, decode "
+            f"{r['decode']}, {r['precision']}, {r['device']})")
+
+
+def cli_bench(args: Any) -> int:
+    compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
+    kw = dict(steps=args.steps, warmup=args.warmup, precision=args.precision, compile=compile_,
+              input_size=args.input_size, in_channels=args.in_channels, conditioning=args.conditioning)
+    if args.suite is not None:
+        models = list(VARIANTS) if args.suite in ("", "paper") else [m.strip() for m in args.suite.split(",")]
+        results = bench_suite(models, args.batch, **kw)
+        table = suite_markdown(results)
+        if args.out:
+            out = Path(args.out)
+            atomic_write_json(out, {"results": [asdict(r) for r in results]})
+            atomic_write_text(out.with_suffix(".md"), table + "\n")
+        print(json.dumps([asdict(r) for r in results], indent=2) if args.format == "json" else table)
+        return 0 if best_per_model(results) else 1
+    if not args.model:
+        raise HarnessError("harness bench: give --model NAME, or --suite [paper | M1,M2,...]")
+    r = bench(args.model, batch=args.batch, micro_batch=args.micro_batch,
+              grad_checkpointing=args.grad_checkpointing, **kw)
+    stages = []
+    if getattr(args, "latents", False):
+        stages.append(bench_latents(args.input_size * 8, args.batch, args.steps, autoencoder_path=args.autoencoder_path))
+    if getattr(args, "sampling_steps", None):
+        stages.append(bench_sampling(args.model, args.conditioning, args.sampling_steps, args.batch, args.input_size,
+                                     args.in_channels, autoencoder_path=args.autoencoder_path))
+    record = {**asdict(r), "stages": stages}
+    if args.out:
+        atomic_write_json(Path(args.out), record)
+    print(json.dumps(record, indent=2) if args.format == "json" else "\n".join([format_table(r), *map(format_stage, stages)]))
+    return 0

@@ -1,0 +1,176 @@
+"""`train.micro_batch: auto`: the largest micro-batch that fits this device, found by trying it.
+
+Candidates are the divisors of the per-rank batch, largest first. On CUDA each candidate gets a
+real forward and backward with the optimizer's state already counted (AdamW's two moments are
+allocated as a placeholder if the optimizer has none yet); a candidate fits if it neither runs out
+of memory nor peaks above `1 - HEADROOM` of the device's memory. On the CPU a real forward and
+backward at the smallest candidate measures the activation bytes saved for backward, which grow
+linearly with the micro-batch, and the largest candidate whose estimate fits half the available
+RAM wins. `HARNESS_MEMORY_BUDGET_MB` overrides the budget (CPU or GPU), for tests and shared nodes.
+
+The probe runs eagerly (compiled steps use less memory than eager ones, so the answer is safe for
+them), draws its inputs from its own generator, leaves no gradient behind and does not touch the
+training RNG streams. Answers are cached per (model, block, shapes, device, precision, compile,
+per-rank batch) in $HARNESS_CACHE/micro_batch.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+from harness.io import atomic_write_json, cache_dir, file_lock
+from harness.training.runtime import all_reduce
+from harness.training.step import Batch, TrainStep, check_micro_batch
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 0.08  # fraction of GPU memory kept free for the allocator's fragmentation and NCCL
+BUDGET_ENV = "HARNESS_MEMORY_BUDGET_MB"
+
+
+def divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "micro_batch.json"
+
+
+def cache_key(model: str, conditioning: str, shape: tuple[int, int, int], num_classes: int,
+              device: torch.device, precision: str, compile: bool, per_rank: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    budget = os.environ.get(BUDGET_ENV, "")
+    return "|".join(str(x) for x in (model, conditioning, "x".join(map(str, shape)), num_classes, name,
+                                     precision, "compiled" if compile else "eager", per_rank, budget))
+
+
+def _budget_bytes(device: torch.device) -> float:
+    if os.environ.get(BUDGET_ENV):
+        return float(os.environ[BUDGET_ENV]) * 2**20
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory * (1 - HEADROOM)
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) * 1024 * 0.5
+    except (OSError, KeyError, ValueError):
+        return 8 * 2**30
+
+
+def _probe_batch(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int) -> Batch:
+    g = torch.Generator(device=step.device).manual_seed(0)
+    C, H, W = shape
+    dev = step.device
+    return Batch(torch.randn(m, C, H, W, generator=g, device=dev), torch.randint(0, num_classes, (m,), generator=g, device=dev),
+                 torch.randint(0, step.diffusion.num_timesteps, (m,), generator=g, device=dev),
+                 torch.randn(m, C, H, W, generator=g, device=dev), torch.zeros(m, dtype=torch.bool, device=dev))
+
+
+def _state_bytes(step: TrainStep) -> int:
+    """Bytes the training state holds beyond the probe: AdamW's moments when not yet allocated."""
+    if step.opt.state:
+        return 0
+    return 2 * sum(p.numel() * p.element_size() for p in step.model.parameters() if p.requires_grad)
+
+
+def _fits_cuda(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int, budget: float) -> bool:
+    dev = step.device
+    placeholder = torch.empty(_state_bytes(step), dtype=torch.uint8, device=dev)
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        step.forward_backward(_probe_batch(step, m, shape, num_classes), m)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        log.info("micro-batch %d: peak %.1f GB of a %.1f GB budget", m, peak / 2**30, budget / 2**30)
+        return peak <= budget
+    except torch.OutOfMemoryError:
+        log.info("micro-batch %d: out of memory", m)
+        return False
+    finally:
+        step.opt.zero_grad(set_to_none=True)
+        del placeholder
+        torch.cuda.empty_cache()
+
+
+def _activation_bytes(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward at micro-batch m (+ backward)."""
+    saved = [0]
+    # weights (and views of them, such as a transposed weight a linear layer saves) are not activations
+    seen: set[int] = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            saved[0] += t.untyped_storage().nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step.forward_backward(_probe_batch(step, m, shape, num_classes), m)
+    finally:
+        step.opt.zero_grad(set_to_none=True)
+    return saved[0]
+
+
+def find_micro_batch(step: TrainStep, per_rank: int, shape: tuple[int, int, int], num_classes: int) -> int:
+    """The largest divisor of `per_rank` whose forward and backward fit this device (see module doc).
+    HarnessError naming the smallest size tried if none fits."""
+    budget = _budget_bytes(step.device)
+    candidates = divisors_desc(per_rank)
+    # probe eagerly (see the module doc) and without DDP: a probe must not all-reduce gradients
+    saved = step.compiled, step.ddp
+    step.compiled, step.ddp = False, None
+    step._set_functions()
+    try:
+        with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []):
+            if step.device.type == "cuda":
+                chosen = next((m for m in candidates if _fits_cuda(step, m, shape, num_classes, budget)), None)
+            else:
+                smallest = candidates[-1]
+                per_sample = _activation_bytes(step, smallest, shape, num_classes) / smallest
+                fixed = 4 * sum(p.numel() * p.element_size() for p in step.model.parameters())  # w, grad, 2 moments
+                chosen = next((m for m in candidates if fixed + per_sample * m <= budget), None)
+                log.info("micro-batch probe on the CPU: %.2f MB of activations per sample, %.0f MB budget",
+                         per_sample / 2**20, budget / 2**20)
+    finally:
+        step.compiled, step.ddp = saved
+        step._set_functions()
+    if chosen is None:
+        raise HarnessError(f"train.micro_batch: auto found no micro-batch that fits this device's memory "
+                           f"({budget / 2**30:.2f} GB budget); the smallest tried was {candidates[-1]}. Fix: "
+                           "set train.grad_checkpointing: true, use train.precision: bf16, or more GPUs")
+    return chosen
+
+
+def resolve_micro_batch(setting: int | str, step: TrainStep, per_rank: int, key: str,
+                        shape: tuple[int, int, int], num_classes: int, where: str = "train.micro_batch") -> int:
+    """The micro-batch for `setting` (an int, or 'auto': cached, else probed). With several ranks
+    each probes its own device and all take the smallest answer."""
+    if setting != "auto":
+        check_micro_batch(int(setting), per_rank, where)
+        return int(setting)
+    m = _auto_micro_batch(step, per_rank, key, shape, num_classes)
+    if step.dist.world > 1:
+        m = int(all_reduce(torch.tensor(m, device=step.device), step.dist, "min").item())
+    return m
+
+
+def _auto_micro_batch(step: TrainStep, per_rank: int, key: str, shape: tuple[int, int, int],
+                      num_classes: int) -> int:
+    path = _cache_file()
+    with file_lock(path.with_suffix(".lock")):
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if key in cached:
+            log.info("micro-batch %d (auto, cached for %s)", cached[key], key)
+            return int(cached[key])
+        m = find_micro_batch(step, per_rank, shape, num_classes)
+        cached[key] = m
+        atomic_write_json(path, cached)
+    log.info("micro-batch %d of a per-GPU batch of %d (auto: the largest that fits %s)", m, per_rank, key)
+    return m

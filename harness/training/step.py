@@ -1,0 +1,198 @@
+"""One optimizer step of the paper's recipe, shared by the trainer and `harness bench`.
+
+A step takes one rank's share of a global batch (B = global_batch / ranks) in B / m micro-batches
+of m. Each micro-batch's per-sample losses are summed and divided by B before backward, so the
+accumulated gradient is the gradient of the mean loss over the whole batch (equal to one pass over
+B up to floating-point rounding); under DDP the gradient all-reduce runs once, with the last
+micro-batch (`no_sync` on the others), and averages over ranks: the mean over the global batch.
+Then one AdamW step (fused on CUDA) and one EMA update (foreach). Nothing reads a loss on the
+host: the step returns its sums on the device, and the trainer reads them at log steps only.
+
+Compilation (`train.compile`): the model's forward (DDP-wrapped when distributed) and the loss
+terms are compiled separately with fixed shapes (m is fixed for a run, so there is one graph of
+each after warm-up). If compiling fails at the first step, the step says so in one line and runs
+eagerly from then on; the failed attempt leaves no gradient behind.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from harness.errors import HarnessError
+from harness.training.runtime import Dist, ema_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One rank's share of a global batch, on the device: x0 (B, C, H, W) clean latents, y (B,)
+    labels, t (B,) timesteps, noise (B, C, H, W), drop (B,) bool (label replaced by the null class)."""
+    x0: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def slice(self, lo: int, hi: int) -> "Batch":
+        return Batch(self.x0[lo:hi], self.y[lo:hi], self.t[lo:hi], self.noise[lo:hi], self.drop[lo:hi])
+
+
+# ----------------------------------------------------------------------------- settings
+def compile_support(device: torch.device) -> str | None:
+    """None if torch.compile can run here, else why not (one phrase)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python or platform"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "inductor's CPU backend needs a C++ compiler and none is on PATH"
+    return None
+
+
+def resolve_compile(setting: bool | str, device: torch.device, where: str = "train.compile") -> bool:
+    """`auto`: compile on CUDA (where it pays), not on the CPU. `true` where compiling is impossible
+    is a HarnessError naming the key."""
+    if setting == "auto":
+        return device.type == "cuda" and compile_support(device) is None
+    if setting is True:
+        why = compile_support(device)
+        if why:
+            raise HarnessError(f"{where}: true, but {why}. Fix: set {where}: auto (compiles on CUDA only) "
+                               "or false")
+    return bool(setting)
+
+
+def check_micro_batch(micro_batch: int, per_rank: int, where: str = "train.micro_batch") -> None:
+    if micro_batch < 1 or per_rank % micro_batch:
+        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        raise HarnessError(f"{where}: {micro_batch} does not divide the per-GPU batch of {per_rank}. "
+                           f"Fix: use one of {divisors[-6:]}, or auto")
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast for `precision: bf16`, else nothing (fp32 weights and optimizer either way)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+# ----------------------------------------------------------------------------- the step
+class TrainStep:
+    """`step(batch, lr) -> sums`: one optimizer step over `batch` in micro-batches of `micro_batch`.
+
+    `model` is the raw module (its parameters are the optimizer's), `ema` its EMA copy. Returns a
+    (3,) float64 device tensor: the sums over the batch of the per-sample loss, mse and vb.
+    """
+
+    def __init__(self, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                 diffusion: Any, dist: Dist, *, precision: str, micro_batch: int, compile: bool,
+                 ema_decay: float):
+        self.model, self.ema, self.opt, self.diffusion, self.dist = model, ema, opt, diffusion, dist
+        self.precision, self.micro_batch, self.ema_decay = precision, micro_batch, ema_decay
+        self.device = dist.device
+        self.ddp: torch.nn.Module | None = None
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.compiled = compile
+        self.compile_s: float | None = None
+        self._set_functions()
+        self._first = True
+
+    def _set_functions(self) -> None:
+        net = self.ddp if self.ddp is not None else self.model
+        self.forward: Callable[..., torch.Tensor] = torch.compile(net) if self.compiled else net
+        self.loss_terms: Callable[..., dict] = (torch.compile(self.diffusion.loss_terms) if self.compiled
+                                                else self.diffusion.loss_terms)
+
+    def forward_backward(self, b: Batch, total: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch, its losses scaled by 1/total; returns the (3,)
+        float64 sums of loss, mse and vb over the micro-batch (detached)."""
+        d = self.diffusion
+        with autocast(self.device, self.precision):
+            xt = d.q_sample(b.x0, b.t, b.noise)
+            raw = self.forward(xt, d._model_t(b.t), y=b.y, force_drop=b.drop)
+            terms = self.loss_terms(raw, b.x0, xt, b.t, b.noise)
+        (terms["loss"].sum() / total).backward()
+        with torch.no_grad():
+            return torch.stack([terms[k].detach().sum() for k in ("loss", "mse", "vb")]).double()
+
+    def accumulate(self, batch: Batch) -> torch.Tensor:
+        """Gradients of the mean loss over `batch`, accumulated micro-batch by micro-batch."""
+        n, m = len(batch), self.micro_batch
+        check_micro_batch(m, n)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i in range(n // m):
+            last = i == n // m - 1
+            sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                sums += self.forward_backward(batch.slice(i * m, (i + 1) * m), n)
+        return sums
+
+    def __call__(self, batch: Batch, lr: float) -> torch.Tensor:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self._first:
+            sums = self._first_accumulate(batch)
+        else:
+            sums = self.accumulate(batch)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, self.ema_decay)
+        return sums
+
+    def _first_accumulate(self, batch: Batch) -> torch.Tensor:
+        """The first step compiles (when asked): time it, and fall back to eager if it fails."""
+        self._first = False
+        t0 = time.perf_counter()
+        try:
+            sums = self.accumulate(batch)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any compiler failure: train eagerly instead
+            if not self.compiled:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__, first)
+            self.opt.zero_grad(set_to_none=True)
+            self.compiled = False
+            self._set_functions()
+            return self.accumulate(batch)
+        if self.compiled:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_s = time.perf_counter() - t0
+            log.info("compiled the model and the loss in %.1f s (first step, micro-batch %d)",
+                     self.compile_s, self.micro_batch)
+        return sums
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (a rise after warm-up is a recompile)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - counters are internal; absent means unknown
+        return 0
+
+
+def attention_backends(device: torch.device, precision: str) -> str:
+    """Which scaled-dot-product-attention kernels PyTorch may pick here, in its priority order."""
+    if device.type != "cuda":
+        return "math/cpu-fused (CPU)"
+    b = torch.backends.cuda
+    on = [name for name, enabled in (("cudnn", b.cudnn_sdp_enabled()), ("flash", b.flash_sdp_enabled()),
+                                     ("mem-efficient", b.mem_efficient_sdp_enabled()),
+                                     ("math", b.math_sdp_enabled())) if enabled]
+    note = "" if precision == "bf16" else " (flash needs bf16/fp16: fp32 uses mem-efficient or math)"
+    return ", ".join(on) + note
