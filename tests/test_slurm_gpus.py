@@ -11,8 +11,8 @@ from datetime import datetime
 
 import pytest
 
-from harness.layout import load_state, sweep_dir
-from harness.spec import load_spec
+from harness.config.layout import load_state, sweep_dir
+from harness.config.spec import load_spec
 from slurm_tools import need_slurm
 from test_sweep_e2e import ROOT, derived_spec, subprocess_env
 
