@@ -65,8 +65,9 @@ from harness.config import limits as L
 from harness.errors import HarnessError
 from harness.io import path_digest
 from harness.config.layout import RUN_JSON_PLAN_KEYS
+from harness.config.spec_checks import check_sweep, split_shape_error
 from harness.config.specfile import Where, apply_overrides, check_keys, check_value, read_yaml, section, typename
-from harness.config.registry import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
+from harness.config.registry import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, resolve_shape
 from harness.config.vocab import FEATURE_SPACES, METRICS, SAMPLERS
 
 DATASETS = ("digits", "imagefolder")
@@ -354,83 +355,9 @@ def _models(raw: Any, where: Where) -> list[str]:
                 fix = f"did you mean '{close[0]}'?" if close else (
                     f"use one of {', '.join(VARIANTS)} or DiT-<depth>x<hidden>x<heads>/<patch>")
                 raise where.error(path + (i,), f"unknown model {name!r}", fix)
-            problem, fix = _split_shape_error(msg, name)
+            problem, fix = split_shape_error(msg, name)
             raise where.error(path + (i,), problem, fix or "fix the model's sizes")
     return out
-
-
-def _split_shape_error(msg: str, name: str) -> tuple[str, str]:
-    """"model 'X': problem; fix" (harness.models wording) -> (problem, fix)."""
-    msg = msg.replace(f"model {name!r}: ", "")
-    problem, _, fix = msg.partition("; ")
-    return problem, fix
-
-
-def _cross_checks(spec: SweepSpec, where: Where) -> None:
-    d, t, e, launch = spec.data, spec.train, spec.eval, spec.launcher
-    if d.autoencoder != "identity" and d.image_size % VAE_DOWNSAMPLE:
-        raise where.error(("data", "image_size"), f"{d.image_size} is not divisible by {VAE_DOWNSAMPLE}, "
-                          f"the {d.autoencoder} downsampling factor", "use a multiple of 8 such as 256")
-    if d.dataset == "imagefolder" and not d.path and t.steps > 0:
-        raise where.error(("data", "path"), "dataset imagefolder needs a path",
-                          "set data.path to the ImageNet train folder (root/<class>/<image>)")
-    if d.dataset == "digits" and d.num_classes < 10:
-        raise where.error(("data", "num_classes"), f"digits has 10 classes, got {d.num_classes}",
-                          "set num_classes: 10")
-    for i, model in enumerate(spec.models):
-        try:
-            check_shape(resolve_shape(model), d.input_size)
-        except HarnessError as err:
-            problem, fix = _split_shape_error(str(err), model)
-            raise where.error(("models", i), f"{problem} (image_size {d.image_size}, autoencoder "
-                              f"{d.autoencoder})", fix or "change the model or data.image_size")
-        if (beyond := L.check_geometry(resolve_shape(model), d.input_size)) is not None:
-            raise L.refuse(where, ("models", i), beyond)
-    for i, step in enumerate(e.at_steps):
-        if step > t.steps:
-            raise where.error(("eval", "at_steps", i), f"step {step} is beyond train.steps {t.steps}",
-                              f"use steps <= {t.steps} or raise train.steps")
-    if t.steps == 0 and not t.init_from:
-        raise where.error(("train", "steps"), "0 steps trains nothing from nothing",
-                          "set train.init_from to the weights to evaluate, or train for at least one step")
-    if e.at_steps != sorted(e.at_steps):
-        raise where.error(("eval", "at_steps"), "steps are not in increasing order", "sort them")
-    if t.warmup_steps > t.steps:
-        raise where.error(("train", "warmup_steps"), f"{t.warmup_steps} is beyond train.steps {t.steps}",
-                          "use a shorter warmup")
-    gpus = launch.nodes * launch.ranks_per_node
-    if gpus > 1 and t.global_batch % gpus:
-        raise where.error(("train", "global_batch"), f"{t.global_batch} does not split over {gpus} ranks "
-                          f"(launcher.nodes x launcher.tasks_per_node, default gpus_per_node)",
-                          f"use a multiple of {gpus}")
-    per_gpu = t.global_batch // max(gpus, 1)
-    if t.micro_batch != "auto" and per_gpu % t.micro_batch:
-        raise where.error(("train", "micro_batch"), f"{t.micro_batch} does not divide the per-GPU batch of "
-                          f"{per_gpu} (train.global_batch / GPUs)",
-                          f"use a divisor of {per_gpu} such as {per_gpu // 2 or 1}, or auto")
-    if e.features == "inception" and e.reference == "digits" and d.dataset != "digits":
-        raise where.error(("eval", "reference"), "reference 'digits' does not match the dataset",
-                          "point eval.reference at an ADM reference npz or an image folder")
-    _check_gpus_per_model(spec, where)
-    if launch.kind == "slurm" and launch.array_parallelism < 1:
-        raise where.error(("launcher", "array_parallelism"), "must be >= 1", "use 1 or more")
-
-
-def _check_gpus_per_model(spec: SweepSpec, where: Where) -> None:
-    """launcher.gpus_per_model: keys are this sweep's models or size letters, values GPU counts a run can use."""
-    launch, path = spec.launcher, ("launcher", "gpus_per_model")
-    sizes = {m.removeprefix("DiT-").split("/")[0] for m in spec.models}
-    cluster = launch.nodes * max(launch.gpus_per_node, 1)
-    for key, gpus in launch.gpus_per_model.items():
-        if key not in spec.models and key not in sizes:
-            raise where.error(path + (key,), f"{key!r} is neither a model of this sweep nor its size letter",
-                              f"use one of {', '.join(spec.models + sorted(sizes))}")
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= cluster:
-            raise where.error(path + (key,), f"{gpus!r} is not a GPU count between 1 and {cluster} "
-                              "(launcher.nodes x gpus_per_node)", "write a whole number of GPUs")
-        if spec.train.global_batch % gpus:
-            raise where.error(path + (key,), f"train.global_batch {spec.train.global_batch} does not split over "
-                              f"{gpus} GPUs", "use a divisor of the global batch, such as a power of two")
 
 
 #: what to do about a train.init_from that does not exist or does not fit
@@ -547,7 +474,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> SweepSpec:
     if n_runs > MAX_RUNS:
         raise where.error(("models",), f"{n_runs:,} runs (models x conditioning x seeds), over the limit of {MAX_RUNS:,}",
                           "split the study into several sweeps")
-    _cross_checks(spec, where)
+    check_sweep(spec, where)
     if spec.train.init_from is not None:
         _check_init_from(spec, where)
     if source is not None:
