@@ -122,9 +122,10 @@ def test_sweep_disturbed_by_requeue_scancel_and_kill_equals_an_undisturbed_one(t
             if now.state == "running":
                 _disturb(kind, now.job_id, log)
                 log[-1] += f" ({run.run_id} at step {train_progress(rdir)})"
-                if kind != "requeue":
-                    wait_until(lambda: run_statuses(spec, results)[index].state == "failed", 120,
-                               f"{run.run_id} to show as failed after {kind}", poll_s=0.5)
+                if kind != "requeue":  # submitit ignores scancel's SIGTERM: a run within KillWait of its end
+                    #                        finishes before the SIGKILL comes, and is done, not failed
+                    wait_until(lambda: run_statuses(spec, results)[index].state in ("failed", "done"), 120,
+                               f"{run.run_id} to show as failed (or done) after {kind}", poll_s=0.5)
             failed = run_statuses(spec, results)[index]
             if kind == "kill -9" and failed.state == "failed":
                 wait_until(lambda: "killed by signal 9 (SIGKILL)" in (run_statuses(spec, results)[index].reason
