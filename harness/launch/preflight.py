@@ -19,11 +19,9 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 from harness.config import layout
 from harness.errors import HarnessError
-from harness.io import cache_root
+from harness.io import cache_root, npz_headers
 from harness.config.spec import INIT_FROM_FIX, SweepSpec, expand_path
 
 #: ADM's precomputed Inception statistics of a reference batch and their shapes (pool 2048-d, spatial 2023-d)
@@ -108,19 +106,12 @@ def _check_features(spec: SweepSpec, problems: list[str]) -> None:
 
 
 def _npz_shapes(path: Path) -> dict[str, tuple]:
-    """{array name: shape} of an npz, from each member's header (a 50K-image batch is not loaded)."""
+    """{array name: shape} of an npz, from each member's header; ValueError for a member holding a pickle."""
     shapes = {}
-    with zipfile.ZipFile(path) as zf:
-        for member in zf.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with zf.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-            if dtype.hasobject:
-                raise ValueError(f"{member} holds Python objects (a pickle), which the harness never loads")
-            shapes[member[:-4]] = tuple(shape)
+    for name, (shape, dtype) in npz_headers(path).items():
+        if dtype.hasobject:
+            raise ValueError(f"{name}.npy holds Python objects (a pickle), which the harness never loads")
+        shapes[name] = shape
     return shapes
 
 

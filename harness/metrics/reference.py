@@ -27,7 +27,7 @@ import numpy as np
 
 from harness.data.datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files, load_digits
 from harness.errors import HarnessError
-from harness.io import atomic_write, cache_dir
+from harness.io import atomic_write, cache_dir, npz_headers
 from harness.metrics.features import FeatureExtractor, Features, check_images
 from harness.metrics.stats import gaussian_stats
 
@@ -84,15 +84,7 @@ def _npz_identity(path: Path) -> str:
 
 def _npz_member_shape(path: Path, key: str) -> tuple[int, ...] | None:
     """Shape of one array in an npz, read from its header only (no multi-GB load)."""
-    with zipfile.ZipFile(path) as zf:
-        if f"{key}.npy" not in zf.namelist():
-            return None
-        with zf.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, _, _ = read(f)
-    return tuple(shape)
+    return npz_headers(path).get(key, (None, None))[0]
 
 
 def _save_npz(path: Path, **arrays) -> None:
