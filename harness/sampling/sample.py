@@ -24,12 +24,13 @@ import torch
 from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.npz import save_npz
+from harness.sampling.batch import auto_sample_batch, find_decode_batch
 from harness.sampling.samplers import SAMPLERS, guidance_on, sample_loop
 from harness.config.spec import expand_path
 from harness.data.autoencoder import load_autoencoder, latent_shape
 from harness.data.datasets import to_uint8, dataset_channels
 from harness.models.checkpoint import load_checkpoint
-from harness.models.compiled import CompiledOrEager, autocast
+from harness.models.compiled import CompiledOrEager, autocast, resolve_compile, resolve_precision
 from harness.models.diffusion import guided_model_fn
 from harness.models.dit import build_model
 
@@ -223,6 +224,10 @@ def load_model_from_checkpoint(path: str | Path, use_ema: bool = True,
     return model.to(device).eval(), run, ckpt
 
 
+def _latent(model: torch.nn.Module) -> tuple[int, int, int]:
+    return int(model.in_channels), int(model.input_size), int(model.input_size)
+
+
 def cli_sample(args) -> int:
     """`harness sample`: a grid PNG and an ADM npz from a checkpoint (EMA weights by default)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,9 +237,15 @@ def cli_sample(args) -> int:
         raise HarnessError(f"--num-samples must be at least 1, got {args.num_samples}.")
     labels = (balanced_labels(args.num_samples, k) if args.labels == "balanced"
               else random_labels(args.num_samples, k, args.seed))
+    precision = resolve_precision(args.precision, device)
+    compiled = resolve_compile({"auto": "auto", "on": True, "off": False}[args.compile], device, where="--compile")
+    batch = (auto_sample_batch(model, args.num_samples, guidance_on(args.cfg_scale), precision, device)
+             if args.batch_size == "auto" else int(args.batch_size))
     images = sample_images(model, run, labels, sampling_steps=args.steps, sampler=args.sampler,
                            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, seed=args.seed,
-                           device=device, batch_size=args.batch_size, progress=True)
+                           device=device, batch_size=batch, progress=True, precision=precision, compile=compiled,
+                           decode_batch=find_decode_batch(autoencoder_for(run), None, _latent(model), batch,
+                                                          precision, device))
     out = Path(args.out)
     grid = save_grid(images[:256], out / "grid.png")
     npz = save_npz(images, labels, out / "samples.npz")
