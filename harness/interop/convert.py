@@ -150,24 +150,15 @@ def timestep_frequency_gap(freq_dim: int = 256) -> float:
 
 
 # ----------------------------------------------------------------------------- reading sources
-#: numpy pieces a harness checkpoint's rng state needs; allow-listed for weights_only loading
-def _numpy_globals() -> list:
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def load_weights_file(path: Path) -> Any:
-    """torch.load with weights_only=True (numpy arrays allowed for harness rng states)."""
+    """torch.load with weights_only=True: tensors and plain values (a harness checkpoint's RNG states too)."""
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            try:  # mmap: a shape check of a 675 MB DiT-XL/2 reads only what it touches
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        try:  # mmap: a shape check of a 675 MB DiT-XL/2 reads only what it touches
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) torch.save format
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HarnessError(f"{path}: cannot be read as a weights file ({first[:160]}); "
