@@ -16,6 +16,7 @@ import numpy as np
 
 from harness.io import append_jsonl, read_jsonl
 from harness.config.layout import RunFolder
+from harness.config.spec import RunSpec
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,7 @@ def setting_key(record: dict) -> tuple:
     return tuple(str(record.get(k)) for k in SETTING_KEYS)
 
 
-def eval_settings(run: Any, step: int) -> list[dict]:
+def eval_settings(run: RunSpec, step: int) -> list[dict]:
     """The settings `run.eval` asks for at `step`: one per (sampling_steps, cfg_scale)."""
     ev = run.eval
     return [{"step": step, "num_samples": ev.num_samples, "sampling_steps": int(k), "sampler": ev.sampler,
@@ -44,13 +45,13 @@ def eval_settings(run: Any, step: int) -> list[dict]:
              "reference": ev.reference} for k in ev.sampling_steps for c in ev.cfg_scales]
 
 
-def missing_settings(run: Any, run_dir: str | Path, step: int) -> list[dict]:
+def missing_settings(run: RunSpec, run_dir: str | Path, step: int) -> list[dict]:
     """The settings of `step` not yet in eval.jsonl (so a rerun never duplicates a record)."""
     done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     return [s for s in eval_settings(run, step) if setting_key(s) not in done]
 
 
-def eval_progress(run: Any, run_dir: str | Path) -> tuple[int, int]:
+def eval_progress(run: RunSpec, run_dir: str | Path) -> tuple[int, int]:
     """(settings recorded, settings asked for) over all of eval.at_steps."""
     done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     want = [setting_key(s) for step in run.eval.at_steps for s in eval_settings(run, step)]
@@ -63,7 +64,7 @@ def eval_progress(run: Any, run_dir: str | Path) -> tuple[int, int]:
 # and each feature row, is computed from exactly the same inputs and batch whatever the number of ranks.
 # Rank 0 takes every decision (what to evaluate), gathers the batches and writes the records.
 # (Rank 0 gathers the images too, for the ADM npz: at 256 px, 50K samples are 9.8 GB of host memory.)
-def save_grid(run: Any, run_dir: Path, ema: torch.nn.Module, dist: Dist, step: int, n: int = 16) -> Path | None:
+def save_grid(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dist, step: int, n: int = 16) -> Path | None:
     """Rank 0: a grid of `n` class-balanced EMA samples, samples/grid_step_XXXXXXX.png (others: None)."""
     from harness.training.runtime import derive_seed  # torch: status imports this module to count owed evaluations
     from harness.sampling.sample import balanced_labels, sample_images, save_grid
@@ -80,7 +81,7 @@ def save_grid(run: Any, run_dir: Path, ema: torch.nn.Module, dist: Dist, step: i
     return path
 
 
-def _sample_batch(run: Any, ema: torch.nn.Module, dist: Dist, setting: dict, extractor: Any, step: int,
+def _sample_batch(run: RunSpec, ema: torch.nn.Module, dist: Dist, setting: dict, extractor: Any, step: int,
                   first: int) -> tuple[int, np.ndarray, np.ndarray, Any]:
     """Global batch starting at sample `first`: (first, uint8 images (B, H, W, 3), labels (B,),
     Features of the B images)."""
@@ -96,7 +97,7 @@ def _sample_batch(run: Any, ema: torch.nn.Module, dist: Dist, setting: dict, ext
     return first, images, y.numpy(), extractor.extract(images, ev.batch_size)
 
 
-def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dist, step: int) -> int:
+def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist: Dist, step: int) -> int:
     """All ranks: sample eval.num_samples class-balanced images per missing (sampling_steps, cfg_scale)
     with the EMA model, sharded over the ranks; rank 0 computes eval.metrics in eval.features space
     against eval.reference from the gathered features, writes the ADM npz and appends eval.jsonl.
@@ -152,7 +153,7 @@ def evaluate_step(run: Any, run_dir: str | Path, ema: torch.nn.Module, dist: Dis
     return len(todo)
 
 
-def pending_evals(run: Any, run_dir: Path, ema_now: torch.nn.Module, dist: Dist,
+def pending_evals(run: RunSpec, run_dir: Path, ema_now: torch.nn.Module, dist: Dist,
                   upto: int, current: int) -> None:
     """All ranks: evaluate eval steps <= `upto` whose records are missing, from their retained
     checkpoints (rank 0 decides which; every rank loads the checkpoint)."""

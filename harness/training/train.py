@@ -36,7 +36,7 @@ from harness.config.spec import RunSpec, DataSpec, EvalSpec, TrainSpec, make_run
 from harness.data.autoencoder import build_latent_cache, load_autoencoder
 from harness.interop.convert import init_from_source
 from harness.models.diffusion import sample_timesteps, create_diffusion
-from harness.models.dit import build_model
+from harness.models.runmodel import build_run_model
 from harness.training.microbatch import cache_key, resolve_micro_batch
 from harness.training.runtime import peak_tflops, train_tflops
 from harness.training.step import check_micro_batch, TrainStep, attention_backends, resolve_compile, Batch, compiled_graphs
@@ -82,7 +82,7 @@ class DataOrder:
 
 
 # ----------------------------------------------------------------------------- pieces
-def load_training_arrays(run: Any) -> tuple[np.ndarray, np.ndarray]:
+def load_training_arrays(run: RunSpec) -> tuple[np.ndarray, np.ndarray]:
     """The run's training set from the latent cache: latents (N, 2, C, h, w) (index 1 = flipped)
     and labels (N,). Built on first use (identity autoencoder on digits: pixels in [-1, 1])."""
     d = run.data
@@ -166,7 +166,7 @@ def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int,
 
 
 # ----------------------------------------------------------------------------- the loop
-def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -> None:
+def run_training(run: RunSpec, run_dir: str | Path, *, stop_at: int | None = None) -> None:
     """Train `run` (a RunSpec) in `run_dir`, resuming from the newest valid checkpoint.
 
     `stop_at`: stop (after checkpointing) once this step is reached, as a preemption would; the
@@ -191,7 +191,7 @@ def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -
 class Trainer:
     """One run's training, in named steps: build -> resume -> (step -> log -> checkpoint -> evaluate)*."""
 
-    def __init__(self, run: Any, run_dir: Path, dist: Dist):
+    def __init__(self, run: RunSpec, run_dir: Path, dist: Dist):
         self.run, self.run_dir, self.dist, self.device = run, run_dir, dist, dist.device
         self.folder = RunFolder(run_dir)
         self.ckpt_dir = self.folder.checkpoints
@@ -230,9 +230,7 @@ class Trainer:
             n, _, C, H, W = self.latents.shape
         self.shape = (C, H, W)
         seed_everything(derive_seed(run.seed, 0))
-        self.model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
-                                 num_classes=run.data.num_classes, class_dropout_prob=tr.class_dropout
-                                 ).to(self.device)
+        self.model = build_run_model(run, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
                                      **({"fused": True} if self.device.type == "cuda" else {}))
@@ -385,7 +383,7 @@ class Trainer:
             self.source.close()
 
 
-def _model_gflops(run: Any, shape: tuple[int, int, int]) -> float | None:
+def _model_gflops(run: RunSpec, shape: tuple[int, int, int]) -> float | None:
     """The model's forward Gflops per image (fvcore, cached), for TFLOP/s and MFU in train.jsonl."""
     try:
         return flops.model_gflops(run.model, run.conditioning, shape[1], shape[0], run.data.num_classes)[0]
@@ -425,7 +423,7 @@ def cli_train(args: Any) -> int:
     return 0
 
 
-def _standalone_run(args: Any) -> Any:
+def _standalone_run(args: Any) -> RunSpec:
     """A RunSpec from the spec defaults and the CLI arguments (sweep name 'standalone')."""
     data = DataSpec()
     if args.data != "digits":
