@@ -12,7 +12,6 @@ global batch (up to floating-point reduction order).
 """
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import os
@@ -37,9 +36,9 @@ from harness.data.autoencoder import build_latent_cache, load_autoencoder
 from harness.interop.convert import init_from_source
 from harness.models.diffusion import sample_timesteps, create_diffusion
 from harness.models.runmodel import build_run_model
-from harness.training.microbatch import cache_key, resolve_micro_batch
+from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
 from harness.training.runtime import peak_tflops, train_tflops
-from harness.training.step import check_micro_batch, TrainStep, attention_backends, resolve_compile, Batch, compiled_graphs
+from harness.training.step import BatchGeometry, attention_backends, Batch, compiled_graphs
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +114,13 @@ class BatchSource:
     as x0 (B, C, H, W) and y (B,) on the device. The next step's batch is read from the memmapped
     cache in a background thread (pinned memory, non-blocking copy on CUDA) while this one trains."""
 
-    def __init__(self, latents: np.ndarray, labels: np.ndarray, order: DataOrder, global_batch: int,
+    def __init__(self, latents: np.ndarray, labels: np.ndarray, order: DataOrder, geometry: BatchGeometry,
                  dist: Dist, flip: bool):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.latents, self.labels, self.order, self.global_batch = latents, labels, order, global_batch
-        self.per_rank = global_batch // dist.world
-        self.lo, self.device, self.flip = dist.rank * self.per_rank, dist.device, flip
+        self.latents, self.labels, self.order, self.global_batch = latents, labels, order, geometry.global_batch
+        self.per_rank = geometry.per_rank
+        self.lo, self.device, self.flip = geometry.rows(dist.rank)[0], dist.device, flip
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
         self._next: tuple[int, Any] | None = None
 
@@ -202,21 +201,14 @@ class Trainer:
     # -- build: data, model, EMA, optimizer ------------------------------------------------
     def build(self) -> None:
         run, tr, dist = self.run, self.run.train, self.dist
-        if tr.global_batch % dist.world:
-            raise HarnessError(f"{self.run_dir}/run.json: train.global_batch={tr.global_batch} is not divisible "
-                               f"by the {dist.world} ranks; choose a batch that is a multiple of the GPU count")
-        self.per_rank = tr.global_batch // dist.world
-        if tr.micro_batch != "auto":
-            check_micro_batch(int(tr.micro_batch), self.per_rank)
+        self.geometry = BatchGeometry.of(tr.global_batch, dist.world, tr.micro_batch, source=f"{self.run_dir}/run.json: ")
         if dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.folder.run_json.exists():  # a standalone `harness train`: the sweep's writer
                 write_run_json(run, self.run_dir, *flops.model_gflops(run.model, run.conditioning, run.data.input_size,
                                                                  run.data.channels, run.data.num_classes))
             ckpt.clean_partial_writes(self.ckpt_dir)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(self.device)
         if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
             self.latents = self.labels = None
             n, C, H, W = 0, run.data.channels, run.data.input_size, run.data.input_size
@@ -231,9 +223,7 @@ class Trainer:
         self.shape = (C, H, W)
         seed_everything(derive_seed(run.seed, 0))
         self.model = build_run_model(run, self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
-                                     **({"fused": True} if self.device.type == "cuda" else {}))
+        self.ema, self.opt = fresh_state(self.model, tr.lr, tr.weight_decay)
         self.diffusion = create_diffusion(None)
         self.order = DataOrder(n, run.seed)
 
@@ -268,19 +258,11 @@ class Trainer:
         run, tr = self.run, self.run.train
         self.model.grad_checkpointing = bool(tr.grad_checkpointing)
         self.model.train()
-        compiled = resolve_compile(tr.compile, self.device)
-        micro = tr.micro_batch if tr.micro_batch == "auto" else int(tr.micro_batch)
-        self.train_step = TrainStep(self.model, self.ema, self.opt, self.diffusion, self.dist,
-                                    precision=tr.precision, micro_batch=self.per_rank, compile=compiled,
-                                    ema_decay=tr.ema_decay)
-        key = cache_key(run.model, run.conditioning, self.shape, run.data.num_classes, self.device,
-                        tr.precision, compiled, self.per_rank)
-        self.train_step.micro_batch = resolve_micro_batch(micro, self.train_step, self.per_rank, key,
-                                                          self.shape, run.data.num_classes)
+        self.train_step, self.geometry = build_step(StepSettings.of_run(run, self.shape), self.model, self.ema,
+                                                    self.opt, self.diffusion, self.dist, self.geometry)
         self.gflops = _model_gflops(run, self.shape) if self.dist.main else None
-        log.info("training %s: per-GPU batch %d in micro-batches of %d, %s, %s, attention: %s", run.run_id,
-                 self.per_rank, self.train_step.micro_batch, tr.precision,
-                 "compiled" if compiled else "eager", attention_backends(self.device, tr.precision))
+        log.info("training %s: %s, %s, %s, attention: %s", run.run_id, self.geometry, tr.precision,
+                 "compiled" if self.train_step.compiled else "eager", attention_backends(self.device, tr.precision))
 
     # -- train ------------------------------------------------------------------------------
     def train(self, stop_at: int | None) -> None:
@@ -295,9 +277,9 @@ class Trainer:
         # bitwise the same steps, so their first record stands and each step appears once
         self.logged = max((int(r.get("step", 0)) for r in read_jsonl(self.folder.train_log)), default=0) \
             if dist.main else 0
-        self.source = BatchSource(self.latents, self.labels, self.order, tr.global_batch, dist, run.data.flip)
+        self.source = BatchSource(self.latents, self.labels, self.order, self.geometry, dist, run.data.flip)
         gen = torch.Generator(device=self.device)
-        lo, hi = dist.rank * self.per_rank, (dist.rank + 1) * self.per_rank
+        lo, hi = self.geometry.rows(dist.rank)
         ckpt_steps = set(int(s) for s in run.eval.at_steps)
         self.sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         self.bad = torch.full((), _NO_BAD, device=self.device, dtype=torch.long)
@@ -333,7 +315,7 @@ class Trainer:
     def record(self, s: int, sums: torch.Tensor) -> None:
         """Accumulate the step's loss sums on the device, and the first non-finite step (no sync)."""
         with torch.no_grad():
-            self.sums += sums / self.per_rank
+            self.sums += sums / self.geometry.per_rank
             self.bad = torch.where((self.bad == _NO_BAD) & ~torch.isfinite(sums).all(),
                                    torch.full_like(self.bad, s), self.bad)
         self.count += 1
