@@ -11,7 +11,8 @@ from PIL import Image
 from harness.config.spec import RunSpec
 from harness.models.checkpoint import save_checkpoint
 from harness.models.dit import build_model
-from harness.sampling.sample import balanced_labels, make_grid, sample_images, save_grid, save_npz
+from harness.sampling.npz import save_npz
+from harness.sampling.sample import balanced_labels, make_grid, sample_images, save_grid
 
 #: the run record a checkpoint holds (partial, as an old one may be) and the RunSpec it reads as
 RECORD = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
