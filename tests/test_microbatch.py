@@ -106,9 +106,9 @@ def test_the_batch_geometry_is_validated_once_and_says_itself_in_one_line():
 
 
 def test_compile_true_where_it_cannot_compile_is_one_line(monkeypatch):
-    import harness.training.step
+    import harness.models.compiled  # compile_support's home since the sampling-precision change
 
-    monkeypatch.setattr(harness.training.step.shutil, "which", lambda name: None)
+    monkeypatch.setattr(harness.models.compiled.shutil, "which", lambda name: None)
     cpu = torch.device("cpu")
     with pytest.raises(HarnessError, match=r"train.compile: true, but .*C\+\+ compiler.*Fix: set train.compile: auto"):
         resolve_compile(True, cpu)
