@@ -204,11 +204,9 @@ _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
 
 #: keys the planner adds to a run's to_dict() in run.json (harness.config.layout.write_run_json; from_dict ignores them)
 RUN_JSON_PLAN_KEYS = ("size", "patch", "depth", "hidden", "heads", "gflops", "params", "input_size", "in_channels")
-#: the conditioning block of a sweep or run record that names none
-DEFAULT_CONDITIONING = "adaLN-Zero"
-#: keys a run record (run.json) must have: they make its identity; every other key has a default
+DEFAULT_CONDITIONING = "adaLN-Zero"  # the block of a sweep or run record that names none
+#: keys run.json must have (its identity); a partial record (a checkpoint's: required=("model",)) gets these defaults
 RECORD_KEYS = ("run_id", "sweep", "model", "conditioning", "seed", "data", "train", "eval")
-#: what a partial record (a checkpoint's, `RunSpec.from_dict(required=("model",))`) lacks is filled with
 _RECORD_DEFAULTS = {"run_id": "?", "sweep": "?", "conditioning": DEFAULT_CONDITIONING, "seed": 0}
 
 
@@ -240,9 +238,8 @@ class RunSpec:
         if extra:
             raise HarnessError(f"{where}: unknown keys {sorted(extra)}. Fix: regenerate it with `harness sweep`.")
         try:
-            missing = [k for k in required if k not in d]
-            if missing:
-                raise KeyError(missing[0])
+            for key in (k for k in required if k not in d):
+                raise KeyError(key)
             d = {**_RECORD_DEFAULTS, **d}
             return cls(
                 run_id=d["run_id"], sweep=d["sweep"], model=d["model"], conditioning=d["conditioning"],
