@@ -12,7 +12,7 @@ import torch
 
 from harness.data.autoencoder import IdentityAutoencoder
 from harness.metrics import get_feature_extractor, load_reference
-from harness.sampling.sample import load_model_from_checkpoint
+from harness.models.runmodel import model_from_checkpoint
 from harness.training.train import run_training
 from precision_check import fid_pair, nudged
 from train_tiny import tiny_run
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
                      run_dir)
     finally:
         torch.set_num_threads(old)
-    model, _, _ = load_model_from_checkpoint(run_dir / "checkpoints" / "step_0000300.pt")
+    model, _, _ = model_from_checkpoint(run_dir / "checkpoints" / "step_0000300.pt")
     return model
 
 

@@ -19,7 +19,6 @@ JSON plus a markdown table with the best configuration per model; `harness plan
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -36,10 +35,10 @@ from harness.io import atomic_write_json, atomic_write_text
 from harness.models.diffusion import create_diffusion
 from harness.models.dit import build_model
 from harness.models.flops import model_gflops
-from harness.sampling.bench import bench_eval, format_eval, sd_vae
-from harness.training.microbatch import cache_key, resolve_micro_batch
 from harness.models.compiled import set_attention_order
-from harness.training.step import Batch, TrainStep, resolve_compile, autocast
+from harness.sampling.bench import bench_eval, format_eval, sd_vae
+from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
+from harness.training.step import Batch, BatchGeometry, TrainStep, resolve_compile, autocast
 
 log = logging.getLogger(__name__)
 
@@ -104,32 +103,16 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
           num_classes: int = 1000, device: torch.device | None = None) -> BenchResult:
     """Time `steps` training steps and `steps` sampling forwards after `warmup` of each."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    enable_tf32(device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
-    compiled = resolve_compile(compile, device, where="--compile")
+    resolve_compile(compile, device, where="--compile")  # before anything is built: a refusal costs nothing
     set_attention_order()  # $HARNESS_ATTENTION, for measuring kernel orders (the kernel that ran is recorded)
+    geometry = BatchGeometry.of(batch, 1, micro_batch, micro_key="--micro-batch")
     gflops, params = model_gflops(model_name, conditioning, input_size, in_channels, num_classes)
-    torch.manual_seed(0)
-    model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
-                        num_classes=num_classes).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    model.grad_checkpointing = grad_checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
-                            **({"fused": True} if device.type == "cuda" else {}))
-    diffusion = create_diffusion(None)
-    step = TrainStep(model, ema, opt, diffusion, Dist(device=device), precision=precision, micro_batch=batch,
-                     compile=compiled, ema_decay=0.9999)
-    shape = (in_channels, input_size, input_size)
-    key = cache_key(model_name, conditioning, shape, num_classes, device, precision, compiled, batch)
-    step.micro_batch = resolve_micro_batch(micro_batch, step, batch, key, shape, num_classes, "--micro-batch")
-    g = torch.Generator(device=device).manual_seed(0)
-    data = Batch(torch.randn(batch, *shape, generator=g, device=device),
-                 torch.randint(0, num_classes, (batch,), generator=g, device=device),
-                 torch.randint(0, diffusion.num_timesteps, (batch,), generator=g, device=device),
-                 torch.randn(batch, *shape, generator=g, device=device),
-                 torch.rand(batch, generator=g, device=device) < 0.1)
+    settings = StepSettings(model_name, conditioning, (in_channels, input_size, input_size), num_classes, precision,
+                            compile, ema_decay=0.9999, compile_key="--compile")
+    model, step, data = _bench_step(settings, geometry, grad_checkpointing, device)
 
     model.train()
     for _ in range(warmup):
@@ -166,6 +149,26 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
                        grad_checkpointing, batch, input_size, in_channels, torch.get_num_threads(), gflops, params,
                        train_sps, images, fwd_ps, fwd_ps * batch, tflops, (tflops / peak) if peak else None,
                        peak_mem_mb(device), step.compile_s, kernel)
+
+
+def _bench_step(settings: StepSettings, geometry: BatchGeometry, grad_checkpointing: bool,
+                device: torch.device) -> tuple[torch.nn.Module, TrainStep, Batch]:
+    """The model (seed 0), the trainer's step for it (harness.training.assemble) and one random batch to time."""
+    torch.manual_seed(0)
+    s, batch = settings, geometry.global_batch
+    model = build_model(s.model, s.conditioning, input_size=s.shape[1], in_channels=s.shape[0],
+                        num_classes=s.num_classes).to(device)
+    ema, opt = fresh_state(model, lr=1e-4, weight_decay=0.0)
+    model.grad_checkpointing = grad_checkpointing
+    diffusion = create_diffusion(None)
+    step, geometry = build_step(settings, model, ema, opt, diffusion, Dist(device=device), geometry)
+    g = torch.Generator(device=device).manual_seed(0)
+    data = Batch(torch.randn(batch, *s.shape, generator=g, device=device),
+                 torch.randint(0, s.num_classes, (batch,), generator=g, device=device),
+                 torch.randint(0, diffusion.num_timesteps, (batch,), generator=g, device=device),
+                 torch.randn(batch, *s.shape, generator=g, device=device),
+                 torch.rand(batch, generator=g, device=device) < 0.1)
+    return model, step, data
 
 
 # ----------------------------------------------------------------------------- the suite
