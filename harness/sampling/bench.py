@@ -49,6 +49,7 @@ def feature_network(features: str, inception_weights: str | None, device: torch.
     if features != "inception":
         return get_feature_extractor(features, device=device)
     if inception_weights is None:
+        # torch-fidelity: only where no weights file is given
         from harness.metrics.inception import write_random_inception_weights
 
         inception_weights = str(write_random_inception_weights(tempfile.mkdtemp() + "/inception-random.pth"))
