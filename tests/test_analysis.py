@@ -26,36 +26,6 @@ def _records(gflops, fid, run_ids, steps=None) -> pd.DataFrame:
     return df
 
 
-def test_power_law_recovers_exponent_inside_interval():
-    rng = np.random.default_rng(1)
-    g = np.repeat(np.geomspace(0.3, 120, 10), 3)           # 10 models x 3 seeds
-    runs = [f"r{i}" for i in range(len(g))]
-    fid = 150 * g ** -0.35 * np.exp(rng.normal(0, 0.05, len(g)))
-    fit = analysis.fit_power_law(g, fid, runs, n_boot=400)
-    assert fit.b_ci[0] < -0.35 < fit.b_ci[1]
-    assert fit.b_ci[1] - fit.b_ci[0] < 0.1                # informative, not a trivially wide interval
-    assert fit.a_ci[0] < 150 < fit.a_ci[1]
-    lo, hi = fit.interval(1000.0)
-    assert lo[0] < 150 * 1000 ** -0.35 < hi[0]
-    ex = analysis.extrapolate(fit, 1000.0)
-    assert ex.lo <= ex.value <= ex.hi
-
-
-def test_power_law_bootstraps_over_runs_not_points():
-    rng = np.random.default_rng(2)
-    g = np.repeat([1.0, 4.0, 16.0, 64.0], 5)              # 4 runs, 5 (near-duplicate) points each
-    fid = 100 * g ** -0.5 * np.exp(np.repeat(rng.normal(0, 0.1, 4), 5) + rng.normal(0, 0.001, 20))
-    by_run = analysis.fit_power_law(g, fid, np.repeat(np.arange(4), 5), n_boot=300)
-    by_point = analysis.fit_power_law(g, fid, None, n_boot=300)
-    # Treating 20 correlated points as independent would understate the uncertainty.
-    assert (by_run.b_ci[1] - by_run.b_ci[0]) > 2 * (by_point.b_ci[1] - by_point.b_ci[0])
-
-
-def test_fits_refuse_too_few_points():
-    with pytest.raises(HarnessError, match="power-law fit needs"):
-        analysis.fit_power_law([1.0, 2.0], [3.0, 2.0])
-
-
 def test_correlations_equal_scipy():
     rng = np.random.default_rng(4)
     g = np.geomspace(0.3, 120, 9)
