@@ -31,6 +31,7 @@ from harness.config.spec import DataSpec, expand_path
 from harness.data.autoencoder import load_autoencoder
 from harness.io import atomic_write
 from harness.models.checkpoint import list_checkpoints, verify_checkpoint
+from harness.models.diffusion import DIFFUSERS_PROCESS
 from harness.models.dit import build_model
 
 log = logging.getLogger(__name__)
@@ -279,9 +280,8 @@ def load_into(model: torch.nn.Module, source: Source, conditioning: str, what: s
 
 
 # ----------------------------------------------------------------------------- export and import
-#: the diffusion DiT trains with (harness.models.diffusion): linear betas 1e-4..0.02 over 1000 steps
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-                    "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
+#: the diffusion DiT trains with (harness.models.diffusion.DIFFUSERS_PROCESS), as a DDIM scheduler
+SCHEDULER_CONFIG = {**DIFFUSERS_PROCESS, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
                     "timestep_spacing": "leading"}
 
 

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 ModelFn = Callable[..., torch.Tensor]
 
 __all__ = [
+    "NUM_TIMESTEPS",
+    "BETA_START",
+    "BETA_END",
+    "DIFFUSERS_PROCESS",
     "linear_betas",
     "space_timesteps",
     "GaussianDiffusion",
@@ -57,8 +61,16 @@ __all__ = [
 ]
 
 
+#: the training process: T steps of ADM's linear beta schedule from BETA_START to BETA_END
+NUM_TIMESTEPS, BETA_START, BETA_END = 1000, 1e-4, 2e-2
+#: the same process in diffusers' scheduler words (its "linear" schedule is ADM's at T = 1000; the
+#: network predicts epsilon): harness.sampling.samplers and harness.interop derive theirs from it
+DIFFUSERS_PROCESS = {"num_train_timesteps": NUM_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END,
+                     "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
 # ----------------------------------------------------------------------------- helpers
-def linear_betas(num_timesteps: int = 1000, start: float = 1e-4, end: float = 2e-2) -> np.ndarray:
+def linear_betas(num_timesteps: int = NUM_TIMESTEPS, start: float = BETA_START, end: float = BETA_END) -> np.ndarray:
     """ADM's linear schedule, float64 (T,). For T != 1000 the end points are scaled by 1000/T,
     as ADM does, so the total noise stays comparable."""
     if num_timesteps < 1:
@@ -434,7 +446,7 @@ def sample_timesteps(n: int, num_timesteps: int, device: torch.device | str = "c
                          device=generator.device).to(device)
 
 
-def create_diffusion(timestep_respacing: int | str | None = None, num_timesteps: int = 1000,
+def create_diffusion(timestep_respacing: int | str | None = None, num_timesteps: int = NUM_TIMESTEPS,
                      learn_sigma: bool = True, fixed_variance: str = "large") -> GaussianDiffusion:
     """The DiT diffusion (linear schedule, T = 1000), optionally respaced for sampling.
 
