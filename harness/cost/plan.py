@@ -31,6 +31,7 @@ from typing import Any
 
 from harness import hardware, paper
 from harness.config import layout
+from harness.config.arguments import add_spec_arguments, positive_int
 from harness.config.registry import resolve_shape
 from harness.study import forecast
 from harness.study.results import load_sweep
@@ -406,6 +407,30 @@ def add_forecast(plan: dict, results_root: str, source: str) -> dict:
 
 def _hours(h: float | None) -> str:
     return "-" if h is None else f"{h:.1f}"
+
+
+def add_plan_arguments(s) -> None:
+    """`harness plan`'s flags."""
+    add_spec_arguments(s)
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.add_argument("--throughput", type=float, default=None,
+                   help="measured training images/s per accelerator (from `harness bench`)")
+    s.add_argument("--throughput-model", default=None,
+                   help="the model --throughput was measured on; other runs scale by its Gflops")
+    s.add_argument("--forecast-from", default=None, metavar="SWEEP",
+                   help="a finished smaller sweep: show each run's forecast FID from its chosen scaling law")
+    s.add_argument("--results", default="results", help="results root of --forecast-from")
+    s.add_argument("--throughput-from", default=None,
+                   help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
+    s.add_argument("--gpu", type=str.lower, default=None,
+                   help=f"GPU kind of the packaged throughput table behind the hours (have: {', '.join(hardware.gpus())}; "
+                        "default launcher.gpu_kind)")
+    s.add_argument("--nodes", type=positive_int, default=None, help="plan the queue on this many nodes (default launcher.nodes)")
+    s.add_argument("--gpus-per-node", type=positive_int, default=None, help="GPUs a node (default launcher.gpus_per_node)")
+    s.add_argument("--sampling-throughput", type=float, default=None,
+                   help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
+    s.add_argument("--latent-throughput", type=float, default=None,
+                   help="measured VAE encodes/s per accelerator (`harness bench --latents`)")
 
 
 def cli_plan(args) -> int:

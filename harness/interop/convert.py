@@ -447,6 +447,21 @@ def import_weights(src: str | Path, fmt: str, out: str | Path) -> Path:
     return out
 
 
+def add_export_arguments(s) -> None:
+    """`harness export`'s flags."""
+    s.add_argument("source", help="a checkpoint step_XXXXXXX.pt or a run folder (its newest valid checkpoint)")
+    s.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target layout")
+    s.add_argument("out", help="new folder to write")
+    s.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+
+
+def add_import_arguments(s) -> None:
+    """`harness import`'s flags."""
+    s.add_argument("source", help="a DiTPipeline (or transformer/) folder, or an official DiT .pt")
+    s.add_argument("--from", dest="fmt", choices=["diffusers", "official"], required=True)
+    s.add_argument("out", help="the .pt file to write (official layout)")
+
+
 def cli_export(args: Any) -> int:
     """`harness export CHECKPOINT_OR_RUN --to diffusers OUT [--raw]`."""
     out = export_diffusers(args.source, args.out, raw=args.raw)

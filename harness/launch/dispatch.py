@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.config import layout
+from harness.config.arguments import add_spec_arguments
 from harness.errors import HarnessError
 from harness.io import writing
 from harness.launch.job import SweepJob
 from harness.cost.plan import plan_sweep, record_run
 from harness.data.latents import run_latent_stage
 from harness.launch.preflight import require_ready, sbatch_fix
-from harness.config.spec import SweepSpec, load_spec
+from harness.config.spec import LAUNCHERS, SweepSpec, load_spec
 from harness.launch.status import (ACTIVE_STATES, POLL_S, RunStatus, format_status, job_error, job_reason,
                             record_outcome, run_statuses, sacct_states, slurm_job)
 from harness.launch.local_pool import run_local
@@ -287,6 +288,19 @@ def _wait_slurm(jobs: dict[str, Any], state: dict, sdir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
+def add_sweep_arguments(s) -> None:
+    """`harness sweep`'s flags."""
+    add_spec_arguments(s)
+    s.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="override the spec's launcher.kind")
+    s.add_argument("--results", default="results", help="results root")
+    s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")
+    s.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check every input (data, weights, reference, folders, Slurm's sbatch --test-only), submit nothing")
+    s.add_argument("--reports", default="reports", help="reports root of the closing report")
+
+
 def cli_sweep(args: Any) -> int:
     """`harness sweep SPEC`: dispatch, print the statuses, and render the report when all are done."""
     spec = load_spec(args.sweep, args.overrides)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import layout
+from harness.config.arguments import add_spec_arguments
 from harness.training.evaluation import eval_progress
 from harness.io import read_jsonl
 from harness.launch.repair import damage
@@ -292,6 +293,12 @@ def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
         counts[s.state] = counts.get(s.state, 0) + 1
     lines.append(f"sweep {spec.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def add_status_arguments(s) -> None:
+    """`harness status`'s flags."""
+    add_spec_arguments(s, help=None)
+    s.add_argument("--results", default="results")
 
 
 def cli_status(args: Any) -> int:
