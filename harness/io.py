@@ -78,8 +78,10 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write `path` through `write(fileobj)` into a temp file in the same folder, fsync, rename.
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """`with atomic_file(path) as f: ...`: write into a temp file in the same folder; on leaving the block,
+    fsync and rename it to `path` (on an error, remove it and leave `path` as it was).
 
     A reader never sees a half-written file; a crash leaves the old file (or none) in place. The
     file gets the mode any file the user writes gets (0666 less the umask), not the temp file's 0600.
@@ -91,7 +93,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports from the group
             with os.fdopen(fd, mode) as f:
-                write(f)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -100,7 +102,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
                 Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Write `path` through `write(fileobj)`, atomically (see atomic_file)."""
+    with atomic_file(path, mode) as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

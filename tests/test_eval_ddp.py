@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness.training.evaluation import evaluate_step, pending_evals
+from harness.training.evaluator import evaluate_step, pending_evals
 from harness.io import read_jsonl
 from harness.training.runtime import Dist, bounded_barrier, setup_distributed
 from train_tiny import nudged_tiny_dit, tiny_run

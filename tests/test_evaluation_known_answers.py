@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.training import evaluation as ev_mod
+from harness.training import evaluation as protocol
+from harness.training import evaluator as ev_mod
 from harness.models.checkpoint import save_checkpoint
-from harness.training.evaluation import (TAG_EVAL, eval_progress, eval_settings, evaluate_step, missing_settings, pending_evals,
-                                save_grid, setting_key)
+from harness.training.evaluation import TAG_EVAL, eval_progress, eval_settings, missing_settings, setting_key
+from harness.training.evaluator import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, read_jsonl
 from harness.training.runtime import Dist, derive_seed
 from harness.sampling.sample import balanced_labels, sample_images
@@ -36,7 +37,7 @@ def test_the_settings_a_run_asks_for_and_their_keys():
     base = got[0]
     assert setting_key(base) == ("4", "7", "2", "ddpm", "1.0", "3", "digits", "digits")
     assert setting_key({**base, "fid": 3.0, "wall_s": 9}) == setting_key(base)   # measurements are no part of it
-    for key in ev_mod.SETTING_KEYS:
+    for key in protocol.SETTING_KEYS:
         assert setting_key({**base, key: "other"}) != setting_key(base), key
 
 
@@ -78,9 +79,10 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
                    "fid": pytest.approx(metrics["fid"], rel=1e-9), "sfid": None, "inception_score": None,
                    "precision": pytest.approx(metrics["precision"]), "recall": pytest.approx(metrics["recall"]),
                    "fid_se": metrics.get("fid_se"), "features_id": metrics.get("feature_space", extractor.name),
-                   "ranks": 1}
+                   "sample_precision": "fp32", "sample_compiled": False, "sample_batch": 3, "ranks": 1}
     logged = [r.getMessage() for r in caplog.records if r.name == ev_mod.__name__]
-    assert logged == [f"eval step 4 {{'sampling_steps': 2, 'cfg_scale': 2.5, 'fid': {rec['fid']!r}}}"]
+    assert logged == ["evaluation: sampling batch 3 (3), fp32, eager; decode and features in chunks of 3",
+                      f"eval step 4 {{'sampling_steps': 2, 'cfg_scale': 2.5, 'fid': {rec['fid']!r}}}"]
     assert evaluate_step(run, tmp_path, ema, Dist(), 4) == 0          # recorded: nothing is redone
     assert len(list(read_jsonl(tmp_path / "eval.jsonl"))) == 1
 

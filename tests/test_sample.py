@@ -10,7 +10,8 @@ from PIL import Image
 
 from harness.models.checkpoint import save_checkpoint
 from harness.models.dit import build_model
-from harness.sampling.sample import balanced_labels, make_grid, sample_images, save_grid, save_npz
+from harness.sampling.npz import save_npz
+from harness.sampling.sample import balanced_labels, make_grid, sample_images, save_grid
 
 RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
        "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",

@@ -124,7 +124,7 @@ def test_evaluation_in_training_appends_each_setting_once(tmp_path):
 
 def test_eval_paths_expand_environment_variables_when_the_run_starts(tmp_path, monkeypatch):
     from harness.data.datasets import load_digits
-    from harness.sampling.sample import save_npz
+    from harness.sampling.npz import save_npz
 
     images, labels = load_digits()
     save_npz(np.repeat(images[:300, :, :, None], 3, axis=3), labels[:300], tmp_path / "ref" / "digits300.npz")

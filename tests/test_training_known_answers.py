@@ -76,7 +76,7 @@ def test_class_dropout_rate_matches_the_spec_within_its_binomial_interval(tmp_pa
 def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     """The samples training writes at an eval step equal those of a model loaded with the
     checkpoint's EMA weights, and differ from those of the raw weights."""
-    from harness.training.evaluation import evaluate_step, save_grid
+    from harness.training.evaluator import evaluate_step, save_grid
     from harness.sampling.sample import load_model_from_checkpoint
 
     ev = {"num_samples": 20, "sampling_steps": [5], "metrics": ["fid"], "batch_size": 20}

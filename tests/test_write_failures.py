@@ -40,7 +40,7 @@ def _report(d: Path, n: int) -> Path:
 
 
 def _npz(d: Path, n: int) -> Path:
-    from harness.sampling.sample import save_npz
+    from harness.sampling.npz import save_npz
 
     return save_npz(np.full((2, 8, 8, 3), n, np.uint8), np.arange(2), d / "samples.npz")
 

@@ -151,8 +151,12 @@ class EvalSpec:
     metrics: list[str] = _opt(list(METRICS), kind=list, item=str, choices=METRICS, nonempty=True)
     features: str = _opt("digits", kind=str, choices=FEATURE_SPACES)
     reference: str = _opt("digits", kind=str)
-    batch_size: int = _opt(250, kind=int, min=1, **L.SAMPLE_BATCH)
+    # images per sampling batch (the network sees twice as many under guidance); auto: the largest that fits
+    batch_size: int | str = _opt("auto", kind="auto_int", min=1, **L.SAMPLE_BATCH)
     inception_weights: str | None = _opt(None, kind=str, nullable=True)
+    # the network's and the decoder's autocast; auto: bf16 on CUDA, fp32 on the CPU (features stay fp32)
+    precision: str = _opt("auto", kind=str, choices=("auto",) + PRECISIONS)
+    compile: bool | str = _opt("auto", kind="auto_bool")  # auto: compiled on CUDA, eager on the CPU
 
     def resolved_reference(self) -> str:
         """eval.reference with ${VAR} and ~ expanded ('digits' stays 'digits')."""

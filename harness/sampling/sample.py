@@ -5,7 +5,8 @@ labels int64).
 Determinism: for a given seed, each sample's starting noise comes from its own generator (seeded by
 seed and the sample's global index), so DDIM (eta = 0) gives the same image for sample i whatever the
 batch size. DDPM also draws noise at every step, from a generator seeded by the global index of the
-batch's first sample, so it is reproducible for a (seed, batch_size). A slice of a larger set (one
+batch's first sample, so it is reproducible for a (seed, batch_size) (compiled sampling pads a short
+last batch to the full size, so that batch's DDPM noise differs from eager sampling's). A slice of a larger set (one
 rank's share, `first_index` = global index of its first label) gives the images the whole set would.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,13 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write
+from harness.sampling.npz import save_npz
 from harness.sampling.samplers import SAMPLERS, guidance_on, sample_loop
 from harness.config.spec import expand_path
 from harness.data.autoencoder import load_autoencoder, latent_shape
 from harness.data.datasets import to_uint8, dataset_channels
 from harness.models.checkpoint import load_checkpoint
+from harness.models.compiled import CompiledOrEager, autocast
 from harness.models.diffusion import guided_model_fn
 from harness.models.dit import build_model
 
@@ -77,7 +81,8 @@ def _sample_seed(seed: int, index: int) -> int:
 def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.ndarray, sampling_steps: int = 250,
                   sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | str | None = 3,
                   seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
-                  autoencoder: Any = None, progress: bool = False, first_index: int = 0) -> np.ndarray:
+                  autoencoder: Any = None, progress: bool = False, first_index: int = 0,
+                  precision: str = "fp32", compile: bool = False, decode_batch: int | None = None) -> np.ndarray:
     """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
 
     model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
@@ -85,6 +90,10 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
     `autoencoder` is given. labels[j] is sample first_index + j of the set (its noise seeds).
     Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
+    precision: the network's and the decoder's autocast ("bf16" or "fp32"); the sampler's own arithmetic
+    (means, variances, guidance) stays in float32. compile: the network compiled (see `compiled_forward`),
+    a short last batch padded to `batch_size` so one graph serves every batch. decode_batch: images per
+    decode (default: the whole batch).
     """
     if sampler not in SAMPLERS:
         raise HarnessError(f"sampler {sampler!r} (key eval.sampler or --sampler): use one of {', '.join(SAMPLERS)}.")
@@ -98,19 +107,24 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
     shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     learn_sigma = int(model.out_channels) == 2 * shape[0]
     guided = guidance_on(cfg_scale)
-    channels = _channels_arg(guidance_channels)
+    forward = compiled_forward(model, compile)
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x, t, y)
+        with autocast(device, precision):
+            return forward(x, t, y).float()
 
-    model_fn = guided_model_fn(net, float(cfg_scale), channels) if guided else net
+    model_fn = guided_model_fn(net, float(cfg_scale), _channels_arg(guidance_channels)) if guided else net
     was_training = model.training
     model.eval()
     out = []
     try:
         with torch.inference_mode():
             for start in range(0, len(labels), batch_size):
-                y = labels[start : start + batch_size].to(device)
+                y = labels[start : start + batch_size]
+                real = len(y)
+                if compile and real < batch_size:  # pad (class 0, the next indices' noise; discarded): one graph
+                    y = torch.cat([y, torch.zeros(batch_size - real, dtype=torch.long)])
+                y = y.to(device)
                 first = first_index + start
                 noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
                                      for i in range(first, first + len(y))]).to(device)
@@ -119,17 +133,37 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
                     noise = torch.cat([noise, noise])
                     y = torch.cat([y, torch.full_like(y, num_classes)])
                 z = sample_loop(sampler, model_fn, noise, sampling_steps, {"y": y}, learn_sigma, gen, progress)
-                if guided:
-                    z = z[: len(z) // 2]
-                images = ae.decode(z)
-                if images.shape[1] == 1:
-                    images = images.expand(-1, 3, -1, -1)
-                out.append(to_uint8(images))
+                out += decode(ae, z[:real], device, precision, decode_batch or real)
     finally:
         model.train(was_training)
     if not out:
         return np.zeros((0, shape[1] * ae.downsample, shape[2] * ae.downsample, 3), dtype=np.uint8)
     return np.concatenate(out)
+
+
+def decode(ae: Any, z: torch.Tensor, device: torch.device, precision: str, chunk: int) -> list[np.ndarray]:
+    """Latents (N, C, h, w) -> uint8 images (n, H, W, 3) in chunks of `chunk`, decoded under `precision`."""
+    out = []
+    for lo in range(0, len(z), chunk):
+        with autocast(device, precision):
+            images = ae.decode(z[lo : lo + chunk]).float()
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        out.append(to_uint8(images))
+    return out
+
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledOrEager]" = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: torch.nn.Module, compile: bool) -> Any:
+    """`model` itself, or its compiled forward (fixed shapes: one graph per input shape), made once per
+    module so that every evaluation of a run reuses the graphs; eager for good if compiling fails."""
+    if not compile:
+        return model
+    if model not in _COMPILED:
+        _COMPILED[model] = CompiledOrEager(model, True, f"the sampling forward of {type(model).__name__}", dynamic=False)
+    return _COMPILED[model]
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -157,16 +191,6 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     img = Image.fromarray(make_grid(images, nrow))
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def save_npz(images: np.ndarray, labels: Any, path: str | Path) -> Path:
-    """ADM layout, atomically: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,) labels."""
-    images = np.asarray(images)
-    labels = np.asarray(labels, dtype=np.int64)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(labels) != len(images):
-        raise ValueError(f"ADM npz wants uint8 (N, H, W, 3) and N labels, got {images.dtype} {images.shape}, "
-                         f"{labels.shape} labels")
-    return atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
 
 
 def load_model_from_checkpoint(path: str | Path, use_ema: bool = True,

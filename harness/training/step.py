@@ -16,7 +16,6 @@ eagerly from then on; the failed attempt leaves no gradient behind.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from harness.errors import HarnessError
+from harness.models.compiled import autocast, compile_support, resolve_compile  # noqa: F401  (their home; the trainer's names)
 from harness.training.runtime import Dist, ema_update
 
 log = logging.getLogger(__name__)
@@ -48,40 +48,11 @@ class Batch:
 
 
 # ----------------------------------------------------------------------------- settings
-def compile_support(device: torch.device) -> str | None:
-    """None if torch.compile can run here, else why not (one phrase)."""
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
-        return "torch.compile does not support this Python or platform"
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        return "inductor's CPU backend needs a C++ compiler and none is on PATH"
-    return None
-
-
-def resolve_compile(setting: bool | str, device: torch.device, where: str = "train.compile") -> bool:
-    """`auto`: compile on CUDA (where it pays), not on the CPU. `true` where compiling is impossible
-    is a HarnessError naming the key."""
-    if setting == "auto":
-        return device.type == "cuda" and compile_support(device) is None
-    if setting is True:
-        why = compile_support(device)
-        if why:
-            raise HarnessError(f"{where}: true, but {why}. Fix: set {where}: auto (compiles on CUDA only) "
-                               "or false")
-    return bool(setting)
-
-
 def check_micro_batch(micro_batch: int, per_rank: int, where: str = "train.micro_batch") -> None:
     if micro_batch < 1 or per_rank % micro_batch:
         divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
         raise HarnessError(f"{where}: {micro_batch} does not divide the per-GPU batch of {per_rank}. "
                            f"Fix: use one of {divisors[-6:]}, or auto")
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    """bf16 autocast for `precision: bf16`, else nothing (fp32 weights and optimizer either way)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 # ----------------------------------------------------------------------------- the step

@@ -27,7 +27,7 @@ import torch
 from harness.models import checkpoint as ckpt
 from harness.models import flops
 from harness.errors import HarnessError
-from harness.training.evaluation import evaluate_step, pending_evals, save_grid
+from harness.training.evaluator import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from harness.config.layout import RunFolder, write_run_json
 from harness.training.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,

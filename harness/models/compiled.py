@@ -1,0 +1,87 @@
+"""How a model runs on a device: compilation, its eager fallback, and the autocast precision.
+
+Shared by training (`harness.training.step`) and sampling (`harness.sampling.sample`), so that both
+compile the same way: fixed shapes, one graph per input shape, and one line in the log (then eager)
+if the compiler fails on the first call.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+
+def compile_support(device: torch.device) -> str | None:
+    """None if torch.compile can run here, else why not (one phrase)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python or platform"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "inductor's CPU backend needs a C++ compiler and none is on PATH"
+    return None
+
+
+def resolve_compile(setting: bool | str, device: torch.device, where: str = "train.compile") -> bool:
+    """`auto`: compile on CUDA (where it pays), not on the CPU. `true` where compiling is impossible
+    is a HarnessError naming the key."""
+    if setting == "auto":
+        return device.type == "cuda" and compile_support(device) is None
+    if setting is True:
+        why = compile_support(device)
+        if why:
+            raise HarnessError(f"{where}: true, but {why}. Fix: set {where}: auto (compiles on CUDA only) "
+                               "or false")
+    return bool(setting)
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """`auto`: bf16 on CUDA (tensor cores), fp32 on the CPU (where bf16 is emulated and slower)."""
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return setting
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast for `precision: bf16`, else nothing (fp32 weights either way)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+class CompiledOrEager:
+    """`fn` compiled (when `compile`), falling back to eager `fn` for good if the first call fails.
+
+    The fallback is one warning line naming `what`; an out-of-memory error is not a compiler failure
+    and propagates. `compile_s` is the first compiled call's wall time (compilation included).
+    """
+
+    def __init__(self, fn: Callable[..., Any], compile: bool, what: str, **options: Any):
+        self.eager, self.compiled, self.what = fn, compile, what
+        self.fn: Callable[..., Any] = torch.compile(fn, **options) if compile else fn
+        self.compile_s: float | None = None
+        self._first = compile
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._first:
+            return self.fn(*args, **kwargs)
+        self._first = False
+        t0 = time.perf_counter()
+        try:
+            out = self.fn(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning("torch.compile failed for %s (%s: %s); running eagerly", self.what, type(err).__name__, first)
+            self.compiled, self.fn = False, self.eager
+            return self.fn(*args, **kwargs)
+        self.compile_s = time.perf_counter() - t0
+        log.info("compiled %s in %.1f s (first call)", self.what, self.compile_s)
+        return out
