@@ -36,7 +36,6 @@ from harness.models.dit import build_model
 
 log = logging.getLogger(__name__)
 
-TRANSFORMER_CLASS = "DiTTransformer2DModel"
 #: per-block modules of ours -> diffusers (suffixes .weight and .bias follow)
 _BLOCK_MAP = {
     "attn.proj": "attn1.to_out.0",

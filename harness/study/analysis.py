@@ -184,11 +184,6 @@ class Frontier:
     metric: str = "fid"
     x: str = "train_compute"
 
-    def best_at(self, compute: float) -> str | None:
-        vals = {k: interp(cx, cy, compute) for k, (cx, cy) in self.curves.items()}
-        vals = {k: v for k, v in vals.items() if np.isfinite(v)}
-        return min(vals, key=vals.get) if vals else None
-
 
 def interp(cx: np.ndarray, cy: np.ndarray, c: float) -> float:
     """Linear in log-log (exact for a power law) inside the curve's range, NaN outside; linear in
