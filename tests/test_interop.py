@@ -23,7 +23,8 @@ from harness.interop.convert import (diffusers_config, from_diffusers_state_dict
                              to_diffusers_state_dict)
 from harness.models.dit import build_model
 from harness.training.runtime import rng_state
-from harness.sampling.samplers import DIFFUSERS_SCHEDULERS, SAMPLERS, model_evaluations, provenance, sample_loop
+from harness.config.vocab import SAMPLERS
+from harness.sampling.samplers import DIFFUSERS_SCHEDULERS, model_evaluations, provenance, sample_loop
 from harness.config.spec import DataSpec, EvalSpec, RunSpec, TrainSpec, load_spec
 from test_autoencoder import tiny_vae
 from tolerance import fp32_bound, rel_err

@@ -4,7 +4,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from harness.errors import HarnessError
-from harness.metrics import normalize_metrics
+from harness.config.vocab import normalize_metrics
 from harness.metrics.stats import frechet_distance, gaussian_stats, inception_score, manifold_radii, precision_recall
 from metrics_helpers import frechet_distance_features
 from tolerance import fp32_bound, fp64_bound

@@ -24,7 +24,8 @@ from harness.models.dit import build_model
 from harness.sampling.sample import (_channels_arg, _data_field, _sample_seed, autoencoder_for, balanced_labels,
                             cli_sample, load_model_from_checkpoint, make_grid, random_labels, sample_images,
                             save_grid, save_npz)
-from harness.sampling.samplers import SAMPLERS, sample_loop
+from harness.config.vocab import SAMPLERS
+from harness.sampling.samplers import sample_loop
 from train_tiny import nudged_tiny_dit
 
 MODEL = "DiT-2x32x2/2"

@@ -11,9 +11,9 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.config.arguments import csv_list, positive_int
-from harness.config.vocab import FEATURE_SPACES, METRICS
+from harness.config.vocab import FEATURE_SPACES, METRIC_LABELS, METRICS, normalize_metrics
 from harness.io import atomic_write_json
-from harness.metrics import METRIC_LABELS, compute_metrics, get_feature_extractor, load_reference, normalize_metrics
+from harness.metrics import compute_metrics, get_feature_extractor, load_reference
 from harness.metrics.features import check_images
 
 log = logging.getLogger(__name__)

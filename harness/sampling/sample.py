@@ -24,7 +24,8 @@ import torch
 from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.npz import save_npz
-from harness.sampling.samplers import SAMPLERS, guidance_on, sample_loop
+from harness.config.vocab import SAMPLERS, guidance_on
+from harness.sampling.samplers import sample_loop
 from harness.config.spec import expand_path
 from harness.data.autoencoder import load_autoencoder, latent_shape
 from harness.data.datasets import to_uint8, dataset_channels

@@ -15,7 +15,6 @@ from __future__ import annotations
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS, guidance_on  # noqa: F401  (re-exported from their home)
 from harness.models.diffusion import DIFFUSERS_PROCESS, create_diffusion
 
 if TYPE_CHECKING:  # torch loads with the first sampler call, so `harness --help` stays fast
