@@ -476,7 +476,7 @@ def cli_plan(args) -> int:
     plan = plan_sweep(spec, args.throughput, args.throughput_model, args.sampling_throughput,
                       args.latent_throughput, args.throughput_from, args.gpu or spec.launcher.gpu_kind,
                       args.nodes, args.gpus_per_node)
-    if getattr(args, "forecast_from", None):
+    if args.forecast_from:
         add_forecast(plan, args.results, args.forecast_from)
     if args.format == "json":
         print(json.dumps(plan, indent=2))
