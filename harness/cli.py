@@ -13,7 +13,7 @@ import sys
 
 from harness.errors import HarnessError
 from harness.config.arguments import auto_or_positive_int, positive_int
-from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS
+from harness.config.vocab import FEATURE_SPACES, GUIDANCE_CHANNELS, SAMPLERS
 from harness.config.registry import CONDITIONINGS
 from harness.config.spec import AUTOENCODERS, PRECISIONS
 
@@ -80,7 +80,15 @@ def _bench_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--latents", action="store_true",
                    help="also time the latent stage: SD VAE encodes/s at input-size x 8 px, --batch images")
     s.add_argument("--sampling-steps", type=positive_int, default=None,
-                   help="also time sampling end to end (DDPM, VAE decode) with this many steps, --batch images")
+                   help="also time evaluation end to end (DDPM with this many steps, VAE decode, features) as "
+                        "eval.* resolve here; with --suite, once per model (what `harness plan --throughput-from` uses)")
+    s.add_argument("--eval-samples", type=positive_int, default=50_000, help="images of the projected evaluation")
+    s.add_argument("--eval-batch", type=auto_or_positive_int, default="auto", help="eval.batch_size: auto or images")
+    s.add_argument("--eval-precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
+                   help="eval.precision (auto: bf16 on CUDA, fp32 on the CPU)")
+    s.add_argument("--eval-features", choices=FEATURE_SPACES, default="inception")
+    s.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights for --sampling-steps (default: its architecture, random weights)")
     s.add_argument("--autoencoder-path", default=None,
                    help="SD VAE weights for --latents/--sampling-steps (default: its architecture, random weights)")
     s.add_argument("--format", choices=["table", "json"], default="table")
@@ -95,7 +103,11 @@ def _sample_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=positive_int, default=250, help="sampling steps (respaced)")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=positive_int, default=64)
+    s.add_argument("--batch-size", type=auto_or_positive_int, default="auto",
+                   help="images per batch; auto: the largest that fits (as eval.batch_size)")
+    s.add_argument("--precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
+                   help="the network's and decoder's autocast; auto: bf16 on CUDA, fp32 on the CPU")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: compiled on CUDA only")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
 

@@ -72,9 +72,10 @@ def test_partial_writes_are_cleaned(tmp_path):
     assert ckpt.load_latest_valid(tmp_path)[0]["step"] == 2
 
 
-def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
-    """RNG states used to be numpy's get_state() (an ndarray) and random.getstate(): such a checkpoint
-    loads with exactly numpy's array types allow-listed, and its states restore bitwise."""
+def test_rng_states_round_trip_through_a_checkpoint_and_the_pre_tensor_format_is_refused(tmp_path):
+    """RNG states are tensors and plain values, so they round-trip through weights_only loading bitwise.
+    For a few hours they were numpy's get_state() (an ndarray): such a checkpoint is no longer read (issue 22
+    removed that loader); it is refused in one line like any file holding Python objects."""
     import random
 
     import numpy as np
@@ -83,21 +84,18 @@ def test_checkpoint_from_before_tensor_rng_states_still_resumes(tmp_path):
 
     np.random.seed(3)
     random.seed(3)
-    legacy = {"torch": torch.get_rng_state(), "cuda": None, "numpy": np.random.get_state(),
-              "python": random.getstate()}
-    want = (np.random.rand(4), random.random())
-    path = ckpt.save_checkpoint(tmp_path, 2, {**_state(2), "rng": legacy})
-    state = ckpt.load_checkpoint(path)
-    np.random.seed(0)
-    random.seed(0)
-    set_rng_state(state["rng"])
-    assert np.array_equal(np.random.rand(4), want[0]) and random.random() == want[1]
-    # and the current format round-trips through a checkpoint too
     now = rng_state()
     want = (np.random.rand(4), random.random(), torch.rand(3))
     set_rng_state(ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 4, {**_state(4), "rng": now}))["rng"])
     got = (np.random.rand(4), random.random(), torch.rand(3))
     assert np.array_equal(got[0], want[0]) and got[1] == want[1] and torch.equal(got[2], want[2])
+    legacy = {"torch": torch.get_rng_state(), "cuda": None, "numpy": np.random.get_state(),
+              "python": random.getstate()}
+    path = ckpt.save_checkpoint(tmp_path, 2, {**_state(2), "rng": legacy})
+    with pytest.raises(ValueError) as err:
+        ckpt.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: refused: it holds Python objects beyond tensors and plain values")
+    assert "numpy" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- edges (issue 16's mutation survivors)
@@ -294,12 +292,9 @@ def test_a_checksum_mismatch_quotes_twelve_hex_digits_of_each(tmp_path):
 
 def test_map_location_reaches_torch_load_on_every_path(tmp_path):
     """'meta' is a map_location whose effect shows: tensors come back without storage."""
-    import numpy as np
     ckpt.save_checkpoint(tmp_path, 2, _state(2))
     assert ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2), "meta")["model"]["w"].is_meta
     assert ckpt.load_latest_valid(tmp_path, "meta")[0]["model"]["w"].is_meta
-    legacy = ckpt.save_checkpoint(tmp_path, 3, {**_state(3), "rng": {"numpy": np.random.get_state()}})
-    assert ckpt.load_checkpoint(legacy, "meta")["model"]["w"].is_meta
 
 
 def test_a_file_torch_cannot_read_is_refused_with_the_first_line_of_the_reason(tmp_path):

@@ -6,8 +6,8 @@ import torch
 from harness.errors import HarnessError
 from harness.metrics import compute_metrics, load_reference
 from harness.metrics.inception import (NUM_LOGITS, POOL_DIM, SPATIAL_DIM, WEIGHTS_ENV, WEIGHTS_URL,
-                                       InceptionFeatures, hub_weights_path, resolve_weights)
-from metrics_helpers import write_random_inception_weights
+                                       InceptionFeatures, hub_weights_path, resolve_weights,
+                                       write_random_inception_weights)
 from tolerance import FP32_U, fp32_bound, rel_err
 
 

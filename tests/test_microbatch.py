@@ -15,7 +15,7 @@ from harness.models.diffusion import create_diffusion
 from harness.errors import HarnessError
 from harness.models.dit import build_model
 from harness.training.runtime import Dist
-from harness.training.step import Batch, TrainStep, check_micro_batch, resolve_compile
+from harness.training.step import Batch, BatchGeometry, TrainStep, check_micro_batch, resolve_compile
 from harness.training.train import run_training
 from diffusion_helpers import training_losses
 from train_tiny import as_rank, free_port, TINY_MODEL, assert_adam_close, assert_bitwise_equal, final_state, tiny_run
@@ -87,8 +87,27 @@ def test_micro_batch_must_divide_the_per_gpu_batch(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "train.jsonl").exists()
 
 
+def test_the_batch_geometry_is_validated_once_and_says_itself_in_one_line():
+    """BatchGeometry: global batch over ranks, per rank in micro-batches; each rank's rows; both divisions
+    checked where it is made, the errors naming the run.json and the key (or bench's flag)."""
+    g = BatchGeometry.of(32, 4, "auto")
+    assert (g.global_batch, g.ranks, g.per_rank, g.micro) == (32, 4, 8, None)
+    assert [g.rows(r) for r in range(4)] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert g.with_micro(2) == BatchGeometry(32, 4, 2) == BatchGeometry.of(32, 4, "2")
+    assert str(g.with_micro(2)) == "per-GPU batch 8 in micro-batches of 2 (global batch 32 over 4 ranks)"
+    assert str(BatchGeometry(16, 1, 16)) == "per-GPU batch 16 in micro-batches of 16 (global batch 16 over 1 rank)"
+    with pytest.raises(HarnessError) as err:
+        BatchGeometry(16, 3, source="run/run.json: ")
+    assert str(err.value) == ("run/run.json: train.global_batch=16 is not divisible by the 3 ranks; "
+                              "choose a batch that is a multiple of the GPU count")
+    with pytest.raises(HarnessError, match=r"^--micro-batch: 3 does not divide the per-GPU batch of 8\. Fix"):
+        BatchGeometry.of(32, 4, 3, micro_key="--micro-batch")
+    with pytest.raises(HarnessError, match=r"^train.micro_batch: 3 does not divide the per-GPU batch of 8\. Fix"):
+        g.with_micro(3)
+
+
 def test_compile_true_where_it_cannot_compile_is_one_line(monkeypatch):
-    import harness.models.compiled
+    import harness.models.compiled  # compile_support's home since the sampling-precision change
 
     monkeypatch.setattr(harness.models.compiled.shutil, "which", lambda name: None)
     cpu = torch.device("cpu")
@@ -149,11 +168,11 @@ def test_auto_on_cpu_picks_the_largest_size_that_fits_and_says_so(monkeypatch, c
     # a budget with room for 5 samples' activations: the largest divisor of 16 that fits is 4
     monkeypatch.setenv(microbatch.BUDGET_ENV, str((fixed + 5.5 * per_sample) / 2**20))
     key = "tiny|test"
-    assert microbatch.resolve_micro_batch("auto", step, 16, key, SHAPE, 10) == 4
+    assert microbatch.resolve_micro_batch(BatchGeometry(16), step, key, SHAPE, 10) == BatchGeometry(16, 1, 4)
     assert "micro-batch 4 of a per-GPU batch of 16 (auto" in caplog.text
     assert all(p.grad is None for p in step.model.parameters())  # the probe leaves no gradient
     caplog.clear()
-    assert microbatch.resolve_micro_batch("auto", step, 16, key, SHAPE, 10) == 4  # from the cache
+    assert microbatch.resolve_micro_batch(BatchGeometry(16), step, key, SHAPE, 10).micro == 4  # from the cache
     assert "cached" in caplog.text
     # a roomy budget: the whole batch in one pass
     monkeypatch.setenv(microbatch.BUDGET_ENV, "100000")

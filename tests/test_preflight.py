@@ -44,7 +44,7 @@ def write_reference(path: Path, size: int) -> None:
 
 
 def make_inputs_whole(tmp_path: Path) -> None:
-    from metrics_helpers import write_random_inception_weights
+    from harness.metrics.inception import write_random_inception_weights
 
     tiny_vae().save_pretrained(tmp_path / "vae")
     write_random_inception_weights(tmp_path / "inception.pth", calibration_images=2)
@@ -122,7 +122,7 @@ def test_on_slurm_five_problems_in_one_run_and_nothing_queued(tmp_path, referenc
     """The issue's case on the local Slurm: a missing (or wrong-size) reference, missing VAE weights, an unset
     variable and a partition the cluster does not have, each one line, with sbatch --test-only's own words."""
     need_slurm()
-    from metrics_helpers import write_random_inception_weights
+    from harness.metrics.inception import write_random_inception_weights
 
     write_random_inception_weights(tmp_path / "inception.pth", calibration_images=2)
     if reference == "wrong size":

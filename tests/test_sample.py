@@ -8,15 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.config.spec import RunSpec
 from harness.models.checkpoint import save_checkpoint
 from harness.models.dit import build_model
 from harness.sampling.npz import save_npz
 from harness.sampling.sample import balanced_labels, make_grid, sample_images, save_grid
 
-RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
-       "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
-                "autoencoder_path": None, "num_classes": 10},
-       "train": {"class_dropout": 0.1}}
+#: the run record a checkpoint holds (partial, as an old one may be) and the RunSpec it reads as
+RECORD = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
+          "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
+                   "autoencoder_path": None, "num_classes": 10},
+          "train": {"class_dropout": 0.1}}
+RUN = RunSpec.from_dict(RECORD, required=("model",))
 
 
 def tiny_model(in_channels: int = 1, input_size: int = 8, perturb: bool = True):
@@ -100,7 +103,7 @@ def _checkpoint(tmp_path: Path) -> Path:
     model = tiny_model()
     ema = tiny_model(perturb=False)
     return save_checkpoint(tmp_path / "ckpt", 7, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                                  "opt": {}, "step": 7, "run": RUN})
+                                                  "opt": {}, "step": 7, "run": RECORD})
 
 
 def test_cli_sample_writes_grid_and_npz(tmp_path, capsys):

@@ -7,14 +7,17 @@ import torch
 
 from harness.models.checkpoint import save_checkpoint
 from harness.cli import main
+from harness.config.spec import RunSpec
 from harness.models.dit import build_model
 from harness.sampling.sample import sample_images
 from train_tiny import nudged_tiny_dit
 
-RUN = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
-       "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
-                "autoencoder_path": None, "num_classes": 10},
-       "train": {"class_dropout": 0.1}}
+#: the run record a checkpoint holds (partial, as an old one may be) and the RunSpec it reads as
+RECORD = {"model": "DiT-2x32x2/2", "conditioning": "adaLN-Zero", "seed": 0,
+          "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
+                   "autoencoder_path": None, "num_classes": 10},
+          "train": {"class_dropout": 0.1}}
+RUN = RunSpec.from_dict(RECORD, required=("model",))
 
 
 def _weights(seed: int) -> dict:
@@ -22,7 +25,7 @@ def _weights(seed: int) -> dict:
 
 
 def _reference_samples(weights: dict, n: int, steps: int, seed: int) -> np.ndarray:
-    model = build_model(RUN["model"], "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
+    model = build_model(RUN.model, "adaLN-Zero", input_size=8, in_channels=1, num_classes=10)
     model.load_state_dict(weights)
     labels = torch.arange(n) % 10
     return sample_images(model.eval(), RUN, labels, sampling_steps=steps, sampler="ddim", seed=seed)
@@ -30,7 +33,7 @@ def _reference_samples(weights: dict, n: int, steps: int, seed: int) -> np.ndarr
 
 def test_harness_sample_uses_ema_by_default_and_raw_only_when_asked(tmp_path):
     raw, ema = _weights(1), _weights(2)
-    ckpt = save_checkpoint(tmp_path / "ckpt", 5, {"model": raw, "ema": ema, "opt": {}, "step": 5, "run": RUN})
+    ckpt = save_checkpoint(tmp_path / "ckpt", 5, {"model": raw, "ema": ema, "opt": {}, "step": 5, "run": RECORD})
     args = ["sample", "--checkpoint", str(ckpt), "--num-samples", "6", "--steps", "4", "--sampler", "ddim",
             "--seed", "3"]
     assert main(args + ["--out", str(tmp_path / "default")]) == 0

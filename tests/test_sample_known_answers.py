@@ -5,7 +5,6 @@ with their exact outputs and error messages. Tiny models (DiT-2x32x2/2, 8x8 digi
 from __future__ import annotations
 
 import hashlib
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,21 @@ from harness.data.datasets import to_uint8
 from harness.models.diffusion import guided_model_fn
 from harness.errors import HarnessError
 from harness.models.dit import build_model
-from harness.sampling.sample import (_channels_arg, _data_field, _sample_seed, autoencoder_for, balanced_labels,
-                            cli_sample, load_model_from_checkpoint, make_grid, random_labels, sample_images,
-                            save_grid, save_npz)
+from harness.config.spec import RunSpec
 from harness.config.vocab import SAMPLERS
+from harness.models.runmodel import model_from_checkpoint
+from harness.sampling.sample import (_channels_arg, _sample_seed, autoencoder_for, balanced_labels, cli_sample,
+                                     make_grid, random_labels, sample_images, save_grid, save_npz)
 from harness.sampling.samplers import sample_loop
 from train_tiny import nudged_tiny_dit
 
 MODEL = "DiT-2x32x2/2"
-RUN = {"model": MODEL, "conditioning": "adaLN-Zero", "seed": 0,
-       "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
-                "autoencoder_path": None, "num_classes": 10},
-       "train": {"class_dropout": 0.1}}
+#: a checkpoint's run record as tests write it: partial, like one from before a key existed
+RECORD = {"model": MODEL, "conditioning": "adaLN-Zero", "seed": 0,
+          "data": {"dataset": "digits", "path": None, "image_size": 8, "autoencoder": "identity",
+                   "autoencoder_path": None, "num_classes": 10},
+          "train": {"class_dropout": 0.1}}
+RUN = RunSpec.from_dict(RECORD, required=("model",))
 DEFAULT = object()  # "leave the argument out"
 
 
@@ -62,8 +64,12 @@ def tiny_vae_ae() -> VAEAutoencoder:
     return VAEAutoencoder("sd-vae-ft-ema", tiny_vae())
 
 
-def vae_run(vae_dir: Path) -> dict:
-    return {**RUN, "data": {**RUN["data"], "image_size": 16, "autoencoder": "sd-vae-ft-ema",
+def vae_run(vae_dir: Path) -> RunSpec:
+    return RunSpec.from_dict(vae_record(vae_dir), required=("model",))
+
+
+def vae_record(vae_dir: Path) -> dict:
+    return {**RECORD, "data": {**RECORD["data"], "image_size": 16, "autoencoder": "sd-vae-ft-ema",
                             "autoencoder_path": str(vae_dir)}}
 
 
@@ -162,35 +168,19 @@ def test_random_labels_are_seeded_reproducible_and_span_every_class():
 
 
 # ----------------------------------------------------------------------------- run fields and autoencoders
-def test_data_field_reads_dict_and_object_runs_with_defaults():
-    ns = types.SimpleNamespace
-    assert _data_field({"data": {"image_size": 8}}, "image_size") == 8
-    assert _data_field({"data": {"image_size": 8}}, "dataset", "digits") == "digits"
-    assert _data_field({"data": {"image_size": 8}}, "dataset") is None
-    assert _data_field({}, "dataset", "digits") == "digits"  # no data at all
-    assert _data_field({"data": None}, "dataset", "digits") == "digits"
-    assert _data_field({"data": ns(image_size=16)}, "image_size") == 16  # dict run, object data
-    run = ns(data=ns(image_size=32, autoencoder="identity"))  # a RunSpec-like object
-    assert _data_field(run, "image_size") == 32 and _data_field(run, "autoencoder", "x") == "identity"
-    assert _data_field(run, "dataset", "digits") == "digits" and _data_field(run, "dataset") is None
-    assert _data_field(ns(data={"image_size": 4}), "image_size", 1) == 4  # object run, dict data
-    assert _data_field(ns(data={"image_size": 4}), "num_classes", 10) == 10
-    assert _data_field(ns(), "image_size", 7) == 7  # object run without data
-    assert _data_field(ns(data=None), "image_size", 7) == 7
-
-
 def test_autoencoder_for_defaults_to_identity_and_caches_per_key():
-    a = autoencoder_for({"data": {}})  # no data.autoencoder: identity
+    a = autoencoder_for(RunSpec.from_dict({"model": MODEL, "data": {}}, required=("model",)))  # identity
     assert isinstance(a, IdentityAutoencoder)
     assert autoencoder_for(RUN) is a  # the same key ("identity", None): loaded once
-    assert autoencoder_for(types.SimpleNamespace(data=types.SimpleNamespace(autoencoder="identity"))) is a
+    assert autoencoder_for(RunSpec.from_dict({"model": MODEL}, required=("model",))) is a  # no data at all
     assert autoencoder_for(None) is a
     assert len(harness.sampling.sample._AUTOENCODERS) == 1
 
 
 def test_autoencoder_for_loads_the_named_vae_from_the_expanded_path(vae_dir, monkeypatch):
     monkeypatch.setenv("SAMPLE_TEST_VAE_HOME", str(vae_dir.parent))
-    run = {"data": {"autoencoder": "sd-vae-ft-ema", "autoencoder_path": f"${{SAMPLE_TEST_VAE_HOME}}/{vae_dir.name}"}}
+    run = RunSpec.from_dict({"model": MODEL, "data": {"autoencoder": "sd-vae-ft-ema", "autoencoder_path":
+                                                      f"${{SAMPLE_TEST_VAE_HOME}}/{vae_dir.name}"}}, required=("model",))
     ae = autoencoder_for(run)
     assert isinstance(ae, VAEAutoencoder) and ae.name == "sd-vae-ft-ema" and ae.downsample == 8
     assert ae.fingerprint == tiny_vae_ae().fingerprint  # the weights in that folder
@@ -200,7 +190,8 @@ def test_autoencoder_for_loads_the_named_vae_from_the_expanded_path(vae_dir, mon
     assert isinstance(ident, IdentityAutoencoder) and ident is not ae
     monkeypatch.delenv("SAMPLE_TEST_UNSET_VAR", raising=False)
     with pytest.raises(HarnessError) as err:
-        autoencoder_for({"data": {"autoencoder": "sd-vae-ft-ema", "autoencoder_path": "${SAMPLE_TEST_UNSET_VAR}/v"}})
+        autoencoder_for(RunSpec.from_dict({"model": MODEL, "data": {"autoencoder": "sd-vae-ft-ema", "autoencoder_path":
+                                           "${SAMPLE_TEST_UNSET_VAR}/v"}}, required=("model",)))
     assert str(err.value).startswith("data.autoencoder_path: '${SAMPLE_TEST_UNSET_VAR}/v' uses the unset "
                                      "environment variable SAMPLE_TEST_UNSET_VAR.")
 
@@ -379,8 +370,8 @@ def test_on_cuda_sampling_and_loading_use_the_gpu(tmp_path):
     explicit = sample_images(model, RUN, [1, 2, 3], device="cuda", **kw)
     np.testing.assert_array_equal(default, explicit)
     assert np.abs(default.astype(int) - cpu.astype(int)).max() <= 2
-    ckpt = save_checkpoint(tmp_path / "ckpt", 7, {"model": weights(1), "ema": weights(2), "step": 7, "run": RUN})
-    loaded, _, _ = load_model_from_checkpoint(ckpt, device="cuda")
+    ckpt = save_checkpoint(tmp_path / "ckpt", 7, {"model": weights(1), "ema": weights(2), "step": 7, "run": RECORD})
+    loaded, _, _ = model_from_checkpoint(ckpt, device="cuda")
     assert next(loaded.parameters()).device.type == "cuda"
 
 
@@ -458,8 +449,8 @@ def test_save_npz_writes_int64_labels_and_rejects_bad_input(tmp_path):
     assert not (tmp_path / "bad.npz").exists()
 
 
-# ----------------------------------------------------------------------------- load_model_from_checkpoint
-def _save(tmp_path: Path, run=RUN, step: int = 7, **state) -> Path:
+# ----------------------------------------------------------------------------- model_from_checkpoint
+def _save(tmp_path: Path, run=RECORD, step: int = 7, **state) -> Path:
     state = {"model": weights(1), "ema": weights(2), "opt": {}, "step": step, "run": run, **state}
     return save_checkpoint(tmp_path / "ckpt", step, {k: v for k, v in state.items() if v is not DEFAULT})
 
@@ -471,11 +462,11 @@ def _same_weights(model: torch.nn.Module, want: dict) -> bool:
 
 def test_load_model_uses_the_ema_weights_by_default_and_raw_on_request(tmp_path):
     path = _save(tmp_path)
-    model, run, ckpt = load_model_from_checkpoint(path)  # defaults: EMA, CPU
+    model, run, ckpt = model_from_checkpoint(path)  # defaults: EMA, CPU
     assert _same_weights(model, weights(2)) and not _same_weights(model, weights(1))
     assert not model.training and next(model.parameters()).device == torch.device("cpu")
     assert run == RUN and ckpt["step"] == 7 and _same_weights(model, ckpt["ema"])
-    raw, _, _ = load_model_from_checkpoint(path, use_ema=False, device="cpu")
+    raw, _, _ = model_from_checkpoint(path, use_ema=False, device="cpu")
     assert _same_weights(raw, weights(1)) and not raw.training
     # the model samples exactly as one built independently and loaded with those weights
     kw = dict(sampling_steps=2, sampler="ddim", seed=1)
@@ -487,57 +478,57 @@ def test_load_model_strips_ddp_and_compile_prefixes(tmp_path):
     ema, raw = weights(2), weights(1)
     path = _save(tmp_path, ema={f"module._orig_mod.{k}": v for k, v in ema.items()},
                  model={f"_orig_mod.{k}": v for k, v in raw.items()})
-    assert _same_weights(load_model_from_checkpoint(path)[0], ema)
-    assert _same_weights(load_model_from_checkpoint(path, use_ema=False)[0], raw)
+    assert _same_weights(model_from_checkpoint(path)[0], ema)
+    assert _same_weights(model_from_checkpoint(path, use_ema=False)[0], raw)
     path = _save(tmp_path / "b", ema={f"module.{k}": v for k, v in ema.items()})
-    assert _same_weights(load_model_from_checkpoint(path)[0], ema)
+    assert _same_weights(model_from_checkpoint(path)[0], ema)
 
 
 def test_load_model_errors_say_what_is_wrong_and_what_to_do(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(HarnessError) as err:
-        load_model_from_checkpoint(missing)
+        model_from_checkpoint(missing)
     assert str(err.value) == (f"{missing}: no such checkpoint (--checkpoint); checkpoints live in "
                               "results/<sweep>/runs/<run_id>/checkpoints/step_XXXXXXX.pt.")
-    for i, run in enumerate([DEFAULT, "run.json", {"data": RUN["data"]}]):  # none, not a dict, no model
+    for i, run in enumerate([DEFAULT, "run.json", {"data": RECORD["data"]}]):  # none, not a dict, no model
         path = _save(tmp_path / f"r{i}", run=run)
         with pytest.raises(HarnessError) as err:
-            load_model_from_checkpoint(path)
+            model_from_checkpoint(path)
         assert str(err.value) == (f"{path}: the checkpoint has no 'run' dict (run.json), so the model cannot "
                                   "be rebuilt.")
     for i, ema in enumerate([DEFAULT, None]):
         path = _save(tmp_path / f"e{i}", ema=ema)
         with pytest.raises(HarnessError) as err:
-            load_model_from_checkpoint(path)
+            model_from_checkpoint(path)
         assert str(err.value) == (f"{path}: the checkpoint has no EMA weights; pass --no-ema to use the raw "
                                   "weights.")
-        assert _same_weights(load_model_from_checkpoint(path, use_ema=False)[0], weights(1))
+        assert _same_weights(model_from_checkpoint(path, use_ema=False)[0], weights(1))
     path = _save(tmp_path / "corrupt")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(HarnessError) as err:
-        load_model_from_checkpoint(path)
+        model_from_checkpoint(path)
     assert str(err.value).startswith(f"{path}: ")
     assert str(err.value).endswith(" (--checkpoint); pick another checkpoint of the run.")
 
 
 def test_load_model_rebuilds_the_architecture_the_run_names(tmp_path, vae_dir):
     # conditioning and class dropout from the run; defaults adaLN-Zero and 0.1 when absent
-    run = {**RUN, "conditioning": "adaLN", "train": {"class_dropout": 0.25}}
+    run = {**RECORD, "conditioning": "adaLN", "train": {"class_dropout": 0.25}}
     w = weights(3, conditioning="adaLN")
-    model = load_model_from_checkpoint(_save(tmp_path / "a", run=run, ema=w))[0]
+    model = model_from_checkpoint(_save(tmp_path / "a", run=run, ema=w))[0]
     assert model.conditioning == "adaLN" and model.y_embedder.dropout == 0.25 and _same_weights(model, w)
     bare = {"model": MODEL, "data": {"image_size": 8, "num_classes": 10}}  # no conditioning/train/dataset/ae
-    model = load_model_from_checkpoint(_save(tmp_path / "b", run=bare))[0]
+    model = model_from_checkpoint(_save(tmp_path / "b", run=bare))[0]
     assert model.conditioning == "adaLN-Zero" and model.y_embedder.dropout == 0.1
     assert (model.in_channels, model.input_size, model.num_classes) == (1, 8, 10)  # digits: grey
-    run = {**RUN, "data": {**RUN["data"], "dataset": str(tmp_path / "imagefolder"), "num_classes": 7}}
+    run = {**RECORD, "data": {**RECORD["data"], "dataset": str(tmp_path / "imagefolder"), "num_classes": 7}}
     w = weights(4, in_channels=3, num_classes=7)
-    model = load_model_from_checkpoint(_save(tmp_path / "c", run=run, ema=w))[0]
+    model = model_from_checkpoint(_save(tmp_path / "c", run=run, ema=w))[0]
     assert (model.in_channels, model.input_size, model.num_classes) == (3, 8, 7) and _same_weights(model, w)
     w = weights(5, in_channels=4, input_size=2)
-    model = load_model_from_checkpoint(_save(tmp_path / "d", run=vae_run(vae_dir), ema=w))[0]
+    model = model_from_checkpoint(_save(tmp_path / "d", run=vae_record(vae_dir), ema=w))[0]
     assert (model.in_channels, model.input_size) == (4, 2) and _same_weights(model, w)  # 16 px / 8, 4 latents
 
 
@@ -583,7 +574,7 @@ def test_cli_sample_raw_weights_random_labels_guided_in_batches(tmp_path, capsys
 
 def test_cli_sample_decodes_with_the_runs_vae_and_guides_the_channels_asked(tmp_path, vae_dir, cpu_only):
     w = weights(6, in_channels=4, input_size=2)
-    ckpt = _save(tmp_path, run=vae_run(vae_dir), ema=w)
+    ckpt = _save(tmp_path, run=vae_record(vae_dir), ema=w)
     model = tiny_model(6, in_channels=4, input_size=2)
     labels = torch.arange(3)
     got = {}

@@ -12,7 +12,7 @@ import pytest
 
 from harness import cli, paper
 from harness.errors import HarnessError
-from harness.config.spec import RunSpec, load_spec
+from harness.config.spec import RECORD_KEYS, DataSpec, EvalSpec, RunSpec, TrainSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
@@ -105,6 +105,23 @@ def test_runspec_round_trip(tmp_path):
         with pytest.raises(HarnessError) as err:
             RunSpec.from_dict(bad, tmp_path / "job" / "run.json")
         assert str(err.value).startswith(f"{tmp_path / 'job' / 'run.json'}: {says}")
+
+
+def test_a_partial_run_record_takes_the_spec_defaults(tmp_path):
+    """A checkpoint's run record needs only its model (required=("model",)); whatever else it lacks, as a
+    record written before a key existed would, takes the dataclasses' defaults. run.json needs its identity."""
+    run = RunSpec.from_dict({"model": "DiT-2x32x2/2", "data": {"image_size": 16}}, required=("model",))
+    assert (run.run_id, run.sweep, run.model, run.conditioning, run.seed) == ("?", "?", "DiT-2x32x2/2", "adaLN-Zero", 0)
+    assert run.data == DataSpec(image_size=16) and run.data.dataset == "digits" and run.data.autoencoder == "identity"
+    assert run.train == TrainSpec() and run.train.class_dropout == 0.1 and run.eval == EvalSpec()
+    assert RunSpec.from_dict({"model": "DiT-2x32x2/2", "data": None}, required=("model",)).data == DataSpec()
+    d = load_spec(SWEEPS / "gflops.yaml").expand()[0].to_dict()
+    del d["data"]["flip"], d["train"]["grad_checkpointing"], d["checkpoints_from"]  # keys added after it was written
+    assert RunSpec.from_dict(d) == load_spec(SWEEPS / "gflops.yaml").expand()[0]
+    for required, record in ((("model",), {"data": {}}), (RECORD_KEYS, {k: v for k, v in d.items() if k != "eval"})):
+        with pytest.raises(HarnessError) as err:
+            RunSpec.from_dict(record, tmp_path / "r.json", required=required)
+        assert str(err.value).startswith(f"{tmp_path / 'r.json'}: malformed run record (")
 
 
 def test_at_steps_default_to_final_step(tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.training.runtime import Dist, derive_seed
+from harness.training.step import BatchGeometry
 from harness.training.train import _TAG_EPOCH, _TAG_STEP, _NO_BAD, BatchSource, DataOrder, _check_finite, _lr_at, \
     step_randomness
 
@@ -69,7 +70,8 @@ def test_a_rank_reads_its_slice_of_the_global_batch_in_the_data_order(flip):
     for world in (1, 2, 3):
         xs, ys = [], []
         for rank in range(world):
-            src = BatchSource(lat, labels, DataOrder(12, seed=5), 6, Dist(rank=rank, world=world), flip)
+            src = BatchSource(lat, labels, DataOrder(12, seed=5), BatchGeometry(6, world), Dist(rank=rank, world=world),
+                              flip)
             x, y = src.get(8)
             src.close()
             assert x.shape == (6 // world, 2, 3, 3) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -83,12 +85,12 @@ def test_a_rank_reads_its_slice_of_the_global_batch_in_the_data_order(flip):
 
 def test_the_prefetched_batch_is_the_batch_that_was_asked_for():
     lat, labels = _arrays()
-    src = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
+    src = BatchSource(lat, labels, DataOrder(12, seed=1), BatchGeometry(4), Dist(), True)
     first = src.get(0)
     second = src.get(4)            # served by the read started during get(0)
     out_of_order = src.get(40)     # not the prefetched one: read directly
     src.close()
-    fresh = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
+    fresh = BatchSource(lat, labels, DataOrder(12, seed=1), BatchGeometry(4), Dist(), True)
     for pos, got in ((0, first), (4, second), (40, out_of_order)):
         want = fresh._read(pos)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -102,7 +104,7 @@ def test_each_batch_is_read_once_the_next_one_ahead_and_close_waits_for_the_read
     import time
 
     lat, labels = _arrays()
-    src = BatchSource(lat, labels, DataOrder(12, seed=1), 4, Dist(), True)
+    src = BatchSource(lat, labels, DataOrder(12, seed=1), BatchGeometry(4), Dist(), True)
     reads, read = [], src._read
     started, release = threading.Event(), threading.Event()
 

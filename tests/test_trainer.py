@@ -96,7 +96,8 @@ def test_the_run_log_says_how_it_trains_and_why_it_stopped(tmp_path, caplog):
     caplog.set_level("INFO", logger="harness.training.train")
     run_training(tiny_run(steps=4, ckpt_every=100), tmp_path, stop_at=2)
     lines = [r.getMessage() for r in caplog.records if r.name == "harness.training.train"]
-    assert ("training tiny: per-GPU batch 16 in micro-batches of 16, fp32, eager, attention: "
+    assert ("training tiny: per-GPU batch 16 in micro-batches of 16 (global batch 16 over 1 rank), fp32, eager, "
+            "attention: "
             f"{attention_backends(torch.device('cpu'), 'fp32')}") in lines
     assert lines[-1] == "stopping at step 2 as asked (stop_at)"
 
@@ -192,7 +193,8 @@ def test_the_trainer_refuses_a_batch_its_ranks_cannot_split_and_sets_tf32_only_f
         trainer = Trainer(tiny_run(), tmp_path / "runs" / "new", Dist())   # its folder made, parents too
         assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
     assert (tmp_path / "runs" / "new" / "run.json").exists()
-    assert (trainer.per_rank, trainer.step, trainer.data_pos, trainer.shape) == (16, 0, 0, (1, 8, 8))
+    assert (trainer.geometry.per_rank, trainer.step, trainer.data_pos, trainer.shape) == (16, 0, 0, (1, 8, 8))
+    assert (trainer.geometry.global_batch, trainer.geometry.ranks) == (16, 1)
 
 
 def test_an_evaluation_only_trainer_takes_its_shape_from_the_spec_and_reads_no_data(tmp_path, monkeypatch):

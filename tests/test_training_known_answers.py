@@ -77,7 +77,7 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     """The samples training writes at an eval step equal those of a model loaded with the
     checkpoint's EMA weights, and differ from those of the raw weights."""
     from harness.training.evaluator import evaluate_step, save_grid
-    from harness.sampling.sample import load_model_from_checkpoint
+    from harness.models.runmodel import model_from_checkpoint
 
     ev = {"num_samples": 20, "sampling_steps": [5], "metrics": ["fid"], "batch_size": 20}
     run = tiny_run(steps=3, at_steps=[3], ema_decay=0.5, lr=3e-3, eval=ev)
@@ -92,7 +92,7 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     dist = Dist(device=torch.device("cpu"))  # one rank: evaluation runs on every rank of a job
     got = {}
     for use_ema in (True, False):
-        model, _, _ = load_model_from_checkpoint(ckpt, use_ema=use_ema)
+        model, _, _ = model_from_checkpoint(ckpt, use_ema=use_ema)
         folder = tmp_path / ("ema" if use_ema else "raw")
         assert evaluate_step(run, folder, model, dist, 3) == 1
         with np.load(folder / "samples" / name) as f:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.config.spec import RUN_JSON_PLAN_KEYS, RunSpec
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, atomic_write_text
 
@@ -39,9 +40,6 @@ LOCK_FILE = ".sweep.lock"
 JOBS_DIR = "jobs"
 RUNS_DIR = "runs"
 
-#: keys the planner adds to a run's RunSpec.to_dict() in run.json (RunSpec.from_dict ignores them)
-RUN_JSON_PLAN_KEYS = ("size", "patch", "depth", "hidden", "heads", "gflops", "params", "input_size",
-                      "in_channels")
 _CHECKPOINT = re.compile(r"^step_(\d{7,})\.pt$")
 _GRID = re.compile(r"^grid_step_(\d{7,})\.png$")
 
@@ -109,7 +107,7 @@ class RunFolder:
 
 
 # --------------------------------------------------------------------------- run.json
-def write_run_json(run: Any, rdir: Path, gflops: float, params: int) -> None:
+def write_run_json(run: RunSpec, rdir: Path, gflops: float, params: int) -> None:
     """Write rdir/run.json, the only writer: the run (a RunSpec), its shape, and the model's forward
     Gflops and parameters as the caller counted them (`harness.cost.plan.record_run`, the trainer)."""
     planned = {**run.shape.to_dict(), "gflops": gflops, "params": params, "input_size": run.data.input_size,

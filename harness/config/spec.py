@@ -64,7 +64,6 @@ from harness import hardware
 from harness.config import limits as L
 from harness.errors import HarnessError
 from harness.io import path_digest
-from harness.config.layout import RUN_JSON_PLAN_KEYS
 from harness.config.spec_checks import check_sweep, split_shape_error
 from harness.config.specfile import Where, apply_overrides, check_keys, check_value, read_yaml, section, typename
 from harness.config.registry import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, resolve_shape
@@ -203,6 +202,14 @@ _TRAIN_ID_EXCLUDED = ("steps", "compile", "micro_batch", "grad_checkpointing", "
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
 
 
+#: keys the planner adds to a run's to_dict() in run.json (harness.config.layout.write_run_json; from_dict ignores them)
+RUN_JSON_PLAN_KEYS = ("size", "patch", "depth", "hidden", "heads", "gflops", "params", "input_size", "in_channels")
+DEFAULT_CONDITIONING = "adaLN-Zero"  # the block of a sweep or run record that names none
+#: keys run.json must have (its identity); a partial record (a checkpoint's: required=("model",)) gets these defaults
+RECORD_KEYS = ("run_id", "sweep", "model", "conditioning", "seed", "data", "train", "eval")
+_RECORD_DEFAULTS = {"run_id": "?", "sweep": "?", "conditioning": DEFAULT_CONDITIONING, "seed": 0}
+
+
 @dataclass
 class RunSpec:
     """One training run (or, with checkpoints_from, one evaluation of another sweep's run)."""
@@ -221,18 +228,24 @@ class RunSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str | Path = "run.json") -> "RunSpec":
-        """A run record back from its dict; `where`: the file it came from, named in errors."""
+    def from_dict(cls, d: dict, where: str | Path = "run.json", *, required: tuple[str, ...] = RECORD_KEYS
+                  ) -> "RunSpec":
+        """A run record back from its dict (run.json, a checkpoint's "run"); `where`: the file it came from,
+        named in errors. Keys beyond `required` that a record lacks (one written before the key existed)
+        take the dataclasses' defaults; a checkpoint's record needs only its model (`required=("model",)`)."""
         known = {f.name for f in fields(cls)}
         extra = set(d) - known - set(RUN_JSON_PLAN_KEYS)
         if extra:
             raise HarnessError(f"{where}: unknown keys {sorted(extra)}. Fix: regenerate it with `harness sweep`.")
         try:
+            for key in (k for k in required if k not in d):
+                raise KeyError(key)
+            d = {**_RECORD_DEFAULTS, **d}
             return cls(
                 run_id=d["run_id"], sweep=d["sweep"], model=d["model"], conditioning=d["conditioning"],
-                seed=int(d["seed"]), data=DataSpec(**d["data"]), train=TrainSpec(**d["train"]),
-                eval=EvalSpec(**d["eval"]), checkpoints_from=d.get("checkpoints_from"))
-        except (KeyError, TypeError) as err:
+                seed=int(d["seed"]), data=DataSpec(**d.get("data") or {}), train=TrainSpec(**d.get("train") or {}),
+                eval=EvalSpec(**d.get("eval") or {}), checkpoints_from=d.get("checkpoints_from"))
+        except (KeyError, TypeError, ValueError) as err:
             raise HarnessError(f"{where}: malformed run record ({err}). Fix: regenerate it with `harness sweep`.")
 
     @property
@@ -251,7 +264,7 @@ class SweepSpec:
     path: Path
     models: list[str]
     description: str = ""
-    conditioning: list[str] = field(default_factory=lambda: ["adaLN-Zero"])
+    conditioning: list[str] = field(default_factory=lambda: [DEFAULT_CONDITIONING])
     seeds: list[int] = field(default_factory=lambda: [0])
     checkpoints_from: str | None = None
     # the conditioning ablation: these blocks also run on these models (already in `models`)
@@ -457,7 +470,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> SweepSpec:
                           "write the name of the sweep that trained the models, e.g. gflops")
     spec = SweepSpec(
         name=name, path=path, description=description, models=_models(raw["models"], where),
-        conditioning=_str_list(raw.get("conditioning", ["adaLN-Zero"]), "conditioning", where, CONDITIONINGS),
+        conditioning=_str_list(raw.get("conditioning", [DEFAULT_CONDITIONING]), "conditioning", where, CONDITIONINGS),
         seeds=check_value(raw.get("seeds", [0]), {"kind": list, "item": int, "min": 0, "nonempty": True, **L.SEED},
                      ("seeds",), where),
         checkpoints_from=source,

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
-from harness.config.spec import DataSpec, expand_path
+from harness.config.spec import DataSpec, RunSpec, expand_path
 from harness.data.autoencoder import load_autoencoder
 from harness.io import atomic_write
 from harness.models.checkpoint import list_checkpoints, verify_checkpoint
 from harness.models.diffusion import DIFFUSERS_PROCESS
-from harness.models.dit import build_model
+from harness.models.runmodel import build_run_model, model_from_checkpoint, strip_wrappers
 
 log = logging.getLogger(__name__)
 
@@ -150,24 +150,15 @@ def timestep_frequency_gap(freq_dim: int = 256) -> float:
 
 
 # ----------------------------------------------------------------------------- reading sources
-#: numpy pieces a harness checkpoint's rng state needs; allow-listed for weights_only loading
-def _numpy_globals() -> list:
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def load_weights_file(path: Path) -> Any:
-    """torch.load with weights_only=True (numpy arrays allowed for harness rng states)."""
+    """torch.load with weights_only=True: tensors and plain values (a harness checkpoint's RNG states too)."""
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            try:  # mmap: a shape check of a 675 MB DiT-XL/2 reads only what it touches
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        try:  # mmap: a shape check of a 675 MB DiT-XL/2 reads only what it touches
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) torch.save format
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HarnessError(f"{path}: cannot be read as a weights file ({first[:160]}); "
@@ -182,7 +173,6 @@ class Source:
     kind: str  # "harness-checkpoint" | "state-dict" | "diffusers"
     state_dict: dict[str, torch.Tensor]
     model_args: dict[str, Any] | None = None  # constructor args, when the source says (diffusers)
-    run: dict | None = None  # a harness checkpoint's run dict
 
 
 def _transformer_folder(path: Path) -> Path | None:
@@ -232,13 +222,12 @@ def read_source(path: str | Path, use_ema: bool = True) -> Source:
         weights = obj.get("ema") if use_ema else obj["model"]
         if weights is None:
             weights = obj["model"]
-        sd, kind, run = weights, "harness-checkpoint", obj.get("run")
+        sd, kind = weights, "harness-checkpoint"
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd, kind, run = obj, "state-dict", None
+        sd, kind = obj, "state-dict"
     else:
         raise HarnessError(f"{path}: neither a harness checkpoint nor a state dict of tensors.")
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-    return Source(path, kind, sd, None, run if isinstance(run, dict) else None)
+    return Source(path, kind, strip_wrappers(sd))
 
 
 def source_conditioning(sd: dict[str, torch.Tensor]) -> str:
@@ -299,23 +288,7 @@ def _run_checkpoint(path: Path) -> Path:
     raise HarnessError(f"{path}: neither a checkpoint file nor a run folder with a valid checkpoints/step_*.pt.")
 
 
-def model_from_checkpoint(path: Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict, Source]:
-    """(our DiT with the checkpoint's EMA or raw weights, its run dict, the source) of a harness checkpoint."""
-    problem = verify_checkpoint(path)
-    if problem:
-        raise HarnessError(f"{path}: {problem}.")
-    source = read_source(path, use_ema=use_ema)
-    run = source.run
-    if source.kind != "harness-checkpoint" or not run or "model" not in run:
-        raise HarnessError(f"{path}: not a harness training checkpoint with a run record; export needs one.")
-    data = DataSpec(**run["data"])
-    conditioning = run.get("conditioning", "adaLN-Zero")
-    model = build_model(run["model"], conditioning, input_size=data.input_size, in_channels=data.channels,
-                        num_classes=data.num_classes)
-    return load_into(model, source, conditioning, f"run {run.get('run_id', '?')}"), run, source
-
-
-def _id2label(data: Any) -> dict[str, str]:
+def _id2label(data: DataSpec) -> dict[str, str]:
     """Class names: the digits, or an ImageFolder's class folder names (WordNet ids) when it is here."""
     if data.dataset == "digits":
         return {str(i): str(i) for i in range(data.num_classes)}
@@ -340,9 +313,9 @@ def export_diffusers(src: str | Path, out: str | Path, raw: bool = False) -> Pat
     if out.exists():
         raise HarnessError(f"{out}: already exists; export writes a new folder (remove it or pick another name).")
     ckpt = _run_checkpoint(Path(src))
-    model, run, _ = model_from_checkpoint(ckpt, use_ema=not raw)
-    check_exportable(run.get("conditioning", "adaLN-Zero"), str(ckpt))
-    data = DataSpec(**run["data"])
+    model, run, _ = model_from_checkpoint(ckpt, use_ema=not raw, arg="CHECKPOINT_OR_RUN", raw_flag="--raw")
+    check_exportable(run.conditioning, str(ckpt))
+    data = run.data
     transformer = DiTTransformer2DModel(**diffusers_config(model))
     missing, unexpected = transformer.load_state_dict(to_diffusers_state_dict(model.state_dict(), len(model.blocks)),
                                                       strict=False)
@@ -370,9 +343,9 @@ def export_diffusers(src: str | Path, out: str | Path, raw: bool = False) -> Pat
     return out
 
 
-def _pipeline_snippet(run: dict) -> str:
+def _pipeline_snippet(run: RunSpec) -> str:
     """Python that loads a latent-space export with DiTPipeline and samples it (run in the export folder)."""
-    labels = [0, 1, 2, 3] if run["data"]["num_classes"] >= 4 else [0]
+    labels = [0, 1, 2, 3] if run.data.num_classes >= 4 else [0]
     return ("import torch\n"
             "from diffusers import DiTPipeline\n\n"
             'EXPORT = "."  # this folder\n'
@@ -382,18 +355,18 @@ def _pipeline_snippet(run: dict) -> str:
             '              generator=generator, output_type="np").images  # N x H x W x 3 floats in [0, 1]\n')
 
 
-def _pixel_snippet(run: dict) -> str:
+def _pixel_snippet(run: RunSpec) -> str:
     """Python that samples a pixel-space export with its transformer and DDIM scheduler (in the export folder)."""
-    data = run["data"]
-    channels = 1 if data["dataset"] == "digits" else 3
-    labels = list(range(min(4, data["num_classes"])))
+    data = run.data
+    channels = data.channels  # pixel space: 1 for digits, else 3
+    labels = list(range(min(4, data.num_classes)))
     return ("import torch\n"
             "from diffusers import DDIMScheduler, DiTTransformer2DModel\n\n"
             'EXPORT = "."  # this folder\n'
             'transformer = DiTTransformer2DModel.from_pretrained(f"{EXPORT}/transformer", local_files_only=True)\n'
             'scheduler = DDIMScheduler.from_pretrained(f"{EXPORT}/scheduler", local_files_only=True)\n'
             f"labels = torch.tensor({labels})\n"
-            f"x = torch.randn(len(labels), {channels}, {data['image_size']}, {data['image_size']}, "
+            f"x = torch.randn(len(labels), {channels}, {data.image_size}, {data.image_size}, "
             "generator=torch.Generator().manual_seed(0))\n"
             "scheduler.set_timesteps(50)\n"
             "with torch.no_grad():\n"
@@ -404,20 +377,20 @@ def _pixel_snippet(run: dict) -> str:
             "images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # N x C x H x W, the pixels themselves\n")
 
 
-def export_readme(run: dict, ckpt: Path, raw: bool) -> str:
+def export_readme(run: RunSpec, ckpt: Path, raw: bool) -> str:
     """The exported folder's README: what it holds, and a loading snippet that runs from inside the folder."""
-    data = run["data"]
-    pixel = data["autoencoder"] == "identity"
+    data = run.data
+    pixel = data.autoencoder == "identity"
     holds = ("transformer/ and scheduler/ only: this model works in pixel space (identity autoencoder), and "
              "DiTPipeline needs a VAE to load, so sample with the transformer and the scheduler as below; the "
              "samples are the pixels." if pixel else
-             f"a DiTPipeline: transformer/, scheduler/ and vae/ (the run's {data['autoencoder']} weights; latents "
+             f"a DiTPipeline: transformer/, scheduler/ and vae/ (the run's {data.autoencoder} weights; latents "
              "are scaled by 0.18215).")
-    return (f"# {run['model']} ({run.get('conditioning', 'adaLN-Zero')}) from the DiT scaling harness\n\n"
+    return (f"# {run.model} ({run.conditioning}) from the DiT scaling harness\n\n"
             f"- checkpoint: {ckpt.name} (step {ckpt.stem.removeprefix('step_').lstrip('0') or 0}) of run "
-            f"{run.get('run_id')}, {'raw (trained)' if raw else 'EMA'} weights\n"
-            f"- data: {data['dataset']} at {data['image_size']} px, {data['num_classes']} classes "
-            f"(null class {data['num_classes']}; DiTPipeline hard-codes 1000, so guidance_scale > 1 needs a 1000-class model)\n"
+            f"{run.run_id}, {'raw (trained)' if raw else 'EMA'} weights\n"
+            f"- data: {data.dataset} at {data.image_size} px, {data.num_classes} classes "
+            f"(null class {data.num_classes}; DiTPipeline hard-codes 1000, so guidance_scale > 1 needs a 1000-class model)\n"
             f"- holds {holds}\n"
             "- The weights are copied exactly. diffusers' DiT spaces its timestep frequencies as 10000^(-i/127), the "
             "official DiT (where these weights were trained) as 10000^(-i/128), so diffusers' outputs differ slightly "
@@ -482,21 +455,16 @@ def cli_import(args: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- train.init_from
-def _run_model(run: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
-    return build_model(run.model, run.conditioning, input_size=run.data.input_size, in_channels=run.data.channels,
-                       num_classes=run.data.num_classes, class_dropout_prob=run.train.class_dropout).to(device)
-
-
-def check_init_source(path: str, runs: list[Any]) -> None:
+def check_init_source(path: str, runs: list[RunSpec]) -> None:
     """HarnessError (naming the file and the first mismatch) unless `path` fits every run's model."""
     source = read_source(path)
     for run in runs:
         with torch.device("meta"):
-            model = _run_model(run, "meta")
+            model = build_run_model(run, "meta")
         check_fits(source, model, run.conditioning, f"run {run.run_id} ({run.model}, {run.conditioning})")
 
 
-def init_from_source(run: Any, model: torch.nn.Module, ema: torch.nn.Module) -> None:
+def init_from_source(run: RunSpec, model: torch.nn.Module, ema: torch.nn.Module) -> None:
     """Start `model` and its EMA from train.init_from (weights only; the optimizer starts fresh)."""
     source = read_source(expand_path(run.train.init_from, "train.init_from"))
     load_into(model, source, run.conditioning, f"run {run.run_id} ({run.model}, {run.conditioning})")

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from harness.config import layout
 from harness.errors import HarnessError
@@ -29,7 +28,7 @@ from harness.config.spec import RunSpec
 log = logging.getLogger(__name__)
 
 
-def run_json_problem(run: Any, rdir: Path) -> str | None:
+def run_json_problem(run: RunSpec, rdir: Path) -> str | None:
     """Why rdir/run.json is not `run`'s record, or None (also None when there is none yet)."""
     path = layout.RunFolder(rdir).run_json
     if not path.exists():
@@ -54,7 +53,7 @@ def unsealed_checkpoints(rdir: Path) -> list[Path]:
             if not layout.sidecar_path(folder.checkpoint(s)).exists()]
 
 
-def damage(run: Any, rdir: Path) -> str | None:
+def damage(run: RunSpec, rdir: Path) -> str | None:
     """What is wrong in the run folder, in a few words, or None."""
     problems = [p for p in [run_json_problem(run, rdir)] if p]
     problems += [f"{p.name} has no checksum file" for p in unsealed_checkpoints(rdir)]
@@ -79,7 +78,7 @@ def _reverify(path: Path) -> str | None:
     return None
 
 
-def repair(run: Any, rdir: Path) -> list[str]:
+def repair(run: RunSpec, rdir: Path) -> list[str]:
     """Fix what `damage` finds; returns one line per thing done (also logged)."""
     from harness.models.checkpoint import seal_checkpoint  # torch: status reads damage without it
 

@@ -115,24 +115,6 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
-def _load_legacy(path: Path, map_location: Any) -> dict[str, Any]:
-    """A checkpoint written before RNG states were tensors holds numpy's get_state() (an ndarray):
-    load it with exactly those numpy types allow-listed, and only when nothing else is foreign;
-    else re-raise UnpicklingError."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    names = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
-    if not set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) <= names:
-        raise pickle.UnpicklingError("foreign globals")
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def _first_line(err: BaseException) -> str:
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
     return lines[0] if lines else type(err).__name__
@@ -145,12 +127,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if problem:
         raise ValueError(f"{path}: {problem}")
     try:  # weights_only: tensors and plain values; a pickled callable is refused, never run
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError:
-            state = _load_legacy(path, map_location)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        foreign = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or _first_line(err)
+        try:
+            foreign = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or _first_line(err)
+        except Exception as not_zip:  # noqa: BLE001 - not a torch.save archive at all: unusable, not hostile
+            raise ValueError(f"{path}: torch.load failed: {_first_line(not_zip)}") from err
         raise ValueError(f"{path}: refused: it holds Python objects beyond tensors and plain values, which "
                          f"could run code when loaded ({foreign}); it was not loaded") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable

@@ -85,3 +85,27 @@ class CompiledOrEager:
         self.compile_s = time.perf_counter() - t0
         log.info("compiled %s in %.1f s (first call)", self.what, self.compile_s)
         return out
+
+
+#: attention kernel orders to try on CUDA (HARNESS_ATTENTION); "default" leaves PyTorch's own order
+ATTENTION_ORDERS = {"default": None, "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+                    "flash": ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
+ATTENTION_ENV = "HARNESS_ATTENTION"
+
+
+def set_attention_order(name: str | None = None) -> str:
+    """Put scaled-dot-product attention's kernels in the order `name` (default: $HARNESS_ATTENTION, else
+    PyTorch's own) for this process; a compiled graph keeps the kernel chosen when it was traced."""
+    import os
+
+    name = name or os.environ.get(ATTENTION_ENV, "default")
+    if name not in ATTENTION_ORDERS:
+        raise HarnessError(f"{ATTENTION_ENV}={name}: not an attention order. Fix: one of {', '.join(ATTENTION_ORDERS)}")
+    order = ATTENTION_ORDERS[name]
+    if order is not None:
+        from torch.nn.attention import SDPBackend
+
+        wanted = [int(getattr(SDPBackend, b)) for b in order]
+        rest = [b for b in torch._C._get_sdp_priority_order() if b not in wanted]
+        torch._C._set_sdp_priority_order(wanted + rest)
+    return name

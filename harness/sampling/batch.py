@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from harness.data.datasets import to_uint8
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, cache_dir, file_lock
 from harness.models.compiled import autocast
@@ -187,8 +188,6 @@ def auto_sample_batch(model: torch.nn.Module, num_samples: int, guided: bool, pr
 def decode_probe(autoencoder, extractor, latent: tuple[int, int, int], precision: str,
                  device: torch.device) -> Callable[[int], None]:
     """decode(n): the autoencoder's decode of n random latents (C, h, w) and the features of the images."""
-    from harness.data.datasets import to_uint8  # the data stage sits below; imported here to keep this list short
-
     def decode(n: int) -> None:
         z = torch.randn(n, *latent, generator=torch.Generator(device=device).manual_seed(0), device=device)
         with torch.inference_mode(), autocast(device, precision):

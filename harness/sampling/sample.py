@@ -24,15 +24,15 @@ import torch
 from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.npz import save_npz
+from harness.sampling.batch import auto_sample_batch, find_decode_batch
 from harness.config.vocab import SAMPLERS, guidance_on
 from harness.sampling.samplers import sample_loop
-from harness.config.spec import expand_path
-from harness.data.autoencoder import load_autoencoder, latent_shape
-from harness.data.datasets import to_uint8, dataset_channels
-from harness.models.checkpoint import load_checkpoint
-from harness.models.compiled import CompiledOrEager, autocast
+from harness.config.spec import DataSpec, RunSpec
+from harness.data.autoencoder import load_autoencoder
+from harness.data.datasets import to_uint8
+from harness.models.compiled import CompiledOrEager, autocast, resolve_compile, resolve_precision
 from harness.models.diffusion import guided_model_fn
-from harness.models.dit import build_model
+from harness.models.runmodel import model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,11 @@ def random_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
     return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def _data_field(run: Any, key: str, default: Any = None) -> Any:
-    data = run.get("data", {}) if isinstance(run, dict) else getattr(run, "data", None)
-    if data is None:
-        return default
-    return data.get(key, default) if isinstance(data, dict) else getattr(data, key, default)
-
-
-def autoencoder_for(run: Any) -> Any:
-    """The run's autoencoder (data.autoencoder, data.autoencoder_path), loaded once per process."""
-    key = (_data_field(run, "autoencoder", "identity"),
-           expand_path(_data_field(run, "autoencoder_path"), "data.autoencoder_path"))
+def autoencoder_for(run: RunSpec | None) -> Any:
+    """The run's autoencoder (data.autoencoder, data.autoencoder_path; identity without a run), loaded once
+    per process."""
+    data = run.data if run is not None else DataSpec()
+    key = (data.autoencoder, data.resolved_autoencoder_path())
     if key not in _AUTOENCODERS:
         _AUTOENCODERS[key] = load_autoencoder(*key)
     return _AUTOENCODERS[key]
@@ -79,7 +73,7 @@ def _sample_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"sample:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.ndarray, sampling_steps: int = 250,
+def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Tensor | np.ndarray, sampling_steps: int = 250,
                   sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | str | None = 3,
                   seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
                   autoencoder: Any = None, progress: bool = False, first_index: int = 0,
@@ -87,7 +81,7 @@ def sample_images(model: torch.nn.Module, run: Any, labels: torch.Tensor | np.nd
     """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
 
     model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
-    shape; label `model.num_classes` is the null class). run: the run (RunSpec or run.json dict) naming data.autoencoder, unless
+    shape; label `model.num_classes` is the null class). run: the RunSpec naming data.autoencoder, unless
     `autoencoder` is given. labels[j] is sample first_index + j of the set (its noise seeds).
     Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
@@ -194,48 +188,28 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def load_model_from_checkpoint(path: str | Path, use_ema: bool = True,
-                               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
-    """(model with the EMA (or raw) weights in eval mode, the run dict, the checkpoint) of a
-    training checkpoint {model, ema, step, run, ...}."""
-    path = Path(path)
-    if not path.exists():
-        raise HarnessError(f"{path}: no such checkpoint (--checkpoint); checkpoints live in "
-                           "results/<sweep>/runs/<run_id>/checkpoints/step_XXXXXXX.pt.")
-    try:
-        ckpt = load_checkpoint(path, map_location="cpu")
-    except ValueError as err:
-        raise HarnessError(f"{err} (--checkpoint); pick another checkpoint of the run.") from err
-    run = ckpt.get("run")
-    if not isinstance(run, dict) or "model" not in run:
-        raise HarnessError(f"{path}: the checkpoint has no 'run' dict (run.json), so the model cannot be rebuilt.")
-    weights = ckpt.get("ema") if use_ema else ckpt["model"]
-    if weights is None:
-        raise HarnessError(f"{path}: the checkpoint has no EMA weights; pass --no-ema to use the raw weights.")
-    ae = autoencoder_for(run)
-    dataset = _data_field(run, "dataset", "digits")
-    c, h, _ = latent_shape(ae, int(_data_field(run, "image_size")), dataset_channels(dataset))
-    train = run.get("train", {})
-    model = build_model(run["model"], run.get("conditioning", "adaLN-Zero"), input_size=h, in_channels=c,
-                        num_classes=int(_data_field(run, "num_classes")),
-                        class_dropout_prob=float(train.get("class_dropout", 0.1)))
-    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-    model.load_state_dict(weights)
-    return model.to(device).eval(), run, ckpt
+def _latent(model: torch.nn.Module) -> tuple[int, int, int]:
+    return int(model.in_channels), int(model.input_size), int(model.input_size)
 
 
 def cli_sample(args) -> int:
     """`harness sample`: a grid PNG and an ADM npz from a checkpoint (EMA weights by default)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, run, ckpt = load_model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
+    model, run, ckpt = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
     k = model.num_classes
     if args.num_samples < 1:
         raise HarnessError(f"--num-samples must be at least 1, got {args.num_samples}.")
     labels = (balanced_labels(args.num_samples, k) if args.labels == "balanced"
               else random_labels(args.num_samples, k, args.seed))
+    precision = resolve_precision(args.precision, device)
+    compiled = resolve_compile({"auto": "auto", "on": True, "off": False}[args.compile], device, where="--compile")
+    batch = (auto_sample_batch(model, args.num_samples, guidance_on(args.cfg_scale), precision, device)
+             if args.batch_size == "auto" else int(args.batch_size))
     images = sample_images(model, run, labels, sampling_steps=args.steps, sampler=args.sampler,
                            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, seed=args.seed,
-                           device=device, batch_size=args.batch_size, progress=True)
+                           device=device, batch_size=batch, progress=True, precision=precision, compile=compiled,
+                           decode_batch=find_decode_batch(autoencoder_for(run), None, _latent(model), batch,
+                                                          precision, device))
     out = Path(args.out)
     grid = save_grid(images[:256], out / "grid.png")
     npz = save_npz(images, labels, out / "samples.npz")

@@ -19,7 +19,6 @@ JSON plus a markdown table with the best configuration per model; `harness plan
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -32,14 +31,14 @@ import torch
 from harness.errors import HarnessError
 from harness.training.runtime import Dist, peak_mem_mb, peak_tflops, train_tflops
 from harness.config.registry import VARIANTS
-from harness.data.autoencoder import SD_VAE_CONFIG, VAEAutoencoder, load_autoencoder, IdentityAutoencoder
 from harness.io import atomic_write_json, atomic_write_text
 from harness.models.diffusion import create_diffusion
 from harness.models.dit import build_model
 from harness.models.flops import model_gflops
-from harness.sampling.sample import balanced_labels, sample_images
-from harness.training.microbatch import cache_key, resolve_micro_batch
-from harness.training.step import Batch, TrainStep, resolve_compile, autocast
+from harness.models.compiled import set_attention_order
+from harness.sampling.bench import bench_eval, format_eval, sd_vae
+from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
+from harness.training.step import Batch, BatchGeometry, TrainStep, resolve_compile, autocast
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,7 @@ class BenchResult:
     attention_kernel: str
     error: str | None = None
     convention: str = CONVENTION
+    eval: dict | None = None  # harness.sampling.bench.bench_eval's end-to-end evaluation throughput, when measured
 
 
 def _sync(device: torch.device) -> None:
@@ -103,31 +103,16 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
           num_classes: int = 1000, device: torch.device | None = None) -> BenchResult:
     """Time `steps` training steps and `steps` sampling forwards after `warmup` of each."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    enable_tf32(device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
-    compiled = resolve_compile(compile, device, where="--compile")
+    resolve_compile(compile, device, where="--compile")  # before anything is built: a refusal costs nothing
+    set_attention_order()  # $HARNESS_ATTENTION, for measuring kernel orders (the kernel that ran is recorded)
+    geometry = BatchGeometry.of(batch, 1, micro_batch, micro_key="--micro-batch")
     gflops, params = model_gflops(model_name, conditioning, input_size, in_channels, num_classes)
-    torch.manual_seed(0)
-    model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
-                        num_classes=num_classes).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    model.grad_checkpointing = grad_checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
-                            **({"fused": True} if device.type == "cuda" else {}))
-    diffusion = create_diffusion(None)
-    step = TrainStep(model, ema, opt, diffusion, Dist(device=device), precision=precision, micro_batch=batch,
-                     compile=compiled, ema_decay=0.9999)
-    shape = (in_channels, input_size, input_size)
-    key = cache_key(model_name, conditioning, shape, num_classes, device, precision, compiled, batch)
-    step.micro_batch = resolve_micro_batch(micro_batch, step, batch, key, shape, num_classes, "--micro-batch")
-    g = torch.Generator(device=device).manual_seed(0)
-    data = Batch(torch.randn(batch, *shape, generator=g, device=device),
-                 torch.randint(0, num_classes, (batch,), generator=g, device=device),
-                 torch.randint(0, diffusion.num_timesteps, (batch,), generator=g, device=device),
-                 torch.randn(batch, *shape, generator=g, device=device),
-                 torch.rand(batch, generator=g, device=device) < 0.1)
+    settings = StepSettings(model_name, conditioning, (in_channels, input_size, input_size), num_classes, precision,
+                            compile, ema_decay=0.9999, compile_key="--compile")
+    model, step, data = _bench_step(settings, geometry, grad_checkpointing, device)
 
     model.train()
     for _ in range(warmup):
@@ -164,6 +149,26 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
                        grad_checkpointing, batch, input_size, in_channels, torch.get_num_threads(), gflops, params,
                        train_sps, images, fwd_ps, fwd_ps * batch, tflops, (tflops / peak) if peak else None,
                        peak_mem_mb(device), step.compile_s, kernel)
+
+
+def _bench_step(settings: StepSettings, geometry: BatchGeometry, grad_checkpointing: bool,
+                device: torch.device) -> tuple[torch.nn.Module, TrainStep, Batch]:
+    """The model (seed 0), the trainer's step for it (harness.training.assemble) and one random batch to time."""
+    torch.manual_seed(0)
+    s, batch = settings, geometry.global_batch
+    model = build_model(s.model, s.conditioning, input_size=s.shape[1], in_channels=s.shape[0],
+                        num_classes=s.num_classes).to(device)
+    ema, opt = fresh_state(model, lr=1e-4, weight_decay=0.0)
+    model.grad_checkpointing = grad_checkpointing
+    diffusion = create_diffusion(None)
+    step, geometry = build_step(settings, model, ema, opt, diffusion, Dist(device=device), geometry)
+    g = torch.Generator(device=device).manual_seed(0)
+    data = Batch(torch.randn(batch, *s.shape, generator=g, device=device),
+                 torch.randint(0, s.num_classes, (batch,), generator=g, device=device),
+                 torch.randint(0, diffusion.num_timesteps, (batch,), generator=g, device=device),
+                 torch.randn(batch, *s.shape, generator=g, device=device),
+                 torch.rand(batch, generator=g, device=device) < 0.1)
+    return model, step, data
 
 
 # ----------------------------------------------------------------------------- the suite
@@ -248,7 +253,14 @@ def read_throughput(path: str | Path) -> dict[str, tuple[float, float]]:
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise HarnessError(f"{path}: not a `harness bench` JSON ({err}). Fix: write one with "
                            "`harness bench --suite MODELS --out FILE.json`") from err
-    return {m: (r.train_images_per_s, r.sample_images_per_s_one_step) for m, r in best_per_model(results).items()}
+    per_model: dict[str, tuple[float, float]] = {}
+    for m, r in best_per_model(results).items():
+        # sampling: the end-to-end evaluation's images/s per denoising step when measured (decode and
+        # features included, the evaluation's precision and batch), else the training configuration's forward
+        evaluated = next((x.eval for x in results if x.model == m and x.eval), None)
+        per_model[m] = (r.train_images_per_s,
+                        evaluated["images_per_s_per_step"] if evaluated else r.sample_images_per_s_one_step)
+    return per_model
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -274,23 +286,13 @@ def format_table(r: BenchResult) -> str:
 
 
 # ----------------------------------------------------------------------------- latent stage and sampling
-def _sd_vae(path: str | None) -> Any:
-    """The SD VAE from `path`, else its architecture with random weights (same speed)."""
-    if path:
-        return load_autoencoder("sd-vae-ft-ema", path)
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return VAEAutoencoder("sd-vae-ft-ema", AutoencoderKL(**SD_VAE_CONFIG))
-
-
 def bench_latents(image_size: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1,
                   autoencoder_path: str | None = None, device: torch.device | None = None) -> dict:
     """VAE encodes/s as the latent stage runs them (posterior sample; bf16 autocast on a GPU) on
     random (batch, 3, image_size, image_size) images. Image decoding and cropping (the loader
     workers' job) are not included."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ae = _sd_vae(autoencoder_path).to(device)
+    ae = sd_vae(autoencoder_path).to(device)
     x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -306,41 +308,22 @@ def bench_latents(image_size: int = 256, batch: int = 4, steps: int = 3, warmup:
             "precision": "bf16" if device.type == "cuda" else "fp32", "encodes_per_s": steps * batch / wall}
 
 
-def bench_sampling(model_name: str, conditioning: str = "adaLN-Zero", sampling_steps: int = 4, batch: int = 8,
-                   input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-                   autoencoder_path: str | None = None, device: torch.device | None = None) -> dict:
-    """Finished images/s of harness.sampling.sample.sample_images (DDPM, no guidance, VAE decode included when
-    in_channels is 4) with `sampling_steps` steps, after one warm-up batch; images/s per denoising
-    step = that x sampling_steps (what `harness plan --sampling-throughput` takes)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = build_model(model_name, conditioning, input_size=input_size, in_channels=in_channels,
-                        num_classes=num_classes).to(device)
-    ae = _sd_vae(autoencoder_path) if in_channels == 4 else IdentityAutoencoder()
-    labels = balanced_labels(batch, num_classes)
-    kw = dict(sampler="ddpm", cfg_scale=1.0, device=device, batch_size=batch, autoencoder=ae)
-    sample_images(model, None, labels, sampling_steps=2, **kw)  # warm-up (1 step would respace to log(0))
-    _sync(device)
-    t0 = time.perf_counter()
-    sample_images(model, None, labels, sampling_steps=sampling_steps, **kw)
-    _sync(device)
-    images_per_s = batch / (time.perf_counter() - t0)
-    return {"stage": "sampling", "device": _device_name(device), "model": model_name, "batch": batch,
-            "sampling_steps": sampling_steps, "decode": ae.name, "precision": "fp32",
-            "images_per_s": images_per_s, "images_per_s_per_step": images_per_s * sampling_steps}
-
-
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def format_stage(r: dict) -> str:
-    if r["stage"] == "latents":
-        return (f"latent stage        {r['encodes_per_s']:.2f} VAE encodes/s ({r['image_size']}px, batch {r['batch']}, "
-                f"{r['precision']}, {r['device']}); the stage encodes each image and its flip")
-    return (f"sampling (e2e)      {r['images_per_s']:.3f} finished images/s at {r['sampling_steps']} DDPM steps = "
-            f"{r['images_per_s_per_step']:.2f} images/s per denoising step (batch {r['batch']}, decode "
-            f"{r['decode']}, {r['precision']}, {r['device']})")
+    if r["stage"] == "evaluation":
+        return format_eval(r)
+    return (f"latent stage        {r['encodes_per_s']:.2f} VAE encodes/s ({r['image_size']}px, batch {r['batch']}, "
+            f"{r['precision']}, {r['device']}); the stage encodes each image and its flip")
+
+
+def _eval_kwargs(args: Any) -> dict:
+    return dict(sampling_steps=args.sampling_steps, num_samples=args.eval_samples, batch=args.eval_batch,
+                precision=args.eval_precision, compile={"auto": "auto", "on": True, "off": False}[args.compile],
+                input_size=args.input_size, in_channels=args.in_channels, autoencoder_path=args.autoencoder_path,
+                features=args.eval_features, inception_weights=args.inception_weights)
 
 
 def cli_bench(args: Any) -> int:
@@ -350,6 +333,10 @@ def cli_bench(args: Any) -> int:
     if args.suite is not None:
         models = list(VARIANTS) if args.suite in ("", "paper") else [m.strip() for m in args.suite.split(",")]
         results = bench_suite(models, args.batch, **kw)
+        if args.sampling_steps:
+            for name in models:   # once per model, at the evaluation's own settings (not per training config)
+                measured = bench_eval(name, args.conditioning, **_eval_kwargs(args))
+                next(r for r in results if r.model == name).eval = measured
         table = suite_markdown(results)
         if args.out:
             out = Path(args.out)
@@ -365,8 +352,7 @@ def cli_bench(args: Any) -> int:
     if getattr(args, "latents", False):
         stages.append(bench_latents(args.input_size * 8, args.batch, args.steps, autoencoder_path=args.autoencoder_path))
     if getattr(args, "sampling_steps", None):
-        stages.append(bench_sampling(args.model, args.conditioning, args.sampling_steps, args.batch, args.input_size,
-                                     args.in_channels, autoencoder_path=args.autoencoder_path))
+        stages.append(bench_eval(args.model, args.conditioning, **_eval_kwargs(args)))
     record = {**asdict(r), "stages": stages}
     if args.out:
         atomic_write_json(Path(args.out), record)

@@ -7,10 +7,10 @@ dispatcher (is a run complete?) and `harness status`, so it imports no torch; th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from harness.io import read_jsonl
 from harness.config.layout import RunFolder
+from harness.config.spec import RunSpec
 
 #: seed tag of evaluation sampling (training uses 1 for epochs and 2 for steps; see harness.training.train)
 TAG_EVAL = 3
@@ -24,7 +24,7 @@ def setting_key(record: dict) -> tuple:
     return tuple(str(record.get(k)) for k in SETTING_KEYS)
 
 
-def eval_settings(run: Any, step: int) -> list[dict]:
+def eval_settings(run: RunSpec, step: int) -> list[dict]:
     """The settings `run.eval` asks for at `step`: one per (sampling_steps, cfg_scale)."""
     ev = run.eval
     return [{"step": step, "num_samples": ev.num_samples, "sampling_steps": int(k), "sampler": ev.sampler,
@@ -32,13 +32,13 @@ def eval_settings(run: Any, step: int) -> list[dict]:
              "reference": ev.reference} for k in ev.sampling_steps for c in ev.cfg_scales]
 
 
-def missing_settings(run: Any, run_dir: str | Path, step: int) -> list[dict]:
+def missing_settings(run: RunSpec, run_dir: str | Path, step: int) -> list[dict]:
     """The settings of `step` not yet in eval.jsonl (so a rerun never duplicates a record)."""
     done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     return [s for s in eval_settings(run, step) if setting_key(s) not in done]
 
 
-def eval_progress(run: Any, run_dir: str | Path) -> tuple[int, int]:
+def eval_progress(run: RunSpec, run_dir: str | Path) -> tuple[int, int]:
     """(settings recorded, settings asked for) over all of eval.at_steps."""
     done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     want = [setting_key(s) for step in run.eval.at_steps for s in eval_settings(run, step)]

@@ -121,17 +121,25 @@ def _sample_setting(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dis
             k = r + dist.rank
             part = (_sample_batch(run, ema, dist, setting, extractor, step, starts[k], setup)
                     if k < len(starts) else None)
-            for b in gather_to_main(part, dist, what) or []:
-                if b is not None:
-                    writer.add(b[1], b[2])
-                    features.append(b[3])
-            part = None
+            features += _write_round(gather_to_main(part, dist, what), writer)
+            part = None  # this round's images are on disk: nothing holds them while the next is sampled
         if writer is not None:
             writer.close()
     finally:
         if writer is not None:
             writer.abort()
     return features if dist.main else None
+
+
+def _write_round(parts: list | None, writer: NpzWriter | None) -> list[Features]:
+    """Rank 0: the round's batches (first, images, labels, features) appended to the npz in order; their
+    features. Other ranks (parts None): nothing."""
+    features = []
+    for part in parts or []:
+        if part is not None:
+            writer.add(part[1], part[2])
+            features.append(part[3])
+    return features
 
 
 def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist: Dist, step: int) -> int:

@@ -19,13 +19,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, cache_dir, file_lock
-from harness.training.runtime import all_reduce
-from harness.training.step import Batch, TrainStep, check_micro_batch
+from harness.training.runtime import Dist, all_reduce
+from harness.training.step import Batch, BatchGeometry, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -118,29 +119,29 @@ def _activation_bytes(step: TrainStep, m: int, shape: tuple[int, int, int], num_
     return saved[0]
 
 
-def find_micro_batch(step: TrainStep, per_rank: int, shape: tuple[int, int, int], num_classes: int) -> int:
-    """The largest divisor of `per_rank` whose forward and backward fit this device (see module doc).
-    HarnessError naming the smallest size tried if none fits."""
-    budget = _budget_bytes(step.device)
+def probe_step(model: torch.nn.Module, opt: torch.optim.Optimizer, diffusion: Any, device: torch.device,
+               precision: str) -> TrainStep:
+    """What the probe runs: the training step's forward and backward, eager and on this rank alone (a probe must
+    not all-reduce gradients; see the module doc for why eager), on the model and optimizer the step will train."""
+    return TrainStep(model, model, opt, diffusion, Dist(device=device), precision=precision, micro_batch=1,
+                     compile=False, ema_decay=0.0)
+
+
+def find_micro_batch(probe: TrainStep, per_rank: int, shape: tuple[int, int, int], num_classes: int) -> int:
+    """The largest divisor of `per_rank` whose forward and backward fit this device (see module doc), tried with
+    `probe` (a `probe_step`). HarnessError naming the smallest size tried if none fits."""
+    budget = _budget_bytes(probe.device)
     candidates = divisors_desc(per_rank)
-    # probe eagerly (see the module doc) and without DDP: a probe must not all-reduce gradients
-    saved = step.compiled, step.ddp
-    step.compiled, step.ddp = False, None
-    step._set_functions()
-    try:
-        with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []):
-            if step.device.type == "cuda":
-                chosen = next((m for m in candidates if _fits_cuda(step, m, shape, num_classes, budget)), None)
-            else:
-                smallest = candidates[-1]
-                per_sample = _activation_bytes(step, smallest, shape, num_classes) / smallest
-                fixed = 4 * sum(p.numel() * p.element_size() for p in step.model.parameters())  # w, grad, 2 moments
-                chosen = next((m for m in candidates if fixed + per_sample * m <= budget), None)
-                log.info("micro-batch probe on the CPU: %.2f MB of activations per sample, %.0f MB budget",
-                         per_sample / 2**20, budget / 2**20)
-    finally:
-        step.compiled, step.ddp = saved
-        step._set_functions()
+    with torch.random.fork_rng(devices=[probe.device] if probe.device.type == "cuda" else []):
+        if probe.device.type == "cuda":
+            chosen = next((m for m in candidates if _fits_cuda(probe, m, shape, num_classes, budget)), None)
+        else:
+            smallest = candidates[-1]
+            per_sample = _activation_bytes(probe, smallest, shape, num_classes) / smallest
+            fixed = 4 * sum(p.numel() * p.element_size() for p in probe.model.parameters())  # w, grad, 2 moments
+            chosen = next((m for m in candidates if fixed + per_sample * m <= budget), None)
+            log.info("micro-batch probe on the CPU: %.2f MB of activations per sample, %.0f MB budget",
+                     per_sample / 2**20, budget / 2**20)
     if chosen is None:
         raise HarnessError(f"train.micro_batch: auto found no micro-batch that fits this device's memory "
                            f"({budget / 2**30:.2f} GB budget); the smallest tried was {candidates[-1]}. Fix: "
@@ -148,17 +149,17 @@ def find_micro_batch(step: TrainStep, per_rank: int, shape: tuple[int, int, int]
     return chosen
 
 
-def resolve_micro_batch(setting: int | str, step: TrainStep, per_rank: int, key: str,
-                        shape: tuple[int, int, int], num_classes: int, where: str = "train.micro_batch") -> int:
-    """The micro-batch for `setting` (an int, or 'auto': cached, else probed). With several ranks
-    each probes its own device and all take the smallest answer."""
-    if setting != "auto":
-        check_micro_batch(int(setting), per_rank, where)
-        return int(setting)
-    m = _auto_micro_batch(step, per_rank, key, shape, num_classes)
-    if step.dist.world > 1:
-        m = int(all_reduce(torch.tensor(m, device=step.device), step.dist, "min").item())
-    return m
+def resolve_micro_batch(geometry: BatchGeometry, probe: TrainStep, key: str, shape: tuple[int, int, int],
+                        num_classes: int, dist: Dist | None = None) -> BatchGeometry:
+    """`geometry` with its micro-batch, before the training step is built: as set, or for `auto` (micro None)
+    the cached answer, else the probe's. With several ranks (`dist`) each probes its own device and all take
+    the smallest answer."""
+    if geometry.micro is not None:
+        return geometry
+    m = _auto_micro_batch(probe, geometry.per_rank, key, shape, num_classes)
+    if dist is not None and dist.world > 1:
+        m = int(all_reduce(torch.tensor(m, device=dist.device), dist, "min").item())
+    return geometry.with_micro(m)
 
 
 def _auto_micro_batch(step: TrainStep, per_rank: int, key: str, shape: tuple[int, int, int],

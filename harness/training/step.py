@@ -1,4 +1,5 @@
-"""One optimizer step of the paper's recipe, shared by the trainer and `harness bench`.
+"""One optimizer step of the paper's recipe, shared by the trainer and `harness bench` (both build it
+through harness.training.assemble), and the batch geometry it runs on (`BatchGeometry`).
 
 A step takes one rank's share of a global batch (B = global_batch / ranks) in B / m micro-batches
 of m. Each micro-batch's per-sample losses are summed and divided by B before backward, so the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -53,6 +54,47 @@ def check_micro_batch(micro_batch: int, per_rank: int, where: str = "train.micro
         divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
         raise HarnessError(f"{where}: {micro_batch} does not divide the per-GPU batch of {per_rank}. "
                            f"Fix: use one of {divisors[-6:]}, or auto")
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one optimizer step's batch splits, derived and validated once: `global_batch` over `ranks`, each
+    rank's `per_rank` in micro-batches of `micro` (None until `auto` is resolved by harness.training.microbatch).
+
+    `source` prefixes the error about the ranks (the run.json the batch came from); `micro_key` names the
+    micro-batch's key or flag in its error (train.micro_batch, or bench's --micro-batch)."""
+    global_batch: int
+    ranks: int = 1
+    micro: int | None = None
+    source: str = field(default="", compare=False, repr=False)
+    micro_key: str = field(default="train.micro_batch", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1 or self.global_batch % self.ranks:
+            raise HarnessError(f"{self.source}train.global_batch={self.global_batch} is not divisible by the "
+                               f"{self.ranks} ranks; choose a batch that is a multiple of the GPU count")
+        if self.micro is not None:
+            check_micro_batch(self.micro, self.per_rank, self.micro_key)
+
+    @classmethod
+    def of(cls, global_batch: int, ranks: int, micro: int | str, **names: str) -> "BatchGeometry":
+        """From a spec's (or bench's) micro-batch setting: an int, or 'auto' (chosen later)."""
+        return cls(global_batch, ranks, None if micro == "auto" else int(micro), **names)
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.ranks
+
+    def rows(self, rank: int) -> tuple[int, int]:
+        """The rows lo:hi of the global batch that rank `rank` trains on."""
+        return rank * self.per_rank, (rank + 1) * self.per_rank
+
+    def with_micro(self, micro: int) -> "BatchGeometry":
+        return replace(self, micro=micro)
+
+    def __str__(self) -> str:
+        return (f"per-GPU batch {self.per_rank} in micro-batches of {self.micro} "
+                f"(global batch {self.global_batch} over {self.ranks} rank{'s' if self.ranks > 1 else ''})")
 
 
 # ----------------------------------------------------------------------------- the step

@@ -12,7 +12,6 @@ global batch (up to floating-point reduction order).
 """
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import os
@@ -36,10 +35,10 @@ from harness.config.spec import RunSpec, DataSpec, EvalSpec, TrainSpec, make_run
 from harness.data.autoencoder import build_latent_cache, load_autoencoder
 from harness.interop.convert import init_from_source
 from harness.models.diffusion import sample_timesteps, create_diffusion
-from harness.models.dit import build_model
-from harness.training.microbatch import cache_key, resolve_micro_batch
+from harness.models.runmodel import build_run_model
+from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
 from harness.training.runtime import peak_tflops, train_tflops
-from harness.training.step import check_micro_batch, TrainStep, attention_backends, resolve_compile, Batch, compiled_graphs
+from harness.training.step import BatchGeometry, attention_backends, Batch, compiled_graphs
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ class DataOrder:
 
 
 # ----------------------------------------------------------------------------- pieces
-def load_training_arrays(run: Any) -> tuple[np.ndarray, np.ndarray]:
+def load_training_arrays(run: RunSpec) -> tuple[np.ndarray, np.ndarray]:
     """The run's training set from the latent cache: latents (N, 2, C, h, w) (index 1 = flipped)
     and labels (N,). Built on first use (identity autoencoder on digits: pixels in [-1, 1])."""
     d = run.data
@@ -115,13 +114,13 @@ class BatchSource:
     as x0 (B, C, H, W) and y (B,) on the device. The next step's batch is read from the memmapped
     cache in a background thread (pinned memory, non-blocking copy on CUDA) while this one trains."""
 
-    def __init__(self, latents: np.ndarray, labels: np.ndarray, order: DataOrder, global_batch: int,
+    def __init__(self, latents: np.ndarray, labels: np.ndarray, order: DataOrder, geometry: BatchGeometry,
                  dist: Dist, flip: bool):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.latents, self.labels, self.order, self.global_batch = latents, labels, order, global_batch
-        self.per_rank = global_batch // dist.world
-        self.lo, self.device, self.flip = dist.rank * self.per_rank, dist.device, flip
+        self.latents, self.labels, self.order, self.global_batch = latents, labels, order, geometry.global_batch
+        self.per_rank = geometry.per_rank
+        self.lo, self.device, self.flip = geometry.rows(dist.rank)[0], dist.device, flip
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
         self._next: tuple[int, Any] | None = None
 
@@ -166,7 +165,7 @@ def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int,
 
 
 # ----------------------------------------------------------------------------- the loop
-def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -> None:
+def run_training(run: RunSpec, run_dir: str | Path, *, stop_at: int | None = None) -> None:
     """Train `run` (a RunSpec) in `run_dir`, resuming from the newest valid checkpoint.
 
     `stop_at`: stop (after checkpointing) once this step is reached, as a preemption would; the
@@ -191,7 +190,7 @@ def run_training(run: Any, run_dir: str | Path, *, stop_at: int | None = None) -
 class Trainer:
     """One run's training, in named steps: build -> resume -> (step -> log -> checkpoint -> evaluate)*."""
 
-    def __init__(self, run: Any, run_dir: Path, dist: Dist):
+    def __init__(self, run: RunSpec, run_dir: Path, dist: Dist):
         self.run, self.run_dir, self.dist, self.device = run, run_dir, dist, dist.device
         self.folder = RunFolder(run_dir)
         self.ckpt_dir = self.folder.checkpoints
@@ -202,21 +201,14 @@ class Trainer:
     # -- build: data, model, EMA, optimizer ------------------------------------------------
     def build(self) -> None:
         run, tr, dist = self.run, self.run.train, self.dist
-        if tr.global_batch % dist.world:
-            raise HarnessError(f"{self.run_dir}/run.json: train.global_batch={tr.global_batch} is not divisible "
-                               f"by the {dist.world} ranks; choose a batch that is a multiple of the GPU count")
-        self.per_rank = tr.global_batch // dist.world
-        if tr.micro_batch != "auto":
-            check_micro_batch(int(tr.micro_batch), self.per_rank)
+        self.geometry = BatchGeometry.of(tr.global_batch, dist.world, tr.micro_batch, source=f"{self.run_dir}/run.json: ")
         if dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.folder.run_json.exists():  # a standalone `harness train`: the sweep's writer
                 write_run_json(run, self.run_dir, *flops.model_gflops(run.model, run.conditioning, run.data.input_size,
                                                                  run.data.channels, run.data.num_classes))
             ckpt.clean_partial_writes(self.ckpt_dir)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(self.device)
         if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
             self.latents = self.labels = None
             n, C, H, W = 0, run.data.channels, run.data.input_size, run.data.input_size
@@ -230,12 +222,8 @@ class Trainer:
             n, _, C, H, W = self.latents.shape
         self.shape = (C, H, W)
         seed_everything(derive_seed(run.seed, 0))
-        self.model = build_model(run.model, run.conditioning, input_size=H, in_channels=C,
-                                 num_classes=run.data.num_classes, class_dropout_prob=tr.class_dropout
-                                 ).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
-                                     **({"fused": True} if self.device.type == "cuda" else {}))
+        self.model = build_run_model(run, self.device)
+        self.ema, self.opt = fresh_state(self.model, tr.lr, tr.weight_decay)
         self.diffusion = create_diffusion(None)
         self.order = DataOrder(n, run.seed)
 
@@ -270,19 +258,11 @@ class Trainer:
         run, tr = self.run, self.run.train
         self.model.grad_checkpointing = bool(tr.grad_checkpointing)
         self.model.train()
-        compiled = resolve_compile(tr.compile, self.device)
-        micro = tr.micro_batch if tr.micro_batch == "auto" else int(tr.micro_batch)
-        self.train_step = TrainStep(self.model, self.ema, self.opt, self.diffusion, self.dist,
-                                    precision=tr.precision, micro_batch=self.per_rank, compile=compiled,
-                                    ema_decay=tr.ema_decay)
-        key = cache_key(run.model, run.conditioning, self.shape, run.data.num_classes, self.device,
-                        tr.precision, compiled, self.per_rank)
-        self.train_step.micro_batch = resolve_micro_batch(micro, self.train_step, self.per_rank, key,
-                                                          self.shape, run.data.num_classes)
+        self.train_step, self.geometry = build_step(StepSettings.of_run(run, self.shape), self.model, self.ema,
+                                                    self.opt, self.diffusion, self.dist, self.geometry)
         self.gflops = _model_gflops(run, self.shape) if self.dist.main else None
-        log.info("training %s: per-GPU batch %d in micro-batches of %d, %s, %s, attention: %s", run.run_id,
-                 self.per_rank, self.train_step.micro_batch, tr.precision,
-                 "compiled" if compiled else "eager", attention_backends(self.device, tr.precision))
+        log.info("training %s: %s, %s, %s, attention: %s", run.run_id, self.geometry, tr.precision,
+                 "compiled" if self.train_step.compiled else "eager", attention_backends(self.device, tr.precision))
 
     # -- train ------------------------------------------------------------------------------
     def train(self, stop_at: int | None) -> None:
@@ -297,9 +277,9 @@ class Trainer:
         # bitwise the same steps, so their first record stands and each step appears once
         self.logged = max((int(r.get("step", 0)) for r in read_jsonl(self.folder.train_log)), default=0) \
             if dist.main else 0
-        self.source = BatchSource(self.latents, self.labels, self.order, tr.global_batch, dist, run.data.flip)
+        self.source = BatchSource(self.latents, self.labels, self.order, self.geometry, dist, run.data.flip)
         gen = torch.Generator(device=self.device)
-        lo, hi = dist.rank * self.per_rank, (dist.rank + 1) * self.per_rank
+        lo, hi = self.geometry.rows(dist.rank)
         ckpt_steps = set(int(s) for s in run.eval.at_steps)
         self.sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         self.bad = torch.full((), _NO_BAD, device=self.device, dtype=torch.long)
@@ -335,7 +315,7 @@ class Trainer:
     def record(self, s: int, sums: torch.Tensor) -> None:
         """Accumulate the step's loss sums on the device, and the first non-finite step (no sync)."""
         with torch.no_grad():
-            self.sums += sums / self.per_rank
+            self.sums += sums / self.geometry.per_rank
             self.bad = torch.where((self.bad == _NO_BAD) & ~torch.isfinite(sums).all(),
                                    torch.full_like(self.bad, s), self.bad)
         self.count += 1
@@ -385,7 +365,7 @@ class Trainer:
             self.source.close()
 
 
-def _model_gflops(run: Any, shape: tuple[int, int, int]) -> float | None:
+def _model_gflops(run: RunSpec, shape: tuple[int, int, int]) -> float | None:
     """The model's forward Gflops per image (fvcore, cached), for TFLOP/s and MFU in train.jsonl."""
     try:
         return flops.model_gflops(run.model, run.conditioning, shape[1], shape[0], run.data.num_classes)[0]
@@ -425,7 +405,7 @@ def cli_train(args: Any) -> int:
     return 0
 
 
-def _standalone_run(args: Any) -> Any:
+def _standalone_run(args: Any) -> RunSpec:
     """A RunSpec from the spec defaults and the CLI arguments (sweep name 'standalone')."""
     data = DataSpec()
     if args.data != "digits":
