@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from harness.io import append_jsonl, atomic_write_json
 from harness.config.layout import write_sweep_record
+from harness.study.results import load_sweep
 
 # name -> (size, patch, depth, hidden, heads, gflops)
 MODELS = {
@@ -64,6 +66,11 @@ def write_run(runs: Path, model: str, cond: str, seed: int, rng: np.random.Gener
         (d / "samples").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / "samples" / f"grid_step_{max(steps):07d}.png")
     return rid
+
+
+def load_results(results_root: Path, sweep: str) -> pd.DataFrame:
+    """The tidy DataFrame of a sweep (one row per evaluation record; columns results.COLUMNS)."""
+    return load_sweep(results_root, sweep).frame
 
 
 def write_sweep(results: Path, name: str = "synth", conditioning_ablation: bool = True,

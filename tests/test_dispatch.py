@@ -181,3 +181,29 @@ def test_sbatch_refusals_that_a_local_cluster_cannot_produce_name_their_key(tmp_
     spec = load_spec(tiny(tmp_path, kind="slurm"))
     msg = str(_sbatch_refusal(spec, RuntimeError(said)))
     assert key in msg and said.removeprefix("sbatch: error: ") in msg and "\n" not in msg
+
+
+def test_status_reads_each_train_log_once(tmp_path, monkeypatch):
+    """`harness status` takes a run's step and its pace from one read of its train.jsonl."""
+    import harness.launch.status as status_mod
+    from harness.config import layout
+    from harness.io import append_jsonl
+
+    spec, results = load_spec(tiny(tmp_path)), tmp_path / "results"
+    [run] = spec.expand()
+    rdir = layout.run_dir(results, spec.name, run.run_id)
+    for step in (1, 2, 3):
+        append_jsonl(layout.RunFolder(rdir).train_log, {"step": step, "wall_s": 2.0 * step, "images_per_s": 40.0,
+                                                       "steps_per_s": 0.5})
+    reads = []
+
+    def counting(path):
+        reads.append(Path(path).name)
+        return read_jsonl(path)
+
+    monkeypatch.setattr(status_mod, "read_jsonl", counting)
+    [seen] = run_statuses(spec, results, query_scheduler=False)
+    table = status_mod.format_status(spec, [seen])
+    assert reads.count("train.jsonl") == 1
+    assert seen.step == 3 and seen.state == "interrupted" and seen.progress.elapsed_s == 6.0
+    assert f"3/{run.train.steps}" in table and "40" in table

@@ -64,7 +64,7 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
     assert evaluate_step(run, tmp_path, ema, Dist(), 4) == 1
     labels = balanced_labels(7, 10)
     want = sample_images(ema, run, labels, sampling_steps=2, sampler=sampler, cfg_scale=2.5, guidance_channels=3,
-                         seed=derive_seed(run.seed, TAG_EVAL, 4, 2), batch_size=3)
+                         seed=derive_seed(run.seed, 4, 2, tag=TAG_EVAL), batch_size=3)
     with np.load(tmp_path / "samples" / "samples_step_0000004_k2_cfg2.5.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], want)
         assert f["arr_1"].tolist() == labels.tolist()
@@ -95,7 +95,7 @@ def test_the_grid_is_rank_zeros_balanced_samples_at_the_cheapest_most_guided_set
     path = save_grid(run, tmp_path, ema, Dist(), 4)    # 16 samples by default
     assert path == tmp_path / "samples" / "grid_step_0000004.png"
     want = sample_images(ema, run, balanced_labels(16, 10), sampling_steps=2, sampler="ddim", cfg_scale=2.5,
-                         guidance_channels=3, seed=derive_seed(run.seed, TAG_EVAL, 4))
+                         guidance_channels=3, seed=derive_seed(run.seed, 4, tag=TAG_EVAL))
     from harness.sampling.sample import save_grid as write_grid
     assert path.read_bytes() == write_grid(want, tmp_path / "want.png").read_bytes()
 
@@ -112,7 +112,7 @@ def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp
     for step, model in ((2, old), (4, now)):
         with np.load(tmp_path / "samples" / f"samples_step_{step:07d}_k2_cfg1.npz") as f:
             want = sample_images(model, run, balanced_labels(7, 10), sampling_steps=2, sampler="ddpm",
-                                 seed=derive_seed(run.seed, TAG_EVAL, step, 2), batch_size=3)
+                                 seed=derive_seed(run.seed, step, 2, tag=TAG_EVAL), batch_size=3)
             np.testing.assert_array_equal(f["arr_0"], want)
     assert all(torch.equal(a, b) for a, b in zip(now.state_dict().values(), _ema(0).state_dict().values()))
     before = list(read_jsonl(tmp_path / "eval.jsonl"))

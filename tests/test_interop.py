@@ -23,7 +23,8 @@ from harness.interop.convert import (diffusers_config, from_diffusers_state_dict
                              to_diffusers_state_dict)
 from harness.models.dit import build_model
 from harness.training.runtime import rng_state
-from harness.sampling.samplers import DIFFUSERS_SCHEDULERS, SAMPLERS, model_evaluations, provenance, sample_loop
+from harness.config.vocab import SAMPLERS
+from harness.sampling.samplers import DIFFUSERS_SCHEDULERS, model_evaluations, provenance, sample_loop
 from harness.config.spec import DataSpec, EvalSpec, RunSpec, TrainSpec, load_spec
 from test_autoencoder import tiny_vae
 from tolerance import fp32_bound, rel_err
@@ -294,6 +295,21 @@ def test_every_sampler_recovers_a_point_mass(tmp_path):
                          generator=torch.Generator().manual_seed(1))
         err = (x0 - c).abs().max().item()
         assert err < 0.05, f"{sampler}: {err}"
+
+
+def test_diffusers_schedulers_share_our_process():
+    """samplers.PROCESS and the exported scheduler's config derive from harness.models.diffusion: every
+    diffusers scheduler they build has our alphas_cumprod (diffusers' are float32: each beta rounded
+    once, then a product of T factors rounded once each, so 2T roundings)."""
+    from diffusers import DDIMScheduler
+
+    from harness.interop.convert import SCHEDULER_CONFIG
+    from harness.sampling.samplers import make_scheduler
+
+    ours = create_diffusion(None).alphas_cumprod
+    for scheduler in [DDIMScheduler(**SCHEDULER_CONFIG)] + [make_scheduler(s) for s in DIFFUSERS_SCHEDULERS]:
+        theirs = scheduler.alphas_cumprod.double().numpy()
+        assert rel_err(theirs, ours) <= fp32_bound(2 * len(ours)), type(scheduler).__name__
 
 
 def test_sampler_records_name_implementation_and_compute():

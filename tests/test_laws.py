@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.study import laws
+from harness.study import analysis, laws
 from harness.errors import HarnessError
 
 DRAWS, MIN_COVER, NOISE = 40, 0.80, 0.03
@@ -169,3 +169,49 @@ def test_analytic_jacobian_equals_finite_differences(law, space):
     # here |f| <= 2 |J| and |f'''| <= (1 + max |ln z|)^3 |f|, so 100 eps^(2/3) of J's scale (measured 0.86 eps^(2/3))
     J = jac(p)
     assert np.abs(J - approx_derivative(fun, p, method="3-point")).max() <= 100 * np.finfo(float).eps ** (2 / 3) * np.abs(J).max()
+
+
+def test_power_law_recovers_exponent_inside_interval():
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.geomspace(0.3, 120, 10), 3)           # 10 models x 3 seeds
+    runs = [f"r{i}" for i in range(len(g))]
+    fid = 150 * g ** -0.35 * np.exp(rng.normal(0, 0.05, len(g)))
+    fit = laws.power_law(g, fid, runs, n_boot=400)
+    assert fit.b_ci[0] < -0.35 < fit.b_ci[1]
+    assert fit.b_ci[1] - fit.b_ci[0] < 0.1                # informative, not a trivially wide interval
+    assert fit.a_ci[0] < 150 < fit.a_ci[1]
+    lo, hi = fit.interval(1000.0)
+    assert lo[0] < 150 * 1000 ** -0.35 < hi[0]
+    ex = analysis.extrapolate(fit, 1000.0)
+    assert ex.lo <= ex.value <= ex.hi
+
+
+def test_power_law_bootstraps_over_runs_not_points():
+    rng = np.random.default_rng(2)
+    g = np.repeat([1.0, 4.0, 16.0, 64.0], 5)              # 4 runs, 5 (near-duplicate) points each
+    fid = 100 * g ** -0.5 * np.exp(np.repeat(rng.normal(0, 0.1, 4), 5) + rng.normal(0, 0.001, 20))
+    by_run = laws.power_law(g, fid, np.repeat(np.arange(4), 5), n_boot=300)
+    by_point = laws.power_law(g, fid, None, n_boot=300)
+    # Treating 20 correlated points as independent would understate the uncertainty.
+    assert (by_run.b_ci[1] - by_run.b_ci[0]) > 2 * (by_point.b_ci[1] - by_point.b_ci[0])
+
+
+def test_fits_refuse_too_few_points():
+    with pytest.raises(HarnessError, match="power-law fit needs"):
+        laws.power_law([1.0, 2.0], [3.0, 2.0])
+
+
+def test_power_law_is_the_log_log_least_squares_line():
+    """The report's power law (laws.POWER_LOGLOG, fitted by the laws' least squares) is the straight
+    line of log y on log C: np.polyfit's closed form, to the solver's tolerance (least_squares'
+    ftol/xtol 1e-8, relative)."""
+    rng = np.random.default_rng(3)
+    c = np.geomspace(0.5, 200, 12)
+    for slope in (-0.4, 0.25):   # the exponent is free in sign: a rising FID is fitted, not clipped to 0
+        y = 80 * c ** slope * np.exp(rng.normal(0, 0.1, len(c)))
+        fit = laws.power_law(c, y, n_boot=0)
+        b, log_a = np.polyfit(np.log(c), np.log(y), 1)
+        assert fit.b == pytest.approx(b, rel=1e-6, abs=1e-6)
+        assert fit.a == pytest.approx(np.exp(log_a), rel=1e-6)
+        resid = np.log(y) - (log_a + b * np.log(c))
+        assert fit.r2 == pytest.approx(1 - resid.var() / np.log(y).var(), rel=1e-6)

@@ -7,7 +7,7 @@ from scipy.ndimage import gaussian_filter
 from harness.data.datasets import load_digits
 from harness.metrics import compute_metrics, get_feature_extractor, load_reference
 from harness.metrics.digits import DIGITS_CONFIG, _split, load_digits_classifier, to_input
-from harness.metrics.stats import frechet_distance_features
+from metrics_helpers import frechet_distance_features
 
 
 def rgb(gray: np.ndarray) -> np.ndarray:

@@ -4,9 +4,9 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from harness.errors import HarnessError
-from harness.metrics import normalize_metrics
-from harness.metrics.stats import (frechet_distance, frechet_distance_features, gaussian_stats,
-                                   inception_score, manifold_radii, precision_recall)
+from harness.config.vocab import normalize_metrics
+from harness.metrics.stats import frechet_distance, gaussian_stats, inception_score, manifold_radii, precision_recall
+from metrics_helpers import frechet_distance_features
 from tolerance import fp32_bound, fp64_bound
 
 
@@ -126,7 +126,7 @@ def test_normalize_metrics():
 def test_fid_bootstrap_matches_the_spread_of_independent_draws():
     """The bootstrap standard error over one sample set estimates the standard deviation of FID over
     fresh sample sets from the same distribution; stated tolerance: within a factor of 1.6."""
-    from harness.metrics.stats import fid_bootstrap, frechet_distance_features, gaussian_stats
+    from harness.metrics.stats import fid_bootstrap, gaussian_stats
 
     rng = np.random.default_rng(0)
     d, n = 6, 400

@@ -17,6 +17,7 @@ from harness.models.dit import build_model
 from harness.training.runtime import Dist
 from harness.training.step import Batch, BatchGeometry, TrainStep, check_micro_batch, resolve_compile
 from harness.training.train import run_training
+from diffusion_helpers import training_losses
 from train_tiny import as_rank, free_port, TINY_MODEL, assert_adam_close, assert_bitwise_equal, final_state, tiny_run
 from tolerance import fp32_bound, rel_err
 
@@ -58,8 +59,8 @@ def test_two_micro_batches_of_four_give_the_gradient_of_one_batch_of_eight():
         assert rel_err(g2[name], g1[name]) < GRAD_TOL, name
     torch.testing.assert_close(sums_split, sums_whole, rtol=1e-6, atol=0)  # fp32 sums of 4 vs 8 terms
     # and the loss is the mean over the batch: the sum returned / 8 equals the plain mean
-    plain = whole.diffusion.training_losses(whole.model, batch.x0, batch.t,
-                                            {"y": batch.y, "force_drop": batch.drop}, noise=batch.noise)
+    plain = training_losses(whole.diffusion, whole.model, batch.x0, batch.t,
+                            {"y": batch.y, "force_drop": batch.drop}, noise=batch.noise)
     assert sums_whole[0].item() / 8 == pytest.approx(plain["loss"].mean().item(), rel=fp32_bound(8))  # fp32 mean of 8
 
 

@@ -21,10 +21,11 @@ from harness.models.diffusion import guided_model_fn
 from harness.errors import HarnessError
 from harness.models.dit import build_model
 from harness.config.spec import RunSpec
+from harness.config.vocab import SAMPLERS
 from harness.models.runmodel import model_from_checkpoint
 from harness.sampling.sample import (_channels_arg, _sample_seed, autoencoder_for, balanced_labels, cli_sample,
                                      make_grid, random_labels, sample_images, save_grid, save_npz)
-from harness.sampling.samplers import SAMPLERS, sample_loop
+from harness.sampling.samplers import sample_loop
 from train_tiny import nudged_tiny_dit
 
 MODEL = "DiT-2x32x2/2"

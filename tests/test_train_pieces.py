@@ -24,9 +24,26 @@ def test_warmup_is_linear_to_the_spec_rate_then_flat():
     assert _lr_at(1, 1e-4, 1) == 1e-4
 
 
+def test_seed_tags_have_their_own_slot():
+    """A tagged seed (data order, step noise, evaluation) never equals a rank's seed: derive_seed(s, 1)
+    was once the epoch-0 data-order seed derive_seed(s, _TAG_EPOCH=1, 0). Rank seeds are unchanged."""
+    from harness.training.evaluation import TAG_EVAL
+
+    for seed in (0, 3, 2**31 - 1):
+        ranks = {derive_seed(seed, r, *step) for r in range(8) for step in ((), (0,), (1,), (7,))}
+        tagged = {derive_seed(seed, *rest, tag=tag) for tag in (_TAG_EPOCH, _TAG_STEP, TAG_EVAL)
+                  for rest in ((0,), (1,), (2, 50))}
+        assert not ranks & tagged and len(tagged) == 3 * 3
+    assert derive_seed(5, 1) == derive_seed(5, 1, 0) != derive_seed(5, 0, tag=1)
+    # the rank seeds are what they were (SeedSequence of the parts alone); the tagged ones moved
+    assert derive_seed(5, 0) == int(np.random.SeedSequence([5, 0]).generate_state(2, np.uint64)[0] >> 1)
+    assert derive_seed(5, 0, tag=1) == int(np.random.SeedSequence([5, 0], spawn_key=(1,))
+                                           .generate_state(2, np.uint64)[0] >> 1)
+
+
 def test_an_epoch_is_a_seeded_permutation_with_seeded_flips():
     order = DataOrder(10, seed=3)
-    g = torch.Generator().manual_seed(derive_seed(3, _TAG_EPOCH, 2))
+    g = torch.Generator().manual_seed(derive_seed(3, 2, tag=_TAG_EPOCH))
     perm, flips = torch.randperm(10, generator=g).numpy(), torch.randint(0, 2, (10,), generator=g).numpy()
     got = order.epoch(2)
     assert np.array_equal(got[0], perm) and np.array_equal(got[1], flips)
@@ -115,7 +132,7 @@ def test_step_randomness_is_one_draw_for_the_global_batch_sliced_per_rank():
     for k in range(3):
         assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])
     t, noise, drop = whole
-    g = torch.Generator().manual_seed(derive_seed(7, _TAG_STEP, 3))
+    g = torch.Generator().manual_seed(derive_seed(7, 3, tag=_TAG_STEP))
     from harness.models.diffusion import sample_timesteps
     assert torch.equal(t, sample_timesteps(8, 1000, torch.device("cpu"), g))
     assert torch.equal(noise, torch.randn((8, 2, 4, 4), generator=g))
@@ -125,7 +142,7 @@ def test_step_randomness_is_one_draw_for_the_global_batch_sliced_per_rank():
     none = step_randomness(7, 3, 8, 1000, (2, 4, 4), 0.0, gen, 0, 8)[2]
     assert not none.any()
     # a label drops iff its uniform draw u is below class_dropout (P(drop) = p): at p = u exactly, it stays
-    g = torch.Generator().manual_seed(derive_seed(7, _TAG_STEP, 3))
+    g = torch.Generator().manual_seed(derive_seed(7, 3, tag=_TAG_STEP))
     sample_timesteps(8, 1000, torch.device("cpu"), g), torch.randn((8, 2, 4, 4), generator=g)   # drawn first
     u = torch.rand(8, generator=g)
     at_u = step_randomness(7, 3, 8, 1000, (2, 4, 4), u[5].item(), gen, 0, 8)[2]

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import norm
 
 from harness.models.diffusion import create_diffusion
+from diffusion_helpers import training_losses
 
 T = 1000
 
@@ -66,8 +67,8 @@ def _case(seed: int = 0):
 def test_training_vb_is_the_closed_form_gaussian_kl():
     x0, noise, t, eps, v = _case()
     raw = torch.from_numpy(np.concatenate([eps, v], axis=1)).float().requires_grad_(True)
-    losses = create_diffusion().training_losses(lambda x, tt: raw, torch.from_numpy(x0).float(),
-                                                torch.from_numpy(t), noise=torch.from_numpy(noise).float())
+    losses = training_losses(create_diffusion(), lambda x, tt: raw, torch.from_numpy(x0).float(),
+                             torch.from_numpy(t), noise=torch.from_numpy(noise).float())
     want = expected_vb(x0, noise, t, eps.astype(np.float32).astype(np.float64),
                        v.astype(np.float32).astype(np.float64))
     np.testing.assert_allclose(losses["vb"].detach().double().numpy(), want, rtol=2e-3, atol=1e-6)
@@ -83,8 +84,8 @@ def test_vb_trains_the_variance_channels_and_only_them():
     d mse / d v is zero."""
     x0, noise, t, eps, v = _case(1)
     raw = torch.from_numpy(np.concatenate([eps, v], axis=1)).float().requires_grad_(True)
-    losses = create_diffusion().training_losses(lambda x, tt: raw, torch.from_numpy(x0).float(),
-                                                torch.from_numpy(t), noise=torch.from_numpy(noise).float())
+    losses = training_losses(create_diffusion(), lambda x, tt: raw, torch.from_numpy(x0).float(),
+                             torch.from_numpy(t), noise=torch.from_numpy(noise).float())
     (grad_vb,) = torch.autograd.grad(losses["vb"].sum(), raw, retain_graph=True)
     (grad_mse,) = torch.autograd.grad(losses["mse"].sum(), raw)
     C = x0.shape[1]
@@ -94,6 +95,6 @@ def test_vb_trains_the_variance_channels_and_only_them():
     # the gradient points the right way: one small step on v alone lowers vb
     v2 = torch.from_numpy(v).float() - 1e-2 * grad_vb[:, C:].sign()
     raw2 = torch.cat([torch.from_numpy(eps).float(), v2], dim=1)
-    after = create_diffusion().training_losses(lambda x, tt: raw2, torch.from_numpy(x0).float(),
-                                               torch.from_numpy(t), noise=torch.from_numpy(noise).float())
+    after = training_losses(create_diffusion(), lambda x, tt: raw2, torch.from_numpy(x0).float(),
+                            torch.from_numpy(t), noise=torch.from_numpy(noise).float())
     assert after["vb"].sum() < losses["vb"].sum()

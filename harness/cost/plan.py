@@ -27,10 +27,11 @@ import logging
 import math
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from harness import hardware, paper
 from harness.config import layout
+from harness.config.arguments import add_spec_arguments, positive_int
 from harness.config.registry import resolve_shape
 from harness.study import forecast
 from harness.study.results import load_sweep
@@ -213,17 +214,9 @@ def _schedule(spec: SweepSpec, plans: list[RunPlan], nodes: int, gpus_per_node: 
     return out
 
 
-def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None,
-               sampling_throughput: float | None = None, latent_throughput: float | None = None,
-               throughput_from: str | None = None, gpu: str | None = hardware.DEFAULT_GPU,
-               nodes: int | None = None, gpus_per_node: int | None = None) -> dict:
-    """{"sweep", "description", "checkpoints_from", "throughput_images_per_s", "throughput_model",
-    "sampling_images_per_s", "latent_encodes_per_s", "runs": [RunPlan dicts], "totals"}.
-    `throughput_model`: the model `throughput` and `sampling_throughput` were measured on.
-    `throughput_from`: a `harness bench` JSON measuring each run's own model (instead of both).
-    Without any of them, the packaged measurements of `gpu` (`harness.hardware`; None: no hours).
-    With hours and GPUs (`nodes` x `gpus_per_node`, default the spec's launcher), each run's GPU count and
-    the simulated queue: "schedule" holds the makespan, utilisation and the run that ends last."""
+def _check_throughputs(throughput: float | None, sampling_throughput: float | None,
+                       latent_throughput: float | None, throughput_from: str | None) -> None:
+    """The measured speeds a plan is given must be positive and go together: one line for each mistake."""
     if throughput_from is not None and (throughput is not None or sampling_throughput is not None):
         raise HarnessError("--throughput-from: gives every run its own measured speed; drop --throughput and "
                            "--sampling-throughput, or drop --throughput-from")
@@ -235,16 +228,56 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
     if sampling_throughput is not None and throughput is None:
         raise HarnessError("--sampling-throughput: needs --throughput (training images/s) as well. Fix: pass "
                            "both figures of `harness bench`.")
-    reference = None
-    if throughput_model is not None:
-        from harness.models.flops import model_gflops  # torch and fvcore: only where a plan needs them
 
-        if throughput is None:
-            raise HarnessError("--throughput-model: needs --throughput. Fix: pass the images/s that "
-                               "`harness bench` measured on that model.")
-        model = resolve_shape(throughput_model).name
-        d = spec.data
-        reference = model_gflops(model, spec.conditioning[0], d.input_size, d.channels, d.num_classes)[0]
+
+def _reference_gflops(spec: SweepSpec, throughput_model: str | None, throughput: float | None) -> float | None:
+    """The Gflops of the model --throughput was measured on (other runs scale by theirs), or None."""
+    if throughput_model is None:
+        return None
+    from harness.models.flops import model_gflops  # torch and fvcore: only where a plan needs them
+
+    if throughput is None:
+        raise HarnessError("--throughput-model: needs --throughput. Fix: pass the images/s that "
+                           "`harness bench` measured on that model.")
+    model = resolve_shape(throughput_model).name
+    d = spec.data
+    return model_gflops(model, spec.conditioning[0], d.input_size, d.channels, d.num_classes)[0]
+
+
+def _totals(plans: list[RunPlan], latent_throughput: float | None) -> dict:
+    """The sweep's sums: runs, Gflops, samples and (when every run has them) accelerator-hours."""
+    totals = {
+        "runs": len(plans),
+        "train_gflops": sum(p.train_gflops for p in plans),
+        "eval_samples": sum(p.eval_samples for p in plans),
+        "sampling_gflops": sum(p.sampling_gflops for p in plans),
+    }
+    totals["total_gflops"] = totals["train_gflops"] + totals["sampling_gflops"]
+    if all(p.train_accel_hours is not None for p in plans):
+        totals["train_accel_hours"] = sum(p.train_accel_hours for p in plans)
+        totals["sampling_accel_hours"] = sum(p.sampling_accel_hours for p in plans)
+        totals["accel_hours"] = totals["train_accel_hours"] + totals["sampling_accel_hours"]
+    if latent_throughput is not None:
+        known = [p.latent_accel_hours for p in plans if p.latent_accel_hours is not None]
+        totals["latent_accel_hours"] = sum(known) if len(known) == len(plans) else None
+        if totals.get("accel_hours") is not None and totals["latent_accel_hours"] is not None:
+            totals["accel_hours"] += totals["latent_accel_hours"]
+    return totals
+
+
+def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_model: str | None = None,
+               sampling_throughput: float | None = None, latent_throughput: float | None = None,
+               throughput_from: str | None = None, gpu: str | None = hardware.DEFAULT_GPU,
+               nodes: int | None = None, gpus_per_node: int | None = None) -> dict:
+    """{"sweep", "description", "checkpoints_from", "throughput_images_per_s", "throughput_model",
+    "sampling_images_per_s", "latent_encodes_per_s", "runs": [RunPlan dicts], "totals"}.
+    `throughput_model`: the model `throughput` and `sampling_throughput` were measured on.
+    `throughput_from`: a `harness bench` JSON measuring each run's own model (instead of both).
+    Without any of them, the packaged measurements of `gpu` (`harness.hardware`; None: no hours).
+    With hours and GPUs (`nodes` x `gpus_per_node`, default the spec's launcher), each run's GPU count and
+    the simulated queue: "schedule" holds the makespan, utilisation and the run that ends last."""
+    _check_throughputs(throughput, sampling_throughput, latent_throughput, throughput_from)
+    reference = _reference_gflops(spec, throughput_model, throughput)
     runs = spec.expand()
     basis = None
     if throughput_from is not None:
@@ -257,26 +290,10 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
         plans = [plan_run(run, throughput, reference, sampling_throughput) for run in runs]
     if latent_throughput is not None:
         _latent_hours(plans, runs, latent_throughput)
-    totals = {
-        "runs": len(plans),
-        "train_gflops": sum(p.train_gflops for p in plans),
-        "eval_samples": sum(p.eval_samples for p in plans),
-        "sampling_gflops": sum(p.sampling_gflops for p in plans),
-    }
-    totals["total_gflops"] = totals["train_gflops"] + totals["sampling_gflops"]
     nodes = nodes or spec.launcher.nodes
     gpus_per_node = spec.launcher.gpus_per_node if gpus_per_node is None else gpus_per_node
     timed = all(p.train_accel_hours is not None for p in plans)
     sched = _schedule(spec, plans, nodes, gpus_per_node) if timed and gpus_per_node > 0 else None
-    if all(p.train_accel_hours is not None for p in plans):
-        totals["train_accel_hours"] = sum(p.train_accel_hours for p in plans)
-        totals["sampling_accel_hours"] = sum(p.sampling_accel_hours for p in plans)
-        totals["accel_hours"] = totals["train_accel_hours"] + totals["sampling_accel_hours"]
-    if latent_throughput is not None:
-        known = [p.latent_accel_hours for p in plans if p.latent_accel_hours is not None]
-        totals["latent_accel_hours"] = sum(known) if len(known) == len(plans) else None
-        if totals.get("accel_hours") is not None and totals["latent_accel_hours"] is not None:
-            totals["accel_hours"] += totals["latent_accel_hours"]
     return {"sweep": spec.name, "spec": str(spec.path), "description": spec.description,
             "checkpoints_from": spec.checkpoints_from,
             "throughput_images_per_s": ({m: measured[m][0] for m in sorted({r.model for r in runs})}
@@ -284,63 +301,63 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
             "throughput_model": f"measured per model ({throughput_from})" if throughput_from else throughput_model,
             "sampling_images_per_s": sampling_throughput,
             "latent_encodes_per_s": latent_throughput, "table": basis, "schedule": sched,
-            "runs": [p.to_dict() for p in plans], "totals": totals}
+            "runs": [p.to_dict() for p in plans], "totals": _totals(plans, latent_throughput)}
 
 
 def _sci(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
-def format_table(plan: dict) -> str:
-    """A fixed-width text table of a plan, one row per run plus a totals row."""
-    hours = "accel_hours" in plan["totals"]
-    latent = plan.get("latent_encodes_per_s") is not None
-    cols = ["run_id", "gflops", "paper", "params_m", "train_gflops", "eval_samples", "sampling_gflops"]
-    if hours:
-        cols += ["train_h", "eval_h"]
-    if latent:
-        cols += ["latent_h"]
-    sched = plan.get("schedule")
+def _optional_columns(plan: dict) -> list[tuple[list[str], Callable[[dict], list[str]], list[str]]]:
+    """The table's optional column groups, each (headers, a run's cells, the totals row's cells):
+    accelerator-hours, latent hours, the simulated schedule, the forecast FID."""
+    t, sched = plan["totals"], plan.get("schedule")
+    groups = []
+    if "accel_hours" in t:
+        groups.append((["train_h", "eval_h"],
+                       lambda r: [f"{r['train_accel_hours']:.1f}", f"{r['sampling_accel_hours']:.1f}"],
+                       [f"{t['train_accel_hours']:.1f}", f"{t['sampling_accel_hours']:.1f}"]))
+    if plan.get("latent_encodes_per_s") is not None:
+        groups.append((["latent_h"], lambda r: [_hours(r["latent_accel_hours"])], [_hours(t["latent_accel_hours"])]))
     if sched:
-        cols += ["gpus", "start_h", "end_h"]
-    fc = plan.get("forecast_from") is not None
-    if fc:
-        cols += ["forecast_fid"]
+        groups.append((["gpus", "start_h", "end_h"],
+                       lambda r: [str(r["gpus"]), f"{r['start_h']:.1f}", f"{r['end_h']:.1f}"],
+                       ["", "", f"{sched['makespan_h']:.1f}"]))
+    if plan.get("forecast_from") is not None:
+        groups.append((["forecast_fid"],
+                       lambda r: [f"{r['forecast_fid']:.3g} [{r['forecast_lo']:.3g}, {r['forecast_hi']:.3g}]"
+                                  if r["forecast_fid"] is not None else "-"],
+                       [""]))
+    return groups
+
+
+def _table_rows(plan: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """(headers, one row per run, the totals row) of the plan's table."""
+    groups = _optional_columns(plan)
+    cols = ["run_id", "gflops", "paper", "params_m", "train_gflops", "eval_samples", "sampling_gflops"]
     rows = []
     for r in plan["runs"]:
-        row = [r["run_id"], f"{r['gflops']:.2f}" if r["gflops"] >= 0.1 else f"{r['gflops']:.2g}", "-" if r["paper_gflops"] is None else f"{r['paper_gflops']:.2f}",
-               f"{r['params'] / 1e6:.1f}", _sci(r["train_gflops"]), str(r["eval_samples"]),
-               _sci(r["sampling_gflops"])]
-        if hours:
-            row += [f"{r['train_accel_hours']:.1f}", f"{r['sampling_accel_hours']:.1f}"]
-        if latent:
-            row += [_hours(r["latent_accel_hours"])]
-        if sched:
-            row += [str(r["gpus"]), f"{r['start_h']:.1f}", f"{r['end_h']:.1f}"]
-        if fc:
-            row += [f"{r['forecast_fid']:.3g} [{r['forecast_lo']:.3g}, {r['forecast_hi']:.3g}]"
-                    if r["forecast_fid"] is not None else "-"]
-        rows.append(row)
+        rows.append([r["run_id"], f"{r['gflops']:.2f}" if r["gflops"] >= 0.1 else f"{r['gflops']:.2g}",
+                     "-" if r["paper_gflops"] is None else f"{r['paper_gflops']:.2f}",
+                     f"{r['params'] / 1e6:.1f}", _sci(r["train_gflops"]), str(r["eval_samples"]),
+                     _sci(r["sampling_gflops"])])
     t = plan["totals"]
     total = [f"total ({t['runs']} runs)", "", "", "", _sci(t["train_gflops"]), str(t["eval_samples"]),
              _sci(t["sampling_gflops"])]
-    if hours:
-        total += [f"{t['train_accel_hours']:.1f}", f"{t['sampling_accel_hours']:.1f}"]
-    if latent:
-        total += [_hours(t["latent_accel_hours"])]
-    if sched:
-        total += ["", "", f"{sched['makespan_h']:.1f}"]
-    if fc:
-        total += [""]
-    widths = [max(len(c), *(len(r[i]) for r in rows + [total])) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [f"sweep {plan['sweep']}: {plan['description']}".rstrip(": ")]
-    if plan["checkpoints_from"]:
-        out.append(f"evaluates the checkpoints of sweep '{plan['checkpoints_from']}' (no training)")
-    out += [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    out += [line(["-" * w for w in widths]), line(total)]
-    out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
-               "sampling = gflops x steps x samples (x2 with guidance, cfg != 1)")
+    for headers, cells, total_cells in groups:
+        cols += headers
+        for row, r in zip(rows, plan["runs"]):
+            row += cells(r)
+        total += total_cells
+    return cols, rows, total
+
+
+def _hours_notes(plan: dict) -> list[str]:
+    """Where the accelerator-hours come from, and a note when evaluation takes much of them."""
+    t = plan["totals"]
+    if "accel_hours" not in t:
+        return []
+    out = []
     if plan.get("table"):
         b = plan["table"]
         out.append(f"accelerator-hours on one {b['gpu'].upper()} each, from the packaged measurements "
@@ -349,21 +366,28 @@ def format_table(plan: dict) -> str:
                    + (f", scaled by Gflops from the nearest measured model for {', '.join(b['scaled_by_gflops'])}"
                       if b["scaled_by_gflops"] else "")
                    + f"; evaluation scaled by Gflops from {b['sampling']}; total {t['accel_hours']:.1f} h")
-    elif hours and isinstance(plan["throughput_images_per_s"], dict):
+    elif isinstance(plan["throughput_images_per_s"], dict):
         speeds = ", ".join(f"{m} {v:,.0f}" for m, v in plan["throughput_images_per_s"].items())
         out.append(f"accelerator-hours from the training and sampling images/s {plan['throughput_model']}: "
                    f"training {speeds}; total {t['accel_hours']:.1f} h")
-    elif hours:
+    else:
         on = f" on {plan['throughput_model']}, scaled by Gflops" if plan["throughput_model"] else ""
         sampling = (f"{plan['sampling_images_per_s']:g} sampling images/s per denoising step"
                     if plan.get("sampling_images_per_s") else "3x that per denoising step (no --sampling-throughput)")
         out.append(f"accelerator-hours estimated from {plan['throughput_images_per_s']:g} training images/s and "
                    f"{sampling} per accelerator{on}; total {t['accel_hours']:.1f} h")
-    if hours and t["sampling_accel_hours"] > t["accel_hours"] / 3:
+    if t["sampling_accel_hours"] > t["accel_hours"] / 3:
         out.append(f"note: evaluation is {t['sampling_accel_hours'] / t['accel_hours']:.0%} of the accelerator-hours "
                    f"({t['sampling_accel_hours']:.1f} of {t['accel_hours']:.1f} h). To cut it: evaluate fewer "
                    "eval.at_steps, fewer sampling_steps or cfg_scales, or FID-10K at intermediate steps (a second "
                    "sweep with checkpoints_from and eval.num_samples: 10000) and FID-50K only at the last step")
+    return out
+
+
+def _column_notes(plan: dict) -> list[str]:
+    """What the schedule, latent_h and forecast_fid columns mean, where the table has them."""
+    out = []
+    sched = plan.get("schedule")
     if sched:
         out.append(f"schedule on {sched['nodes']} node(s) x {sched['gpus_per_node']} GPUs, each run its own job in "
                    f"submission order (harness.cost.schedule): makespan {sched['makespan_h']:.1f} h, GPU utilisation "
@@ -373,15 +397,30 @@ def format_table(plan: dict) -> str:
             out.append(f"note: {', '.join(sched['below_efficient'])} get fewer than "
                        f"{schedule.EFFICIENT_TOKENS_PER_GPU:,} tokens per GPU a step, where no throughput was measured: "
                        "their hours assume perfect scaling and are optimistic (launcher.gpus_per_run: auto avoids this)")
-    if latent:
+    if plan.get("latent_encodes_per_s") is not None:
         out.append(f"latent_h: this run's share of its latent stage at {plan['latent_encodes_per_s']:g} VAE "
                    "encodes/s per accelerator (each image and its flip)")
-    if fc:
+    if plan.get("forecast_from") is not None:
         f = plan["forecast_from"]
         out.append(f"forecast_fid: {f['law']} fitted to sweep '{f['sweep']}' ({f['runs']} runs at step {f['step']:,}, "
                    f"{f['feature_space']} features), {f['level']:.0%} interval; comparable only with that sweep's "
                    "protocol and training length")
-    return "\n".join(out)
+    return out
+
+
+def format_table(plan: dict) -> str:
+    """A fixed-width text table of a plan, one row per run plus a totals row, then what its numbers rest on."""
+    cols, rows, total = _table_rows(plan)
+    widths = [max(len(c), *(len(r[i]) for r in rows + [total])) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [f"sweep {plan['sweep']}: {plan['description']}".rstrip(": ")]
+    if plan["checkpoints_from"]:
+        out.append(f"evaluates the checkpoints of sweep '{plan['checkpoints_from']}' (no training)")
+    out += [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out += [line(["-" * w for w in widths]), line(total)]
+    out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
+               "sampling = gflops x steps x samples (x2 with guidance, cfg != 1)")
+    return "\n".join(out + _hours_notes(plan) + _column_notes(plan))
 
 
 def add_forecast(plan: dict, results_root: str, source: str) -> dict:
@@ -408,12 +447,36 @@ def _hours(h: float | None) -> str:
     return "-" if h is None else f"{h:.1f}"
 
 
+def add_plan_arguments(s) -> None:
+    """`harness plan`'s flags."""
+    add_spec_arguments(s)
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.add_argument("--throughput", type=float, default=None,
+                   help="measured training images/s per accelerator (from `harness bench`)")
+    s.add_argument("--throughput-model", default=None,
+                   help="the model --throughput was measured on; other runs scale by its Gflops")
+    s.add_argument("--forecast-from", default=None, metavar="SWEEP",
+                   help="a finished smaller sweep: show each run's forecast FID from its chosen scaling law")
+    s.add_argument("--results", default="results", help="results root of --forecast-from")
+    s.add_argument("--throughput-from", default=None,
+                   help="a `harness bench --suite ... --out FILE.json`: each run gets its own model's measured speed")
+    s.add_argument("--gpu", type=str.lower, default=None,
+                   help=f"GPU kind of the packaged throughput table behind the hours (have: {', '.join(hardware.gpus())}; "
+                        "default launcher.gpu_kind)")
+    s.add_argument("--nodes", type=positive_int, default=None, help="plan the queue on this many nodes (default launcher.nodes)")
+    s.add_argument("--gpus-per-node", type=positive_int, default=None, help="GPUs a node (default launcher.gpus_per_node)")
+    s.add_argument("--sampling-throughput", type=float, default=None,
+                   help="measured sampling images/s per accelerator for one denoising step (`harness bench`)")
+    s.add_argument("--latent-throughput", type=float, default=None,
+                   help="measured VAE encodes/s per accelerator (`harness bench --latents`)")
+
+
 def cli_plan(args) -> int:
     spec = load_spec(args.sweep, args.overrides)
     plan = plan_sweep(spec, args.throughput, args.throughput_model, args.sampling_throughput,
                       args.latent_throughput, args.throughput_from, args.gpu or spec.launcher.gpu_kind,
                       args.nodes, args.gpus_per_node)
-    if getattr(args, "forecast_from", None):
+    if args.forecast_from:
         add_forecast(plan, args.results, args.forecast_from)
     if args.format == "json":
         print(json.dumps(plan, indent=2))

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from harness.errors import HarnessError
+from harness.config.arguments import positive_int
+from harness.config.spec import AUTOENCODERS
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,21 @@ def _spawn_tasks(args: Any, n: int) -> None:
     if failed:
         raise HarnessError(f"latent tasks {failed} of {n} failed (their errors are above); rerun the same "
                            "command: finished shards are kept.")
+
+
+def add_latents_arguments(s) -> None:
+    """`harness latents`'s flags."""
+    s.add_argument("--data", required=True, help="'digits' or an ImageFolder path (ImageNet train layout)")
+    s.add_argument("--autoencoder", default="sd-vae-ft-ema", choices=AUTOENCODERS)
+    s.add_argument("--autoencoder-path", default=None, help="local folder of the VAE weights")
+    s.add_argument("--image-size", type=positive_int, default=256)
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--allow-download", action="store_true", help="let diffusers fetch the VAE from the hub")
+    s.add_argument("--shard", default=None, help="I/N: encode only task I's share of N (shards I, I+N, ...); "
+                   "'slurm': this Slurm task's (SLURM_PROCID/SLURM_NTASKS)")
+    s.add_argument("--tasks", type=positive_int, default=1, help="run N tasks here (one per GPU), then finish")
+    s.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per task (default: the task's CPUs less one)")
 
 
 def cli_latents(args: Any) -> int:

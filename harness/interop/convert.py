@@ -31,11 +31,11 @@ from harness.config.spec import DataSpec, RunSpec, expand_path
 from harness.data.autoencoder import load_autoencoder
 from harness.io import atomic_write
 from harness.models.checkpoint import list_checkpoints, verify_checkpoint
+from harness.models.diffusion import DIFFUSERS_PROCESS
 from harness.models.runmodel import build_run_model, model_from_checkpoint, strip_wrappers
 
 log = logging.getLogger(__name__)
 
-TRANSFORMER_CLASS = "DiTTransformer2DModel"
 #: per-block modules of ours -> diffusers (suffixes .weight and .bias follow)
 _BLOCK_MAP = {
     "attn.proj": "attn1.to_out.0",
@@ -268,9 +268,8 @@ def load_into(model: torch.nn.Module, source: Source, conditioning: str, what: s
 
 
 # ----------------------------------------------------------------------------- export and import
-#: the diffusion DiT trains with (harness.models.diffusion): linear betas 1e-4..0.02 over 1000 steps
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-                    "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
+#: the diffusion DiT trains with (harness.models.diffusion.DIFFUSERS_PROCESS), as a DDIM scheduler
+SCHEDULER_CONFIG = {**DIFFUSERS_PROCESS, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
                     "timestep_spacing": "leading"}
 
 
@@ -418,6 +417,21 @@ def import_weights(src: str | Path, fmt: str, out: str | Path) -> Path:
     sd = {k: v.contiguous() for k, v in source.state_dict.items()}
     atomic_write(out, lambda f: torch.save(sd, f), mode="wb")
     return out
+
+
+def add_export_arguments(s) -> None:
+    """`harness export`'s flags."""
+    s.add_argument("source", help="a checkpoint step_XXXXXXX.pt or a run folder (its newest valid checkpoint)")
+    s.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target layout")
+    s.add_argument("out", help="new folder to write")
+    s.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+
+
+def add_import_arguments(s) -> None:
+    """`harness import`'s flags."""
+    s.add_argument("source", help="a DiTPipeline (or transformer/) folder, or an official DiT .pt")
+    s.add_argument("--from", dest="fmt", choices=["diffusers", "official"], required=True)
+    s.add_argument("out", help="the .pt file to write (official layout)")
 
 
 def cli_export(args: Any) -> int:

@@ -21,6 +21,7 @@ is lowered to max(eval.at_steps), which the run id ignores, so the trainer never
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -29,13 +30,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.config import layout
+from harness.config.arguments import add_spec_arguments
 from harness.errors import HarnessError
 from harness.io import writing
 from harness.launch.job import SweepJob
 from harness.cost.plan import plan_sweep, record_run
 from harness.data.latents import run_latent_stage
 from harness.launch.preflight import require_ready, sbatch_fix
-from harness.config.spec import SweepSpec, load_spec
+from harness.config.spec import LAUNCHERS, SweepSpec, load_spec
 from harness.launch.status import (ACTIVE_STATES, POLL_S, RunStatus, format_status, job_error, job_reason,
                             record_outcome, run_statuses, sacct_states, slurm_job)
 from harness.launch.local_pool import run_local
@@ -168,73 +170,108 @@ def dispatch(spec: SweepSpec, results: str | Path = "results", launcher: str | N
         active = [s for s in statuses if s.state in ("pending", "running")]
         log.info("sweep %s: %d runs, %d done, %d already queued or running, %d to submit", spec.name,
                  len(statuses), sum(s.state == "done" for s in statuses), len(active), len(todo))
-        costs = {}
-        for s in todo:
-            s.dir.mkdir(parents=True, exist_ok=True)
-            p = record_run(s.run, s.dir)
-            costs[s.run.run_id] = p.train_gflops + p.sampling_gflops
-        # longest first (planned hours on its GPUs when sized, else Gflops): the longest run never starts last
-        todo.sort(key=lambda s: -(sized[s.run.run_id][1] if sized else costs[s.run.run_id]))
-        args = [(s.run.to_dict(), str(s.dir),
-                 str(layout.run_dir(results, spec.checkpoints_from, s.run.run_id)) if spec.checkpoints_from else None)
-                for s in todo]
-        jobs_dir = sdir / layout.JOBS_DIR
-        ex = make_executor(kind, spec, jobs_dir)
-        jobs: dict[str, Any] = {}
-
-        def record(s: RunStatus, job: Any) -> None:
-            entry = state["runs"].setdefault(s.run.run_id, {})
-            entry.update(launcher=kind, job_id=str(job.job_id), job_folder=str(jobs_dir / "%j"),
-                         submitted=time.time(), attempts=entry.get("attempts", 0) + 1, reason=None,
-                         gpus=sized[s.run.run_id][0] if sized else None)
-            _link_logs(s.dir, job)
-            jobs[s.run.run_id] = job
-
-        from submitit.core.utils import FailedJobError
-
+        args = _prepare(spec, results, todo, sized)
+        ledger = _Ledger(kind, sdir, state, sized)
+        ex = make_executor(kind, spec, ledger.jobs_dir)
         try:
-            # the latent stage first (Slurm: its own job, and the training jobs wait for it: afterok)
-            try:
-                with _held_stderr() if kind == "slurm" else contextlib.nullcontext():
-                    latent_jobs = run_latent_stage(spec, [s.run for s in todo], kind, ex,
-                                                   make_executor(kind, spec, jobs_dir))
-            except FailedJobError as err:  # sbatch refuses the latent job as it would the array
-                raise _sbatch_refusal(spec, err) from None
+            latent_jobs = _latent_stage(spec, todo, kind, ex, ledger.jobs_dir)
             state["latent_jobs"] = latent_jobs or state.get("latent_jobs", [])
             if kind == "slurm":
-                groups: dict[int | None, list] = {}  # one job array per GPU count, in submission order
-                for s, a in zip(todo, args):
-                    groups.setdefault(sized[s.run.run_id][0] if sized else None, []).append((s, a))
-                for gpus, members in groups.items():
-                    gex = ex if gpus is None else make_executor(kind, spec, jobs_dir, gpus)
-                    if gpus is not None and latent_jobs:
-                        gex.update_parameters(slurm_dependency="afterok:" + ":".join(latent_jobs))
-                    try:  # one sbatch per array: it is submitted whole or not at all
-                        with _held_stderr(), gex.batch():
-                            submitted = [gex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for _, a in members]
-                    except FailedJobError as err:  # submitit carries sbatch's stderr
-                        raise _sbatch_refusal(spec, err, earlier=len(jobs)) from None
-                    for (s, _), job in zip(members, submitted):
-                        record(s, job)
-                    layout.save_state(sdir, state)
-                    log.info("submitted job array %s (%d runs%s)", submitted[0].job_id.split("_")[0], len(submitted),
-                             f", {gpus} GPU(s) each" if gpus else "")
+                _submit_arrays(spec, ex, todo, args, latent_jobs, ledger)
                 for s in active:
-                    jobs[s.run.run_id] = slurm_job(state["runs"][s.run.run_id])
+                    ledger.jobs[s.run.run_id] = slurm_job(state["runs"][s.run.run_id])
                 if wait:
-                    _wait_slurm(jobs, state, sdir)
+                    _wait_slurm(ledger.jobs, state, sdir)
             elif kind == "local":
-                run_local(ex, spec, todo, args, record, state, sdir)
+                run_local(ex, spec, todo, args, ledger.record, state, sdir)
             else:
-                for s, a in zip(todo, args):
-                    job = ex.submit(SweepJob(spec.launcher.cpus_per_task), *a)
-                    record(s, job)
-                    layout.save_state(sdir, state)
-                    record_outcome(s.run.run_id, job, state, "FAILED", debug=True)
-                    layout.save_state(sdir, state)
+                _run_debug(spec, ex, todo, args, ledger)
         finally:
             layout.save_state(sdir, state)
         return run_statuses(spec, results, query_scheduler=(kind == "slurm"))
+
+
+def _prepare(spec: SweepSpec, results: Path, todo: list[RunStatus], sized: dict[str, tuple[int, float]]
+             ) -> list[tuple]:
+    """Write each run's folder and run.json, sort `todo` longest first (planned hours on its GPUs when
+    sized, else Gflops: the longest run never starts last) and return each run's SweepJob arguments."""
+    costs = {}
+    for s in todo:
+        s.dir.mkdir(parents=True, exist_ok=True)
+        p = record_run(s.run, s.dir)
+        costs[s.run.run_id] = p.train_gflops + p.sampling_gflops
+    todo.sort(key=lambda s: -(sized[s.run.run_id][1] if sized else costs[s.run.run_id]))
+    return [(s.run.to_dict(), str(s.dir),
+             str(layout.run_dir(results, spec.checkpoints_from, s.run.run_id)) if spec.checkpoints_from else None)
+            for s in todo]
+
+
+@dataclasses.dataclass
+class _Ledger:
+    """What a dispatch has submitted: each run's job, noted in the sweep state as it is submitted."""
+
+    kind: str
+    sdir: Path
+    state: dict
+    sized: dict[str, tuple[int, float]]
+    jobs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.sdir / layout.JOBS_DIR
+
+    def record(self, s: RunStatus, job: Any) -> None:
+        entry = self.state["runs"].setdefault(s.run.run_id, {})
+        entry.update(launcher=self.kind, job_id=str(job.job_id), job_folder=str(self.jobs_dir / "%j"),
+                     submitted=time.time(), attempts=entry.get("attempts", 0) + 1, reason=None,
+                     gpus=self.sized[s.run.run_id][0] if self.sized else None)
+        _link_logs(s.dir, job)
+        self.jobs[s.run.run_id] = job
+
+
+def _latent_stage(spec: SweepSpec, todo: list[RunStatus], kind: str, ex: Any, jobs_dir: Path) -> list[str]:
+    """The latent stage first (Slurm: its own job, and the training jobs wait for it: afterok)."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        with _held_stderr() if kind == "slurm" else contextlib.nullcontext():
+            return run_latent_stage(spec, [s.run for s in todo], kind, ex, make_executor(kind, spec, jobs_dir))
+    except FailedJobError as err:  # sbatch refuses the latent job as it would the array
+        raise _sbatch_refusal(spec, err) from None
+
+
+def _submit_arrays(spec: SweepSpec, ex: Any, todo: list[RunStatus], args: list[tuple], latent_jobs: list[str],
+                   ledger: _Ledger) -> None:
+    """One Slurm job array per GPU count, in submission order, each after the latent jobs."""
+    from submitit.core.utils import FailedJobError
+
+    groups: dict[int | None, list] = {}
+    for s, a in zip(todo, args):
+        groups.setdefault(ledger.sized[s.run.run_id][0] if ledger.sized else None, []).append((s, a))
+    for gpus, members in groups.items():
+        gex = ex if gpus is None else make_executor(ledger.kind, spec, ledger.jobs_dir, gpus)
+        if gpus is not None and latent_jobs:
+            gex.update_parameters(slurm_dependency="afterok:" + ":".join(latent_jobs))
+        try:  # one sbatch per array: it is submitted whole or not at all
+            with _held_stderr(), gex.batch():
+                submitted = [gex.submit(SweepJob(spec.launcher.cpus_per_task), *a) for _, a in members]
+        except FailedJobError as err:  # submitit carries sbatch's stderr
+            raise _sbatch_refusal(spec, err, earlier=len(ledger.jobs)) from None
+        for (s, _), job in zip(members, submitted):
+            ledger.record(s, job)
+        layout.save_state(ledger.sdir, ledger.state)
+        log.info("submitted job array %s (%d runs%s)", submitted[0].job_id.split("_")[0], len(submitted),
+                 f", {gpus} GPU(s) each" if gpus else "")
+
+
+def _run_debug(spec: SweepSpec, ex: Any, todo: list[RunStatus], args: list[tuple], ledger: _Ledger) -> None:
+    """The debug launcher: each run in this process, one after another, its outcome recorded as it ends."""
+    for s, a in zip(todo, args):
+        job = ex.submit(SweepJob(spec.launcher.cpus_per_task), *a)
+        ledger.record(s, job)
+        layout.save_state(ledger.sdir, ledger.state)
+        record_outcome(s.run.run_id, job, ledger.state, "FAILED", debug=True)
+        layout.save_state(ledger.sdir, ledger.state)
 
 
 def _refuse_beside_slurm(spec: SweepSpec, sdir: Path, kind: str, statuses: list[RunStatus]) -> None:
@@ -287,6 +324,19 @@ def _wait_slurm(jobs: dict[str, Any], state: dict, sdir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
+def add_sweep_arguments(s) -> None:
+    """`harness sweep`'s flags."""
+    add_spec_arguments(s)
+    s.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="override the spec's launcher.kind")
+    s.add_argument("--results", default="results", help="results root")
+    s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")
+    s.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check every input (data, weights, reference, folders, Slurm's sbatch --test-only), submit nothing")
+    s.add_argument("--reports", default="reports", help="reports root of the closing report")
+
+
 def cli_sweep(args: Any) -> int:
     """`harness sweep SPEC`: dispatch, print the statuses, and render the report when all are done."""
     spec = load_spec(args.sweep, args.overrides)

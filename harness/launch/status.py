@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import layout
+from harness.config.arguments import add_spec_arguments
 from harness.training.evaluation import eval_progress
 from harness.io import read_jsonl
 from harness.launch.repair import damage
@@ -35,11 +36,40 @@ POLL_S = float(os.environ.get("HARNESS_POLL_S", "5"))
 
 
 # --------------------------------------------------------------------------- run progress on disk
-def train_progress(rdir: Path) -> int:
-    """The last step recorded in train.jsonl, or the newest checkpoint's step, or 0."""
+@dataclasses.dataclass
+class Progress:
+    """What a run's records say of its pace: latest FID, training wall time, speed."""
+    fid: float | None = None
+    fid_step: int | None = None
+    elapsed_s: float = 0.0            # training wall time, summed over every attempt (resumes included)
+    images_per_s: float | None = None  # at the last logged step
+    steps_per_s: float | None = None
+    step: int = 0                     # the last step train.jsonl records
+
+
+def run_progress(rdir: Path) -> Progress:
+    """Progress from train.jsonl and eval.jsonl; each attempt's wall_s restarts at 0, so attempts are summed."""
     folder = layout.RunFolder(rdir)
-    last = max([int(rec.get("step", 0)) for rec in read_jsonl(folder.train_log)], default=0)
-    return max([last] + folder.checkpoint_steps())
+    out, last_wall = Progress(), 0.0
+    for rec in read_jsonl(folder.train_log):
+        wall = float(rec.get("wall_s") or 0.0)
+        if wall < last_wall:  # a new attempt: the previous one ran for last_wall seconds
+            out.elapsed_s += last_wall
+        last_wall = wall
+        out.images_per_s, out.steps_per_s = rec.get("images_per_s"), rec.get("steps_per_s")
+        out.step = max(out.step, int(rec.get("step", 0)))
+    out.elapsed_s += last_wall
+    for rec in read_jsonl(folder.eval_log):
+        if rec.get("fid") is not None:
+            out.fid, out.fid_step = float(rec["fid"]), int(rec.get("step", 0))
+    return out
+
+
+def train_progress(rdir: Path, progress: Progress | None = None) -> int:
+    """The last step recorded in train.jsonl (`progress`'s, when the caller has read it already), or
+    the newest checkpoint's step, or 0."""
+    last = (progress or run_progress(rdir)).step
+    return max([last] + layout.RunFolder(rdir).checkpoint_steps())
 
 
 def is_complete(run: RunSpec, rdir: Path) -> bool:
@@ -197,6 +227,7 @@ class RunStatus:
     job_id: str | None
     reason: str | None
     gpus: int | None = None  # the GPUs its Slurm job asked for (harness.cost.schedule), when sized
+    progress: Progress | None = None  # what its train.jsonl and eval.jsonl say (read once, by run_statuses)
 
 
 def _slurm_state(entry: dict, sched: str) -> tuple[str, str | None]:
@@ -218,7 +249,8 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
         rdir = layout.run_dir(results, spec.name, run.run_id)
         entry = state["runs"].get(run.run_id, {})
         evals = eval_progress(run, rdir)
-        step = train_progress(rdir)
+        progress = run_progress(rdir)
+        step = train_progress(rdir, progress)
         job_id, reason = entry.get("job_id"), entry.get("reason")
         damaged = damage(run, rdir) if rdir.is_dir() else None
         if is_complete(run, rdir):
@@ -233,34 +265,7 @@ def run_statuses(spec: SweepSpec, results: str | Path, query_scheduler: bool = T
             st = "interrupted"
         else:
             st = "new"
-        out.append(RunStatus(run, rdir, st, step, evals, job_id, reason, entry.get("gpus")))
-    return out
-
-
-@dataclasses.dataclass
-class Progress:
-    """What a run's records say of its pace: latest FID, training wall time, speed."""
-    fid: float | None = None
-    fid_step: int | None = None
-    elapsed_s: float = 0.0            # training wall time, summed over every attempt (resumes included)
-    images_per_s: float | None = None  # at the last logged step
-    steps_per_s: float | None = None
-
-
-def run_progress(rdir: Path) -> Progress:
-    """Progress from train.jsonl and eval.jsonl; each attempt's wall_s restarts at 0, so attempts are summed."""
-    folder = layout.RunFolder(rdir)
-    out, last_wall = Progress(), 0.0
-    for rec in read_jsonl(folder.train_log):
-        wall = float(rec.get("wall_s") or 0.0)
-        if wall < last_wall:  # a new attempt: the previous one ran for last_wall seconds
-            out.elapsed_s += last_wall
-        last_wall = wall
-        out.images_per_s, out.steps_per_s = rec.get("images_per_s"), rec.get("steps_per_s")
-    out.elapsed_s += last_wall
-    for rec in read_jsonl(folder.eval_log):
-        if rec.get("fid") is not None:
-            out.fid, out.fid_step = float(rec["fid"]), int(rec.get("step", 0))
+        out.append(RunStatus(run, rdir, st, step, evals, job_id, reason, entry.get("gpus"), progress))
     return out
 
 
@@ -277,7 +282,7 @@ def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
     rows = [["run_id", "state", "gpus", "step", "evals", "fid", "elapsed", "img/s", "eta", "job", "reason"]]
     for s in statuses:
         steps = s.run.train.steps if not s.run.checkpoints_from else max(s.run.eval.at_steps)
-        p = run_progress(s.dir)
+        p = s.progress or run_progress(s.dir)
         active = p.steps_per_s and steps > s.step and s.state not in ("done", "failed")
         eta = (steps - s.step) / p.steps_per_s if active else None
         rows.append([s.run.run_id, s.state, str(s.gpus or "-"), f"{s.step}/{steps}", f"{s.evals[0]}/{s.evals[1]}",
@@ -292,6 +297,12 @@ def format_status(spec: SweepSpec, statuses: list[RunStatus]) -> str:
         counts[s.state] = counts.get(s.state, 0) + 1
     lines.append(f"sweep {spec.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def add_status_arguments(s) -> None:
+    """`harness status`'s flags."""
+    add_spec_arguments(s, help=None)
+    s.add_argument("--results", default="results")
 
 
 def cli_status(args: Any) -> int:

@@ -8,14 +8,14 @@
 
 Every number carries its feature space; numbers from different spaces are never comparable.
 The metric and feature-space names live in `harness.config.vocab` (torch-free: the spec validates
-against them) and are re-exported here; the extractors and statistics load on first use.
+against them; import them from there); the extractors and statistics load on first use.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
-from harness.config.vocab import FEATURE_SPACES, METRIC_KEYS, METRIC_LABELS, METRICS, normalize_metrics
+from harness.config.vocab import FEATURE_SPACES, METRIC_KEYS, METRICS, normalize_metrics
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -27,8 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["compute_metrics", "metrics_from_features", "load_reference", "get_feature_extractor", "FeatureExtractor",
-           "Features", "ReferenceStats", "normalize_metrics", "METRICS", "METRIC_KEYS", "METRIC_LABELS",
-           "FEATURE_SPACES"]
+           "Features", "ReferenceStats"]
 
 _LAZY = {"FeatureExtractor": "features", "Features": "features", "check_images": "features",
          "ReferenceStats": "reference", "load_reference": "reference"}

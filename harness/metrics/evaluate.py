@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.config.arguments import csv_list, positive_int
+from harness.config.vocab import FEATURE_SPACES, METRIC_LABELS, METRICS, normalize_metrics
 from harness.io import atomic_write_json
-from harness.metrics import METRIC_LABELS, compute_metrics, get_feature_extractor, load_reference, normalize_metrics
+from harness.metrics import compute_metrics, get_feature_extractor, load_reference
 from harness.metrics.features import check_images
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,17 @@ def format_table(result: dict) -> str:
             rows.append((label, f"{result[key]:.4f}"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def add_evaluate_arguments(s) -> None:
+    """`harness evaluate`'s flags."""
+    s.add_argument("--samples", required=True, help="npz in the ADM layout (arr_0: N x H x W x 3 uint8)")
+    s.add_argument("--reference", required=True, help="ADM reference npz, an image folder, or 'digits'")
+    s.add_argument("--metrics", type=csv_list, default=list(METRICS), help=f"comma-separated: {','.join(METRICS)}")
+    s.add_argument("--features", choices=FEATURE_SPACES, default="inception")
+    s.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
+    s.add_argument("--batch-size", type=positive_int, default=100)
+    s.add_argument("--json", default=None, help="write the metrics here too")
 
 
 def cli_evaluate(args) -> int:

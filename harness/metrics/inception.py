@@ -14,7 +14,6 @@ cache, where torch-fidelity itself stores them.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
-from harness.io import atomic_write
+from harness.io import atomic_write, sha256_file
 from harness.metrics.features import FeatureExtractor, default_device
 
 log = logging.getLogger(__name__)
@@ -66,14 +65,6 @@ def resolve_weights(path: str | os.PathLike | None = None) -> Path:
         "for CPU studies without them use the digits feature space (--features digits)")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fidelity_class():
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -88,7 +79,7 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None):
         path = resolve_weights(weights)
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         official = sha.startswith(WEIGHTS_SHA256_PREFIX)
         # Numbers from other weights must never sit next to real FIDs: they get their own name.
         self.name = "inception" if official else f"inception-custom-{sha[:8]}"
@@ -123,7 +114,7 @@ class InceptionFeatures(FeatureExtractor):
 def write_random_inception_weights(path: str | os.PathLike, seed: int = 0, calibration_images: int = 4) -> Path:
     """Write a randomly initialised FID-Inception state dict with sensible activation scales.
 
-    For tests and offline smoke runs only: the numbers it gives mean nothing (and are recorded under
+    For tests, offline smoke runs and the evaluation benchmark (harness.sampling.bench) only: the numbers it gives mean nothing (and are recorded under
     an `inception-custom-*` feature space). Convolutions get He-normal weights, the logits layer
     1/sqrt(2048); BatchNorm running statistics are calibrated on a few random images so every layer
     sees unit-scale inputs.

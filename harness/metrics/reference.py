@@ -191,6 +191,62 @@ def _identify(ref: str, extractor: FeatureExtractor, image_size: int | None, max
                        ".npz file, nor an image folder; fix the path")
 
 
+def _cache_paths(src: _Source, extractor: FeatureExtractor, max_images: int | None) -> tuple[Path, Path]:
+    """Where a reference's statistics and its pool features are cached: named by the source, keyed by
+    its identity, the feature space, the resolution (an npz: its arr_0) and max_images."""
+    key = _sha({"identity": src.identity, "feature": extractor.identity,
+                "resolution": src.resolution if src.npz_path is None else "arr_0", "max_images": max_images})[:20]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in src.identity.split(":")[1])[:40]
+    stats_path = cache_dir("reference") / f"{slug}-{extractor.identity}-{key}.npz"
+    return stats_path, stats_path.with_suffix(".pool.npy")
+
+
+def _source_images(src: _Source) -> np.ndarray:
+    """The images of a digits or npz reference (N x H x W x 3 uint8), checked."""
+    if src.images is not None:
+        return src.images
+    try:
+        with np.load(src.npz_path) as npz:
+            arr = npz["arr_0"]
+    except _NPZ_ERRORS as err:
+        raise _unreadable(src.npz_path, err) from err
+    return check_images(arr, f"reference {src.npz_path} key arr_0")
+
+
+def _read_cached(stats_path: Path, ref: str, extractor: FeatureExtractor) -> tuple[dict, dict] | None:
+    """(meta, statistics) from the cache file, or None when it is unreadable (it is then recomputed)."""
+    try:
+        with np.load(stats_path) as npz:
+            meta = json.loads(str(npz["meta"]))
+            arrays = {k: npz[k] for k in ADM_STAT_KEYS}
+    except (OSError, KeyError, ValueError) as err:
+        log.warning("ignoring unreadable reference cache %s (%s)", stats_path, err)
+        return None
+    log.info("reference %s: cached %s statistics %s", ref, extractor.name, stats_path)
+    return meta, arrays
+
+
+def _compute_stats(src: _Source, ref: str, extractor: FeatureExtractor, batch_size: int
+                   ) -> tuple[dict, int, int, np.ndarray | None]:
+    """(statistics, resolution, image count, pool features or None): ADM's precomputed Inception
+    statistics when the npz has them, else the reference's features extracted once."""
+    if src.adm_stats is not None:
+        log.info("reference %s: using ADM's precomputed Inception statistics", ref)
+        shape = _npz_member_shape(src.npz_path, "arr_0") or (0, 0)
+        return src.adm_stats, int(shape[1]), int(shape[0]), None
+    log.info("reference %s: computing %s statistics (once; cached)", ref, extractor.name)
+    resolution, count = src.resolution, src.count
+    if src.files:
+        feats = _extract_stream(_folder_batches(src.files, resolution), extractor, batch_size)
+    else:
+        imgs = _source_images(src)
+        resolution, count = int(imgs.shape[1]), int(imgs.shape[0])
+        feats = _extract_stream(_chunks(imgs), extractor, batch_size)
+    mu, sigma = gaussian_stats(feats.pool)
+    mu_s, sigma_s = gaussian_stats(feats.spatial)
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}, resolution, count, feats.pool
+
+
 def load_reference(reference: str, extractor: FeatureExtractor, image_size: int | None = None,
                    batch_size: int = 100, max_images: int | None = None,
                    use_cache: bool = True) -> ReferenceStats:
@@ -201,70 +257,30 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
     """
     ref = str(reference)
     src = _identify(ref, extractor, image_size, max_images)
-    identity, resolution, count = src.identity, src.resolution, src.count
-    images, files, npz_path, adm_stats = src.images, src.files, src.npz_path, src.adm_stats
-    key = _sha({"identity": identity, "feature": extractor.identity,
-                "resolution": resolution if npz_path is None else "arr_0", "max_images": max_images})[:20]
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in identity.split(":")[1])[:40]
-    cache = cache_dir("reference")
-    stats_path = cache / f"{slug}-{extractor.identity}-{key}.npz"
-    pool_path = stats_path.with_suffix(".pool.npy")
+    stats_path, pool_path = _cache_paths(src, extractor, max_images)
 
-    def read_images() -> np.ndarray:
-        if images is not None:
-            return images
-        try:
-            with np.load(npz_path) as npz:
-                arr = npz["arr_0"]
-        except _NPZ_ERRORS as err:
-            raise _unreadable(npz_path, err) from err
-        return check_images(arr, f"reference {npz_path} key arr_0")
-
-    def compute_pool() -> np.ndarray:
+    def compute_pool() -> np.ndarray:  # precision/recall's features, extracted on first use
         if use_cache and pool_path.is_file():
             return np.load(pool_path)
         log.info("reference %s: extracting %s pool features for precision/recall", ref, extractor.name)
-        feats = _extract_stream(_chunks(read_images()), extractor, batch_size)
+        feats = _extract_stream(_chunks(_source_images(src)), extractor, batch_size)
         if use_cache:
             atomic_write(pool_path, lambda f: np.save(f, feats.pool))
         return feats.pool
 
     def build(meta: dict, arrays: dict, pool: np.ndarray | None) -> ReferenceStats:
-        return ReferenceStats(source=ref, identity=identity, feature_space=extractor.name,
+        return ReferenceStats(source=ref, identity=src.identity, feature_space=extractor.name,
                               feature_identity=extractor.identity, resolution=int(meta["resolution"]),
                               num_images=int(meta["num_images"]), _pool=pool, _pool_loader=compute_pool,
                               **{k: np.asarray(arrays[k], np.float64) for k in ADM_STAT_KEYS})
 
-    if use_cache and stats_path.is_file():
-        try:
-            with np.load(stats_path) as npz:
-                meta = json.loads(str(npz["meta"]))
-                arrays = {k: npz[k] for k in ADM_STAT_KEYS}
-            log.info("reference %s: cached %s statistics %s", ref, extractor.name, stats_path)
-            return build(meta, arrays, None)
-        except (OSError, KeyError, ValueError) as err:
-            log.warning("ignoring unreadable reference cache %s (%s)", stats_path, err)
-
-    pool = None
-    if adm_stats is not None:
-        log.info("reference %s: using ADM's precomputed Inception statistics", ref)
-        shape = _npz_member_shape(npz_path, "arr_0") or (0, 0)
-        arrays, resolution, count = adm_stats, int(shape[1]), int(shape[0])
-    else:
-        log.info("reference %s: computing %s statistics (once; cached)", ref, extractor.name)
-        if files:
-            feats = _extract_stream(_folder_batches(files, resolution), extractor, batch_size)
-        else:
-            imgs = read_images()
-            resolution, count = int(imgs.shape[1]), int(imgs.shape[0])
-            feats = _extract_stream(_chunks(imgs), extractor, batch_size)
-        mu, sigma = gaussian_stats(feats.pool)
-        mu_s, sigma_s = gaussian_stats(feats.spatial)
-        arrays = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-        pool = feats.pool
-        if use_cache:
-            atomic_write(pool_path, lambda f: np.save(f, pool))
-    meta = {"source": ref, "identity": identity, "feature_space": extractor.name,
+    cached = _read_cached(stats_path, ref, extractor) if use_cache and stats_path.is_file() else None
+    if cached is not None:
+        return build(*cached, None)
+    arrays, resolution, count, pool = _compute_stats(src, ref, extractor, batch_size)
+    if use_cache and pool is not None:
+        atomic_write(pool_path, lambda f: np.save(f, pool))
+    meta = {"source": ref, "identity": src.identity, "feature_space": extractor.name,
             "feature_identity": extractor.identity, "resolution": resolution, "num_images": count}
     if use_cache:
         _save_npz(stats_path, meta=np.array(json.dumps(meta)), **arrays)

@@ -72,11 +72,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N1, D) and (N2, D)."""
-    return frechet_distance(*gaussian_stats(feats1), *gaussian_stats(feats2))
-
-
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
     """Inception Score of class logits (N, K): mean over splits of exp(E_x KL(p(y|x) || p(y))).
 

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 ModelFn = Callable[..., torch.Tensor]
 
 __all__ = [
+    "NUM_TIMESTEPS",
+    "BETA_START",
+    "BETA_END",
+    "DIFFUSERS_PROCESS",
     "linear_betas",
     "space_timesteps",
     "GaussianDiffusion",
@@ -57,8 +61,16 @@ __all__ = [
 ]
 
 
+#: the training process: T steps of ADM's linear beta schedule from BETA_START to BETA_END
+NUM_TIMESTEPS, BETA_START, BETA_END = 1000, 1e-4, 2e-2
+#: the same process in diffusers' scheduler words (its "linear" schedule is ADM's at T = 1000; the
+#: network predicts epsilon): harness.sampling.samplers and harness.interop derive theirs from it
+DIFFUSERS_PROCESS = {"num_train_timesteps": NUM_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END,
+                     "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
 # ----------------------------------------------------------------------------- helpers
-def linear_betas(num_timesteps: int = 1000, start: float = 1e-4, end: float = 2e-2) -> np.ndarray:
+def linear_betas(num_timesteps: int = NUM_TIMESTEPS, start: float = BETA_START, end: float = BETA_END) -> np.ndarray:
     """ADM's linear schedule, float64 (T,). For T != 1000 the end points are scaled by 1000/T,
     as ADM does, so the total noise stays comparable."""
     if num_timesteps < 1:
@@ -289,16 +301,6 @@ class GaussianDiffusion:
             x0, out["mean"], 0.5 * out["log_variance"]))
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
-    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: dict[str, Any] | None = None,
-                        noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """dict(loss, mse, vb), each (N,). loss = mse + vb (vb is 0 without learn_sigma)."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        xt = self.q_sample(x0, t, noise)
-        raw = model_fn(xt, self._model_t(t), **(model_kwargs or {}))
-        return self.loss_terms(raw, x0, xt, t, noise)
-
     def loss_terms(self, raw: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """The training losses from the model's output `raw` (N, C or 2C, H, W) at xt = q_sample(x0,
@@ -316,34 +318,6 @@ class GaussianDiffusion:
         else:
             vb = torch.zeros_like(mse)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
-
-    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dim, (N,)."""
-        t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x0.device)
-        mean, _, logvar = self.q_mean_variance(x0, t)
-        return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean),
-                                   torch.zeros_like(logvar))) / math.log(2.0)
-
-    def calc_bpd_loop(self, model_fn: ModelFn, x0: torch.Tensor,
-                      model_kwargs: dict[str, Any] | None = None, clip_denoised: bool = False,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The whole variational bound per example, in bits per dim.
-
-        Returns dict(total_bpd (N,), prior_bpd (N,), vb (N, T) with vb[:, t] = L_t, and
-        xstart_mse (N, T)). Fresh noise is drawn for each t."""
-        N, T = x0.shape[0], self.num_timesteps
-        vb = torch.empty(N, T, device=x0.device)
-        xstart_mse = torch.empty(N, T, device=x0.device)
-        for i in reversed(range(T)):
-            t = torch.full((N,), i, dtype=torch.long, device=x0.device)
-            noise = _randn(x0.shape, generator, x0.device, x0.dtype)
-            xt = self.q_sample(x0, t, noise)
-            out = self.p_mean_variance(model_fn, xt, t, model_kwargs, clip_denoised)
-            vb[:, i] = self._vb_from_output(out, x0, xt, t)
-            xstart_mse[:, i] = mean_flat((out["pred_xstart"] - x0) ** 2)
-        prior = self.prior_bpd(x0)
-        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb,
-                "xstart_mse": xstart_mse}
 
     # -- samplers -------------------------------------------------------------------
     def p_sample(self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor,
@@ -434,7 +408,7 @@ def sample_timesteps(n: int, num_timesteps: int, device: torch.device | str = "c
                          device=generator.device).to(device)
 
 
-def create_diffusion(timestep_respacing: int | str | None = None, num_timesteps: int = 1000,
+def create_diffusion(timestep_respacing: int | str | None = None, num_timesteps: int = NUM_TIMESTEPS,
                      learn_sigma: bool = True, fixed_variance: str = "large") -> GaussianDiffusion:
     """The DiT diffusion (linear schedule, T = 1000), optionally respaced for sampling.
 

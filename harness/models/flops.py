@@ -20,6 +20,7 @@ from harness.io import atomic_write_json, cache_dir
 from harness.config.registry import CONDITIONINGS, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, check_shape, resolve_shape
 from harness.config.registry import check_conditioning
 from harness.models.dit import DiT
+from harness.config.arguments import positive_int
 
 log = logging.getLogger(__name__)
 _CACHE_VERSION = 2  # bump when the model code changes what is counted
@@ -125,6 +126,16 @@ def flops_table(models: list[str] | None, conditionings: list[str] | None, image
             "paper_gflops": ref, "rel_err": None if ref is None else round(gflops / ref - 1, 5),
         })
     return rows
+
+
+def add_flops_arguments(s) -> None:
+    """`harness flops`'s flags."""
+    s.add_argument("--model", action="append", help="e.g. DiT-XL/2 or DiT-4x64x2/2 (repeatable)")
+    s.add_argument("--conditioning", action="append", choices=CONDITIONINGS, help="conditioning block (repeatable)")
+    s.add_argument("--image-size", type=positive_int, default=256, help="pixels; the latent is size/8 unless --pixel")
+    s.add_argument("--pixel", action="store_true", help="count in pixel space (no VAE downsampling)")
+    s.add_argument("--in-channels", type=positive_int, default=None, help="default 4 (latent) or 3 (--pixel)")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
 
 def cli_flops(args) -> int:

@@ -51,10 +51,3 @@ def paper_gflops(model: str, conditioning: str = "adaLN-Zero", image_size: int =
         if (row["model"], row["conditioning"], row["image_size"]) == (model, conditioning, image_size):
             return float(row["gflops"])
     return None
-
-
-def paper_params_m(model: str, conditioning: str = "adaLN-Zero", image_size: int = 256) -> float | None:
-    for row in table4():
-        if (row["model"], row["conditioning"], row["image_size"]) == (model, conditioning, image_size):
-            return float(row["params_m"])
-    return None

@@ -25,6 +25,14 @@ def render_paper_report(out_root, n_boot: int = 1000) -> dict:
     return _render(out_root, n_boot=n_boot)
 
 
+def add_report_arguments(s: argparse.ArgumentParser) -> None:
+    """`harness report`'s flags."""
+    s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")
+    s.add_argument("--paper", action="store_true", help="render the paper's own Table 4 numbers")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", default="reports", help="reports root")
+
+
 def cli_report(args: argparse.Namespace) -> int:
     """`harness report [SWEEP] [--paper] [--results ROOT] [--out ROOT]`."""
     if not args.paper and not args.sweep:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.study import analysis  # noqa: E402
+from harness.study import analysis, laws  # noqa: E402
 from harness.io import atomic_write  # noqa: E402
 from harness.study.results import METRICS, default_setting, main_conditioning  # noqa: E402
 
@@ -125,7 +125,7 @@ def uncertainty_caption(frame: pd.DataFrame) -> str:
     return (text[:1].upper() + text[1:] + ".") if parts else "One seed and no standard error recorded: no bars."
 
 
-def fid_vs_gflops(models: pd.DataFrame, corr: analysis.Correlation | None, fit: analysis.PowerLawFit | None,
+def fid_vs_gflops(models: pd.DataFrame, corr: analysis.Correlation | None, fit: laws.PowerLawFit | None,
                   step: int | None, metric: str = "fid", paper_rows: list[dict] | None = None,
                   title: str | None = None) -> Figure:
     """One point per model at one step; log x; the power-law fit and the correlation in the legend."""
@@ -159,7 +159,7 @@ def fid_vs_gflops(models: pd.DataFrame, corr: analysis.Correlation | None, fit: 
     return fig
 
 
-def fid_vs_train_compute(frame: pd.DataFrame, front: analysis.Frontier | None, fit: analysis.PowerLawFit | None,
+def fid_vs_train_compute(frame: pd.DataFrame, front: analysis.Frontier | None, fit: laws.PowerLawFit | None,
                          extrap: analysis.Extrapolation | None, metric: str = "fid",
                          paper_points: list[tuple[str, float, float]] | None = None) -> Figure:
     """Log-log metric against training compute per model, the frontier, its fit and extrapolation."""

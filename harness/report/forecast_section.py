@@ -122,65 +122,81 @@ def add_forecast_section(rep: Report, frame: pd.DataFrame, findings: list[list[s
         res = None
     if res is not None:
         out["backtest"] = res
-        best = next(c for c in res["candidates"] if c["default"])
-        errs = ", ".join(f"{p['name']} {_pct(p['error_pct'])} ({'inside' if p['covered'] else 'outside'} "
-                         f"[{p['lo']:.3g}, {p['hi']:.3g}])" for p in best["predictions"])
-        rep.notes.append(f"Back-test (step {step:,}): holding out {spec}, the default method (fixed before the data: "
-                         f"{res['default']}) fitted to the other runs predicts {errs}. The other "
-                         f"{len(res['candidates']) - 1} laws, for comparison only, are in the table 'Forecast back-test'.")
-        for p in best["predictions"]:
-            findings.append([f"back-test: FID of {p['name']} (held out)", f"{p['predicted']:.3g} vs {p['actual']:.3g}",
-                             f"[{p['lo']:.3g}, {p['hi']:.3g}]", "covered" if p["covered"] else "not covered"])
-        rep.figures.append(FigureSpec("forecast_backtest", "Forecast back-test",
-                                      f"Held-out runs ({spec}) predicted by every eligible law fitted to the other runs, "
-                                      f"the default method's with its {res['level']:.0%} prediction intervals; right: "
-                                      "its residuals.", backtest_figure(points, res)))
-        rows = []
-        for c in res["candidates"]:
-            params = "; ".join(f"{k} = {v['value']:.3g} [{v['ci'][0]:.3g}, {v['ci'][1]:.3g}]" if isinstance(v, dict)
-                               else f"{k}: {v}" for k, v in (c.get("params") or {}).items())
-            for p in c["predictions"] or [{}]:
-                rows.append([("default: " if c["default"] else "") + c["law"], f"{c['llo_error']:.3f}",
-                             f"{c['loo_error']:.3f}", p.get("name", "–"), f"{p['predicted']:.3g}" if p else "–",
-                             f"{p['actual']:.3g}" if p else "–", _pct(p.get("error_pct", np.nan)),
-                             ("yes" if p["covered"] else "no") if p else "–", c["why_not"] or params])
-        rep.tables.append(Table("Forecast back-test", ["law", "llo err", "loo err", "held out", "predicted",
-                                                       "actual", "error", f"in {res['level']:.0%} interval",
-                                                       "parameters [interval] on the training runs"], rows,
-                                "Errors inside the training runs are mean |log(predicted/actual)|, shown for "
-                                "comparison: they choose nothing. Intervals: Student's t x the leave-one-model-out "
-                                "error x sqrt(1 + leverage), in log FID (harness/study/laws.py)."))
-        try:
-            nxt = forecast.forecast_next(points, n_boot=n_boot)
-            out["next"] = nxt
-            rep.notes.append(f"Forecast for a larger model ({nxt['model']}: {nxt['compute']:.3g} Gflops, "
-                             f"{nxt['params'] / 1e6:.3g}M parameters) by {nxt['law']} fitted to all runs: FID "
-                             f"{nxt['predicted']:.3g} [{nxt['lo']:.3g}, {nxt['hi']:.3g}] ({nxt['level']:.0%}).")
-            findings.append([f"forecast: {nxt['model']}", f"{nxt['predicted']:.3g}",
-                             f"[{nxt['lo']:.3g}, {nxt['hi']:.3g}]", nxt["law"]])
-        except HarnessError as err:
-            rep.notes.append(f"No forecast beyond the largest model: {err}")
-    co = compute_optimal(frame, n_boot=max(n_boot, 200))
-    out["compute_optimal"] = co
+        _add_backtest(rep, points, step, spec, res, findings)
+        out["next"] = _add_next_forecast(rep, points, findings, n_boot)
+    out["compute_optimal"] = co = compute_optimal(frame, n_boot=max(n_boot, 200))
     if co is not None:
-        rep.figures.append(FigureSpec("compute_optimal", "Compute-optimal (isoFLOP) view",
-                                      "FID at fixed training-compute budgets, interpolated along each model's "
-                                      "evaluated checkpoints (never extrapolated); circles: the best model per "
-                                      "budget; right: its Gflops against the budget.", isoflop_figure(co)))
-        slope = (f"not identified: {co.why_not}" if co.why_not else
-                 f"{co.slope:.2f} [{co.slope_ci[0]:.2f}, {co.slope_ci[1]:.2f}]")
-        rep.notes.append(f"Compute-optimal model size: log10(best model's Gflops) against log10(training compute) "
-                         f"has slope {slope} ({co.level:.0%} bootstrap over models); a positive slope means larger "
-                         "models use larger budgets better.")
-        findings.append(["compute-optimal Gflops vs budget (slope)", "–" if co.why_not else f"{co.slope:.2f}",
-                         "–" if co.why_not else f"[{co.slope_ci[0]:.2f}, {co.slope_ci[1]:.2f}]",
-                         "not identified" if co.why_not else ("resolved" if co.slope_ci[0] > 0 else
-                                                              "not resolved at this budget")])
-        rep.tables.append(Table("Compute-optimal: FID at fixed training compute",
-                                ["budget (Gflops)"] + co.models + ["best"],
-                                [[f"{b:.3g}"] + [f"{v:.3g}" if np.isfinite(v) else "–" for v in co.fid[:, j]]
-                                 + [co.best[j]] for j, b in enumerate(co.budgets)],
-                                "Read along each model's curve between its evaluated checkpoints (linear in log-log); "
-                                "'–': the model's run did not reach or starts after that budget."))
+        _add_compute_optimal(rep, co, findings)
     out["stop_early"] = add_stop_early_section(rep, frame, findings)
     return out
+
+
+def _add_backtest(rep: Report, points: pd.DataFrame, step: int, spec: str, res: dict,
+                  findings: list[list[str]]) -> None:
+    """The back-test's note, findings, figure and table of every candidate law."""
+    best = next(c for c in res["candidates"] if c["default"])
+    errs = ", ".join(f"{p['name']} {_pct(p['error_pct'])} ({'inside' if p['covered'] else 'outside'} "
+                     f"[{p['lo']:.3g}, {p['hi']:.3g}])" for p in best["predictions"])
+    rep.notes.append(f"Back-test (step {step:,}): holding out {spec}, the default method (fixed before the data: "
+                     f"{res['default']}) fitted to the other runs predicts {errs}. The other "
+                     f"{len(res['candidates']) - 1} laws, for comparison only, are in the table 'Forecast back-test'.")
+    for p in best["predictions"]:
+        findings.append([f"back-test: FID of {p['name']} (held out)", f"{p['predicted']:.3g} vs {p['actual']:.3g}",
+                         f"[{p['lo']:.3g}, {p['hi']:.3g}]", "covered" if p["covered"] else "not covered"])
+    rep.figures.append(FigureSpec("forecast_backtest", "Forecast back-test",
+                                  f"Held-out runs ({spec}) predicted by every eligible law fitted to the other runs, "
+                                  f"the default method's with its {res['level']:.0%} prediction intervals; right: "
+                                  "its residuals.", backtest_figure(points, res)))
+    rows = []
+    for c in res["candidates"]:
+        params = "; ".join(f"{k} = {v['value']:.3g} [{v['ci'][0]:.3g}, {v['ci'][1]:.3g}]" if isinstance(v, dict)
+                           else f"{k}: {v}" for k, v in (c.get("params") or {}).items())
+        for p in c["predictions"] or [{}]:
+            rows.append([("default: " if c["default"] else "") + c["law"], f"{c['llo_error']:.3f}",
+                         f"{c['loo_error']:.3f}", p.get("name", "–"), f"{p['predicted']:.3g}" if p else "–",
+                         f"{p['actual']:.3g}" if p else "–", _pct(p.get("error_pct", np.nan)),
+                         ("yes" if p["covered"] else "no") if p else "–", c["why_not"] or params])
+    rep.tables.append(Table("Forecast back-test", ["law", "llo err", "loo err", "held out", "predicted",
+                                                   "actual", "error", f"in {res['level']:.0%} interval",
+                                                   "parameters [interval] on the training runs"], rows,
+                            "Errors inside the training runs are mean |log(predicted/actual)|, shown for "
+                            "comparison: they choose nothing. Intervals: Student's t x the leave-one-model-out "
+                            "error x sqrt(1 + leverage), in log FID (harness/study/laws.py)."))
+
+
+def _add_next_forecast(rep: Report, points: pd.DataFrame, findings: list[list[str]], n_boot: int) -> dict | None:
+    """The forecast FID of the next larger model (a note and a findings row), or why there is none."""
+    try:
+        nxt = forecast.forecast_next(points, n_boot=n_boot)
+    except HarnessError as err:
+        rep.notes.append(f"No forecast beyond the largest model: {err}")
+        return None
+    rep.notes.append(f"Forecast for a larger model ({nxt['model']}: {nxt['compute']:.3g} Gflops, "
+                     f"{nxt['params'] / 1e6:.3g}M parameters) by {nxt['law']} fitted to all runs: FID "
+                     f"{nxt['predicted']:.3g} [{nxt['lo']:.3g}, {nxt['hi']:.3g}] ({nxt['level']:.0%}).")
+    findings.append([f"forecast: {nxt['model']}", f"{nxt['predicted']:.3g}",
+                     f"[{nxt['lo']:.3g}, {nxt['hi']:.3g}]", nxt["law"]])
+    return nxt
+
+
+def _add_compute_optimal(rep: Report, co: ComputeOptimal, findings: list[list[str]]) -> None:
+    """The isoFLOP view: its figure, the slope of the best model's Gflops against the budget, its table."""
+    rep.figures.append(FigureSpec("compute_optimal", "Compute-optimal (isoFLOP) view",
+                                  "FID at fixed training-compute budgets, interpolated along each model's "
+                                  "evaluated checkpoints (never extrapolated); circles: the best model per "
+                                  "budget; right: its Gflops against the budget.", isoflop_figure(co)))
+    slope = (f"not identified: {co.why_not}" if co.why_not else
+             f"{co.slope:.2f} [{co.slope_ci[0]:.2f}, {co.slope_ci[1]:.2f}]")
+    rep.notes.append(f"Compute-optimal model size: log10(best model's Gflops) against log10(training compute) "
+                     f"has slope {slope} ({co.level:.0%} bootstrap over models); a positive slope means larger "
+                     "models use larger budgets better.")
+    findings.append(["compute-optimal Gflops vs budget (slope)", "–" if co.why_not else f"{co.slope:.2f}",
+                     "–" if co.why_not else f"[{co.slope_ci[0]:.2f}, {co.slope_ci[1]:.2f}]",
+                     "not identified" if co.why_not else ("resolved" if co.slope_ci[0] > 0 else
+                                                          "not resolved at this budget")])
+    rep.tables.append(Table("Compute-optimal: FID at fixed training compute",
+                            ["budget (Gflops)"] + co.models + ["best"],
+                            [[f"{b:.3g}"] + [f"{v:.3g}" if np.isfinite(v) else "–" for v in co.fid[:, j]]
+                             + [co.best[j]] for j, b in enumerate(co.budgets)],
+                            "Read along each model's curve between its evaluated checkpoints (linear in log-log); "
+                            "'–': the model's run did not reach or starts after that budget."))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.study import analysis
+from harness.study import analysis, laws
 from harness.paper import PAPER_CORRELATION_LOG_GFLOPS_FID, PAPER_GLOBAL_BATCH, headline, table4, train_compute
 from harness.report import figures as F
 from harness.report.render import FigureSpec, Report, Table, write_report
@@ -42,7 +42,7 @@ def scaling_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def train_compute_figure(frame: pd.DataFrame, fit: analysis.PowerLawFit) -> Figure:
+def train_compute_figure(frame: pd.DataFrame, fit: laws.PowerLawFit) -> Figure:
     """FID-50K vs training compute (Gflops x 256 x steps x 3), with the long DiT-XL/2 runs."""
     fig, ax = F._new("Paper: FID-50K vs training compute (256px)",
                      "training compute (Gflops = model Gflops × 256 × steps × 3)", "FID-50K")
@@ -69,8 +69,8 @@ def build_paper_report(n_boot: int = 1000) -> Report:
     frame = paper_frame()
     scal = scaling_rows(frame)
     corr = analysis.correlation(scal["gflops"].to_numpy(), scal["fid"].to_numpy(), "fid", "gflops", 400000)
-    gfit = analysis.fit_power_law(scal["gflops"], scal["fid"], n_boot=n_boot)
-    cfit = analysis.fit_power_law(scal["train_compute"], scal["fid"], n_boot=n_boot)
+    gfit = laws.power_law(scal["gflops"], scal["fid"], n_boot=n_boot)
+    cfit = laws.power_law(scal["train_compute"], scal["fid"], n_boot=n_boot)
     rep = Report(title="DiT scaling: the paper's Table 4 (Peebles & Xie 2023)", name="paper",
                  csv_name="table4_tidy.csv", csv_text=frame.to_csv(index=False))
     rep.notes += [

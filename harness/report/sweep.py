@@ -64,7 +64,7 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
     gfit = None
     ok = v.models["fid"].notna()
     if ok.sum() >= 3 and v.models.loc[ok, "gflops"].nunique() >= 2:
-        gfit = analysis.fit_power_law(v.models.loc[ok, "gflops"], v.models.loc[ok, "fid"], n_boot=n_boot)
+        gfit = laws.power_law(v.models.loc[ok, "gflops"], v.models.loc[ok, "fid"], n_boot=n_boot)
         fits.append(_fit_row(f"FID vs Gflops (step {v.step:,})", gfit, f"a = {_g(gfit.a)}",
                              f"b = {gfit.b:.4f} {analysis.ci_text(gfit.b_ci, '.4f')}", _g(gfit.r2, 3)))
         v.findings.append([f"Larger models reach lower FID: exponent b of FID ∝ Gflops^b at step {v.step:,}",

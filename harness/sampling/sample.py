@@ -25,7 +25,8 @@ from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.npz import save_npz
 from harness.sampling.batch import auto_sample_batch, find_decode_batch
-from harness.sampling.samplers import SAMPLERS, guidance_on, sample_loop
+from harness.config.vocab import SAMPLERS, guidance_on
+from harness.sampling.samplers import sample_loop
 from harness.config.spec import DataSpec, RunSpec
 from harness.data.autoencoder import load_autoencoder
 from harness.data.datasets import to_uint8

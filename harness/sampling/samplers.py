@@ -15,8 +15,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS, guidance_on  # noqa: F401  (re-exported from their home)
-from harness.models.diffusion import create_diffusion
+from harness.models.diffusion import DIFFUSERS_PROCESS, create_diffusion
 
 if TYPE_CHECKING:  # torch loads with the first sampler call, so `harness --help` stays fast
     import torch
@@ -28,9 +27,8 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
-#: the training process, in diffusers' words (harness.models.diffusion.linear_betas, T = 1000)
-PROCESS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-           "prediction_type": "epsilon"}
+#: the training process, in diffusers' words (harness.models.diffusion, its one definition)
+PROCESS = DIFFUSERS_PROCESS
 
 
 def model_evaluations(sampler: str, steps: int) -> int:

@@ -8,13 +8,14 @@ Bootstrap intervals resample runs (all points of a run together), never single p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
 from harness.errors import HarnessError
+from harness.study import laws
 from harness.study.results import METRICS, default_setting
 
 log = logging.getLogger(__name__)
@@ -139,103 +140,12 @@ def correlations(frame: pd.DataFrame, step: int | None = None, x: str = "gflops"
 
 
 # ----------------------------------------------------------------------------------- fits
-def _groups_index(n: int, groups) -> list[np.ndarray]:
-    if groups is None:
-        return [np.array([i]) for i in range(n)]
-    groups = np.asarray(groups)
-    return [np.flatnonzero(groups == g) for g in pd.unique(groups)]
-
-
-def _bootstrap(fit_once, n: int, groups, n_boot: int, seed: int) -> np.ndarray:
-    """Refit on resamples of the groups (runs) with replacement; rows of the result are params.
-    Resamples with fewer than 2 distinct points, or where the fit fails, are skipped."""
-    rng = np.random.default_rng(seed)
-    idx = _groups_index(n, groups)
-    if len(idx) < 3:  # resampling fewer than 3 runs says nothing about the spread: no interval
-        return np.empty((0, 0))
-    out = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(idx), len(idx))
-        sel = np.concatenate([idx[i] for i in pick])
-        if len(np.unique(sel)) < 2:
-            continue
-        try:
-            out.append(fit_once(sel))
-        except (ValueError, np.linalg.LinAlgError, RuntimeError):
-            continue
-    return np.array(out) if out else np.empty((0, 0))
-
-
-def _ci(samples: np.ndarray, level: float) -> tuple[float, float]:
-    if samples.size == 0:
-        return (float("nan"), float("nan"))
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return (float(lo), float(hi))
-
-
+# The power laws themselves are fitted by harness.study.laws (power_law, PowerLawFit).
 def ci_text(ci: tuple[float, float], fmt: str = ".3f") -> str:
     """'[lo, hi]', or 'CI n/a (< 3 runs)' when the bootstrap had too few runs to give one."""
     if not all(np.isfinite(ci)):
         return "[CI n/a: < 3 runs]"
     return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
-
-
-@dataclass
-class PowerLawFit:
-    """FID = a * C^b, least squares on log10(FID) against log10(C)."""
-
-    a: float
-    b: float
-    a_ci: tuple[float, float]
-    b_ci: tuple[float, float]
-    n: int
-    level: float
-    r2: float
-    boot: np.ndarray = field(repr=False)  # (B, 2): a, b per bootstrap resample
-
-    form = "power law: y = a * C^b"
-
-    def predict(self, c) -> np.ndarray:
-        return self.a * np.asarray(c, float) ** self.b
-
-    def interval(self, c) -> tuple[np.ndarray, np.ndarray]:
-        c = np.atleast_1d(np.asarray(c, float))
-        if self.boot.size == 0:
-            return np.full(c.shape, np.nan), np.full(c.shape, np.nan)
-        preds = self.boot[:, :1] * c[None, :] ** self.boot[:, 1:2]
-        return (np.quantile(preds, (1 - self.level) / 2, axis=0), np.quantile(preds, (1 + self.level) / 2, axis=0))
-
-
-def _positive_points(c, y, groups=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The points (c, y) with both finite and positive (fits run in log space), and their groups."""
-    c, y = np.asarray(c, float), np.asarray(y, float)
-    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
-    return c[ok], y[ok], None if groups is None else np.asarray(groups)[ok]
-
-
-def _loglog(c: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
-    slope, intercept = np.polyfit(np.log10(c), np.log10(y), 1, w=None if w is None else np.sqrt(w))
-    return float(10 ** intercept), float(slope)
-
-
-def fit_power_law(c, y, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> PowerLawFit:
-    """Fit y = a * C^b; `groups` (e.g. run ids, one per point) is the bootstrap unit."""
-    c, y, groups = _positive_points(c, y, groups)
-    if len(c) < 3 or len(np.unique(c)) < 2:
-        raise HarnessError(f"a power-law fit needs >= 3 points at >= 2 compute values; got {len(c)}")
-    a, b = _loglog(c, y)
-    resid = np.log10(y) - np.log10(a * c ** b)
-    r2 = 1 - resid.var() / np.log10(y).var() if np.log10(y).var() > 0 else float("nan")
-
-    def once(sel: np.ndarray) -> tuple[float, float]:
-        if len(np.unique(c[sel])) < 2:
-            raise ValueError("one compute value")
-        return _loglog(c[sel], y[sel])
-
-    boot = _bootstrap(once, len(c), groups, n_boot, seed)
-    a_ci = _ci(boot[:, 0], level) if boot.size else _ci(boot, level)
-    b_ci = _ci(boot[:, 1], level) if boot.size else _ci(boot, level)
-    return PowerLawFit(a, b, a_ci, b_ci, len(c), level, float(r2), boot)
 
 
 @dataclass
@@ -248,7 +158,7 @@ class Extrapolation:
     level: float
 
 
-def extrapolate(fit: PowerLawFit, target: float) -> Extrapolation:
+def extrapolate(fit: laws.PowerLawFit, target: float) -> Extrapolation:
     """The fitted metric at compute `target`, with its bootstrap interval."""
     lo, hi = fit.interval(target)
     return Extrapolation(float(target), float(fit.predict(target)), float(lo[0]), float(hi[0]), fit.form, fit.level)
@@ -273,11 +183,6 @@ class Frontier:
     curves: dict[str, tuple[np.ndarray, np.ndarray]]
     metric: str = "fid"
     x: str = "train_compute"
-
-    def best_at(self, compute: float) -> str | None:
-        vals = {k: interp(cx, cy, compute) for k, (cx, cy) in self.curves.items()}
-        vals = {k: v for k, v in vals.items() if np.isfinite(v)}
-        return min(vals, key=vals.get) if vals else None
 
 
 def interp(cx: np.ndarray, cy: np.ndarray, c: float) -> float:
@@ -357,11 +262,11 @@ def frontier_points(cv: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.nd
 
 
 def fit_frontier(frame: pd.DataFrame, metric: str = "fid", x: str = "train_compute", n_boot: int = 500,
-                 level: float = 0.95, seed: int = 0) -> PowerLawFit:
+                 level: float = 0.95, seed: int = 0) -> laws.PowerLawFit:
     """Power law through the frontier points; the bootstrap resamples runs and rebuilds the frontier."""
     cv = curves(frame, metric, x, by="run_id")
     fx, fy, fk = frontier_points(cv)
-    point = fit_power_law(fx, fy, fk, n_boot=0, level=level)
+    point = laws.power_law(fx, fy, fk, n_boot=0, level=level)
     rng = np.random.default_rng(seed)
     keys = list(cv)
     boot = []
@@ -374,13 +279,13 @@ def fit_frontier(frame: pd.DataFrame, metric: str = "fid", x: str = "train_compu
         bx, by_, bk = frontier_points(sub)
         if len(np.unique(bx)) < 2:
             continue
-        w = np.array([counts[keys.index(k)] for k in bk], float)
-        boot.append(_loglog(bx, by_, w))
-    boot = np.array(boot) if boot else np.empty((0, 0))
-    point.boot = boot
-    if boot.size:
-        point.a_ci, point.b_ci = _ci(boot[:, 0], level), _ci(boot[:, 1], level)
-    return point
+        w = np.array([counts[keys.index(k)] for k in bk], int)   # a run drawn k times counts k times
+        try:
+            refit = laws.fit(laws.POWER_LOGLOG, {"compute": np.repeat(bx, w)}, np.repeat(by_, w))
+        except HarnessError:   # two points drawn once each: no residual left to fit
+            continue
+        boot.append(laws.power_ab(refit))
+    return point.with_boot(np.array(boot).reshape(-1, 2)) if boot else point
 
 
 # ----------------------------------------------------------------------------------- sampling compute

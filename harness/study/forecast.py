@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.config.arguments import positive_int
 from harness.study import forecast_table, laws, step_forecast
 from harness.study.analysis import choose_step
 from harness.study.laws import LEVEL, MIN_DOF, finite_json
@@ -281,6 +282,28 @@ def format_families(ev: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def add_forecast_arguments(s) -> None:
+    """`harness forecast`'s flags."""
+    s.add_argument("sweep", nargs="?", help="sweeps/NAME.yaml or a sweep name")
+    s.add_argument("--paper", action="store_true", help="back-test on the paper's Table 4 (12 models, 400K steps)")
+    s.add_argument("--table", default=None, metavar="FILE.csv",
+                   help="back-test on any table: one row per model (name, params, gflops, tokens or input_size + "
+                        "patch, steps or images_seen, fid, optional fid_se, size)")
+    s.add_argument("--hold-out", default=None,
+                   help="largest:K (by Gflops), size:S, patch:P, comma-separated model names / run ids, or all "
+                        "(every family, pooled)")
+    s.add_argument("--law", choices=["two-factor", "saturating", "power"], default=None,
+                   help="fit this law instead of the default rule's choice (log FID, squares, offset free)")
+    s.add_argument("--at-step", type=positive_int, default=None,
+                   help="with a sweep: forecast each run's FID at this training step from its early checkpoints")
+    s.add_argument("--from-steps", type=positive_int, default=None, metavar="K",
+                   help="with --at-step: use the checkpoints at steps <= K (default: all evaluated ones)")
+    s.add_argument("--step", type=positive_int, default=None, help="evaluated step (default: the last most runs reached)")
+    s.add_argument("--n-boot", type=positive_int, default=200, help="bootstrap resamples for parameter intervals")
+    s.add_argument("--results", default="results")
+    s.add_argument("--format", choices=["table", "json"], default="table")
 
 
 def cli_forecast(args) -> int:

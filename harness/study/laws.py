@@ -95,12 +95,16 @@ class Choice:
     space: str = "fid"       # "fid" | "log"
     loss: str = "squares"    # "squares" | "huber"
     offset: str = "none"     # "none" (no offset) | "free" | "nonneg"
+    exponent: str = "falls"  # "falls": each exponent in [0, EXPONENT_MAX] | "free": either sign, unbounded
+                             # (the report's descriptive power law, which must not presume that FID falls)
 
     @property
     def label(self) -> str:
         parts = [self.law, "log FID" if self.space == "log" else "FID", self.loss]
         if self.offset != "none":
             parts.append("E free" if self.offset == "free" else "E >= 0")
+        if self.exponent == "free":
+            parts.append("exponent free")
         return " | ".join(parts)
 
 
@@ -202,14 +206,16 @@ class Fit:
         return out
 
 
-def _bounds(law: Law, offset: str) -> tuple[list[float], list[float]]:
+def _bounds(choice: Choice) -> tuple[list[float], list[float]]:
     lo, hi = [], []
-    for kind in law.kinds:
+    for kind in LAWS[choice.law].kinds:
         if kind == "offset":
-            lo.append(OFFSET_MIN if offset == "free" else 0.0)
+            lo.append(OFFSET_MIN if choice.offset == "free" else 0.0)
             hi.append(np.inf)
         elif kind == "scale":
             lo.append(0.0), hi.append(np.inf)
+        elif choice.exponent == "free":
+            lo.append(-np.inf), hi.append(np.inf)
         else:
             lo.append(0.0), hi.append(EXPONENT_MAX)
     return lo, hi
@@ -266,7 +272,7 @@ def _fit_theta(choice: Choice, z: np.ndarray, yn: np.ndarray, starts: list[np.nd
     """Least squares (then Huber from there, its scale 1.345 x the robust spread of the squares
     residuals) from each start; the best theta or None."""
     law = LAWS[choice.law]
-    lo, hi = _bounds(law, choice.offset)
+    lo, hi = _bounds(choice)
     fun, jac = _residual_fn(law, choice.space, z, yn), _residual_jac(law, choice.space, z)
     best = _solve(fun, starts, lo, hi, "linear", 1.0, jac)
     if best is None:
@@ -308,7 +314,7 @@ def fit(choice: Choice, X: dict, y, groups=None, n_boot: int = 0, seed: int = 0,
     theta = _fit_theta(choice, z, yn, _starts(law, choice.offset, float(yn.min())))
     if theta is None:
         raise HarnessError(f"the {choice.label} fit did not converge from any start")
-    lo, hi = _bounds(law, choice.offset)
+    lo, hi = _bounds(choice)
     at_bound = [n for n, v, a, b in zip(law.params, theta, lo, hi)
                 if (np.isfinite(a) and abs(v - a) <= _BOUND_TOL * (1 + abs(a)))
                 or (np.isfinite(b) and abs(v - b) <= _BOUND_TOL * (1 + abs(b)))]
@@ -373,6 +379,79 @@ def _bootstrap_thetas(choice: Choice, z, yn, theta, groups, n_boot: int, seed: i
         if seen[key] is not None:
             out.append(seen[key])
     return np.array(out) if out else np.empty((0, len(theta)))
+
+# ----------------------------------------------------------------------------------- the report's power law
+POWER_LOGLOG = Choice("power", "log", "squares", exponent="free")   # least squares of log y on log C
+
+
+@dataclass
+class PowerLawFit:
+    """y = a * C^b in the data's own units: the power law fitted in log space by least squares with
+    the exponent free in sign (POWER_LOGLOG); `boot` (B, 2) holds a, b of each bootstrap refit, and
+    the intervals are its quantiles at `level`."""
+
+    a: float
+    b: float
+    a_ci: tuple[float, float]
+    b_ci: tuple[float, float]
+    n: int
+    level: float
+    r2: float
+    boot: np.ndarray = field(repr=False)  # (B, 2): a, b per bootstrap resample
+
+    form = "power law: y = a * C^b"
+
+    def predict(self, c) -> np.ndarray:
+        return self.a * np.asarray(c, float) ** self.b
+
+    def interval(self, c) -> tuple[np.ndarray, np.ndarray]:
+        c = np.atleast_1d(np.asarray(c, float))
+        if self.boot.size == 0:
+            return np.full(c.shape, np.nan), np.full(c.shape, np.nan)
+        preds = self.boot[:, :1] * c[None, :] ** self.boot[:, 1:2]
+        return (np.quantile(preds, (1 - self.level) / 2, axis=0), np.quantile(preds, (1 + self.level) / 2, axis=0))
+
+    def with_boot(self, boot: np.ndarray) -> PowerLawFit:
+        """This fit with the bootstrap `boot` (B, 2) and the intervals it gives."""
+        self.boot = boot
+        self.a_ci, self.b_ci = _quantiles(boot[:, 0], self.level), _quantiles(boot[:, 1], self.level)
+        return self
+
+
+def _quantiles(samples: np.ndarray, level: float) -> tuple[float, float]:
+    if samples.size == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return (float(lo), float(hi))
+
+
+def power_ab(f: Fit, theta: np.ndarray | None = None) -> tuple[float, float]:
+    """A power-law fit's (a, b) of y = a * C^b in the data's units: FID = scale * A * (C/C0)^-alpha."""
+    t = f.theta if theta is None else theta
+    return float(f.scale * t[0] * f.x0[0] ** t[1]), float(-t[1])
+
+
+def _positive_points(c, y, groups=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The points (c, y) with both finite and positive (the fit runs in log space), and their groups."""
+    c, y = np.asarray(c, float), np.asarray(y, float)
+    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
+    return c[ok], y[ok], None if groups is None else np.asarray(groups)[ok]
+
+
+def power_law(c, y, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> PowerLawFit:
+    """Fit y = a * C^b to the positive points; `groups` (e.g. run ids, one per point) is the bootstrap
+    unit (see `resample`)."""
+    c, y, groups = _positive_points(c, y, groups)
+    if len(c) < 3 or len(np.unique(c)) < 2:
+        raise HarnessError(f"a power-law fit needs >= 3 points at >= 2 compute values; got {len(c)}")
+    f = fit(POWER_LOGLOG, {"compute": c}, y, groups, n_boot=n_boot, seed=seed)
+    a, b = power_ab(f)
+    ly = np.log(y)
+    r2 = 1 - f.resid.var() / ly.var() if ly.var() > 0 else float("nan")
+    out = PowerLawFit(a, b, (np.nan, np.nan), (np.nan, np.nan), len(c), level, float(r2), np.empty((0, 2)))
+    boot = f.boot if f.boot is not None else np.empty((0, 2))
+    return out.with_boot(np.array([power_ab(f, t) for t in boot]).reshape(-1, 2))
+
 
 def finite_json(obj):
     """A result dict with non-finite floats as null (strict JSON)."""

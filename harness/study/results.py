@@ -194,11 +194,6 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
                         train_logs=train_logs)
 
 
-def load_results(results_root: str | Path, sweep: str | Path) -> pd.DataFrame:
-    """The tidy DataFrame of a sweep (one row per evaluation record; columns COLUMNS)."""
-    return load_sweep(results_root, sweep).frame
-
-
 def default_setting(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of the most common evaluation protocol (sampling_steps, sampler, cfg_scale, guidance,
     feature_space, reference, num_samples), preferring cfg_scale 1.0 (no guidance), as the paper's

@@ -52,7 +52,7 @@ def save_grid(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dist, ste
     labels = balanced_labels(n, run.data.num_classes)
     images = sample_images(ema, run, labels, sampling_steps=min(ev.sampling_steps), sampler=ev.sampler,
                            cfg_scale=max(ev.cfg_scales), guidance_channels=ev.guidance_channels,
-                           seed=derive_seed(run.seed, TAG_EVAL, step), device=dist.device)
+                           seed=derive_seed(run.seed, step, tag=TAG_EVAL), device=dist.device)
     path = RunFolder(run_dir).grid(step)
     write_grid(images, path)
     return path
@@ -97,7 +97,7 @@ def _sample_batch(run: RunSpec, ema: torch.nn.Module, dist: Dist, setting: dict,
     y = balanced_labels(ev.num_samples, run.data.num_classes)[first : first + setup.batch]
     images = sample_images(ema, run, y, sampling_steps=setting["sampling_steps"], sampler=ev.sampler,
                            cfg_scale=setting["cfg_scale"], guidance_channels=ev.guidance_channels,
-                           seed=derive_seed(run.seed, TAG_EVAL, step, setting["sampling_steps"]),
+                           seed=derive_seed(run.seed, step, setting["sampling_steps"], tag=TAG_EVAL),
                            device=dist.device, batch_size=setup.batch, first_index=first,
                            precision=setup.precision, compile=setup.compile, decode_batch=setup.decode_batch)
     return first, images, y.numpy(), extractor.extract(images, setup.decode_batch)

@@ -136,9 +136,16 @@ def broadcast_from_main(obj: Any, dist: Dist, what: str, timeout: _dt.timedelta 
 
 
 # ----------------------------------------------------------------------------- seeds
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of the integers given (numpy SeedSequence mixing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+def derive_seed(*parts: int, tag: int | None = None) -> int:
+    """A 63-bit seed that is a pure function of the integers given (numpy SeedSequence mixing).
+
+    Untagged calls are a rank's seeds, (seed, rank[, step]); `tag` names what any other seed is for
+    (the epoch's data order, a step's noise, an evaluation) and has its own slot, SeedSequence's
+    spawn key, which untagged calls leave empty. numpy appends the key after the parts padded to its
+    4-word pool, so a tagged input is at least 5 words and an untagged one (a seed below 2**31, a
+    rank and a step) at most 3: derive_seed(s, 1, tag=1) is not derive_seed(s, 1) or (s, 1, 0)."""
+    key = () if tag is None else (int(tag),)
+    return int(np.random.SeedSequence([int(p) for p in parts], spawn_key=key).generate_state(2, np.uint64)[0] >> 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -61,7 +61,7 @@ class DataOrder:
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         if e not in self._cache:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, _TAG_EPOCH, e))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, e, tag=_TAG_EPOCH))
             perm = torch.randperm(self.n, generator=g).numpy()
             flips = torch.randint(0, 2, (self.n,), generator=g).numpy()
             self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}
@@ -157,7 +157,7 @@ def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int,
     batch: drawn for the whole global batch from a generator seeded by (seed, step), so they do not
     depend on the number of ranks or on the micro-batch."""
     device = gen.device
-    gen.manual_seed(derive_seed(seed, _TAG_STEP, step))
+    gen.manual_seed(derive_seed(seed, step, tag=_TAG_STEP))
     t = sample_timesteps(global_batch, num_timesteps, device, gen)[lo:hi]
     noise = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:hi]
     drop = (torch.rand(global_batch, generator=gen, device=device) < class_dropout)[lo:hi]
