@@ -25,9 +25,10 @@ from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.npz import save_npz
 from harness.sampling.batch import auto_sample_batch, find_decode_batch
-from harness.config.vocab import SAMPLERS, guidance_on
+from harness.config.arguments import auto_or_positive_int, positive_int
+from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS, guidance_on
 from harness.sampling.samplers import sample_loop
-from harness.config.spec import DataSpec, RunSpec
+from harness.config.spec import PRECISIONS, DataSpec, RunSpec
 from harness.data.autoencoder import load_autoencoder
 from harness.data.datasets import to_uint8
 from harness.models.compiled import CompiledOrEager, autocast, resolve_compile, resolve_precision
@@ -190,6 +191,24 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
 
 def _latent(model: torch.nn.Module) -> tuple[int, int, int]:
     return int(model.in_channels), int(model.input_size), int(model.input_size)
+
+
+def add_sample_arguments(s) -> None:
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--num-samples", type=positive_int, default=64)
+    s.add_argument("--labels", choices=["balanced", "random"], default="balanced")
+    s.add_argument("--cfg-scale", type=float, default=1.0)
+    s.add_argument("--guidance-channels", choices=[str(c) for c in GUIDANCE_CHANNELS], default="3")
+    s.add_argument("--steps", type=positive_int, default=250, help="sampling steps (respaced)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=auto_or_positive_int, default="auto",
+                   help="images per batch; auto: the largest that fits (as eval.batch_size)")
+    s.add_argument("--precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
+                   help="the network's and decoder's autocast; auto: bf16 on CUDA, fp32 on the CPU")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: compiled on CUDA only")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
 
 
 def cli_sample(args) -> int:

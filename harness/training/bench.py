@@ -30,7 +30,10 @@ import torch
 
 from harness.errors import HarnessError
 from harness.training.runtime import Dist, peak_mem_mb, peak_tflops, train_tflops
-from harness.config.registry import VARIANTS
+from harness.config.arguments import auto_or_positive_int, positive_int
+from harness.config.registry import CONDITIONINGS, VARIANTS
+from harness.config.spec import PRECISIONS
+from harness.config.vocab import FEATURE_SPACES
 from harness.io import atomic_write_json, atomic_write_text
 from harness.models.diffusion import create_diffusion
 from harness.models.dit import build_model
@@ -326,6 +329,41 @@ def _eval_kwargs(args: Any) -> dict:
                 features=args.eval_features, inception_weights=args.inception_weights)
 
 
+def add_bench_arguments(s) -> None:
+    s.add_argument("--model", default=None, help="one model, e.g. DiT-XL/2")
+    s.add_argument("--suite", nargs="?", const="paper", default=None,
+                   help="bench several models in each configuration worth trying: 'paper' (the 12, default) "
+                        "or M1,M2,...; prints a markdown table with the best configuration per model")
+    s.add_argument("--out", default=None, help="write the JSON here (a suite also writes the .md table beside it)")
+    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
+    s.add_argument("--batch", type=positive_int, default=8, help="batch per device (the paper: 256 on one GPU)")
+    s.add_argument("--micro-batch", type=auto_or_positive_int, default="auto",
+                   help="auto (the largest that fits, as training does) or a divisor of --batch")
+    s.add_argument("--steps", type=positive_int, default=10)
+    s.add_argument("--warmup", type=positive_int, default=2)
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="auto: compiled on CUDA, eager on the CPU (as training)")
+    s.add_argument("--grad-checkpointing", action="store_true")
+    s.add_argument("--input-size", type=positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
+    s.add_argument("--in-channels", type=positive_int, default=4)
+    s.add_argument("--latents", action="store_true",
+                   help="also time the latent stage: SD VAE encodes/s at input-size x 8 px, --batch images")
+    s.add_argument("--sampling-steps", type=positive_int, default=None,
+                   help="also time evaluation end to end (DDPM with this many steps, VAE decode, features) as "
+                        "eval.* resolve here; with --suite, once per model (what `harness plan --throughput-from` uses)")
+    s.add_argument("--eval-samples", type=positive_int, default=50_000, help="images of the projected evaluation")
+    s.add_argument("--eval-batch", type=auto_or_positive_int, default="auto", help="eval.batch_size: auto or images")
+    s.add_argument("--eval-precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
+                   help="eval.precision (auto: bf16 on CUDA, fp32 on the CPU)")
+    s.add_argument("--eval-features", choices=FEATURE_SPACES, default="inception")
+    s.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights for --sampling-steps (default: its architecture, random weights)")
+    s.add_argument("--autoencoder-path", default=None,
+                   help="SD VAE weights for --latents/--sampling-steps (default: its architecture, random weights)")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+
+
 def cli_bench(args: Any) -> int:
     compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
     kw = dict(steps=args.steps, warmup=args.warmup, precision=args.precision, compile=compile_,
@@ -349,9 +387,9 @@ def cli_bench(args: Any) -> int:
     r = bench(args.model, batch=args.batch, micro_batch=args.micro_batch,
               grad_checkpointing=args.grad_checkpointing, **kw)
     stages = []
-    if getattr(args, "latents", False):
+    if args.latents:
         stages.append(bench_latents(args.input_size * 8, args.batch, args.steps, autoencoder_path=args.autoencoder_path))
-    if getattr(args, "sampling_steps", None):
+    if args.sampling_steps:
         stages.append(bench_eval(args.model, args.conditioning, **_eval_kwargs(args)))
     record = {**asdict(r), "stages": stages}
     if args.out:

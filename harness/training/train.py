@@ -31,7 +31,10 @@ from harness.io import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from harness.config.layout import RunFolder, write_run_json
 from harness.training.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
                              seed_everything, set_rng_state, setup_distributed)
-from harness.config.spec import RunSpec, DataSpec, EvalSpec, TrainSpec, make_run_id, override_sections
+from harness.config.arguments import positive_int
+from harness.config.registry import CONDITIONINGS
+from harness.config.spec import (AUTOENCODERS, PRECISIONS, RunSpec, DataSpec, EvalSpec, TrainSpec, make_run_id,
+                                 override_sections)
 from harness.data.autoencoder import build_latent_cache, load_autoencoder
 from harness.interop.convert import init_from_source
 from harness.models.diffusion import sample_timesteps, create_diffusion
@@ -381,13 +384,31 @@ def _write_done(run_dir: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
+def add_train_arguments(s) -> None:
+    s.add_argument("--run-dir", required=True, help="run folder; resumes from its newest checkpoint")
+    s.add_argument("--config", default=None, help="run.json to train from (default: RUN_DIR/run.json)")
+    s.add_argument("--model", default=None, help="standalone: model name (writes RUN_DIR/run.json)")
+    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
+    s.add_argument("--data", default="digits")
+    s.add_argument("--image-size", type=positive_int, default=None)
+    s.add_argument("--autoencoder", default=None, choices=AUTOENCODERS)
+    s.add_argument("--steps", type=positive_int, default=None)
+    s.add_argument("--batch", type=positive_int, default=None, help="global batch")
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--precision", choices=PRECISIONS, default=None)
+    s.add_argument("--compile", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="standalone: data/train/eval values, e.g. train.lr=2e-4 train.warmup_steps=100")
+
+
 def cli_train(args: Any) -> int:
     """`harness train`: train from RUN_DIR/run.json (or --config), or a standalone run from --model."""
     import json
 
     run_dir = Path(args.run_dir)
     config = Path(args.config) if args.config else run_dir / "run.json"
-    overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "precision") if getattr(args, k, None)}
+    overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "precision") if getattr(args, k)}
     if config.exists():
         try:
             run = RunSpec.from_dict(json.loads(config.read_text()), config)
@@ -416,7 +437,7 @@ def _standalone_run(args: Any) -> RunSpec:
                         autoencoder=args.autoencoder or data.autoencoder)
     train = TrainSpec()
     for key, attr in (("steps", "steps"), ("global_batch", "batch"), ("lr", "lr"), ("precision", "precision")):
-        if getattr(args, attr, None) is not None:
+        if getattr(args, attr) is not None:
             setattr(train, key, getattr(args, attr))
     train.compile = True if args.compile else "auto"
     ev = EvalSpec(at_steps=[train.steps])
