@@ -18,8 +18,9 @@
 
 Writers and readers (dispatch, the job, status, the local pool, the trainer, evaluation, results,
 the report and checkpoint.py) ask this module for the names and use its writers. run.json has one
-writer, `write_run_json`, which the trainer also calls for a standalone `harness train`. Nothing here
-imports torch.
+writer, `write_run_json`, which the trainer also calls for a standalone `harness train`; the results'
+reader, `read_run_json`, goes through `RunSpec.from_dict` as every reader of a run record does. Nothing
+here imports torch.
 """
 from __future__ import annotations
 
@@ -125,10 +126,20 @@ def read_json(path: Path, what: str, fix: str) -> Any:
         raise HarnessError(f"{path}: unreadable {what} ({err}). Fix: {fix}") from err
 
 
-def read_run_json(rdir: Path) -> dict:
-    return read_json(RunFolder(Path(rdir)).run_json, "run record",
-                     "run `harness sweep` on its spec: it rewrites run.json from the spec and keeps the "
-                     "checkpoints and evaluations")
+def read_run_json(rdir: Path) -> tuple[RunSpec, dict]:
+    """rdir/run.json through `RunSpec.from_dict`: the run, and the planner's keys the record holds
+    (RUN_JSON_PLAN_KEYS: shape, Gflops, params). A record written before a key existed takes that key's
+    default; one without its run id or sweep takes its folder's (results/<sweep>/runs/<run_id>/)."""
+    rdir = Path(rdir)
+    path = RunFolder(rdir).run_json
+    fix = ("run `harness sweep` on its spec: it rewrites run.json from the spec and keeps the checkpoints and "
+           "evaluations")
+    record = read_json(path, "run record", fix)
+    if not isinstance(record, dict):
+        raise HarnessError(f"{path}: the run record is not a JSON object. Fix: {fix}")
+    run = RunSpec.from_dict({"run_id": rdir.name, "sweep": rdir.parent.parent.name, **record}, path,
+                            required=("model",))
+    return run, {k: record[k] for k in RUN_JSON_PLAN_KEYS if k in record}
 
 
 # --------------------------------------------------------------------------- the sweep's own files

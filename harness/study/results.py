@@ -1,8 +1,9 @@
 """Run records <-> one tidy pandas DataFrame.
 
-Reads each run folder's run.json, eval.jsonl and train.jsonl and, when present, the sweep's
-sweep.json (the runs `harness sweep` expects) and spec.yaml (the files are named by
-`harness.config.layout`), to say which runs of a partial sweep are missing. One row per evaluation record.
+Reads each run folder's run.json (through `RunSpec.from_dict`: `layout.read_run_json`), eval.jsonl and
+train.jsonl and, when present, the sweep's sweep.json (the runs `harness sweep` expects) and spec.yaml
+(the files are named by `harness.config.layout`), to say which runs of a partial sweep are missing. One
+row per evaluation record.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import layout
+from harness.config.spec import RunSpec
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.config.vocab import METRIC_LABELS, guidance_on
@@ -45,7 +47,7 @@ class SweepResults:
     name: str
     root: Path                      # results/<name>
     frame: pd.DataFrame             # tidy: one row per evaluation record (COLUMNS)
-    runs: list[dict]                # run.json of every run folder found
+    runs: list[dict]                # run.json of every run folder found, as RunSpec.to_dict() + the planner's keys
     expected: list[str] | None      # run ids from sweep.json, if present
     missing: dict[str, str] = field(default_factory=dict)  # run_id -> why it has no evaluation
     spec_text: str | None = None    # results/<name>/spec.yaml, if present
@@ -84,9 +86,9 @@ def _train_wall(train_records: list[dict], step: int) -> float | None:
     return None if best is None else float(best[1])
 
 
-def _tokens(run: dict) -> float | None:
-    """Tokens per image: (input_size / patch)^2, the DiT sequence length."""
-    size, patch = run.get("input_size"), run.get("patch")
+def _tokens(plan: dict) -> float | None:
+    """Tokens per image: (input_size / patch)^2, the DiT sequence length (from run.json's planner keys)."""
+    size, patch = plan.get("input_size"), plan.get("patch")
     return float((size // patch) ** 2) if size and patch else None
 
 
@@ -110,26 +112,26 @@ def train_throughput(train_records: list[dict]) -> dict | None:
             "peak_mem_mb": max(peaks) if peaks else None, "log_lines": len(recs)}
 
 
-def _rows_of_run(run: dict, run_dir: Path, train: list[dict]) -> list[dict]:
+def _rows_of_run(run: RunSpec, plan: dict, run_dir: Path, train: list[dict]) -> list[dict]:
+    """One row per evaluation record of the run: `plan` holds run.json's planner keys (shape, Gflops, params)."""
     evals = list(read_jsonl(layout.RunFolder(run_dir).eval_log))
-    data, tr = run.get("data") or {}, run.get("train") or {}
-    gflops = run.get("gflops")
-    batch = tr.get("global_batch")
+    gflops = plan.get("gflops")
+    batch = run.train.global_batch
     rows = []
     for ev in evals:
         step = ev.get("step")
         if step is None:
             continue
         compute = None
-        if gflops is not None and batch is not None:
+        if gflops is not None:
             compute = train_compute(gflops, batch, step)
         row = {
-            "run_id": run.get("run_id", run_dir.name), "model": run.get("model"), "size": run.get("size"),
-            "patch": run.get("patch"), "depth": run.get("depth"), "hidden": run.get("hidden"),
-            "conditioning": run.get("conditioning"), "seed": run.get("seed"),
-            "dataset": data.get("dataset"), "image_size": data.get("image_size"),
-            "num_classes": data.get("num_classes"), "global_batch": batch,
-            "step": int(step), "gflops": gflops, "params": run.get("params"), "tokens": _tokens(run),
+            "run_id": run.run_id, "model": run.model, "size": plan.get("size"),
+            "patch": plan.get("patch"), "depth": plan.get("depth"), "hidden": plan.get("hidden"),
+            "conditioning": run.conditioning, "seed": run.seed,
+            "dataset": run.data.dataset, "image_size": run.data.image_size,
+            "num_classes": run.data.num_classes, "global_batch": batch,
+            "step": int(step), "gflops": gflops, "params": plan.get("params"), "tokens": _tokens(plan),
             "train_compute": compute,
             "sampling_steps": ev.get("sampling_steps"), "sampler": ev.get("sampler"),
             "sampler_impl": ev.get("sampler_impl"), "sampler_version": ev.get("sampler_version"),
@@ -159,19 +161,19 @@ def load_sweep(results_root: str | Path, sweep: str | Path) -> SweepResults:
         if not layout.RunFolder(run_dir).run_json.is_file():
             missing[run_dir.name] = "no run.json (not planned or interrupted before start)"
             continue
-        run = layout.read_run_json(run_dir)
-        runs.append(run)
+        run, plan = layout.read_run_json(run_dir)
+        runs.append({**run.to_dict(), **plan})
         train = list(read_jsonl(layout.RunFolder(run_dir).train_log))
         speed = train_throughput(train)
         if speed is not None:
-            throughput[run.get("run_id", run_dir.name)] = speed
+            throughput[run.run_id] = speed
         if train:
-            train_logs[run.get("run_id", run_dir.name)] = pd.DataFrame(train).sort_values("step", kind="stable")
-        run_rows = _rows_of_run(run, run_dir, train)
+            train_logs[run.run_id] = pd.DataFrame(train).sort_values("step", kind="stable")
+        run_rows = _rows_of_run(run, plan, run_dir, train)
         if not run_rows:
-            missing[run.get("run_id", run_dir.name)] = "no evaluation yet (eval.jsonl empty or absent)"
+            missing[run.run_id] = "no evaluation yet (eval.jsonl empty or absent)"
         rows.extend(run_rows)
-    found = {r.get("run_id", "") for r in runs} | set(missing)
+    found = {r["run_id"] for r in runs} | set(missing)
     for rid in expected or []:
         if rid not in found:
             missing[rid] = "no run folder (never started, or removed)"
