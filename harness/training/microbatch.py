@@ -6,7 +6,9 @@ allocated as a placeholder if the optimizer has none yet); a candidate fits if i
 of memory nor peaks above `1 - HEADROOM` of the device's memory. On the CPU a real forward and
 backward at the smallest candidate measures the activation bytes saved for backward, which grow
 linearly with the micro-batch, and the largest candidate whose estimate fits half the available
-RAM wins. `HARNESS_MEMORY_BUDGET_MB` overrides the budget (CPU or GPU), for tests and shared nodes.
+RAM wins. The budget is `harness.sampling.batch.budget_bytes`, the one sampling's batch probe uses
+(HEADROOM also leaves room for NCCL's buffers); `HARNESS_MEMORY_BUDGET_MB` overrides it (CPU or GPU),
+for tests and shared nodes.
 
 The probe runs eagerly (compiled steps use less memory than eager ones, so the answer is safe for
 them), draws its inputs from its own generator, leaves no gradient behind and does not touch the
@@ -25,13 +27,11 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, cache_dir, file_lock
+from harness.sampling.batch import BUDGET_ENV, budget_bytes  # one memory budget: the trainer's probe and sampling's
 from harness.training.runtime import Dist, all_reduce
 from harness.training.step import Batch, BatchGeometry, TrainStep
 
 log = logging.getLogger(__name__)
-
-HEADROOM = 0.08  # fraction of GPU memory kept free for the allocator's fragmentation and NCCL
-BUDGET_ENV = "HARNESS_MEMORY_BUDGET_MB"
 
 
 def divisors_desc(n: int) -> list[int]:
@@ -48,18 +48,6 @@ def cache_key(model: str, conditioning: str, shape: tuple[int, int, int], num_cl
     budget = os.environ.get(BUDGET_ENV, "")
     return "|".join(str(x) for x in (model, conditioning, "x".join(map(str, shape)), num_classes, name,
                                      precision, "compiled" if compile else "eager", per_rank, budget))
-
-
-def _budget_bytes(device: torch.device) -> float:
-    if os.environ.get(BUDGET_ENV):
-        return float(os.environ[BUDGET_ENV]) * 2**20
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory * (1 - HEADROOM)
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        return int(meminfo["MemAvailable"].split()[0]) * 1024 * 0.5
-    except (OSError, KeyError, ValueError):
-        return 8 * 2**30
 
 
 def _probe_batch(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int) -> Batch:
@@ -130,7 +118,7 @@ def probe_step(model: torch.nn.Module, opt: torch.optim.Optimizer, diffusion: An
 def find_micro_batch(probe: TrainStep, per_rank: int, shape: tuple[int, int, int], num_classes: int) -> int:
     """The largest divisor of `per_rank` whose forward and backward fit this device (see module doc), tried with
     `probe` (a `probe_step`). HarnessError naming the smallest size tried if none fits."""
-    budget = _budget_bytes(probe.device)
+    budget = budget_bytes(probe.device)
     candidates = divisors_desc(per_rank)
     with torch.random.fork_rng(devices=[probe.device] if probe.device.type == "cuda" else []):
         if probe.device.type == "cuda":
