@@ -199,18 +199,17 @@ def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float,
 
 
 def _schedule(spec: SweepSpec, plans: list[RunPlan], nodes: int, gpus_per_node: int) -> dict:
-    """Each run's GPUs and place in the simulated queue (`harness.cost.schedule`); the sweep's makespan."""
+    """Each run's GPUs (chosen for the shortest simulated makespan) and place in the simulated queue
+    (`harness.cost.schedule`); the sweep's makespan."""
     L = spec.launcher
     hours = [p.train_accel_hours + p.sampling_accel_hours + (p.latent_accel_hours or 0.0) for p in plans]
-    ideal = sum(hours) / (nodes * gpus_per_node)
-    for p, h in zip(plans, hours):
-        p.gpus = schedule.gpus_for_run(p.model, h, p.global_batch, p.tokens, nodes, gpus_per_node, L.timeout_min,
-                                       L.gpus_per_run, L.gpus_per_model, where=str(spec.path), ideal_makespan_h=ideal)
-    order = schedule.submission_order([h / p.gpus for p, h in zip(plans, hours)])
-    queue = [(plans[i].run_id, plans[i].model, plans[i].gpus, hours[i]) for i in order]
-    slots = schedule.simulate(queue, nodes, gpus_per_node)
-    for i, slot in zip(order, slots):
-        plans[i].start_h, plans[i].end_h = slot.start_h, slot.end_h
+    options = [schedule.gpu_options(p.model, h, p.global_batch, p.tokens, nodes, gpus_per_node, L.timeout_min,
+                                    L.gpus_per_run, L.gpus_per_model, where=str(spec.path)) for p, h in zip(plans, hours)]
+    runs = [(p.run_id, p.model, h) for p, h in zip(plans, hours)]
+    counts = schedule.choose_gpus(runs, options, nodes, gpus_per_node)
+    slots = schedule.schedule_runs(runs, counts, nodes, gpus_per_node)
+    for p, gpus, slot in zip(plans, counts, slots):
+        p.gpus, p.start_h, p.end_h = gpus, slot.start_h, slot.end_h
     out = schedule.summary(slots, nodes, gpus_per_node)
     out["below_efficient"] = [p.model for p in plans
                               if p.gpus * schedule.EFFICIENT_TOKENS_PER_GPU > p.global_batch * p.tokens and p.gpus > 1]
