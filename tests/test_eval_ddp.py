@@ -79,6 +79,8 @@ def test_two_rank_evaluation_matches_one_rank(tmp_path):
             assert a["arr_0"].shape == (22, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"]), name
             assert np.array_equal(a["arr_1"], b["arr_1"]) and np.array_equal(a["arr_1"], np.arange(22) % 10)
             assert len(np.unique(a["arr_0"].reshape(22, -1), axis=0)) == 22  # distinct noise per sample
+        # the streamed file itself: the same bytes whichever ranks wrote it
+        assert (tmp_path / "one" / "samples" / name).read_bytes() == (tmp_path / "two" / "samples" / name).read_bytes()
 
 
 def _late_worker(rank: int, world: int, port: int, out: str) -> None:
