@@ -71,11 +71,19 @@ def test_bench_micro_batch_and_compile_flags(capsys):
     assert "--micro-batch: 3 does not divide the per-GPU batch of 4" in capsys.readouterr().err
 
 
-def test_bench_latent_stage_and_end_to_end_sampling(capsys):
-    """The SD VAE's real architecture (random weights) encodes; sampling runs sample_images itself."""
+def test_bench_latent_stage_and_end_to_end_evaluation(capsys):
+    """The SD VAE's and Inception's real architectures (random weights); evaluation runs sample_images and
+    the feature network itself, and its projection follows from the two timed batches."""
     assert main(["bench", "--model", "DiT-2x32x2/2", "--batch", "2", "--steps", "1", "--warmup", "1",
-                 "--input-size", "2", "--latents", "--sampling-steps", "2", "--format", "json"]) == 0
-    latents, sampling = json.loads(capsys.readouterr().out)["stages"]
+                 "--input-size", "2", "--latents", "--sampling-steps", "250", "--eval-samples", "10",
+                 "--eval-batch", "2", "--format", "json"]) == 0
+    latents, ev = json.loads(capsys.readouterr().out)["stages"]
     assert latents["stage"] == "latents" and latents["image_size"] == 16 and latents["encodes_per_s"] > 0
-    assert sampling["decode"] == "sd-vae-ft-ema" and sampling["sampling_steps"] == 2
-    assert sampling["images_per_s_per_step"] == sampling["images_per_s"] * 2 > 0
+    assert ev["stage"] == "evaluation" and ev["decode"] == "sd-vae-ft-ema" and ev["features"].startswith("inception")
+    assert (ev["batch"], ev["precision"], ev["compiled"], ev["sampling_steps"]) == (2, "fp32", False, 250)
+    (lo, hi), (t_lo, t_hi) = ev["measured_steps"], ev["measured_s"]
+    per_step = max(t_hi - t_lo, 1e-9) / (hi - lo)
+    assert ev["forward_images_per_s"] == pytest.approx(2 / per_step, rel=1e-9)
+    batch_s = ev["fixed_s_per_batch"] + 250 * per_step             # 5 batches of 2 make the 10 images
+    assert ev["projected_h"] == pytest.approx(5 * batch_s / 3600, rel=1e-9)
+    assert ev["images_per_s"] > 0 and ev["images_per_s_per_step"] == pytest.approx(ev["images_per_s"] * 250, rel=1e-12)

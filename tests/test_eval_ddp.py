@@ -79,6 +79,8 @@ def test_two_rank_evaluation_matches_one_rank(tmp_path):
             assert a["arr_0"].shape == (22, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"]), name
             assert np.array_equal(a["arr_1"], b["arr_1"]) and np.array_equal(a["arr_1"], np.arange(22) % 10)
             assert len(np.unique(a["arr_0"].reshape(22, -1), axis=0)) == 22  # distinct noise per sample
+        # the streamed file itself: the same bytes whichever ranks wrote it
+        assert (tmp_path / "one" / "samples" / name).read_bytes() == (tmp_path / "two" / "samples" / name).read_bytes()
 
 
 def _late_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -118,3 +120,55 @@ def test_two_rank_training_evaluates_on_both_ranks(tmp_path):
     assert sorted((r["step"], r["cfg_scale"]) for r in records) == [(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
     assert all(r["ranks"] == 2 and r["fid"] > 0 for r in records) and (tmp_path / "done").exists()
     assert (tmp_path / "samples" / "grid_step_0000004.png").exists()
+
+
+# rank 0's host memory for images (issue 23): 60 samples in global batches of 5 on 2 ranks -- 6 rounds
+MEMORY_EVAL = dict(num_samples=60, batch_size=5, sampler="ddpm", sampling_steps=[2], cfg_scales=[1.0])
+
+
+def _memory_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    """Evaluate on `world` ranks; rank 0 records the most image bytes (uint8 arrays from sampling or from
+    the gather) alive at once, sampled whenever a new image array appears."""
+    import weakref
+
+    from harness.training import evaluator
+
+    dist = _join(rank, world, port)
+    alive: dict[int, weakref.ref] = {}   # id -> a weak reference that leaves when the array dies
+    peak = [0]
+
+    def track(images) -> None:
+        key = id(images)
+        alive[key] = weakref.ref(images, lambda _, key=key: alive.pop(key, None))
+        peak[0] = max(peak[0], sum(a.nbytes for a in (r() for r in list(alive.values())) if a is not None))
+
+    sample_batch, gather = evaluator._sample_batch, evaluator.gather_to_main
+
+    def tracked_sample(*args, **kwargs):
+        out = sample_batch(*args, **kwargs)
+        track(out[1])
+        return out
+
+    def tracked_gather(obj, *args, **kwargs):
+        parts = gather(obj, *args, **kwargs)
+        for part in parts or []:
+            if part is not None:
+                track(part[1])
+        return parts
+
+    if dist.main:
+        evaluator._sample_batch, evaluator.gather_to_main = tracked_sample, tracked_gather
+    evaluate_step(tiny_run(at_steps=[STEP], eval=MEMORY_EVAL), Path(run_dir), _ema(), dist, STEP)
+    if dist.main:
+        Path(run_dir, "peak_image_bytes").write_text(str(peak[0]))
+
+
+@pytest.mark.slow
+def test_rank_zero_holds_one_gathered_batch_per_rank_not_every_image(tmp_path):
+    mp.spawn(_memory_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    image = 8 * 8 * 3
+    peak = int((tmp_path / "peak_image_bytes").read_text())
+    with np.load(tmp_path / "samples" / "samples_step_0000002_k2_cfg1.npz") as f:
+        assert f["arr_0"].shape == (60, 8, 8, 3) and np.array_equal(f["arr_1"], np.arange(60) % 10)
+    assert 5 * image <= peak <= 2 * 5 * image, peak   # at least its own batch, at most one round (2 ranks x 5)
+    assert peak < 60 * image / 3                      # the whole set would be 6 times the bound: the check can fail

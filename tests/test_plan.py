@@ -198,3 +198,38 @@ def test_plan_evaluation_and_latent_hours_from_measured_throughput(tmp_path):
     assert "latent_h" in format_table(plan) and "eval_h" in format_table(plan)
     with pytest.raises(HarnessError, match="--sampling-throughput: needs --throughput"):
         plan_sweep(load_spec(path), sampling_throughput=400.0)
+
+
+def test_evaluation_hours_add_the_per_image_decode_and_features_unscaled_by_gflops(tmp_path):
+    """H200's row measures evaluation end to end: network calls (scaled by Gflops for other models) plus
+    noise, decode and features per image (the same for every model); a bench JSON's eval stage likewise."""
+    from harness import hardware
+    from harness.training.bench import read_throughput
+
+    rows = {m.model: m for m in hardware.measured("h200")}
+    xl2 = rows["DiT-XL/2"]
+    assert xl2.eval_ms_per_image and xl2.sample_images_per_s_one_step
+    plan = plan_sweep(load_spec(SWEEPS / "gflops.yaml"), gpu="h200")
+    runs = {r["model"]: r for r in plan["runs"]}
+    g = {m: runs[m]["gflops"] for m in runs}
+    for model in ("DiT-XL/2", "DiT-S/8"):
+        r = runs[model]
+        network = r["sampling_forwards"] / (xl2.sample_images_per_s_one_step * g["DiT-XL/2"] / g[model])
+        assert r["sampling_accel_hours"] == pytest.approx(
+            (network + r["eval_samples"] * xl2.eval_ms_per_image / 1e3) / 3600, rel=1e-9)
+    assert runs["DiT-S/8"]["sampling_accel_hours"] > 0.5   # 400K decoded images: not ~0 as Gflops alone would say
+
+    from dataclasses import fields
+
+    from harness.training.bench import BenchResult
+
+    row = {f.name: 0 for f in fields(BenchResult)}
+    row.update(model="DiT-S/2", train_images_per_s=100.0, sample_images_per_s_one_step=7.0, error=None,
+               eval={"forward_images_per_s": 300.0, "fixed_s_per_batch": 2.0, "batch": 8})
+    bench = {"results": [row]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert read_throughput(path) == {"DiT-S/2": (100.0, 300.0, 0.25)}
+    bench["results"][0]["eval"] = None
+    path.write_text(json.dumps(bench))
+    assert read_throughput(path) == {"DiT-S/2": (100.0, 7.0, 0.0)}   # no eval stage: the training forward

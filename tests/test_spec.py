@@ -277,3 +277,17 @@ def test_hostile_yaml_refused_by_every_command_that_reads_a_spec(tmp_path, comma
     proc = subprocess.run([str(exe), command, str(path), "--results", str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "values (aliases *name expanded)" in proc.stderr
+
+
+# --------------------------------------------------------------------------- how evaluation samples (issue 23)
+def test_eval_sampling_keys_default_to_auto_and_refuse_what_they_cannot_do(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert (spec.eval.precision, spec.eval.compile, spec.eval.batch_size) == ("auto", "auto", "auto")
+    fine = load_spec(write(tmp_path, GOOD.replace("  num_samples: 10", "  num_samples: 10\n  precision: fp32\n"
+                                                  "  compile: false\n  batch_size: 64")))
+    assert (fine.eval.precision, fine.eval.compile, fine.eval.batch_size) == ("fp32", False, 64)
+    for bad, needle in (("precision: fp16", "eval.precision"), ("compile: maybe", "eval.compile"),
+                        ("batch_size: 0", "eval.batch_size"), ("batch_size: most", "eval.batch_size")):
+        with pytest.raises(HarnessError, match=re.escape(needle)) as info:
+            load_spec(write(tmp_path, GOOD.replace("  num_samples: 10", f"  num_samples: 10\n  {bad}")))
+        assert "Fix" in str(info.value) and "\n" not in str(info.value), str(info.value)

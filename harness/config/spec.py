@@ -181,10 +181,10 @@ class LauncherSpec:
     array_parallelism: int = _opt(16, kind=int, min=1, **L.ARRAY_PARALLELISM)
     max_concurrent_local: int = _opt(1, kind=int, min=1, **L.MAX_CONCURRENT_LOCAL)
     additional: dict = _opt({}, kind=dict)
-    # GPUs of each run's own Slurm job: auto (the fewest that finish it in time, harness.cost.schedule) or a count;
+    # GPUs of each run's own Slurm job: auto (the allowed counts with the shortest planned makespan, harness.cost.schedule) or a count;
     # gpus_per_model {model name or size letter: GPUs} overrides it; gpu_kind: whose measured speed sizes runs
     gpus_per_run: int | str = _opt("auto", kind="auto_int", min=1, **L.GPUS_PER_RUN,
-                                   auto_fix="write auto (the fewest GPUs that finish each run in time) or a GPU count")
+                                   auto_fix="write auto (the GPU counts with the shortest planned makespan) or a GPU count")
     gpus_per_model: dict = _opt({}, kind=dict)
     gpu_kind: str = _opt(hardware.DEFAULT_GPU, kind=str, choices=tuple(hardware.gpus()))
 

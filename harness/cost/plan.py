@@ -77,10 +77,11 @@ class RunPlan:
 
 
 def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: float | None = None,
-             sampling_throughput: float | None = None) -> RunPlan:
+             sampling_throughput: float | None = None, eval_s_per_image: float = 0.0) -> RunPlan:
     """The cost of one run. `throughput` (training images/s per accelerator) and `sampling_throughput`
     (images/s for one denoising step), or None; measured on a model of `reference_gflops` when given
-    (scaled to this run's Gflops), else taken as this run's."""
+    (scaled to this run's Gflops), else taken as this run's. `eval_s_per_image`: what each evaluated image
+    costs beyond the network (noise, decode, features; the same for every model at one geometry)."""
     from harness.models.flops import model_gflops  # imports torch and fvcore; keep `harness --help` fast
 
     data, train, ev = run.data, run.train, run.eval
@@ -106,7 +107,7 @@ def plan_run(run: RunSpec, throughput: float | None = None, reference_gflops: fl
         scale = reference_gflops / gflops if reference_gflops else 1.0
         per_step = sampling_throughput * scale if sampling_throughput else paper.TRAIN_PASSES * throughput * scale
         plan.train_accel_hours = train_images / (throughput * scale) / 3600.0
-        plan.sampling_accel_hours = forwards / per_step / 3600.0
+        plan.sampling_accel_hours = (forwards / per_step + plan.eval_samples * eval_s_per_image) / 3600.0
     return plan
 
 
@@ -154,8 +155,9 @@ def _latent_hours(plans: list[RunPlan], runs: list[RunSpec], latent_throughput: 
                 plan.latent_accel_hours = 2 * n / latent_throughput / 3600.0 / len(members)
 
 
-def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, float]]:
-    """{model: (training images/s, sampling images/s per step)} for every run's model, from a bench JSON."""
+def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, float, float]]:
+    """{model: (training images/s, sampling images/s per step, evaluation s per image beyond the network)}
+    for every run's model, from a bench JSON."""
     from harness.training.bench import read_throughput  # torch: only with --throughput-from
 
     measured = read_throughput(bench_json)
@@ -171,10 +173,11 @@ def _nearest(rows: list, gflops: float, gflops_of) -> Any:
     return min(rows, key=lambda m: abs(math.log(gflops_of(m.model) / gflops)))
 
 
-def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float, float]], dict]:
-    """({run_id: (training images/s, sampling images/s per denoising step)}, basis) from the packaged table
-    of `gpu`: a measured model at the table's geometry takes its own figures; any other run those of the
-    nearest measured model (by Gflops), scaled by Gflops(that model) / Gflops(run)."""
+def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float, float, float]], dict]:
+    """({run_id: (training images/s, sampling images/s per denoising step, evaluation s per image beyond the
+    network)}, basis) from the packaged table of `gpu`: a measured model at the table's geometry takes its own
+    figures; any other run those of the nearest measured model (by Gflops), scaled by Gflops(that model) /
+    Gflops(run) -- all but the per-image term, which does not depend on the model."""
     from harness.models.flops import model_gflops  # torch and fvcore: only where a plan needs them
 
     rows = hardware.measured(gpu)
@@ -187,7 +190,7 @@ def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float,
         g = model_gflops(run.model, run.conditioning, d.input_size, d.channels, d.num_classes)[0]
         t, s = _nearest(rows, g, ref.get), _nearest(sampled, g, ref.get)
         speeds[run.run_id] = (t.train_images_per_s * ref[t.model] / g,
-                              s.sample_images_per_s_one_step * ref[s.model] / g)
+                              s.sample_images_per_s_one_step * ref[s.model] / g, (s.eval_ms_per_image or 0.0) / 1e3)
         (own if ref[t.model] == g and t.model == run.model else scaled).add(run.model)
     basis = {"gpu": gpu, "measured": sorted(own), "scaled_by_gflops": sorted(scaled - own),
              "sampling": "; ".join(f"{m.model}: {m.sample_config} ({m.measured})" for m in sampled),
@@ -196,18 +199,17 @@ def _table_speeds(runs: list[RunSpec], gpu: str) -> tuple[dict[str, tuple[float,
 
 
 def _schedule(spec: SweepSpec, plans: list[RunPlan], nodes: int, gpus_per_node: int) -> dict:
-    """Each run's GPUs and place in the simulated queue (`harness.cost.schedule`); the sweep's makespan."""
+    """Each run's GPUs (chosen for the shortest simulated makespan) and place in the simulated queue
+    (`harness.cost.schedule`); the sweep's makespan."""
     L = spec.launcher
     hours = [p.train_accel_hours + p.sampling_accel_hours + (p.latent_accel_hours or 0.0) for p in plans]
-    ideal = sum(hours) / (nodes * gpus_per_node)
-    for p, h in zip(plans, hours):
-        p.gpus = schedule.gpus_for_run(p.model, h, p.global_batch, p.tokens, nodes, gpus_per_node, L.timeout_min,
-                                       L.gpus_per_run, L.gpus_per_model, where=str(spec.path), ideal_makespan_h=ideal)
-    order = schedule.submission_order([h / p.gpus for p, h in zip(plans, hours)])
-    queue = [(plans[i].run_id, plans[i].model, plans[i].gpus, hours[i]) for i in order]
-    slots = schedule.simulate(queue, nodes, gpus_per_node)
-    for i, slot in zip(order, slots):
-        plans[i].start_h, plans[i].end_h = slot.start_h, slot.end_h
+    options = [schedule.gpu_options(p.model, h, p.global_batch, p.tokens, nodes, gpus_per_node, L.timeout_min,
+                                    L.gpus_per_run, L.gpus_per_model, where=str(spec.path)) for p, h in zip(plans, hours)]
+    runs = [(p.run_id, p.model, h) for p, h in zip(plans, hours)]
+    counts = schedule.choose_gpus(runs, options, nodes, gpus_per_node)
+    slots = schedule.schedule_runs(runs, counts, nodes, gpus_per_node)
+    for p, gpus, slot in zip(plans, counts, slots):
+        p.gpus, p.start_h, p.end_h = gpus, slot.start_h, slot.end_h
     out = schedule.summary(slots, nodes, gpus_per_node)
     out["below_efficient"] = [p.model for p in plans
                               if p.gpus * schedule.EFFICIENT_TOKENS_PER_GPU > p.global_batch * p.tokens and p.gpus > 1]
@@ -282,10 +284,10 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
     basis = None
     if throughput_from is not None:
         measured = _measured(throughput_from, runs)
-        plans = [plan_run(run, measured[run.model][0], None, measured[run.model][1]) for run in runs]
+        plans = [plan_run(run, measured[run.model][0], None, *measured[run.model][1:]) for run in runs]
     elif throughput is None and gpu is not None:
         speeds, basis = _table_speeds(runs, gpu)
-        plans = [plan_run(run, speeds[run.run_id][0], None, speeds[run.run_id][1]) for run in runs]
+        plans = [plan_run(run, speeds[run.run_id][0], None, *speeds[run.run_id][1:]) for run in runs]
     else:
         plans = [plan_run(run, throughput, reference, sampling_throughput) for run in runs]
     if latent_throughput is not None:
@@ -365,7 +367,7 @@ def _hours_notes(plan: dict) -> list[str]:
                    f"`harness bench --suite`): training measured for {', '.join(b['measured']) or 'none of these models'}"
                    + (f", scaled by Gflops from the nearest measured model for {', '.join(b['scaled_by_gflops'])}"
                       if b["scaled_by_gflops"] else "")
-                   + f"; evaluation scaled by Gflops from {b['sampling']}; total {t['accel_hours']:.1f} h")
+                   + f"; evaluation's network calls scaled by Gflops (its per-image decode and features not) from {b['sampling']}; total {t['accel_hours']:.1f} h")
     elif isinstance(plan["throughput_images_per_s"], dict):
         speeds = ", ".join(f"{m} {v:,.0f}" for m, v in plan["throughput_images_per_s"].items())
         out.append(f"accelerator-hours from the training and sampling images/s {plan['throughput_model']}: "

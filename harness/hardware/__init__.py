@@ -3,7 +3,8 @@
 `throughput.csv`: one row per (gpu, model) measured with `harness bench` at the paper's geometry
 (256 px through the SD VAE: 32x32x4 latents, 1000 classes, adaLN-Zero): training images/s in the best
 configuration measured, and, where measured, sampling images/s for ONE denoising step on the path
-evaluation takes (its configuration says which). A model or geometry not in the table is scaled from
+evaluation takes (its configuration says which) and `eval_ms_per_image`, what each evaluated image costs
+beyond the network (noise, VAE decode, feature network: the same for every model at this geometry). A model or geometry not in the table is scaled from
 the nearest measured model by Gflops (`harness.cost.plan`). New measurements replace rows here; a user's own
 `harness bench --suite ... --out FILE.json` overrides the table with `harness plan --throughput-from`.
 Torch-free: read by `harness plan`.
@@ -31,15 +32,17 @@ class Measured:
     sample_config: str
     measured: str
     source: str
+    eval_ms_per_image: float | None = None  # evaluation's noise, decode and features per image (any model)
 
 
 def _rows() -> list[Measured]:
     text = resources.files(__package__).joinpath("throughput.csv").read_text()
     out = []
     for r in csv.DictReader(text.splitlines()):
-        sample = r["sample_images_per_s_one_step"]
+        sample, per_image = r["sample_images_per_s_one_step"], r.get("eval_ms_per_image")
         out.append(Measured(r["gpu"], r["model"], float(r["train_images_per_s"]), r["train_config"],
-                            float(sample) if sample else None, r["sample_config"], r["measured"], r["source"]))
+                            float(sample) if sample else None, r["sample_config"], r["measured"], r["source"],
+                            float(per_image) if per_image else None))
     return out
 
 

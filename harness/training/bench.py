@@ -243,9 +243,11 @@ def suite_markdown(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def read_throughput(path: str | Path) -> dict[str, tuple[float, float]]:
-    """{model: (training images/s, sampling images/s for one denoising step)} per device, from the best
-    configuration of each model in a `harness bench --suite` JSON (or one `harness bench --out` result).
+def read_throughput(path: str | Path) -> dict[str, tuple[float, float, float]]:
+    """{model: (training images/s, sampling images/s for one denoising step, evaluation s per image beyond the
+    network)} from the best configuration of each model in a `harness bench --suite` JSON (or one `harness
+    bench --out` result). Sampling: the end-to-end evaluation's forward rate and per-image cost (noise, decode,
+    features) when measured (`--sampling-steps`), else the training configuration's forward and 0.
     HarnessError naming the file if it is not one."""
     path = Path(path)
     try:
@@ -256,13 +258,11 @@ def read_throughput(path: str | Path) -> dict[str, tuple[float, float]]:
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise HarnessError(f"{path}: not a `harness bench` JSON ({err}). Fix: write one with "
                            "`harness bench --suite MODELS --out FILE.json`") from err
-    per_model: dict[str, tuple[float, float]] = {}
+    per_model: dict[str, tuple[float, float, float]] = {}
     for m, r in best_per_model(results).items():
-        # sampling: the end-to-end evaluation's images/s per denoising step when measured (decode and
-        # features included, the evaluation's precision and batch), else the training configuration's forward
-        evaluated = next((x.eval for x in results if x.model == m and x.eval), None)
-        per_model[m] = (r.train_images_per_s,
-                        evaluated["images_per_s_per_step"] if evaluated else r.sample_images_per_s_one_step)
+        ev = next((x.eval for x in results if x.model == m and x.eval), None)
+        per_model[m] = ((r.train_images_per_s, ev["forward_images_per_s"], ev["fixed_s_per_batch"] / ev["batch"])
+                        if ev else (r.train_images_per_s, r.sample_images_per_s_one_step, 0.0))
     return per_model
 
 

@@ -114,13 +114,16 @@ def bounded_barrier(dist: Dist, what: str, timeout: _dt.timedelta | None = None)
 
 def gather_to_main(obj: Any, dist: Dist, what: str, timeout: _dt.timedelta | None = None) -> list | None:
     """Every rank calls; rank 0 gets [obj of rank 0, obj of rank 1, ...], the others None. Picklable
-    CPU objects only (numpy arrays); bounded by `timeout` like bounded_barrier."""
+    CPU objects only (numpy arrays); bounded by `timeout` like bounded_barrier. Rank 0's own entry is
+    `obj` itself, not the unpickled copy the collective makes of it (one copy fewer held)."""
     if dist.world == 1:
         return [obj]
     timeout = timeout or COLLECTIVE_TIMEOUT
     bounded_barrier(dist, what, timeout)  # names a missing rank; the gather itself is then quick
     out: list | None = [None] * dist.world if dist.main else None
     torch.distributed.gather_object(obj, out, dst=0, group=_bounded_group(timeout))
+    if out is not None:
+        out[0] = obj
     return out
 
 
