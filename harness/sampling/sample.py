@@ -122,8 +122,7 @@ def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Ten
                     y = torch.cat([y, torch.zeros(batch_size - real, dtype=torch.long)])
                 y = y.to(device)
                 first = first_index + start
-                noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
-                                     for i in range(first, first + len(y))]).to(device)
+                noise = _initial_noise(shape, seed, first, len(y), device)
                 gen = torch.Generator().manual_seed(_sample_seed(seed, -1 - first))
                 if guided:
                     noise = torch.cat([noise, noise])
@@ -135,6 +134,12 @@ def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Ten
     if not out:
         return np.zeros((0, shape[1] * ae.downsample, shape[2] * ae.downsample, 3), dtype=np.uint8)
     return np.concatenate(out)
+
+
+def _initial_noise(shape: tuple[int, int, int], seed: int, first: int, n: int, device: torch.device) -> torch.Tensor:
+    """x_T (n, C, H, W) of samples first..first+n-1, each from its own generator (batch-size independent)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
+                        for i in range(first, first + n)]).to(device)
 
 
 def decode(ae: Any, z: torch.Tensor, device: torch.device, precision: str, chunk: int) -> list[np.ndarray]:
