@@ -104,17 +104,19 @@ def forward_probe(model: torch.nn.Module, precision: str, device: torch.device) 
     return forward
 
 
-def _fits_cuda(run_one: Callable[[int], None], n: int, device: torch.device, budget: float) -> bool:
+def fits_cuda(run_one: Callable[[int], None], n: int, device: torch.device, budget: float, what: str) -> bool:
+    """Whether `run_one(n)` neither runs out of CUDA memory nor peaks above `budget` bytes (logged as
+    "`what` n: ..."); shared by this probe and the training micro-batch probe."""
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         run_one(n)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        log.info("sampling batch probe: %d inputs peak at %.1f GB of a %.1f GB budget", n, peak / 2**30, budget / 2**30)
+        log.info("%s %d: peak %.1f GB of a %.1f GB budget", what, n, peak / 2**30, budget / 2**30)
         return peak <= budget
     except torch.OutOfMemoryError:
-        log.info("sampling batch probe: %d inputs ran out of memory", n)
+        log.info("%s %d: out of memory", what, n)
         return False
     finally:
         torch.cuda.empty_cache()
@@ -131,7 +133,7 @@ def largest_fitting(run_one: Callable[[int], None], batches: list[int], per_batc
                     budget: float) -> int | None:
     """The largest b in `batches` (largest first) whose `run_one(b * per_batch)` fits `budget` bytes."""
     if device.type == "cuda":
-        return next((b for b in batches if _fits_cuda(run_one, b * per_batch, device, budget)), None)
+        return next((b for b in batches if fits_cuda(run_one, b * per_batch, device, budget, "sampling probe, inputs")), None)
     one, two = cpu_bytes(run_one, per_batch), cpu_bytes(run_one, 2 * per_batch)
     slope, fixed = max(two - one, 1), max(2 * one - two, 0)
     log.info("sampling batch probe on the CPU: %.3f MB of activations per image", slope / 2**20)

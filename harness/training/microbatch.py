@@ -27,7 +27,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, cache_dir, file_lock
-from harness.sampling.batch import BUDGET_ENV, budget_bytes  # one memory budget: the trainer's probe and sampling's
+from harness.sampling.batch import BUDGET_ENV, budget_bytes, fits_cuda  # one budget, one CUDA fit test
 from harness.training.runtime import Dist, all_reduce
 from harness.training.step import Batch, BatchGeometry, TrainStep
 
@@ -67,19 +67,12 @@ def _state_bytes(step: TrainStep) -> int:
 
 
 def _fits_cuda(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int, budget: float) -> bool:
-    dev = step.device
-    placeholder = torch.empty(_state_bytes(step), dtype=torch.uint8, device=dev)
+    """A real forward and backward at micro-batch m, with AdamW's moments counted (a placeholder until the
+    optimizer has state), fits the budget; leaves no gradient behind."""
+    placeholder = torch.empty(_state_bytes(step), dtype=torch.uint8, device=step.device)
     try:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        step.forward_backward(_probe_batch(step, m, shape, num_classes), m)
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        log.info("micro-batch %d: peak %.1f GB of a %.1f GB budget", m, peak / 2**30, budget / 2**30)
-        return peak <= budget
-    except torch.OutOfMemoryError:
-        log.info("micro-batch %d: out of memory", m)
-        return False
+        return fits_cuda(lambda n: step.forward_backward(_probe_batch(step, n, shape, num_classes), n), m,
+                         step.device, budget, "micro-batch")
     finally:
         step.opt.zero_grad(set_to_none=True)
         del placeholder
