@@ -79,7 +79,7 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
                    "fid": pytest.approx(metrics["fid"], rel=1e-9), "sfid": None, "inception_score": None,
                    "precision": pytest.approx(metrics["precision"]), "recall": pytest.approx(metrics["recall"]),
                    "fid_se": metrics.get("fid_se"), "features_id": metrics.get("feature_space", extractor.name),
-                   "sample_precision": "fp32", "sample_compiled": False, "sample_batch": 3, "ranks": 1}
+                   "sample_precision": "fp32", "sample_compiled": False, "sample_compile_mode": None, "sample_batch": 3, "ranks": 1}
     logged = [r.getMessage() for r in caplog.records if r.name == ev_mod.__name__]
     assert logged == ["evaluation: sampling batch 3 (3), fp32, eager; decode and features in chunks of 3",
                       f"eval step 4 {{'sampling_steps': 2, 'cfg_scale': 2.5, 'fid': {rec['fid']!r}}}"]

@@ -52,7 +52,7 @@ def test_the_train_log_line_is_its_known_answers(tmp_path, monkeypatch, caplog):
         assert rec["tflops_per_device"] == pytest.approx(train_tflops(gflops, rec["images_per_s"]), rel=1e-12)
         assert rec["micro_batch"] == 16
         if not torch.cuda.is_available():   # on the CPU: no peak to compare with, and compile=auto stays eager
-            assert rec["mfu"] is None and rec["compiled"] is False and rec["graphs"] is None
+            assert rec["mfu"] is None and rec["compiled"] is False and rec["graphs"] is None and rec["compile_mode"] is None
     assert 0 < first["wall_s"] < second["wall_s"] < 100 / 1024   # ticks since training began
 
 

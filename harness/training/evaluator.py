@@ -179,7 +179,8 @@ def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist:
             # computed the numbers ("inception" only for the official FID weights) in `features_id`
             rec["features_id"] = metrics.get("feature_space", extractor.name)
             # how it was sampled: not part of the setting (the measurement is the same, see CONTRIBUTING)
-            rec.update(sample_precision=setup.precision, sample_compiled=setup.compile, sample_batch=setup.batch)
+            rec.update(sample_precision=setup.precision, sample_compiled=setup.compile,
+                       sample_compile_mode=setup.compile_mode if setup.compile else None, sample_batch=setup.batch)
             rec.update(wall_s=time.perf_counter() - t0, time=time.time(), ranks=dist.world)
             append_jsonl(RunFolder(run_dir).eval_log, rec)
             log.info("eval step %d %s", step, {k: rec[k] for k in ("sampling_steps", "cfg_scale", "fid")})

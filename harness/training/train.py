@@ -265,7 +265,7 @@ class Trainer:
                                                     self.opt, self.diffusion, self.dist, self.geometry)
         self.gflops = _model_gflops(run, self.shape) if self.dist.main else None
         log.info("training %s: %s, %s, %s, attention: %s", run.run_id, self.geometry, tr.precision,
-                 "compiled" if self.train_step.compiled else "eager", attention_backends(self.device, tr.precision))
+                 f"compiled ({tr.compile_mode})" if self.train_step.compiled else "eager", attention_backends(self.device, tr.precision))
 
     # -- train ------------------------------------------------------------------------------
     def train(self, stop_at: int | None) -> None:
@@ -342,6 +342,7 @@ class Trainer:
                 "lr": self.opt.param_groups[0]["lr"], "steps_per_s": sps, "images_per_s": images,
                 "tflops_per_device": tflops, "mfu": (tflops / peak) if (tflops and peak) else None,
                 "micro_batch": self.train_step.micro_batch, "compiled": self.train_step.compiled,
+                "compile_mode": self.train_step.compile_mode if self.train_step.compiled else None,
                 "graphs": compiled_graphs() if self.train_step.compiled else None,
                 "peak_mem_mb": peak_mem_mb(self.device), "wall_s": now - self.wall0, "time": time.time()})
             log.info("step %d loss %.4f (%.2f steps/s)", s, tot[0].item(), sps)
