@@ -13,6 +13,7 @@ import pytest
 
 from harness.config.layout import load_state, sweep_dir
 from harness.config.spec import load_spec
+from harness.launch.dispatch import dispatch
 from slurm_tools import need_slurm
 from test_sweep_e2e import ROOT, derived_spec, subprocess_env
 
@@ -56,3 +57,29 @@ def test_two_one_gpu_runs_share_the_node_at_the_same_time(tmp_path):
     print(json.dumps({k: {**v, "start": str(v["start"]), "end": str(v["end"])} for k, v in rows.items()}))
     two = load_spec(spec, ["launcher.gpus_per_run=2"]).expand()
     assert [r.run_id for r in two] == [r.run_id for r in runs]
+
+
+def test_arrays_queue_the_runs_in_the_planned_order(tmp_path):
+    """Runs sized 2, 1, 2 GPUs in the plan's order (longest first) are submitted as three arrays in that
+    order, so Slurm's queue (by job id at equal priority) matches the plan; one array per GPU count would
+    have queued the third run before the second."""
+    need_slurm()
+    models = ["DiT-2x32x2/2", "DiT-2x32x2/4", "DiT-2x32x2/8"]   # longest first: 16, 4 and 1 tokens
+    spec = derived_spec(tmp_path, "order", models=models, train={"steps": 10, "ckpt_every": 10},
+                        eval={"at_steps": [10]},
+                        launcher={"kind": "slurm", "gpus_per_node": 2, "cpus_per_task": 1, "mem_gb": 1,
+                                  "timeout_min": 10, "gpus_per_model": {models[0]: 2, models[1]: 1, models[2]: 2}})
+    runs = load_spec(spec).expand()
+    try:
+        dispatch(load_spec(spec), tmp_path / "r", wait=False)
+        entries = load_state(sweep_dir(tmp_path / "r", "order"))["runs"]
+        jobs = [entries[r.run_id]["job_id"] for r in runs]
+        assert [entries[r.run_id]["gpus"] for r in runs] == [2, 1, 2]
+        assert len({j.split("_")[0] for j in jobs}) == 3, jobs
+        assert jobs == sorted(jobs, key=lambda j: tuple(int(x) for x in j.split("_"))), jobs
+    finally:
+        subprocess.run(["scancel", "--name", "order"], capture_output=True)
+        ids = {e["job_id"].split("_")[0] for e in load_state(sweep_dir(tmp_path / "r", "order"))["runs"].values()
+               if e.get("job_id")} if (tmp_path / "r").exists() else set()
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from harness.config.vocab import COMPILE_MODES
+
 
 def positive_int(text: str) -> int:
     """argparse type for counts and sizes: an integer >= 1, else a one-line usage error."""
@@ -23,6 +25,13 @@ def positive_int(text: str) -> int:
 def auto_or_positive_int(text: str) -> int | str:
     """argparse type: 'auto' or an integer >= 1."""
     return text if text == "auto" else positive_int(text)
+
+
+def add_compile_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """--compile-mode: torch.compile's mode when compiled (train.compile_mode / eval.compile_mode)."""
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode when compiled: default, the max-autotune kernel searches "
+                             "(minutes more compiling), or CUDA graphs (reduce-overhead, max-autotune)")
 
 
 def csv_list(text: str) -> list[str]:

@@ -21,7 +21,7 @@ normalised training identity -- model, conditioning, seed, the data keys that ch
 lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision, init_from: the sha256 of its file's
 bytes). Deliberately excluded: the
 launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
-bookkeeping (ckpt_every, keep_last, log_every, compile, micro_batch, grad_checkpointing) and train.steps (raising
+bookkeeping (ckpt_every, keep_last, log_every, compile, compile_mode, micro_batch, grad_checkpointing) and train.steps (raising
 the step count continues the same runs instead of starting new ones).
 `train.init_from` (weights to start from) enters the identity as that hash, so moving or renaming the
 file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
@@ -67,7 +67,7 @@ from harness.io import path_digest
 from harness.config.spec_checks import check_sweep, split_shape_error
 from harness.config.specfile import Where, apply_overrides, check_keys, check_value, read_yaml, section, typename
 from harness.config.registry import CONDITIONINGS, SIZES, VAE_CHANNELS, VAE_DOWNSAMPLE, VARIANTS, resolve_shape
-from harness.config.vocab import FEATURE_SPACES, METRICS, SAMPLERS
+from harness.config.vocab import COMPILE_MODES, FEATURE_SPACES, METRICS, SAMPLERS
 
 DATASETS = ("digits", "imagefolder")
 AUTOENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-ft-mse")
@@ -128,6 +128,7 @@ class TrainSpec:
     class_dropout: float = _opt(0.1, kind=float, min=0.0, lt=1.0, why=L.DROPOUT_WHY)
     precision: str = _opt("fp32", kind=str, choices=PRECISIONS)
     compile: bool | str = _opt("auto", kind="auto_bool")  # auto: compiled on CUDA, eager on the CPU
+    compile_mode: str = _opt("default", kind=str, choices=COMPILE_MODES)  # torch.compile's mode when compiled
     # per-GPU micro-batch; auto: the largest that fits
     micro_batch: int | str = _opt("auto", kind="auto_int", min=1, **L.MICRO_BATCH)
     grad_checkpointing: bool = _opt(False, kind=bool)
@@ -156,6 +157,7 @@ class EvalSpec:
     # the network's and the decoder's autocast; auto: bf16 on CUDA, fp32 on the CPU (features stay fp32)
     precision: str = _opt("auto", kind=str, choices=("auto",) + PRECISIONS)
     compile: bool | str = _opt("auto", kind="auto_bool")  # auto: compiled on CUDA, eager on the CPU
+    compile_mode: str = _opt("default", kind=str, choices=COMPILE_MODES)  # torch.compile's mode when compiled
 
     def resolved_reference(self) -> str:
         """eval.reference with ${VAR} and ~ expanded ('digits' stays 'digits')."""
@@ -197,7 +199,7 @@ class LauncherSpec:
 __doc__ += L.ranges_doc(DataSpec, TrainSpec, EvalSpec, LauncherSpec)
 
 # train keys that do not change the maths, hence not the run id
-_TRAIN_ID_EXCLUDED = ("steps", "compile", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
+_TRAIN_ID_EXCLUDED = ("steps", "compile", "compile_mode", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
                       "log_every")
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
 

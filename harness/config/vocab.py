@@ -19,6 +19,11 @@ FEATURE_SPACES = ("inception", "digits")
 
 #: sampler names as eval.sampler and --sampler spell them: ours (ddpm, ddim) and diffusers' schedulers
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun")
+#: train.compile_mode / eval.compile_mode / --compile-mode: torch.compile's modes. "default" as PyTorch; the
+#: "max-autotune" ones search GEMM and kernel configurations when compiling (minutes longer); "reduce-overhead"
+#: and "max-autotune" also replay CUDA graphs (no launch overhead; on the CPU they compile without graphs)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: eval.guidance_channels / --guidance-channels: guide the first 3 latent channels (the paper) or all
 GUIDANCE_CHANNELS = (3, "all")
 

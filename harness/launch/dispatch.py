@@ -1,8 +1,8 @@
 """`harness sweep`: submit a sweep's runs as submitit jobs and record them in the sweep state.
 
 The files it writes under results/<sweep>/ are named by `harness.config.layout`. Launchers: `slurm`
-submits all runs that need work as one job array (submitit's batch), with `launcher.tasks_per_node`
-ranks per node for DDP (default: one per GPU; the trainer reads submitit's distributed environment);
+submits all runs that need work as job arrays (submitit's batch) in the plan's order, longest first (one
+array per stretch of runs with the same GPU count), with `launcher.tasks_per_node` ranks per node for DDP (default: one per GPU; the trainer reads submitit's distributed environment);
 `local` runs them as local processes through `harness.launch.local_pool`; `debug` runs them one after the
 other in this process. What runs inside each job is `harness.launch.job.SweepJob`; where each run stands
 is `harness.launch.status`.
@@ -35,6 +35,7 @@ from harness.errors import HarnessError
 from harness.io import writing
 from harness.launch.job import SweepJob
 from harness.cost.plan import plan_sweep, record_run
+from harness.cost.schedule import submission_order
 from harness.data.latents import run_latent_stage
 from harness.launch.preflight import require_ready, sbatch_fix
 from harness.config.spec import LAUNCHERS, SweepSpec, load_spec
@@ -195,12 +196,12 @@ def _prepare(spec: SweepSpec, results: Path, todo: list[RunStatus], sized: dict[
              ) -> list[tuple]:
     """Write each run's folder and run.json, sort `todo` longest first (planned hours on its GPUs when
     sized, else Gflops: the longest run never starts last) and return each run's SweepJob arguments."""
-    costs = {}
+    costs = []
     for s in todo:
         s.dir.mkdir(parents=True, exist_ok=True)
         p = record_run(s.run, s.dir)
-        costs[s.run.run_id] = p.train_gflops + p.sampling_gflops
-    todo.sort(key=lambda s: -(sized[s.run.run_id][1] if sized else costs[s.run.run_id]))
+        costs.append(sized[s.run.run_id][1] if sized else p.train_gflops + p.sampling_gflops)
+    todo[:] = [todo[i] for i in submission_order(costs)]
     return [(s.run.to_dict(), str(s.dir),
              str(layout.run_dir(results, spec.checkpoints_from, s.run.run_id)) if spec.checkpoints_from else None)
             for s in todo]
@@ -242,13 +243,13 @@ def _latent_stage(spec: SweepSpec, todo: list[RunStatus], kind: str, ex: Any, jo
 
 def _submit_arrays(spec: SweepSpec, ex: Any, todo: list[RunStatus], args: list[tuple], latent_jobs: list[str],
                    ledger: _Ledger) -> None:
-    """One Slurm job array per GPU count, in submission order, each after the latent jobs."""
+    """The runs as Slurm job arrays in submission order (longest first), each after the latent jobs: one array
+    per stretch of consecutive runs with the same GPU count (`array_groups`), so that Slurm's queue, ordered by
+    job id at equal priority, holds the runs in the order the plan simulated."""
     from submitit.core.utils import FailedJobError
 
-    groups: dict[int | None, list] = {}
-    for s, a in zip(todo, args):
-        groups.setdefault(ledger.sized[s.run.run_id][0] if ledger.sized else None, []).append((s, a))
-    for gpus, members in groups.items():
+    counts = [ledger.sized[s.run.run_id][0] if ledger.sized else None for s in todo]
+    for gpus, members in ((g, [(todo[i], args[i]) for i in idx]) for g, idx in array_groups(counts)):
         gex = ex if gpus is None else make_executor(ledger.kind, spec, ledger.jobs_dir, gpus)
         if gpus is not None and latent_jobs:
             gex.update_parameters(slurm_dependency="afterok:" + ":".join(latent_jobs))
@@ -262,6 +263,19 @@ def _submit_arrays(spec: SweepSpec, ex: Any, todo: list[RunStatus], args: list[t
         layout.save_state(ledger.sdir, ledger.state)
         log.info("submitted job array %s (%d runs%s)", submitted[0].job_id.split("_")[0], len(submitted),
                  f", {gpus} GPU(s) each" if gpus else "")
+
+
+def array_groups(counts: list[int | None]) -> list[tuple[int | None, list[int]]]:
+    """[(GPUs, indices)] for runs in submission order with these GPU `counts`: one group per stretch of
+    equal consecutive counts, e.g. [4, 4, 2, 4] -> [(4, [0, 1]), (2, [2]), (4, [3])]. Grouping by count
+    alone would queue the fourth run before the third."""
+    groups: list[tuple[int | None, list[int]]] = []
+    for i, c in enumerate(counts):
+        if groups and groups[-1][0] == c:
+            groups[-1][1].append(i)
+        else:
+            groups.append((c, [i]))
+    return groups
 
 
 def _run_debug(spec: SweepSpec, ex: Any, todo: list[RunStatus], args: list[tuple], ledger: _Ledger) -> None:

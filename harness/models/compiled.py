@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from harness.config.vocab import CUDA_GRAPH_MODES
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -50,41 +51,84 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
+def compile_options(mode: str) -> dict:
+    """torch.compile's keyword arguments for a compile mode (harness.config.vocab.COMPILE_MODES): none for
+    "default", so that the default graph is PyTorch's own."""
+    return {} if mode == "default" else {"mode": mode}
+
+
+def new_graph_step(mode: str) -> None:
+    """Before each call of a CUDA-graph-replaying function (mode reduce-overhead or max-autotune): tell the
+    graph trees that the previous call's outputs are no longer read (training: each micro-batch)."""
+    if mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def autocast(device: torch.device, precision: str) -> Any:
     """bf16 autocast for `precision: bf16`, else nothing (fp32 weights either way)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-class CompiledOrEager:
-    """`fn` compiled (when `compile`), falling back to eager `fn` for good if the first call fails.
+class FirstCall:
+    """Runs `run()` the first time: times it when compiled, and on a compiler failure logs one warning line
+    naming `what`, calls `fall_back()` (which switches the caller to eager) and runs `run()` again eagerly.
+    An out-of-memory error is not a compiler failure and propagates; so does any error of an eager run.
+    Shared by `CompiledOrEager` (sampling) and the training step."""
 
-    The fallback is one warning line naming `what`; an out-of-memory error is not a compiler failure
-    and propagates. `compile_s` is the first compiled call's wall time (compilation included).
-    """
+    def __init__(self, what: str):
+        self.what, self.pending, self.compile_s = what, True, None
 
-    def __init__(self, fn: Callable[..., Any], compile: bool, what: str, **options: Any):
-        self.eager, self.compiled, self.what = fn, compile, what
-        self.fn: Callable[..., Any] = torch.compile(fn, **options) if compile else fn
-        self.compile_s: float | None = None
-        self._first = compile
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._first:
-            return self.fn(*args, **kwargs)
-        self._first = False
+    def __call__(self, run: Callable[[], Any], compiled: bool, fall_back: Callable[[], None], sync: Callable[[], None]
+                 = lambda: None) -> Any:
+        self.pending = False
         t0 = time.perf_counter()
         try:
-            out = self.fn(*args, **kwargs)
+            out = run()
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
+            if not compiled:
+                raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             log.warning("torch.compile failed for %s (%s: %s); running eagerly", self.what, type(err).__name__, first)
-            self.compiled, self.fn = False, self.eager
-            return self.fn(*args, **kwargs)
-        self.compile_s = time.perf_counter() - t0
-        log.info("compiled %s in %.1f s (first call)", self.what, self.compile_s)
+            fall_back()
+            return run()
+        if compiled:
+            sync()
+            self.compile_s = time.perf_counter() - t0
+            log.info("compiled %s in %.1f s (first call)", self.what, self.compile_s)
         return out
+
+
+class CompiledOrEager:
+    """`fn` compiled (when `compile`, in `mode`), falling back to eager `fn` for good if the first call fails
+    (`FirstCall`). `compile_s` is the first compiled call's wall time (compilation included). Under a CUDA-graph
+    mode each call starts a new graph step and returns a copy of the output, which the next replay overwrites.
+    """
+
+    def __init__(self, fn: Callable[..., Any], compile: bool, what: str, mode: str = "default", **options: Any):
+        self.eager, self.compiled, self.mode = fn, compile, mode
+        self.fn: Callable[..., Any] = torch.compile(fn, **compile_options(mode), **options) if compile else fn
+        self._first = FirstCall(what)
+
+    @property
+    def compile_s(self) -> float | None:
+        return self._first.compile_s
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.compiled and self.mode in CUDA_GRAPH_MODES):
+            return self.fn(*args, **kwargs)
+        new_graph_step(self.mode)
+        out = self.fn(*args, **kwargs)
+        return out.clone() if isinstance(out, torch.Tensor) else out
+
+    def _fall_back(self) -> None:
+        self.compiled, self.fn = False, self.eager
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._first.pending:
+            return self._call(*args, **kwargs)
+        return self._first(lambda: self._call(*args, **kwargs), self.compiled, self._fall_back)
 
 
 #: attention kernel orders to try on CUDA (HARNESS_ATTENTION); "default" leaves PyTorch's own order

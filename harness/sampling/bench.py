@@ -58,7 +58,8 @@ def feature_network(features: str, inception_weights: str | None, device: torch.
 
 def bench_eval(model_name: str, conditioning: str = "adaLN-Zero", sampling_steps: int = 250,
                num_samples: int = 50_000, measure_steps: tuple[int, int] = (10, 20), precision: str = "auto",
-               compile: bool | str = "auto", batch: int | str = "auto", input_size: int = 32, in_channels: int = 4,
+               compile: bool | str = "auto", compile_mode: str = "default", batch: int | str = "auto",
+               input_size: int = 32, in_channels: int = 4,
                num_classes: int = 1000, autoencoder_path: str | None = None, features: str = "inception",
                inception_weights: str | None = None, device: torch.device | None = None) -> dict:
     """Time one evaluation batch end to end (see the module doc); returns the measured terms and the
@@ -76,7 +77,7 @@ def bench_eval(model_name: str, conditioning: str = "adaLN-Zero", sampling_steps
     decode_batch = find_decode_batch(ae, extractor, (in_channels, input_size, input_size), b, precision, device)
     labels = balanced_labels(b, num_classes)
     kw = dict(sampler="ddpm", cfg_scale=1.0, device=device, batch_size=b, autoencoder=ae, precision=precision,
-              compile=compiled, decode_batch=decode_batch)
+              compile=compiled, compile_mode=compile_mode, decode_batch=decode_batch)
 
     def one_batch(steps: int) -> float:
         _sync(device)
@@ -94,7 +95,7 @@ def bench_eval(model_name: str, conditioning: str = "adaLN-Zero", sampling_steps
     total_s = math.ceil(num_samples / b) * batch_s
     result = {"stage": "evaluation", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "model": model_name, "batch": b, "decode_batch": decode_batch, "precision": precision,
-              "compiled": compiled, "decode": ae.name, "features": extractor.name, "sampling_steps": sampling_steps,
+              "compiled": compiled, "compile_mode": compile_mode if compiled else None, "decode": ae.name, "features": extractor.name, "sampling_steps": sampling_steps,
               "measured_steps": [lo, hi], "measured_s": [t_lo, t_hi], "warmup_s": warm,
               "forward_images_per_s": b / per_step, "fixed_s_per_batch": fixed,
               "images_per_s": num_samples / total_s, "images_per_s_per_step": num_samples * sampling_steps / total_s,

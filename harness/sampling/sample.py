@@ -25,7 +25,7 @@ from harness.errors import HarnessError
 from harness.io import atomic_write
 from harness.sampling.npz import save_npz
 from harness.sampling.batch import auto_sample_batch, find_decode_batch
-from harness.config.arguments import auto_or_positive_int, positive_int
+from harness.config.arguments import add_compile_mode_argument, auto_or_positive_int, positive_int
 from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS, guidance_on
 from harness.sampling.samplers import sample_loop
 from harness.config.spec import PRECISIONS, DataSpec, RunSpec
@@ -77,7 +77,8 @@ def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Ten
                   sampler: str = "ddpm", cfg_scale: float = 1.0, guidance_channels: int | str | None = 3,
                   seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
                   autoencoder: Any = None, progress: bool = False, first_index: int = 0,
-                  precision: str = "fp32", compile: bool = False, decode_batch: int | None = None) -> np.ndarray:
+                  precision: str = "fp32", compile: bool = False, decode_batch: int | None = None,
+                  compile_mode: str = "default") -> np.ndarray:
     """Sample one image per label: uint8 (N, H, W, 3) in the ADM layout (grey replicated to RGB).
 
     model: a DiT on `device` (default: the model's device; its in_channels/input_size give the latent
@@ -86,9 +87,9 @@ def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Ten
     Guidance runs the conditional and null halves in one batch when
     cfg_scale != 1, on the first `guidance_channels` latent channels (None/'all': every channel).
     precision: the network's and the decoder's autocast ("bf16" or "fp32"); the sampler's own arithmetic
-    (means, variances, guidance) stays in float32. compile: the network compiled (see `compiled_forward`),
-    a short last batch padded to `batch_size` so one graph serves every batch. decode_batch: images per
-    decode (default: the whole batch).
+    (means, variances, guidance) stays in float32. compile: the network compiled in `compile_mode` (see
+    `compiled_forward`), a short last batch padded to `batch_size` so one graph serves every batch.
+    decode_batch: images per decode (default: the whole batch).
     """
     if sampler not in SAMPLERS:
         raise HarnessError(f"sampler {sampler!r} (key eval.sampler or --sampler): use one of {', '.join(SAMPLERS)}.")
@@ -102,7 +103,7 @@ def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Ten
     shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
     learn_sigma = int(model.out_channels) == 2 * shape[0]
     guided = guidance_on(cfg_scale)
-    forward = compiled_forward(model, compile)
+    forward = compiled_forward(model, compile, compile_mode)
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
@@ -142,17 +143,19 @@ def _initial_noise(shape: tuple[int, int, int], seed: int, first: int, n: int, d
                         for i in range(first, first + n)]).to(device)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledOrEager]" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, CompiledOrEager]]" = weakref.WeakKeyDictionary()
 
 
-def compiled_forward(model: torch.nn.Module, compile: bool) -> Any:
-    """`model` itself, or its compiled forward (fixed shapes: one graph per input shape), made once per
-    module so that every evaluation of a run reuses the graphs; eager for good if compiling fails."""
+def compiled_forward(model: torch.nn.Module, compile: bool, mode: str = "default") -> Any:
+    """`model` itself, or its compiled forward in `mode` (fixed shapes: one graph per input shape), made once
+    per module and mode so that every evaluation of a run reuses the graphs; eager for good if compiling fails."""
     if not compile:
         return model
-    if model not in _COMPILED:
-        _COMPILED[model] = CompiledOrEager(model, True, f"the sampling forward of {type(model).__name__}", dynamic=False)
-    return _COMPILED[model]
+    per_mode = _COMPILED.setdefault(model, {})
+    if mode not in per_mode:
+        per_mode[mode] = CompiledOrEager(model, True, f"the sampling forward of {type(model).__name__}", mode=mode,
+                                         dynamic=False)
+    return per_mode[mode]
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -200,6 +203,7 @@ def add_sample_arguments(s) -> None:
     s.add_argument("--precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
                    help="the network's and decoder's autocast; auto: bf16 on CUDA, fp32 on the CPU")
     s.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: compiled on CUDA only")
+    add_compile_mode_argument(s)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
 
@@ -220,7 +224,7 @@ def cli_sample(args) -> int:
     images = sample_images(model, run, labels, sampling_steps=args.steps, sampler=args.sampler,
                            cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, seed=args.seed,
                            device=device, batch_size=batch, progress=True, precision=precision, compile=compiled,
-                           decode_batch=find_decode_batch(autoencoder_for(run), None, _latent(model), batch,
+                           compile_mode=args.compile_mode, decode_batch=find_decode_batch(autoencoder_for(run), None, _latent(model), batch,
                                                           precision, device))
     out = Path(args.out)
     grid = save_grid(images[:256], out / "grid.png")

@@ -22,7 +22,7 @@ from harness.training.step import BatchGeometry, TrainStep, resolve_compile
 @dataclass(frozen=True)
 class StepSettings:
     """What a training step is built from besides its model: the model's name, block and input (for the
-    micro-batch cache key and the probe's inputs), and the spec's precision, compile and EMA decay."""
+    micro-batch cache key and the probe's inputs), and the spec's precision, compile (and its mode) and EMA decay."""
     model: str
     conditioning: str
     shape: tuple[int, int, int]
@@ -31,11 +31,13 @@ class StepSettings:
     compile: bool | str = "auto"
     ema_decay: float = 0.9999
     compile_key: str = "train.compile"  # named in the error when compiling is asked for but impossible
+    compile_mode: str = "default"
 
     @classmethod
     def of_run(cls, run: RunSpec, shape: tuple[int, int, int]) -> "StepSettings":
         tr = run.train
-        return cls(run.model, run.conditioning, shape, run.data.num_classes, tr.precision, tr.compile, tr.ema_decay)
+        return cls(run.model, run.conditioning, shape, run.data.num_classes, tr.precision, tr.compile, tr.ema_decay,
+                   compile_mode=tr.compile_mode)
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -60,10 +62,10 @@ def build_step(settings: StepSettings, model: torch.nn.Module, ema: torch.nn.Mod
     s, device = settings, dist.device
     compiled = resolve_compile(s.compile, device, s.compile_key)
     if geometry.micro is None:
-        key = cache_key(s.model, s.conditioning, s.shape, s.num_classes, device, s.precision, compiled,
-                        geometry.per_rank)
+        key = cache_key(s.model, s.conditioning, s.shape, s.num_classes, device, s.precision,
+                        s.compile_mode if compiled else False, geometry.per_rank)
         geometry = resolve_micro_batch(geometry, probe_step(model, opt, diffusion, device, s.precision), key,
                                        s.shape, s.num_classes, dist)
     step = TrainStep(model, ema, opt, diffusion, dist, precision=s.precision, micro_batch=geometry.micro,
-                     compile=compiled, ema_decay=s.ema_decay)
+                     compile=compiled, ema_decay=s.ema_decay, compile_mode=s.compile_mode)
     return step, geometry

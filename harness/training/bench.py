@@ -30,7 +30,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.training.runtime import Dist, peak_mem_mb, peak_tflops, train_tflops
-from harness.config.arguments import auto_or_positive_int, positive_int
+from harness.config.arguments import add_compile_mode_argument, auto_or_positive_int, positive_int
 from harness.config.registry import CONDITIONINGS, VARIANTS
 from harness.config.spec import PRECISIONS
 from harness.config.vocab import FEATURE_SPACES
@@ -38,7 +38,7 @@ from harness.io import atomic_write_json, atomic_write_text
 from harness.models.diffusion import create_diffusion
 from harness.models.dit import build_model
 from harness.models.flops import model_gflops
-from harness.models.compiled import set_attention_order
+from harness.models.compiled import CompiledOrEager, set_attention_order
 from harness.sampling.bench import bench_eval, format_eval, sd_vae
 from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
 from harness.training.step import Batch, BatchGeometry, TrainStep, resolve_compile, autocast
@@ -77,6 +77,7 @@ class BenchResult:
     error: str | None = None
     convention: str = CONVENTION
     eval: dict | None = None  # harness.sampling.bench.bench_eval's end-to-end evaluation throughput, when measured
+    compile_mode: str = "default"  # torch.compile's mode when compiled (--compile-mode)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,7 +104,7 @@ def _attention_kernel(fn: Any, device: torch.device) -> str:
 def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, steps: int = 10, warmup: int = 2,
           precision: str = "fp32", compile: bool | str = "auto", micro_batch: int | str = "auto",
           grad_checkpointing: bool = False, input_size: int = 32, in_channels: int = 4,
-          num_classes: int = 1000, device: torch.device | None = None) -> BenchResult:
+          num_classes: int = 1000, device: torch.device | None = None, compile_mode: str = "default") -> BenchResult:
     """Time `steps` training steps and `steps` sampling forwards after `warmup` of each."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     enable_tf32(device)
@@ -114,7 +115,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     geometry = BatchGeometry.of(batch, 1, micro_batch, micro_key="--micro-batch")
     gflops, params = model_gflops(model_name, conditioning, input_size, in_channels, num_classes)
     settings = StepSettings(model_name, conditioning, (in_channels, input_size, input_size), num_classes, precision,
-                            compile, ema_decay=0.9999, compile_key="--compile")
+                            compile, ema_decay=0.9999, compile_key="--compile", compile_mode=compile_mode)
     model, step, data = _bench_step(settings, geometry, grad_checkpointing, device)
 
     model.train()
@@ -132,7 +133,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
 
     model.eval()
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    fwd = torch.compile(model) if step.compiled else model
+    fwd = CompiledOrEager(model, step.compiled, f"the forward of {model_name}", mode=compile_mode)
     with torch.no_grad(), autocast(device, precision):
         for _ in range(warmup):
             fwd(data.x0, t, data.y)
@@ -151,7 +152,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     return BenchResult(model_name, conditioning, name, torch.__version__, precision, step.compiled, step.micro_batch,
                        grad_checkpointing, batch, input_size, in_channels, torch.get_num_threads(), gflops, params,
                        train_sps, images, fwd_ps, fwd_ps * batch, tflops, (tflops / peak) if peak else None,
-                       peak_mem_mb(device), step.compile_s, kernel)
+                       peak_mem_mb(device), step.compile_s, kernel, compile_mode=compile_mode)
 
 
 def _bench_step(settings: StepSettings, geometry: BatchGeometry, grad_checkpointing: bool,
@@ -209,7 +210,8 @@ def _failed(name: str, batch: int, cfg: dict, msg: str, kw: dict) -> BenchResult
     return BenchResult(name, kw.get("conditioning", "adaLN-Zero"), "?", torch.__version__,
                        kw.get("precision", "fp32"), False, 0, cfg["grad_checkpointing"], batch,
                        kw.get("input_size", 32), kw.get("in_channels", 4), torch.get_num_threads(), 0.0, 0,
-                       0.0, 0.0, 0.0, 0.0, 0.0, None, 0.0, None, "", error=msg)
+                       0.0, 0.0, 0.0, 0.0, 0.0, None, 0.0, None, "", error=msg,
+                       compile_mode=kw.get("compile_mode", "default"))
 
 
 def best_per_model(results: list[BenchResult]) -> dict[str, BenchResult]:
@@ -229,7 +231,7 @@ def suite_markdown(results: list[BenchResult]) -> str:
              "| model | config | images/s | steps/s | MFU | TFLOP/s | peak memory | attention |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        cfg = (f"{'compiled' if r.compile else 'eager'}, micro-batch {r.micro_batch}"
+        cfg = (f"{_compiled_words(r)}, micro-batch {r.micro_batch}"
                f"{', grad checkpointing' if r.grad_checkpointing else ''}")
         if r.error:
             lines.append(f"| {r.model} | {cfg} | failed: {r.error} | | | | | |")
@@ -267,6 +269,12 @@ def read_throughput(path: str | Path) -> dict[str, tuple[float, float, float]]:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _compiled_words(r: BenchResult) -> str:
+    if not r.compile:
+        return "eager"
+    return "compiled" if r.compile_mode == "default" else f"compiled ({r.compile_mode})"
+
+
 def format_table(r: BenchResult) -> str:
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a (peak unknown for this device)"
     lines = [
@@ -274,7 +282,7 @@ def format_table(r: BenchResult) -> str:
         f"input               batch {r.batch} (micro-batches of {r.micro_batch}) x "
         f"{r.in_channels}x{r.input_size}x{r.input_size}",
         f"device              {r.device} ({r.threads} CPU threads), torch {r.torch_version}, {r.precision}"
-        f"{', torch.compile' if r.compile else ', eager'}{', grad checkpointing' if r.grad_checkpointing else ''}",
+        f", {_compiled_words(r)}{', grad checkpointing' if r.grad_checkpointing else ''}",
         f"training            {r.train_steps_per_s:.3f} steps/s, {r.train_images_per_s:.2f} images/s",
         f"sampling            {r.sample_forward_per_s:.3f} forward passes/s = "
         f"{r.sample_images_per_s_one_step:.2f} images/s for ONE denoising step (no CFG)",
@@ -325,6 +333,7 @@ def format_stage(r: dict) -> str:
 def _eval_kwargs(args: Any) -> dict:
     return dict(sampling_steps=args.sampling_steps, num_samples=args.eval_samples, batch=args.eval_batch,
                 precision=args.eval_precision, compile={"auto": "auto", "on": True, "off": False}[args.compile],
+                compile_mode=args.compile_mode,
                 input_size=args.input_size, in_channels=args.in_channels, autoencoder_path=args.autoencoder_path,
                 features=args.eval_features, inception_weights=args.inception_weights)
 
@@ -344,6 +353,7 @@ def add_bench_arguments(s) -> None:
     s.add_argument("--precision", choices=PRECISIONS, default="fp32")
     s.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="auto: compiled on CUDA, eager on the CPU (as training)")
+    add_compile_mode_argument(s)
     s.add_argument("--grad-checkpointing", action="store_true")
     s.add_argument("--input-size", type=positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
     s.add_argument("--in-channels", type=positive_int, default=4)
@@ -367,6 +377,7 @@ def add_bench_arguments(s) -> None:
 def cli_bench(args: Any) -> int:
     compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
     kw = dict(steps=args.steps, warmup=args.warmup, precision=args.precision, compile=compile_,
+              compile_mode=args.compile_mode,
               input_size=args.input_size, in_channels=args.in_channels, conditioning=args.conditioning)
     if args.suite is not None:
         models = list(VARIANTS) if args.suite in ("", "paper") else [m.strip() for m in args.suite.split(",")]

@@ -60,12 +60,13 @@ def save_grid(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dist, ste
 
 @dataclass(frozen=True)
 class EvalSetup:
-    """How this evaluation samples on its devices: eval.precision and eval.compile resolved for the
+    """How this evaluation samples on its devices: eval.precision and eval.compile (in eval.compile_mode) resolved for the
     device, the sampling batch (images; the network sees 2x under guidance) and the decode/features chunk."""
     precision: str
     compile: bool
     batch: int
     decode_batch: int
+    compile_mode: str = "default"
 
 
 def resolve_setup(run: RunSpec, ema: torch.nn.Module, dist: Dist, extractor: FeatureExtractor) -> EvalSetup:
@@ -84,8 +85,8 @@ def resolve_setup(run: RunSpec, ema: torch.nn.Module, dist: Dist, extractor: Fea
         both = all_reduce(torch.tensor([batch, decode], device=device), dist, "min").tolist()
         batch, decode = int(both[0]), int(both[1])
     log.info("evaluation: sampling batch %d (%s), %s, %s; decode and features in chunks of %d", batch,
-             ev.batch_size, precision, "compiled" if compiled else "eager", decode)
-    return EvalSetup(precision, compiled, batch, decode)
+             ev.batch_size, precision, f"compiled ({ev.compile_mode})" if compiled else "eager", decode)
+    return EvalSetup(precision, compiled, batch, decode, ev.compile_mode)
 
 
 def _sample_batch(run: RunSpec, ema: torch.nn.Module, dist: Dist, setting: dict, extractor: FeatureExtractor, step: int,
@@ -99,7 +100,8 @@ def _sample_batch(run: RunSpec, ema: torch.nn.Module, dist: Dist, setting: dict,
                            cfg_scale=setting["cfg_scale"], guidance_channels=ev.guidance_channels,
                            seed=derive_seed(run.seed, step, setting["sampling_steps"], tag=TAG_EVAL),
                            device=dist.device, batch_size=setup.batch, first_index=first,
-                           precision=setup.precision, compile=setup.compile, decode_batch=setup.decode_batch)
+                           precision=setup.precision, compile=setup.compile, decode_batch=setup.decode_batch,
+                           compile_mode=setup.compile_mode)
     return first, images, y.numpy(), extractor.extract(images, setup.decode_batch)
 
 

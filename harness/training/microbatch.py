@@ -43,11 +43,13 @@ def _cache_file() -> Path:
 
 
 def cache_key(model: str, conditioning: str, shape: tuple[int, int, int], num_classes: int,
-              device: torch.device, precision: str, compile: bool, per_rank: int) -> str:
+              device: torch.device, precision: str, compile: bool | str, per_rank: int) -> str:
+    """`compile`: False (eager), or the compile mode (True: the default mode; CUDA graphs keep memory pools)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     budget = os.environ.get(BUDGET_ENV, "")
+    mode = "eager" if not compile else "compiled" if compile in (True, "default") else f"compiled-{compile}"
     return "|".join(str(x) for x in (model, conditioning, "x".join(map(str, shape)), num_classes, name,
-                                     precision, "compiled" if compile else "eager", per_rank, budget))
+                                     precision, mode, per_rank, budget))
 
 
 def _probe_batch(step: TrainStep, m: int, shape: tuple[int, int, int], num_classes: int) -> Batch:

@@ -9,15 +9,14 @@ micro-batch (`no_sync` on the others), and averages over ranks: the mean over th
 Then one AdamW step (fused on CUDA) and one EMA update (foreach). Nothing reads a loss on the
 host: the step returns its sums on the device, and the trainer reads them at log steps only.
 
-Compilation (`train.compile`): the model's forward (DDP-wrapped when distributed) and the loss
-terms are compiled separately with fixed shapes (m is fixed for a run, so there is one graph of
-each after warm-up). If compiling fails at the first step, the step says so in one line and runs
-eagerly from then on; the failed attempt leaves no gradient behind.
+Compilation (`train.compile`, in `train.compile_mode`): the model's forward (DDP-wrapped when distributed)
+and the loss terms are compiled separately with fixed shapes (m is fixed for a run, so there is one graph
+of each after warm-up); under a CUDA-graph mode each micro-batch starts a new graph step. If compiling
+fails at the first step, the step says so in one line and runs eagerly from then on; the failed attempt
+leaves no gradient behind.
 """
 from __future__ import annotations
 
-import logging
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -26,10 +25,11 @@ import torch
 
 from harness.config.spec_checks import batch_split
 from harness.errors import HarnessError
-from harness.models.compiled import autocast, compile_support, resolve_compile  # noqa: F401  (their home; the trainer's names)
+# compile_support, resolve_compile: their home is harness.models.compiled; the trainer imports them from here
+from harness.models.compiled import (FirstCall, autocast, compile_options, compile_support,  # noqa: F401
+                                     new_graph_step, resolve_compile)
 from harness.training.runtime import Dist, ema_update
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,7 +105,7 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
                  diffusion: Any, dist: Dist, *, precision: str, micro_batch: int, compile: bool,
-                 ema_decay: float):
+                 ema_decay: float, compile_mode: str = "default"):
         self.model, self.ema, self.opt, self.diffusion, self.dist = model, ema, opt, diffusion, dist
         self.precision, self.micro_batch, self.ema_decay = precision, micro_batch, ema_decay
         self.device = dist.device
@@ -114,21 +114,28 @@ class TrainStep:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.compiled = compile
-        self.compile_s: float | None = None
+        self.compiled, self.compile_mode = compile, compile_mode
         self._set_functions()
-        self._first = True
+        self._first = FirstCall("the model and the loss")
+
+    @property
+    def compile_s(self) -> float | None:
+        """The first (compiling) step's wall time, when compiled."""
+        return self._first.compile_s
 
     def _set_functions(self) -> None:
         net = self.ddp if self.ddp is not None else self.model
-        self.forward: Callable[..., torch.Tensor] = torch.compile(net) if self.compiled else net
-        self.loss_terms: Callable[..., dict] = (torch.compile(self.diffusion.loss_terms) if self.compiled
+        opts = compile_options(self.compile_mode)
+        self.forward: Callable[..., torch.Tensor] = torch.compile(net, **opts) if self.compiled else net
+        self.loss_terms: Callable[..., dict] = (torch.compile(self.diffusion.loss_terms, **opts) if self.compiled
                                                 else self.diffusion.loss_terms)
 
     def forward_backward(self, b: Batch, total: int) -> torch.Tensor:
         """Forward and backward of one micro-batch, its losses scaled by 1/total; returns the (3,)
         float64 sums of loss, mse and vb over the micro-batch (detached)."""
         d = self.diffusion
+        if self.compiled:
+            new_graph_step(self.compile_mode)
         with autocast(self.device, self.precision):
             xt = d.q_sample(b.x0, b.t, b.noise)
             raw = self.forward(xt, d._model_t(b.t), y=b.y, force_drop=b.drop)
@@ -152,8 +159,8 @@ class TrainStep:
     def __call__(self, batch: Batch, lr: float) -> torch.Tensor:
         for group in self.opt.param_groups:
             group["lr"] = lr
-        if self._first:
-            sums = self._first_accumulate(batch)
+        if self._first.pending:
+            sums = self._first(lambda: self.accumulate(batch), self.compiled, self._fall_back, self._sync)
         else:
             sums = self.accumulate(batch)
         self.opt.step()
@@ -161,30 +168,15 @@ class TrainStep:
         ema_update(self.ema, self.model, self.ema_decay)
         return sums
 
-    def _first_accumulate(self, batch: Batch) -> torch.Tensor:
-        """The first step compiles (when asked): time it, and fall back to eager if it fails."""
-        self._first = False
-        t0 = time.perf_counter()
-        try:
-            sums = self.accumulate(batch)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any compiler failure: train eagerly instead
-            if not self.compiled:
-                raise
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__, first)
-            self.opt.zero_grad(set_to_none=True)
-            self.compiled = False
-            self._set_functions()
-            return self.accumulate(batch)
-        if self.compiled:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.compile_s = time.perf_counter() - t0
-            log.info("compiled the model and the loss in %.1f s (first step, micro-batch %d)",
-                     self.compile_s, self.micro_batch)
-        return sums
+    def _fall_back(self) -> None:
+        """Eager from now on; the failed compiled attempt leaves no gradient behind."""
+        self.opt.zero_grad(set_to_none=True)
+        self.compiled = False
+        self._set_functions()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def compiled_graphs() -> int:
