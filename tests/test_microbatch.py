@@ -98,8 +98,7 @@ def test_the_batch_geometry_is_validated_once_and_says_itself_in_one_line():
     assert str(BatchGeometry(16, 1, 16)) == "per-GPU batch 16 in micro-batches of 16 (global batch 16 over 1 rank)"
     with pytest.raises(HarnessError) as err:
         BatchGeometry(16, 3, source="run/run.json: ")
-    assert str(err.value) == ("run/run.json: train.global_batch=16 is not divisible by the 3 ranks; "
-                              "choose a batch that is a multiple of the GPU count")
+    assert str(err.value) == "run/run.json: train.global_batch: 16 does not split over 3 ranks. Fix: use a multiple of 3."
     with pytest.raises(HarnessError, match=r"^--micro-batch: 3 does not divide the per-GPU batch of 8\. Fix"):
         BatchGeometry.of(32, 4, 3, micro_key="--micro-batch")
     with pytest.raises(HarnessError, match=r"^train.micro_batch: 3 does not divide the per-GPU batch of 8\. Fix"):

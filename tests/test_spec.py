@@ -167,6 +167,8 @@ BAD = [
     ("section-type", GOOD.replace("data:\n  dataset: digits\n  image_size: 8\n", "data: digits\n"),
      ["data", "expected a mapping"], 3),
     ("batch-gpus", GOOD + "launcher:\n  gpus_per_node: 3\n", ["train.global_batch", "multiple of 3"], 8),
+    ("micro-batch", GOOD.replace("global_batch: 8", "global_batch: 8\n  micro_batch: 3") + "launcher:\n  gpus_per_node: 2\n",
+     ["train.micro_batch", "per-GPU batch of 4 (train.global_batch / GPUs)", "use one of [1, 2, 4], or auto"], 9),
     ("folder-path", GOOD.replace("dataset: digits", "dataset: imagefolder"), ["data.path", "needs a path"], 3),
     ("name", GOOD.replace("name: t", "name: a/b"), ["name", "folder name"], 1),
     ("cfg", GOOD + "  cfg_scales: [0.5]\n", ["eval.cfg_scales[0]", ">= 1.0"], 12),

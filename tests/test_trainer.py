@@ -187,8 +187,8 @@ def test_the_trainer_refuses_a_batch_its_ranks_cannot_split_and_sets_tf32_only_f
 
     with pytest.raises(HarnessError) as err:
         Trainer(tiny_run(), tmp_path, Dist(rank=0, world=3))
-    assert str(err.value) == (f"{tmp_path}/run.json: train.global_batch=16 is not divisible by the 3 ranks; "
-                              "choose a batch that is a multiple of the GPU count")
+    assert str(err.value) == (f"{tmp_path}/run.json: train.global_batch: 16 does not split over 3 ranks. "
+                              "Fix: use a multiple of 3.")
     with tf32_off():
         trainer = Trainer(tiny_run(), tmp_path / "runs" / "new", Dist())   # its folder made, parents too
         assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False

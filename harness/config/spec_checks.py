@@ -20,6 +20,25 @@ def split_shape_error(msg: str, name: str) -> tuple[str, str]:
     return problem, fix
 
 
+def batch_split(global_batch: int, ranks: int, micro: int | None) -> tuple[str, str, str] | None:
+    """How `global_batch` fails to split over `ranks`, each rank's share in micro-batches of `micro` (None:
+    auto, not chosen yet): (train key at fault, problem, fix), or None. The one rule of this spec check and
+    of harness.training.step.BatchGeometry; each caller adds where the numbers came from."""
+    if ranks < 1 or global_batch % ranks:
+        return "global_batch", f"{global_batch} does not split over {ranks} ranks", f"use a multiple of {ranks}"
+    per_rank = global_batch // ranks
+    if micro is not None and (micro < 1 or per_rank % micro):
+        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        return "micro_batch", f"{micro} does not divide the per-GPU batch of {per_rank}", \
+            f"use one of {divisors[-6:]}, or auto"
+    return None
+
+
+#: where a spec's ranks and per-GPU batch come from, for batch_split's problems
+_SPLIT_FROM = {"global_batch": " (launcher.nodes x launcher.tasks_per_node, default gpus_per_node)",
+               "micro_batch": " (train.global_batch / GPUs)"}
+
+
 def check_sweep(spec: Any, where: Where) -> None:
     """What no single key shows: sizes that must divide, steps in order and in range, batch splits, GPUs."""
     d, t, e, launch = spec.data, spec.train, spec.eval, spec.launcher
@@ -54,15 +73,9 @@ def check_sweep(spec: Any, where: Where) -> None:
         raise where.error(("train", "warmup_steps"), f"{t.warmup_steps} is beyond train.steps {t.steps}",
                           "use a shorter warmup")
     gpus = launch.nodes * launch.ranks_per_node
-    if gpus > 1 and t.global_batch % gpus:
-        raise where.error(("train", "global_batch"), f"{t.global_batch} does not split over {gpus} ranks "
-                          f"(launcher.nodes x launcher.tasks_per_node, default gpus_per_node)",
-                          f"use a multiple of {gpus}")
-    per_gpu = t.global_batch // max(gpus, 1)
-    if t.micro_batch != "auto" and per_gpu % t.micro_batch:
-        raise where.error(("train", "micro_batch"), f"{t.micro_batch} does not divide the per-GPU batch of "
-                          f"{per_gpu} (train.global_batch / GPUs)",
-                          f"use a divisor of {per_gpu} such as {per_gpu // 2 or 1}, or auto")
+    if split := batch_split(t.global_batch, gpus, None if t.micro_batch == "auto" else t.micro_batch):
+        key, problem, fix = split
+        raise where.error(("train", key), problem + _SPLIT_FROM[key], fix)
     if e.features == "inception" and e.reference == "digits" and d.dataset != "digits":
         raise where.error(("eval", "reference"), "reference 'digits' does not match the dataset",
                           "point eval.reference at an ADM reference npz or an image folder")
@@ -83,6 +96,6 @@ def _check_gpus_per_model(spec: Any, where: Where) -> None:
         if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= cluster:
             raise where.error(path + (key,), f"{gpus!r} is not a GPU count between 1 and {cluster} "
                               "(launcher.nodes x gpus_per_node)", "write a whole number of GPUs")
-        if spec.train.global_batch % gpus:
+        if batch_split(spec.train.global_batch, gpus, None):
             raise where.error(path + (key,), f"train.global_batch {spec.train.global_batch} does not split over "
                               f"{gpus} GPUs", "use a divisor of the global batch, such as a power of two")

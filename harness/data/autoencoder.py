@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError
 from harness.io import atomic_write, atomic_write_json, cache_dir, file_lock
-from harness.data.datasets import dataset_channels, open_dataset
+from harness.data.datasets import dataset_channels, open_dataset, to_uint8
+from harness.models.compiled import autocast
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,16 @@ class VAEAutoencoder(Autoencoder):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) in [-1, 1]."""
         return self.vae.decode(z.to(self.device, torch.float32) / self.scale).sample.clamp(-1.0, 1.0)
+
+
+def decode_uint8(ae: Any, z: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+    """Latents (N, C, h, w) -> uint8 images (N, H, W, 3), decoded under `precision`'s autocast; grey
+    replicated to RGB. The one decode of sampling and of the decode-batch probe."""
+    with autocast(device, precision):
+        images = ae.decode(z).float()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return to_uint8(images)
 
 
 #: Stable Diffusion's VAE architecture (sd-vae-ft-ema/mse share it): `harness bench` times it with

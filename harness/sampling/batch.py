@@ -30,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from harness.data.datasets import to_uint8
+from harness.data.autoencoder import decode_uint8
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, cache_dir, file_lock
 from harness.models.compiled import autocast
@@ -189,15 +189,13 @@ def auto_sample_batch(model: torch.nn.Module, num_samples: int, guided: bool, pr
 
 def decode_probe(autoencoder, extractor, latent: tuple[int, int, int], precision: str,
                  device: torch.device) -> Callable[[int], None]:
-    """decode(n): the autoencoder's decode of n random latents (C, h, w) and the features of the images."""
+    """decode(n): the evaluation's decode (`decode_uint8`) of n random latents (C, h, w) and the images' features."""
     def decode(n: int) -> None:
         z = torch.randn(n, *latent, generator=torch.Generator(device=device).manual_seed(0), device=device)
-        with torch.inference_mode(), autocast(device, precision):
-            images = autoencoder.decode(z).float()
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
+        with torch.inference_mode():
+            images = decode_uint8(autoencoder, z, device, precision)
         if extractor is not None:
-            extractor.extract(to_uint8(images), n)
+            extractor.extract(images, n)
     return decode
 
 

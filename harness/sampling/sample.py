@@ -29,8 +29,7 @@ from harness.config.arguments import add_compile_mode_argument, auto_or_positive
 from harness.config.vocab import GUIDANCE_CHANNELS, SAMPLERS, guidance_on
 from harness.sampling.samplers import sample_loop
 from harness.config.spec import PRECISIONS, DataSpec, RunSpec
-from harness.data.autoencoder import load_autoencoder
-from harness.data.datasets import to_uint8
+from harness.data.autoencoder import decode_uint8, load_autoencoder
 from harness.models.compiled import CompiledOrEager, autocast, resolve_compile, resolve_precision
 from harness.models.diffusion import guided_model_fn
 from harness.models.runmodel import model_from_checkpoint
@@ -129,7 +128,8 @@ def sample_images(model: torch.nn.Module, run: RunSpec | None, labels: torch.Ten
                     noise = torch.cat([noise, noise])
                     y = torch.cat([y, torch.full_like(y, num_classes)])
                 z = sample_loop(sampler, model_fn, noise, sampling_steps, {"y": y}, learn_sigma, gen, progress)
-                out += decode(ae, z[:real], device, precision, decode_batch or real)
+                z, chunk = z[:real], decode_batch or real
+                out += [decode_uint8(ae, z[lo : lo + chunk], device, precision) for lo in range(0, real, chunk)]
     finally:
         model.train(was_training)
     if not out:
@@ -141,18 +141,6 @@ def _initial_noise(shape: tuple[int, int, int], seed: int, first: int, n: int, d
     """x_T (n, C, H, W) of samples first..first+n-1, each from its own generator (batch-size independent)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(seed, i)))
                         for i in range(first, first + n)]).to(device)
-
-
-def decode(ae: Any, z: torch.Tensor, device: torch.device, precision: str, chunk: int) -> list[np.ndarray]:
-    """Latents (N, C, h, w) -> uint8 images (n, H, W, 3) in chunks of `chunk`, decoded under `precision`."""
-    out = []
-    for lo in range(0, len(z), chunk):
-        with autocast(device, precision):
-            images = ae.decode(z[lo : lo + chunk]).float()
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        out.append(to_uint8(images))
-    return out
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, CompiledOrEager]]" = weakref.WeakKeyDictionary()

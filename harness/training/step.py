@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from harness.config.spec_checks import batch_split
 from harness.errors import HarnessError
 # compile_support, resolve_compile: their home is harness.models.compiled; the trainer imports them from here
 from harness.models.compiled import (FirstCall, autocast, compile_options, compile_support,  # noqa: F401
@@ -50,10 +51,8 @@ class Batch:
 
 # ----------------------------------------------------------------------------- settings
 def check_micro_batch(micro_batch: int, per_rank: int, where: str = "train.micro_batch") -> None:
-    if micro_batch < 1 or per_rank % micro_batch:
-        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
-        raise HarnessError(f"{where}: {micro_batch} does not divide the per-GPU batch of {per_rank}. "
-                           f"Fix: use one of {divisors[-6:]}, or auto")
+    """HarnessError naming `where` unless `micro_batch` divides `per_rank`."""
+    BatchGeometry(per_rank, 1, micro_batch, micro_key=where)
 
 
 @dataclass(frozen=True)
@@ -70,11 +69,10 @@ class BatchGeometry:
     micro_key: str = field(default="train.micro_batch", compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.ranks < 1 or self.global_batch % self.ranks:
-            raise HarnessError(f"{self.source}train.global_batch={self.global_batch} is not divisible by the "
-                               f"{self.ranks} ranks; choose a batch that is a multiple of the GPU count")
-        if self.micro is not None:
-            check_micro_batch(self.micro, self.per_rank, self.micro_key)
+        if split := batch_split(self.global_batch, self.ranks, self.micro):  # the spec check's rule
+            key, problem, fix = split
+            raise HarnessError(f"{self.source}{self.micro_key if key == 'micro_batch' else 'train.' + key}: "
+                               f"{problem}. Fix: {fix}.")
 
     @classmethod
     def of(cls, global_batch: int, ranks: int, micro: int | str, **names: str) -> "BatchGeometry":
