@@ -100,6 +100,20 @@ def test_allowed_counts_follow_rules_1_and_2():
     assert gpu_options("DiT-S/8", 1.0, 256, 16, 1, 8, 1440, overrides={"S": 4}) == [4]
 
 
+def test_gpu_counts_keep_an_integer_micro_batch_whole():
+    """train.micro_batch: 64 of a global 256 allows at most 4 GPUs (a share of 64 each); a fixed count whose
+    share it does not divide is refused at plan time, naming the key, instead of at the job's start."""
+    assert gpu_options("DiT-XL/2", 110.0, 256, 256, 1, 8, 1440, micro_batch=64) == [2, 4]
+    assert gpu_options("DiT-XL/2", 110.0, 256, 256, 1, 8, 1440, micro_batch="auto") == [2, 4, 8]
+    with pytest.raises(HarnessError, match=r"DiT-XL/2 on 8 GPUs: train.micro_batch 64 does not divide the per-GPU "
+                                           r"batch of 32.*launcher.gpus_per_model / gpus_per_run"):
+        gpu_options("DiT-XL/2", 110.0, 256, 256, 1, 8, 1440, overrides={"XL": 8}, micro_batch=64)
+    with pytest.raises(HarnessError, match=r"gflops.yaml: DiT-XL/[248] on 8 GPUs: train.micro_batch 64"):
+        # one rank per node at spec time: the spec check sees a share of 256, which 64 divides
+        plan_sweep(load_spec(GFLOPS, ["train.micro_batch=64", "launcher.gpus_per_model={XL: 8}",
+                                      "launcher.tasks_per_node=1"]), gpu="h200", nodes=1, gpus_per_node=8)
+
+
 def test_the_plan_honours_fixed_gpu_counts_exactly():
     spec = load_spec(GFLOPS, ["launcher.gpus_per_model={XL: 8, DiT-S/2: 2}"])
     runs = plan_sweep(spec, gpu="h200", nodes=1, gpus_per_node=8)["runs"]

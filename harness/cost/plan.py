@@ -204,7 +204,8 @@ def _schedule(spec: SweepSpec, plans: list[RunPlan], nodes: int, gpus_per_node: 
     L = spec.launcher
     hours = [p.train_accel_hours + p.sampling_accel_hours + (p.latent_accel_hours or 0.0) for p in plans]
     options = [schedule.gpu_options(p.model, h, p.global_batch, p.tokens, nodes, gpus_per_node, L.timeout_min,
-                                    L.gpus_per_run, L.gpus_per_model, where=str(spec.path)) for p, h in zip(plans, hours)]
+                                    L.gpus_per_run, L.gpus_per_model, where=str(spec.path),
+                                    micro_batch=spec.train.micro_batch) for p, h in zip(plans, hours)]
     runs = [(p.run_id, p.model, h) for p, h in zip(plans, hours)]
     counts = schedule.choose_gpus(runs, options, nodes, gpus_per_node)
     slots = schedule.schedule_runs(runs, counts, nodes, gpus_per_node)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.config.spec_checks import batch_split
 from harness.errors import HarnessError
 
 EFFICIENT_TOKENS_PER_GPU = 32 * 256
@@ -64,9 +65,12 @@ def _override(model: str, overrides: dict) -> int | None:
 
 def gpu_options(model: str, accel_h: float, global_batch: int, tokens: int, nodes: int, gpus_per_node: int,
                 timeout_min: int, gpus_per_run: int | str = "auto", overrides: dict | None = None,
-                where: str = "launcher") -> list[int]:
+                where: str = "launcher", micro_batch: int | str = "auto") -> list[int]:
     """The GPU counts rules 1 and 2 of the module docstring allow one run, fewest first (the one count where
-    an override or an integer gpus_per_run fixes it); HarnessError (one line) if none fits."""
+    an override or an integer gpus_per_run fixes it); HarnessError (one line) if none fits. Every count splits
+    the global batch, and each GPU's share into micro-batches of an integer `micro_batch` (one rank per GPU):
+    a fixed count that does not is refused here, before any job starts."""
+    micro = None if micro_batch == "auto" else int(micro_batch)
     node, cluster = max(1, gpus_per_node), max(1, nodes) * max(1, gpus_per_node)
     budget_h = timeout_min * (1 + REQUEUES) / 60.0
     fixed = _override(model, overrides or {})
@@ -76,11 +80,15 @@ def gpu_options(model: str, accel_h: float, global_batch: int, tokens: int, node
             raise HarnessError(f"{where}: {model} asks for {fixed} GPUs; the cluster gives a run at most {cluster}, "
                                f"and more than one node only in whole nodes of {node}. Fix: change "
                                "launcher.gpus_per_model / gpus_per_run, or launcher.nodes and gpus_per_node.")
+        if split := batch_split(global_batch, fixed, micro):
+            key, problem, fix = split
+            raise HarnessError(f"{where}: {model} on {fixed} GPUs: train.{key} {problem}. Fix: {fix}, or change "
+                               "launcher.gpus_per_model / gpus_per_run.")
         counts = [fixed]
     else:  # powers of two, never below the efficient per-GPU batch
         most = max(1, min(cluster, global_batch * tokens // EFFICIENT_TOKENS_PER_GPU))
         counts = [1]
-        while (counts[-1] * 2 <= most and global_batch % (counts[-1] * 2) == 0
+        while (counts[-1] * 2 <= most and batch_split(global_batch, counts[-1] * 2, micro) is None
                and (counts[-1] * 2 <= node or counts[-1] * 2 % node == 0)):
             counts.append(counts[-1] * 2)
     fit = [c for c in counts if accel_h / c <= budget_h]
