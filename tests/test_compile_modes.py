@@ -15,15 +15,17 @@ from harness.config.vocab import COMPILE_MODES, CUDA_GRAPH_MODES
 from harness.models.compiled import CompiledOrEager, compile_options
 from harness.sampling.sample import sample_images
 from harness.training.train import run_training
+from tolerance import fp32_bound, rel_err
 from train_tiny import nudged_tiny_dit, tiny_run
 
 
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 def test_every_mode_is_one_torch_compile_runs(mode):
-    """A real inductor compile in each mode (on the CPU the graph modes compile without graphs)."""
+    """A real inductor compile in each mode (on the CPU the graph modes compile without graphs). Inductor's
+    vectorised tanh may differ from ATen's by a few roundings: bound 8 float32 roundings of the output's scale."""
     x = torch.linspace(-1, 1, 64)
     f = CompiledOrEager(lambda t: torch.tanh(t) * 2 + 1, True, "a pointwise function", mode=mode)
-    assert torch.equal(f(x), torch.tanh(x) * 2 + 1)
+    assert rel_err(f(x), torch.tanh(x) * 2 + 1) <= fp32_bound(8)
     assert f.compiled, f"torch.compile refused mode {mode!r}"
 
 
