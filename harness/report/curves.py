@@ -77,7 +77,7 @@ def metric_curves(frame: pd.DataFrame, x: str = "step") -> Figure:
     label, scale = X_AXES[x]
     ncols = 3
     nrows = int(np.ceil((len(metrics) + 1) / ncols))
-    fig = Figure(figsize=(PRINT_WIDTH_IN, 2.5 * nrows + 0.4), dpi=110, layout="constrained")
+    fig = Figure(figsize=(PRINT_WIDTH_IN, 2.0 * nrows + 0.4), dpi=110, layout="constrained")  # two fit an A4 page
     fig.suptitle(f"Every metric against {label} ({cond})")
     seen: list = []
     handles: dict = {}

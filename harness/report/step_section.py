@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from harness.study import step_forecast
 from harness.errors import HarnessError
+from harness.report.figures import PRINT_WIDTH_IN
 from harness.report.render import FigureSpec, Report, Table
 
 
@@ -20,7 +21,7 @@ def stop_early_figure(res: dict) -> Figure:
     runs = res["runs"]
     cols = min(3, len(runs))
     rows = math.ceil(len(runs) / cols)
-    fig = Figure(figsize=(3.3 * cols, 2.6 * rows + 0.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(PRINT_WIDTH_IN * cols / 3, 1.7 * rows + 0.5), dpi=110, layout="constrained")  # printed 1:1
     fig.suptitle(f"Stop early? FID at step {res['at_step']:,} forecast from steps <= {res['from_steps']:,} "
                  f"({res['level']:.0%} intervals)", fontsize=10)
     fit = res["fit"]
