@@ -12,6 +12,8 @@
         eval.jsonl        one record per evaluation setting (append-only)
         checkpoints/      step_XXXXXXX.pt + step_XXXXXXX.pt.sha256
         samples/          grid_step_XXXXXXX.png, ADM-layout npz
+        features/         fid_step_XXXXXXX_k<steps>_cfg<scale>_<setting>.npy: each evaluation's FID features
+                          (N, D) in sample order, named in its eval.jsonl record (`fid_features`)
         logs/             job.log and links to the run's submitit folders
         done              written when training and every evaluation are complete
         .run.lock         held (flock) by the trainer of this run
@@ -24,6 +26,7 @@ here imports torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -61,6 +64,15 @@ def sidecar_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".sha256")
 
 
+def features_name(setting: dict) -> str:
+    """The FID features file of one evaluation setting (eval.jsonl's setting keys: step, sampling_steps,
+    cfg_scale, ...): fid_step_XXXXXXX_k<steps>_cfg<scale>_<8 hex of the whole setting>.npy, so a second
+    measurement of the same step and sampling (another num_samples, sampler or reference) never overwrites it."""
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return (f"fid_step_{int(setting['step']):07d}_k{int(setting['sampling_steps'])}_cfg{float(setting['cfg_scale']):g}"
+            f"_{digest}.npy")
+
+
 def sweep_dir(results: str | Path, sweep: str) -> Path:
     """results/<sweep>/."""
     return Path(results) / sweep
@@ -82,6 +94,7 @@ class RunFolder:
     eval_log = property(lambda self: self.root / "eval.jsonl")
     checkpoints = property(lambda self: self.root / "checkpoints")
     samples = property(lambda self: self.root / "samples")
+    features = property(lambda self: self.root / "features")
     logs = property(lambda self: self.root / "logs")
     job_log = property(lambda self: self.root / "logs" / "job.log")
     done = property(lambda self: self.root / "done")
@@ -98,6 +111,13 @@ class RunFolder:
 
     def grid(self, step: int) -> Path:
         return self.samples / f"grid_step_{step:07d}.png"
+
+    def features_file(self, name: str) -> Path:
+        """features/<name>: a record's `fid_features` (a bare file name; anything else is refused)."""
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise HarnessError(f"{self.root / 'eval.jsonl'}: fid_features {name!r} is not a file name of "
+                               f"features/. Fix: delete that key from the record (its FID stays)")
+        return self.features / name
 
     def newest_grid(self) -> tuple[int, Path] | None:
         """(step, path) of the newest sample grid, or None."""
