@@ -19,6 +19,8 @@ FEATURE_SPACES = ("inception", "digits")
 
 #: sampler names as eval.sampler and --sampler spell them: ours (ddpm, ddim) and diffusers' schedulers
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun")
+#: the samplers that draw fresh noise at every step (per batch, so it depends on the batch: harness.sampling.sample)
+STOCHASTIC_SAMPLERS = ("ddpm",)
 #: train.compile_mode / eval.compile_mode / --compile-mode: torch.compile's modes. "default" as PyTorch; the
 #: "max-autotune" ones search GEMM and kernel configurations when compiling (minutes longer); "reduce-overhead"
 #: and "max-autotune" also replay CUDA graphs (no launch overhead; on the CPU they compile without graphs)
