@@ -90,7 +90,7 @@ class PairedErrors:
         why = "; ".join(f"{n}: {r}" for r, n in self.reasons.most_common())
         return (f"{self.paired} of {self.paired + sum(self.reasons.values())} FID comparisons used the paired "
                 "standard error of the difference (the two evaluations' samples share noise and labels; bootstrap "
-                "over the stored features), the others the two errors combined" + (f" ({why})." if why else "."))
+                "over the stored features)" + (f", the others the two errors combined ({why})." if why else "."))
 
 
 def _features_problem(row: Mapping) -> str | None:

@@ -67,8 +67,8 @@ def per_model(frame: pd.DataFrame, step: int | None = None) -> tuple[pd.DataFram
 
 
 # the setting of the record a per_model row stands for (its pairing provenance: PAIRING_COLUMNS)
-_RECORD_KEYS = ("step", "sampling_steps", "sampler", "cfg_scale", "num_samples", "num_classes", "feature_space",
-                "reference")
+_RECORD_KEYS = ("run_id", "step", "sampling_steps", "sampler", "cfg_scale", "num_samples", "num_classes",
+                "image_size", "feature_space", "reference")
 
 
 RESOLVE_Z = 1.645  # a difference is resolved when it exceeds 1.645 standard errors (two-sided 90%)
