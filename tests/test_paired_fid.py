@@ -167,3 +167,13 @@ def test_the_verdict_uses_the_paired_error_only_for_provably_paired_rows(written
     assert feats.shape == (200, 32) and feats.dtype == np.float32
     ref = load_reference("digits", get_feature_extractor("digits", device="cpu"), image_size=8)
     assert _fid(feats, ref.mu, ref.sigma) == pytest.approx(rows["a"]["fid"], rel=1e-9)
+
+
+def test_features_are_stored_as_float16_only_in_inception_space_and_only_when_they_fit():
+    from harness.metrics.features import stored_features
+
+    pool = np.random.default_rng(0).random((5, 3), dtype=np.float32)
+    assert stored_features(pool, "inception").dtype == np.float16
+    assert stored_features(pool, "digits").dtype == np.float32
+    assert np.array_equal(stored_features(pool, "digits"), pool)
+    assert stored_features(pool * 1e5, "inception").dtype == np.float32     # beyond float16's 65,504: kept whole
