@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 
 from harness.training.evaluator import evaluate_step, pending_evals
 from harness.io import read_jsonl
-from harness.training.runtime import Dist, bounded_barrier, setup_distributed
+from harness.training.runtime import Dist, bounded_barrier, distributed
 from train_tiny import nudged_tiny_dit, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -36,19 +37,25 @@ def _ema() -> torch.nn.Module:
     return nudged_tiny_dit().eval()
 
 
-def _join(rank: int, world: int, port: int) -> Dist:
+def _as_rank(rank: int, world: int, port: int) -> None:
     sys.path.insert(0, TESTS)
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return setup_distributed()
+
+
+def _join(rank: int, world: int, port: int) -> Any:
+    """The product's process group for a `with` block (runtime.distributed: torn down on the way out; a worker
+    that exits with a live gloo group can abort in its destructors)."""
+    _as_rank(rank, world, port)
+    return distributed()
 
 
 def _eval_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    dist = _join(rank, world, port)
-    run, ema = tiny_run(at_steps=[STEP], eval=EVAL), _ema()
-    pending_evals(run, Path(run_dir), ema, dist, upto=STEP, current=STEP)
-    again = evaluate_step(run, Path(run_dir), ema, dist, STEP)  # every rank agrees nothing is left
+    with _join(rank, world, port) as dist:
+        run, ema = tiny_run(at_steps=[STEP], eval=EVAL), _ema()
+        pending_evals(run, Path(run_dir), ema, dist, upto=STEP, current=STEP)
+        again = evaluate_step(run, Path(run_dir), ema, dist, STEP)  # every rank agrees nothing is left
     Path(run_dir, f"again.{rank}").write_text(str(again))
 
 
@@ -84,16 +91,16 @@ def test_two_rank_evaluation_matches_one_rank(tmp_path):
 
 
 def _late_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist = _join(rank, world, port)
-    if rank == 1:
-        time.sleep(6)  # never arrives within rank 0's bound
-    t0 = time.perf_counter()
-    try:
-        bounded_barrier(dist, "a test barrier", timeout=dt.timedelta(seconds=2))
-        result = {"ok": True}
-    except RuntimeError as err:
-        result = {"ok": False, "error": str(err)}
-    result["waited_s"] = time.perf_counter() - t0
+    with _join(rank, world, port) as dist:
+        if rank == 1:
+            time.sleep(6)  # never arrives within rank 0's bound
+        t0 = time.perf_counter()
+        try:
+            bounded_barrier(dist, "a test barrier", timeout=dt.timedelta(seconds=2))
+            result = {"ok": True}
+        except RuntimeError as err:
+            result = {"ok": False, "error": str(err)}
+        result["waited_s"] = time.perf_counter() - t0
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -108,7 +115,7 @@ def test_a_missing_rank_fails_the_barrier_after_the_bound(tmp_path):
 def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     from harness.training.train import run_training
 
-    _join(rank, world, port)
+    _as_rank(rank, world, port)   # run_training joins the group and leaves it
     run_training(tiny_run(steps=4, at_steps=[2, 4], eval=EVAL), Path(run_dir))
 
 
@@ -133,7 +140,6 @@ def _memory_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 
     from harness.training import evaluator
 
-    dist = _join(rank, world, port)
     alive: dict[int, weakref.ref] = {}   # id -> a weak reference that leaves when the array dies
     peak = [0]
 
@@ -156,9 +162,10 @@ def _memory_worker(rank: int, world: int, port: int, run_dir: str) -> None:
                 track(part[1])
         return parts
 
-    if dist.main:
-        evaluator._sample_batch, evaluator.gather_to_main = tracked_sample, tracked_gather
-    evaluate_step(tiny_run(at_steps=[STEP], eval=MEMORY_EVAL), Path(run_dir), _ema(), dist, STEP)
+    with _join(rank, world, port) as dist:
+        if dist.main:
+            evaluator._sample_batch, evaluator.gather_to_main = tracked_sample, tracked_gather
+        evaluate_step(tiny_run(at_steps=[STEP], eval=MEMORY_EVAL), Path(run_dir), _ema(), dist, STEP)
     if dist.main:
         Path(run_dir, "peak_image_bytes").write_text(str(peak[0]))
 

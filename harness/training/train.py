@@ -30,7 +30,7 @@ from harness.training.evaluator import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from harness.config.layout import RunFolder, write_run_json
 from harness.training.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
-                             seed_everything, set_rng_state, setup_distributed)
+                             distributed, seed_everything, set_rng_state)
 from harness.config.arguments import positive_int
 from harness.config.registry import CONDITIONINGS
 from harness.config.spec import (AUTOENCODERS, PRECISIONS, RunSpec, DataSpec, EvalSpec, TrainSpec, make_run_id,
@@ -175,8 +175,7 @@ def run_training(run: RunSpec, run_dir: str | Path, *, stop_at: int | None = Non
     next call continues. Safe to call repeatedly; writes `run_dir/done` at the end.
     """
     run_dir = Path(run_dir)
-    dist = setup_distributed()
-    try:
+    with distributed() as dist:
         # one trainer per run folder: a sweep job and a stray `harness train`, or an orphaned job of
         # a killed sweep and its replacement, never write the same checkpoints at once
         with file_lock(RunFolder(run_dir).lock) if dist.rank == 0 else nullcontext():
@@ -185,9 +184,6 @@ def run_training(run: RunSpec, run_dir: str | Path, *, stop_at: int | None = Non
                 trainer.train(stop_at)
             finally:
                 trainer.close()
-    finally:
-        if dist.initialised_here:
-            torch.distributed.destroy_process_group()
 
 
 class Trainer:
