@@ -112,8 +112,8 @@ def _sample_setting(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dis
 
     ev, what = run.eval, f"evaluation of step {step}"
     side = run.data.image_size
-    name = f"samples_step_{step:07d}_k{setting['sampling_steps']}_cfg{setting['cfg_scale']:g}.npz"
-    writer = NpzWriter(RunFolder(run_dir).samples / name, ev.num_samples, side, side) if dist.main else None
+    path = RunFolder(run_dir).samples_npz(step, setting["sampling_steps"], setting["cfg_scale"])
+    writer = NpzWriter(path, ev.num_samples, side, side) if dist.main else None
     features = []
     try:
         # round r: rank k samples global batch r * world + k; rank 0 collects the round's batches, so a
