@@ -44,7 +44,7 @@ RUNS_DIR = "runs"
 
 _CHECKPOINT = re.compile(r"^step_(\d{7,})\.pt$")
 _GRID = re.compile(r"^grid_step_(\d{7,})\.png$")
-_SAMPLES = re.compile(r"^samples_step_(\d{7,})_k\d+_cfg[^/]+\.npz$")
+_SAMPLES = re.compile(r"^samples_step_(\d{7,})_k(\d+)_cfg(\d+(?:\.\d+)?(?:e[+-]\d+)?)\.npz$")  # cfg as :g writes it
 
 
 # --------------------------------------------------------------------------- names
@@ -68,10 +68,10 @@ def samples_name(step: int, sampling_steps: int, cfg_scale: float) -> str:
     return f"samples_step_{int(step):07d}_k{int(sampling_steps)}_cfg{float(cfg_scale):g}.npz"
 
 
-def samples_step(name: str) -> int | None:
-    """The step of an evaluation npz's file name, or None for any other name."""
+def samples_setting(name: str) -> tuple[int, int, float] | None:
+    """(step, sampling steps, cfg scale) of an evaluation npz's file name, or None for any other name."""
     m = _SAMPLES.match(name)
-    return int(m.group(1)) if m else None
+    return (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else None
 
 
 def sweep_dir(results: str | Path, sweep: str) -> Path:
@@ -119,7 +119,7 @@ class RunFolder:
         """(step, path) of the evaluation npz files present, oldest step first."""
         if not self.samples.is_dir():
             return []
-        return sorted((s, p) for p in self.samples.iterdir() if (s := samples_step(p.name)) is not None)
+        return sorted((s[0], p) for p in self.samples.iterdir() if (s := samples_setting(p.name)) is not None)
 
     def newest_grid(self) -> tuple[int, Path] | None:
         """(step, path) of the newest sample grid, or None."""
