@@ -133,6 +133,19 @@ def test_a_value_changed_to_none_removes_the_recorded_files_at_the_restart(train
     assert _npz(run_dir) == [orphan.name] and _records(run_dir) == before
 
 
+def test_a_restart_removes_the_partial_npz_of_a_killed_evaluation(trained, tmp_path):
+    """A setting's npz is written afresh by its evaluation, so what a kill left half-written is never needed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["all"][0], run_dir)
+    samples = RunFolder(run_dir).samples
+    partial = samples / f".{samples_name(4, 2, 3.0)}.k1l2ed.tmp"
+    partial.write_bytes(b"half an npz")
+    other = samples / ".grid_step_0000004.png.k1l2ed.tmp"   # not an npz: not this cleaner's business
+    other.write_bytes(b"x")
+    run_training(_run("all"), run_dir)
+    assert not partial.exists() and other.exists() and _npz(run_dir) == _names(2, 4)
+
+
 def test_last_never_keeps_a_step_evaluated_after_a_later_one(trained, tmp_path):
     """A setting added later is evaluated from the retained checkpoint of step 2 after step 4 is recorded:
     step 2 is not the last step, so its npz is not even written; step 4's new setting is."""
