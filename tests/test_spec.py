@@ -78,7 +78,7 @@ def test_expand_grid_order_and_ids(tmp_path):
 def test_run_id_stable_under_launcher_eval_and_bookkeeping(tmp_path):
     base = load_spec(write(tmp_path, GOOD, "a.yaml")).expand()[0].run_id
     same = GOOD + "launcher:\n  kind: slurm\n  partition: gpu\n"
-    same = same.replace("num_samples: 10", "num_samples: 99").replace("global_batch: 8",
+    same = same.replace("num_samples: 10", "num_samples: 99\n  keep_samples: none").replace("global_batch: 8",
                                                                      "global_batch: 8\n  ckpt_every: 7\n  compile: true")
     assert load_spec(write(tmp_path, same, "b.yaml")).expand()[0].run_id == base
     assert load_spec(write(tmp_path, GOOD, "c.yaml")).expand()[0].run_id == base  # deterministic
