@@ -194,5 +194,6 @@ def test_harness_evaluate_names_keep_samples_for_a_file_not_kept(trained, capsys
         assert (f"harness sample --checkpoint {folder.checkpoint(step)} --steps 2 --cfg-scale 4 "
                 "--guidance-channels 3 --sampler ddim --num-samples 20 --out DIR") in err
     assert load_samples(RunFolder(trained["last"][0]).samples_npz(4, 2, 4.0)).shape == (20, 8, 8, 3)
-    rc, err = evaluate(RunFolder(trained["all"][0]).samples_npz(6, 2, 1.0))   # kept everything: never written
-    assert rc == 2 and "does not exist" in err and "keep_samples" not in err
+    for keep in ("all", "last"):   # never evaluated, so never written: the file does not exist, whatever the value
+        rc, err = evaluate(RunFolder(trained[keep][0]).samples_npz(6, 2, 1.0))
+        assert rc == 2 and "does not exist" in err and "keep_samples" not in err
