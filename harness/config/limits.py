@@ -38,6 +38,7 @@ DROPOUT_WHY = "dropping every label would leave nothing to guide with"
 GLOBAL_BATCH = _bound(65_536, "256x the paper's 256; beyond it no DiT recipe's lr holds")
 LR = _bound(1.0, "an AdamW step of 1 already moves every weight by about its own scale")
 WEIGHT_DECAY = _bound(1.0, "AdamW shrinks weights by lr x weight_decay a step, which must stay below 1")
+CKPT_MINUTES = _bound(10_080, "a week; a longer interval is no protection against preemption")
 KEEP_LAST = _bound(1000, "a DiT-XL/2 checkpoint with its optimizer is 8 GB")
 MICRO_BATCH = GLOBAL_BATCH
 NUM_SAMPLES = _bound(200_000, "4x FID-50K; 200,000 images of 512 px are a 157 GB npz")

@@ -19,10 +19,10 @@ e.g. "DiT-S-2_adaLN-Zero_s0_3f9a1c": the prefix names model, block and seed, the
 normalised training identity -- model, conditioning, seed, the data keys that change the pixels
 (dataset, image_size, autoencoder, num_classes, flip) and the train keys that change the maths (global_batch,
 lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision, init_from: the sha256 of its file's
-bytes). Deliberately excluded: the
-launcher, eval, file locations (data.path, data.autoencoder_path: moving the data keeps the ids),
-bookkeeping (ckpt_every, keep_last, log_every, compile, compile_mode, micro_batch, grad_checkpointing) and train.steps (raising
-the step count continues the same runs instead of starting new ones).
+bytes). Deliberately excluded: the launcher, eval, file locations (data.path, data.autoencoder_path:
+moving the data keeps the ids), bookkeeping (ckpt_every, ckpt_every_minutes, keep_last, log_every, compile,
+compile_mode, micro_batch, grad_checkpointing) and train.steps (raising the step count continues the same
+runs instead of starting new ones).
 `train.init_from` (weights to start from) enters the identity as that hash, so moving or renaming the
 file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
 
@@ -135,6 +135,9 @@ class TrainSpec:
     micro_batch: int | str = _opt("auto", kind="auto_int", min=1, **L.MICRO_BATCH)
     grad_checkpointing: bool = _opt(False, kind=bool)
     ckpt_every: int = _opt(500, kind=int, min=1, **L.STEP_COUNT)
+    # also a checkpoint after this many minutes of training since the last one (a preempted or failed job loses
+    # at most that much); 0: only every ckpt_every steps
+    ckpt_every_minutes: float = _opt(30.0, kind=float, min=0.0, **L.CKPT_MINUTES)
     keep_last: int = _opt(2, kind=int, min=1, **L.KEEP_LAST)
     log_every: int = _opt(50, kind=int, min=1, **L.STEP_COUNT)
     # weights to start from (harness checkpoint, official-layout state dict, diffusers DiT folder); the run id
@@ -205,8 +208,8 @@ class LauncherSpec:
 __doc__ += L.ranges_doc(DataSpec, TrainSpec, EvalSpec, LauncherSpec)
 
 # train keys that do not change the maths, hence not the run id
-_TRAIN_ID_EXCLUDED = ("steps", "compile", "compile_mode", "micro_batch", "grad_checkpointing", "ckpt_every", "keep_last",
-                      "log_every")
+_TRAIN_ID_EXCLUDED = ("steps", "compile", "compile_mode", "micro_batch", "grad_checkpointing", "ckpt_every",
+                      "ckpt_every_minutes", "keep_last", "log_every")
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
 
 

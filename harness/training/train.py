@@ -267,7 +267,8 @@ class Trainer:
                                                     self.opt, self.diffusion, self.dist, self.geometry)
         self.gflops = _model_gflops(run, self.shape) if self.dist.main else None
         log.info("training %s: %s, %s, %s, attention: %s", run.run_id, self.geometry, tr.precision,
-                 f"compiled ({tr.compile_mode})" if self.train_step.compiled else "eager", attention_backends(self.device, tr.precision))
+                 f"compiled ({tr.compile_mode})" if self.train_step.compiled else "eager",
+                 attention_backends(self.device, tr.precision))
 
     # -- train ------------------------------------------------------------------------------
     def train(self, stop_at: int | None) -> None:
@@ -289,6 +290,7 @@ class Trainer:
         self.sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         self.bad = torch.full((), _NO_BAD, device=self.device, dtype=torch.long)
         self.count, self.t_log, self.wall0 = 0, time.perf_counter(), time.perf_counter()
+        self.ckpt_clock = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
@@ -303,14 +305,17 @@ class Trainer:
             self.step, self.data_pos = s, self.data_pos + tr.global_batch
             self.record(s, sums)
             is_ckpt = s % tr.ckpt_every == 0 or s in ckpt_steps or s == tr.steps or s == stop_at
+            timed = not is_ckpt and s % tr.log_every == 0 and self.checkpoint_due()
             if s % tr.log_every == 0 or is_ckpt:
                 _check_finite(self.bad, dist, self.run_dir)
             if s % tr.log_every == 0 or s == tr.steps:
                 self.log(s)
-            if is_ckpt:
+            if is_ckpt or timed:
                 self.checkpoint(s, ckpt_steps)
-                self.evaluate(s, ckpt_steps)
+                if is_ckpt:
+                    self.evaluate(s, ckpt_steps)
                 self.t_log = time.perf_counter()  # checkpoint/eval time is not training throughput
+                self.ckpt_clock = time.perf_counter()   # nor training time since the last checkpoint
             if stop_at is not None and s >= stop_at:
                 log.info("stopping at step %d as asked (stop_at)", s)
                 return
@@ -352,6 +357,20 @@ class Trainer:
         self.count, self.t_log = 0, time.perf_counter()
 
     # -- checkpoint and evaluate ------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        """train.ckpt_every_minutes of training since the last checkpoint (or the start) on any rank. Asked at log steps
+        only, which every rank reaches together: with several ranks the answer is one all-reduce, so all agree."""
+        minutes = self.run.train.ckpt_every_minutes
+        if not minutes:
+            return False
+        due = time.perf_counter() - self.ckpt_clock >= 60.0 * minutes
+        if self.dist.world > 1:
+            due = all_reduce(torch.tensor([float(due)], device=self.device), self.dist).item() > 0
+        if due:
+            log.info("checkpoint after %.0f minutes of training (train.ckpt_every_minutes %g)",
+                     (time.perf_counter() - self.ckpt_clock) / 60.0, minutes)
+        return due
+
     def checkpoint(self, s: int, ckpt_steps: set[int]) -> None:
         if self.dist.main:
             ckpt.save_checkpoint(self.ckpt_dir, s, {
