@@ -116,17 +116,20 @@ def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     from harness.training.train import run_training
 
     _as_rank(rank, world, port)   # run_training joins the group and leaves it
-    run_training(tiny_run(steps=4, at_steps=[2, 4], eval=EVAL), Path(run_dir))
+    run_training(tiny_run(steps=4, at_steps=[2, 4], eval={**EVAL, "keep_samples": "last"}), Path(run_dir))
 
 
 @pytest.mark.slow
 def test_two_rank_training_evaluates_on_both_ranks(tmp_path):
-    """train.py's call sites: every rank enters the evaluation at each eval step, rank 0 records it."""
+    """train.py's call sites: every rank enters the evaluation at each eval step, rank 0 records it (and, under
+    eval.keep_samples: last, removes step 2's npz files once step 4 is recorded)."""
     mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     records = list(read_jsonl(tmp_path / "eval.jsonl"))
     assert sorted((r["step"], r["cfg_scale"]) for r in records) == [(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
     assert all(r["ranks"] == 2 and r["fid"] > 0 for r in records) and (tmp_path / "done").exists()
     assert (tmp_path / "samples" / "grid_step_0000004.png").exists()
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.npz")) == [
+        "samples_step_0000004_k3_cfg1.npz", "samples_step_0000004_k3_cfg2.npz"]
 
 
 # rank 0's host memory for images (issue 23): 60 samples in global batches of 5 on 2 ranks -- 6 rounds

@@ -11,7 +11,8 @@
         train.jsonl       step, loss, steps/s, images/s, TFLOP/s, MFU, micro-batch, peak memory (append-only)
         eval.jsonl        one record per evaluation setting (append-only)
         checkpoints/      step_XXXXXXX.pt + step_XXXXXXX.pt.sha256
-        samples/          grid_step_XXXXXXX.png, ADM-layout npz
+        samples/          grid_step_XXXXXXX.png; samples_step_XXXXXXX_k<steps>_cfg<scale>.npz (ADM layout, one
+                          per evaluation setting, as many as eval.keep_samples keeps)
         logs/             job.log and links to the run's submitit folders
         done              written when training and every evaluation are complete
         .run.lock         held (flock) by the trainer of this run
@@ -43,6 +44,7 @@ RUNS_DIR = "runs"
 
 _CHECKPOINT = re.compile(r"^step_(\d{7,})\.pt$")
 _GRID = re.compile(r"^grid_step_(\d{7,})\.png$")
+_SAMPLES = re.compile(r"^samples_step_(\d{7,})_k(\d+)_cfg(\d+(?:\.\d+)?(?:e[+-]\d+)?)\.npz$")  # cfg as :g writes it
 
 
 # --------------------------------------------------------------------------- names
@@ -59,6 +61,17 @@ def checkpoint_step(name: str) -> int | None:
 def sidecar_path(checkpoint: Path) -> Path:
     """The SHA-256 file written next to a checkpoint once it is complete."""
     return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def samples_name(step: int, sampling_steps: int, cfg_scale: float) -> str:
+    """The ADM npz of one evaluation setting: samples_step_XXXXXXX_k<sampling steps>_cfg<scale>.npz."""
+    return f"samples_step_{int(step):07d}_k{int(sampling_steps)}_cfg{float(cfg_scale):g}.npz"
+
+
+def samples_setting(name: str) -> tuple[int, int, float] | None:
+    """(step, sampling steps, cfg scale) of an evaluation npz's file name, or None for any other name."""
+    m = _SAMPLES.match(name)
+    return (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else None
 
 
 def sweep_dir(results: str | Path, sweep: str) -> Path:
@@ -98,6 +111,15 @@ class RunFolder:
 
     def grid(self, step: int) -> Path:
         return self.samples / f"grid_step_{step:07d}.png"
+
+    def samples_npz(self, step: int, sampling_steps: int, cfg_scale: float) -> Path:
+        return self.samples / samples_name(step, sampling_steps, cfg_scale)
+
+    def samples_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of the evaluation npz files present, oldest step first."""
+        if not self.samples.is_dir():
+            return []
+        return sorted((s[0], p) for p in self.samples.iterdir() if (s := samples_setting(p.name)) is not None)
 
     def newest_grid(self) -> tuple[int, Path] | None:
         """(step, path) of the newest sample grid, or None."""

@@ -39,6 +39,7 @@ from harness.data.autoencoder import build_latent_cache, load_autoencoder
 from harness.interop.convert import init_from_source
 from harness.models.diffusion import sample_timesteps, create_diffusion
 from harness.models.runmodel import build_run_model
+from harness.sampling import npz
 from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
 from harness.training.runtime import peak_tflops, train_tflops
 from harness.training.step import BatchGeometry, attention_backends, Batch, compiled_graphs
@@ -207,6 +208,7 @@ class Trainer:
                 write_run_json(run, self.run_dir, *flops.model_gflops(run.model, run.conditioning, run.data.input_size,
                                                                  run.data.channels, run.data.num_classes))
             ckpt.clean_partial_writes(self.ckpt_dir)
+            npz.clean_partial_writes(self.folder.samples)  # a killed evaluation's (up to 9.8 GB each)
         enable_tf32(self.device)
         if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
             self.latents = self.labels = None
