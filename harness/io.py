@@ -162,6 +162,35 @@ def append_jsonl(path: str | Path, record: dict) -> None:
                 raise
 
 
+def remove_after(record: str | Path, paths: list[Path], reason: str) -> list[Path]:
+    """Delete `paths` only once `record` (the file that replaces them) is on disk for good: fsync it and its
+    folder first, then unlink each path and fsync its folder. Housekeeping, never fatal: what cannot be
+    removed is logged (with `reason`) and kept. Returns the paths removed."""
+    if not paths:
+        return []
+    record = Path(record)
+    try:
+        with open(record, "rb") as f:
+            os.fsync(f.fileno())
+        _fsync_dir(record.parent)
+    except OSError as err:
+        log.warning("%s: could not make it durable (%s), so nothing it replaces is removed (%s)", record,
+                    err.strerror or err, reason)
+        return []
+    removed = []
+    for path in paths:
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("%s: kept, could not remove it (%s; %s)", path, err.strerror or err, reason)
+            continue
+        removed.append(Path(path))
+    for folder in {p.parent for p in removed}:
+        with contextlib.suppress(OSError):
+            _fsync_dir(folder)
+    return removed
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     """Yield the records of a JSON-lines file; a torn last line (crash mid-append) is skipped."""
     path = Path(path)

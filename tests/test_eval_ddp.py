@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 
 from harness.training.evaluator import evaluate_step, pending_evals
 from harness.io import read_jsonl
-from harness.training.runtime import Dist, bounded_barrier, setup_distributed
+from harness.training.runtime import Dist, bounded_barrier, distributed
 from train_tiny import nudged_tiny_dit, tiny_run
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -36,19 +37,25 @@ def _ema() -> torch.nn.Module:
     return nudged_tiny_dit().eval()
 
 
-def _join(rank: int, world: int, port: int) -> Dist:
+def _as_rank(rank: int, world: int, port: int) -> None:
     sys.path.insert(0, TESTS)
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return setup_distributed()
+
+
+def _join(rank: int, world: int, port: int) -> Any:
+    """The product's process group for a `with` block (runtime.distributed: torn down on the way out; a worker
+    that exits with a live gloo group can abort in its destructors)."""
+    _as_rank(rank, world, port)
+    return distributed()
 
 
 def _eval_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    dist = _join(rank, world, port)
-    run, ema = tiny_run(at_steps=[STEP], eval=EVAL), _ema()
-    pending_evals(run, Path(run_dir), ema, dist, upto=STEP, current=STEP)
-    again = evaluate_step(run, Path(run_dir), ema, dist, STEP)  # every rank agrees nothing is left
+    with _join(rank, world, port) as dist:
+        run, ema = tiny_run(at_steps=[STEP], eval=EVAL), _ema()
+        pending_evals(run, Path(run_dir), ema, dist, upto=STEP, current=STEP)
+        again = evaluate_step(run, Path(run_dir), ema, dist, STEP)  # every rank agrees nothing is left
     Path(run_dir, f"again.{rank}").write_text(str(again))
 
 
@@ -84,16 +91,16 @@ def test_two_rank_evaluation_matches_one_rank(tmp_path):
 
 
 def _late_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist = _join(rank, world, port)
-    if rank == 1:
-        time.sleep(6)  # never arrives within rank 0's bound
-    t0 = time.perf_counter()
-    try:
-        bounded_barrier(dist, "a test barrier", timeout=dt.timedelta(seconds=2))
-        result = {"ok": True}
-    except RuntimeError as err:
-        result = {"ok": False, "error": str(err)}
-    result["waited_s"] = time.perf_counter() - t0
+    with _join(rank, world, port) as dist:
+        if rank == 1:
+            time.sleep(6)  # never arrives within rank 0's bound
+        t0 = time.perf_counter()
+        try:
+            bounded_barrier(dist, "a test barrier", timeout=dt.timedelta(seconds=2))
+            result = {"ok": True}
+        except RuntimeError as err:
+            result = {"ok": False, "error": str(err)}
+        result["waited_s"] = time.perf_counter() - t0
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -108,18 +115,21 @@ def test_a_missing_rank_fails_the_barrier_after_the_bound(tmp_path):
 def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     from harness.training.train import run_training
 
-    _join(rank, world, port)
-    run_training(tiny_run(steps=4, at_steps=[2, 4], eval=EVAL), Path(run_dir))
+    _as_rank(rank, world, port)   # run_training joins the group and leaves it
+    run_training(tiny_run(steps=4, at_steps=[2, 4], eval={**EVAL, "keep_samples": "last"}), Path(run_dir))
 
 
 @pytest.mark.slow
 def test_two_rank_training_evaluates_on_both_ranks(tmp_path):
-    """train.py's call sites: every rank enters the evaluation at each eval step, rank 0 records it."""
+    """train.py's call sites: every rank enters the evaluation at each eval step, rank 0 records it (and, under
+    eval.keep_samples: last, removes step 2's npz files once step 4 is recorded)."""
     mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     records = list(read_jsonl(tmp_path / "eval.jsonl"))
     assert sorted((r["step"], r["cfg_scale"]) for r in records) == [(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
     assert all(r["ranks"] == 2 and r["fid"] > 0 for r in records) and (tmp_path / "done").exists()
     assert (tmp_path / "samples" / "grid_step_0000004.png").exists()
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.npz")) == [
+        "samples_step_0000004_k3_cfg1.npz", "samples_step_0000004_k3_cfg2.npz"]
 
 
 # rank 0's host memory for images (issue 23): 60 samples in global batches of 5 on 2 ranks -- 6 rounds
@@ -133,7 +143,6 @@ def _memory_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 
     from harness.training import evaluator
 
-    dist = _join(rank, world, port)
     alive: dict[int, weakref.ref] = {}   # id -> a weak reference that leaves when the array dies
     peak = [0]
 
@@ -156,9 +165,10 @@ def _memory_worker(rank: int, world: int, port: int, run_dir: str) -> None:
                 track(part[1])
         return parts
 
-    if dist.main:
-        evaluator._sample_batch, evaluator.gather_to_main = tracked_sample, tracked_gather
-    evaluate_step(tiny_run(at_steps=[STEP], eval=MEMORY_EVAL), Path(run_dir), _ema(), dist, STEP)
+    with _join(rank, world, port) as dist:
+        if dist.main:
+            evaluator._sample_batch, evaluator.gather_to_main = tracked_sample, tracked_gather
+        evaluate_step(tiny_run(at_steps=[STEP], eval=MEMORY_EVAL), Path(run_dir), _ema(), dist, STEP)
     if dist.main:
         Path(run_dir, "peak_image_bytes").write_text(str(peak[0]))
 

@@ -77,3 +77,33 @@ def test_atomic_write_respects_the_umask(tmp_path):
         assert stat.S_IMODE(atomic_write_text(tmp_path / "b.txt", "x").stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def test_remove_after_makes_the_record_durable_before_it_removes_anything(tmp_path, monkeypatch, caplog):
+    import harness.io as io
+    from pathlib import Path
+
+    record, old = tmp_path / "eval.jsonl", [tmp_path / "a.npz", tmp_path / "b.npz"]
+    append_jsonl(record, {"step": 4})
+    for p in old:
+        p.write_bytes(b"x")
+    events = []
+    real_fsync, real_unlink = os.fsync, Path.unlink
+    monkeypatch.setattr(io.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(Path, "unlink", lambda self, **kw: events.append(("unlink", str(self))) or real_unlink(self, **kw))
+    assert io.remove_after(record, old, "why") == old
+    assert events[:2] == [("fsync", str(record)), ("fsync", str(tmp_path))]   # the record, then its folder
+    assert events[2:4] == [("unlink", str(p)) for p in old] and not any(p.exists() for p in old)
+    assert events[4:] == [("fsync", str(tmp_path))]
+
+    # a record that cannot be made durable removes nothing; a file that cannot go is logged and kept
+    keep = tmp_path / "c.npz"
+    keep.write_bytes(b"x")
+    assert io.remove_after(tmp_path / "missing.jsonl", [keep], "eval.keep_samples: none") == [] and keep.exists()
+    stuck = tmp_path / "stuck.npz"
+    stuck.mkdir()   # unlink fails on a folder
+    assert io.remove_after(record, [stuck, keep], "eval.keep_samples: none") == [keep] and stuck.exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "missing.jsonl" in warnings[0] and "eval.keep_samples: none" in warnings[0]
+    assert warnings[1].startswith(f"{stuck}: kept, could not remove it") and "eval.keep_samples: none" in warnings[1]

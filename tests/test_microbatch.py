@@ -197,14 +197,13 @@ def test_auto_probe_does_not_disturb_training_randomness(tmp_path):
 def _ddp_grads(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, TESTS)
     as_rank(rank, world, port)
-    from harness.training.runtime import setup_distributed
+    from harness.training.runtime import distributed
 
-    dist = setup_distributed()
-    step = _step(2, dist)  # per-rank batch 4 in two micro-batches of 2; global 8
-    step.accumulate(_batch().slice(4 * rank, 4 * rank + 4))
-    if rank == 0:
-        torch.save(_grads(step), out)
-    torch.distributed.destroy_process_group()
+    with distributed() as dist:
+        step = _step(2, dist)  # per-rank batch 4 in two micro-batches of 2; global 8
+        step.accumulate(_batch().slice(4 * rank, 4 * rank + 4))
+        if rank == 0:
+            torch.save(_grads(step), out)
 
 
 @pytest.mark.slow

@@ -59,6 +59,9 @@ def test_shipped_sweeps_load():
 
     smoke = load_spec(SWEEPS / "smoke.yaml")
     assert len(smoke.expand()) == 2 and smoke.launcher.kind == "local"
+    # the ImageNet sweeps keep the last step's npz files (9.8 GB each at FID-50K); the small ones every file
+    assert [s.eval.keep_samples for s in (gflops, cond, sampling)] == ["last"] * 3
+    assert smoke.eval.keep_samples == load_spec(SWEEPS / "mini.yaml").eval.keep_samples == "all"
 
 
 def test_expand_grid_order_and_ids(tmp_path):
@@ -75,7 +78,7 @@ def test_expand_grid_order_and_ids(tmp_path):
 def test_run_id_stable_under_launcher_eval_and_bookkeeping(tmp_path):
     base = load_spec(write(tmp_path, GOOD, "a.yaml")).expand()[0].run_id
     same = GOOD + "launcher:\n  kind: slurm\n  partition: gpu\n"
-    same = same.replace("num_samples: 10", "num_samples: 99").replace("global_batch: 8",
+    same = same.replace("num_samples: 10", "num_samples: 99\n  keep_samples: none").replace("global_batch: 8",
                                                                      "global_batch: 8\n  ckpt_every: 7\n  compile: true")
     assert load_spec(write(tmp_path, same, "b.yaml")).expand()[0].run_id == base
     assert load_spec(write(tmp_path, GOOD, "c.yaml")).expand()[0].run_id == base  # deterministic
@@ -289,7 +292,8 @@ def test_eval_sampling_keys_default_to_auto_and_refuse_what_they_cannot_do(tmp_p
                                                   "  compile: false\n  batch_size: 64")))
     assert (fine.eval.precision, fine.eval.compile, fine.eval.batch_size) == ("fp32", False, 64)
     for bad, needle in (("precision: fp16", "eval.precision"), ("compile: maybe", "eval.compile"),
-                        ("batch_size: 0", "eval.batch_size"), ("batch_size: most", "eval.batch_size")):
+                        ("batch_size: 0", "eval.batch_size"), ("batch_size: most", "eval.batch_size"),
+                        ("keep_samples: first", "eval.keep_samples")):
         with pytest.raises(HarnessError, match=re.escape(needle)) as info:
             load_spec(write(tmp_path, GOOD.replace("  num_samples: 10", f"  num_samples: 10\n  {bad}")))
         assert "Fix" in str(info.value) and "\n" not in str(info.value), str(info.value)

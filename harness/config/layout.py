@@ -11,7 +11,8 @@
         train.jsonl       step, loss, steps/s, images/s, TFLOP/s, MFU, micro-batch, peak memory (append-only)
         eval.jsonl        one record per evaluation setting (append-only)
         checkpoints/      step_XXXXXXX.pt + step_XXXXXXX.pt.sha256
-        samples/          grid_step_XXXXXXX.png, ADM-layout npz
+        samples/          grid_step_XXXXXXX.png; samples_step_XXXXXXX_k<steps>_cfg<scale>.npz (ADM layout, one
+                          per evaluation setting, as many as eval.keep_samples keeps)
         features/         fid_step_XXXXXXX_k<steps>_cfg<scale>_<setting>.npy: each evaluation's FID features
                           (N, D) in sample order, named in its eval.jsonl record (`fid_features`)
         logs/             job.log and links to the run's submitit folders
@@ -46,6 +47,7 @@ RUNS_DIR = "runs"
 
 _CHECKPOINT = re.compile(r"^step_(\d{7,})\.pt$")
 _GRID = re.compile(r"^grid_step_(\d{7,})\.png$")
+_SAMPLES = re.compile(r"^samples_step_(\d{7,})_k(\d+)_cfg(\d+(?:\.\d+)?(?:e[+-]\d+)?)\.npz$")  # cfg as :g writes it
 
 
 # --------------------------------------------------------------------------- names
@@ -71,6 +73,17 @@ def features_name(setting: dict) -> str:
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return (f"fid_step_{int(setting['step']):07d}_k{int(setting['sampling_steps'])}_cfg{float(setting['cfg_scale']):g}"
             f"_{digest}.npy")
+
+
+def samples_name(step: int, sampling_steps: int, cfg_scale: float) -> str:
+    """The ADM npz of one evaluation setting: samples_step_XXXXXXX_k<sampling steps>_cfg<scale>.npz."""
+    return f"samples_step_{int(step):07d}_k{int(sampling_steps)}_cfg{float(cfg_scale):g}.npz"
+
+
+def samples_setting(name: str) -> tuple[int, int, float] | None:
+    """(step, sampling steps, cfg scale) of an evaluation npz's file name, or None for any other name."""
+    m = _SAMPLES.match(name)
+    return (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else None
 
 
 def sweep_dir(results: str | Path, sweep: str) -> Path:
@@ -118,6 +131,15 @@ class RunFolder:
             raise HarnessError(f"{self.root / 'eval.jsonl'}: fid_features {name!r} is not a file name of "
                                f"features/. Fix: delete that key from the record (its FID stays)")
         return self.features / name
+
+    def samples_npz(self, step: int, sampling_steps: int, cfg_scale: float) -> Path:
+        return self.samples / samples_name(step, sampling_steps, cfg_scale)
+
+    def samples_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of the evaluation npz files present, oldest step first."""
+        if not self.samples.is_dir():
+            return []
+        return sorted((s[0], p) for p in self.samples.iterdir() if (s := samples_setting(p.name)) is not None)
 
     def newest_grid(self) -> tuple[int, Path] | None:
         """(step, path) of the newest sample grid, or None."""

@@ -35,7 +35,7 @@ from harness.config.arguments import add_spec_arguments, positive_int
 from harness.config.registry import resolve_shape
 from harness.study import forecast
 from harness.study.results import load_sweep
-from harness.cost import schedule
+from harness.cost import disk, schedule
 from harness.errors import HarnessError
 from harness.config.spec import RunSpec, SweepSpec, load_spec
 
@@ -118,8 +118,9 @@ def record_run(run: RunSpec, rdir: Path) -> RunPlan:
     return p
 
 
-def latent_images(run: RunSpec) -> int | None:
-    """Images in the run's training set, for the latent stage's cost (None: unknown here)."""
+def latent_images(run: RunSpec, scan: bool = True) -> int | None:
+    """Images in the run's training set, for the latent stage's cost (None: unknown here); `scan`: count an
+    image folder's files when it is here (else ImageNet's count for 1,000 classes)."""
     import os
 
     from harness.data.datasets import list_image_files, load_digits  # torch: only to count a data set's images
@@ -131,7 +132,7 @@ def latent_images(run: RunSpec) -> int | None:
         root = d.resolved_path()
     except HarnessError:
         root = None
-    if root and os.path.isdir(root):
+    if scan and root and os.path.isdir(root):
         return len(list_image_files(root))
     return IMAGENET_TRAIN_IMAGES if d.num_classes == 1000 else None
 
@@ -297,6 +298,8 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
     gpus_per_node = spec.launcher.gpus_per_node if gpus_per_node is None else gpus_per_node
     timed = all(p.train_accel_hours is not None for p in plans)
     sched = _schedule(spec, plans, nodes, gpus_per_node) if timed and gpus_per_node > 0 else None
+    images = [p.latent_images if p.latent_images is not None else latent_images(r, scan=False)
+              for p, r in zip(plans, runs)]
     return {"sweep": spec.name, "spec": str(spec.path), "description": spec.description,
             "checkpoints_from": spec.checkpoints_from,
             "throughput_images_per_s": ({m: measured[m][0] for m in sorted({r.model for r in runs})}
@@ -304,7 +307,8 @@ def plan_sweep(spec: SweepSpec, throughput: float | None = None, throughput_mode
             "throughput_model": f"measured per model ({throughput_from})" if throughput_from else throughput_model,
             "sampling_images_per_s": sampling_throughput,
             "latent_encodes_per_s": latent_throughput, "table": basis, "schedule": sched,
-            "runs": [p.to_dict() for p in plans], "totals": _totals(plans, latent_throughput)}
+            "runs": [p.to_dict() for p in plans], "totals": _totals(plans, latent_throughput),
+            "disk": disk.sweep_disk(runs, plans, images)}
 
 
 def _sci(x: float | None) -> str:
@@ -423,7 +427,7 @@ def format_table(plan: dict) -> str:
     out += [line(["-" * w for w in widths]), line(total)]
     out.append("gflops: forward pass per image (fvcore, multiply-add = 1); train = gflops x batch x steps x 3; "
                "sampling = gflops x steps x samples (x2 with guidance, cfg != 1)")
-    return "\n".join(out + _hours_notes(plan) + _column_notes(plan))
+    return "\n".join(out + _hours_notes(plan) + _column_notes(plan) + [disk.format_disk(plan["disk"])])
 
 
 def add_forecast(plan: dict, results_root: str, source: str) -> dict:

@@ -11,8 +11,9 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.config.arguments import csv_list, positive_int
+from harness.config.layout import RunFolder, read_run_json, samples_setting
 from harness.config.vocab import FEATURE_SPACES, METRIC_LABELS, METRICS, normalize_metrics
-from harness.io import atomic_write_json
+from harness.io import atomic_write_json, read_jsonl
 from harness.metrics import compute_metrics, get_feature_extractor, load_reference
 from harness.metrics.features import check_images
 
@@ -23,7 +24,8 @@ def load_samples(path: str | Path) -> np.ndarray:
     """arr_0 of an ADM-layout npz: uint8 (N, H, W, 3)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise HarnessError(f"samples file {path} (--samples) does not exist; write it with `harness sample`")
+        raise HarnessError(_not_kept(path) or f"samples file {path} (--samples) does not exist; write it with "
+                           "`harness sample`")
     try:
         with np.load(path) as npz:
             if "arr_0" not in npz.files:
@@ -33,6 +35,30 @@ def load_samples(path: str | Path) -> np.ndarray:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise HarnessError(f"samples file {path} is not a readable npz ({err}); regenerate it") from err
     return check_images(images, f"samples file {path} key arr_0")
+
+
+def _not_kept(path: Path) -> str | None:
+    """The error for a run's evaluation npz that its eval.keep_samples did not keep: recorded in eval.jsonl,
+    so evaluated, but not on disk (None for any other path)."""
+    setting, folder = samples_setting(path.name), RunFolder(path.parent.parent)
+    if setting is None or path.parent.name != "samples" or not folder.run_json.is_file():
+        return None
+    try:
+        run, _ = read_run_json(folder.root)
+    except HarnessError:
+        return None
+    step, k, cfg = setting
+    recorded = any((r.get("step"), r.get("sampling_steps"), r.get("cfg_scale")) == setting
+                   for r in read_jsonl(folder.eval_log))
+    if run.eval.keep_samples == "all" or not recorded:
+        return None
+    kept = "keeps no npz" if run.eval.keep_samples == "none" else "keeps the highest evaluated step's npz only"
+    ev = run.eval
+    return (f"samples file {path} (--samples) was not kept: {folder.run_json} has eval.keep_samples: "
+            f"{ev.keep_samples}, which {kept}; its metrics are in {folder.eval_log}. Fix: sample that step again "
+            f"with `harness sample --checkpoint {folder.checkpoint(step)} --steps {k} --cfg-scale {cfg:g} "
+            f"--guidance-channels {ev.guidance_channels} --sampler {ev.sampler} --num-samples {ev.num_samples} "
+            "--out DIR` (new seeds), and set eval.keep_samples: all to keep the npz of evaluations to come")
 
 
 def format_table(result: dict) -> str:

@@ -7,6 +7,7 @@ already in memory through the same writer, so the two give byte-identical files.
 """
 from __future__ import annotations
 
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from harness.io import atomic_file
+
+log = logging.getLogger(__name__)
 
 #: a fixed zip member time, so equal samples give equal bytes (zip stores a modification time)
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -95,6 +98,20 @@ class NpzWriter:
             self.abort()
         elif self.open:
             self.close()
+
+
+def clean_partial_writes(folder: str | Path) -> int:
+    """Remove the temp files of npz writes that were killed (`.NAME.npz.*.tmp`, `io.atomic_file`'s names): an
+    evaluation starts a setting's file afresh, so a partial one is never resumed. Returns the count."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    partial = list(folder.glob(".*.npz.*.tmp"))
+    for p in partial:
+        p.unlink(missing_ok=True)
+    if partial:
+        log.info("removed %d partial npz write(s) in %s", len(partial), folder)
+    return len(partial)
 
 
 def save_npz(images: np.ndarray, labels: Any, path: str | Path) -> Path:

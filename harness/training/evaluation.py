@@ -1,16 +1,27 @@
-"""A run's evaluation protocol on disk: which settings it asks for and which eval.jsonl holds.
+"""A run's evaluation protocol on disk: which settings it asks for, which eval.jsonl holds, and which
+ADM npz files of those settings eval.keep_samples keeps.
 
 The one home for "is this evaluation recorded?", shared by the trainer (what to evaluate next), the
 dispatcher (is a run complete?) and `harness status`, so it imports no torch; the sampling itself is
 `harness.training.evaluator`.
+
+No step of the protocol reads an evaluation's npz back: the metrics come from the features gathered while
+sampling, and pending settings are told by eval.jsonl alone (`harness evaluate --samples` reads one when
+asked to, and names eval.keep_samples when it was not kept). So `none` never writes the file and `last`
+writes it only for a step at least as high as every recorded one; a file goes only after eval.jsonl holds
+its own record and that record is durable (`io.remove_after`). A kill between the two leaves an extra file,
+which the next evaluation, or the run's restart (`pending_evals`), removes.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from harness.io import read_jsonl
-from harness.config.layout import RunFolder
+from harness.io import read_jsonl, remove_after
+from harness.config.layout import RunFolder, samples_name
 from harness.config.spec import RunSpec
+
+log = logging.getLogger(__name__)
 
 #: seed tag of evaluation sampling (training uses 1 for epochs and 2 for steps; see harness.training.train)
 TAG_EVAL = 3
@@ -43,3 +54,46 @@ def eval_progress(run: RunSpec, run_dir: str | Path) -> tuple[int, int]:
     done = {setting_key(r) for r in read_jsonl(RunFolder(Path(run_dir)).eval_log)}
     want = [setting_key(s) for step in run.eval.at_steps for s in eval_settings(run, step)]
     return sum(k in done for k in want), len(want)
+
+
+def _npz_name(record: dict) -> str | None:
+    """The npz file name of a record's setting (None for a record without one)."""
+    try:
+        return samples_name(record["step"], record["sampling_steps"], record["cfg_scale"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _last_step(records: list[dict]) -> int:
+    return max((int(r["step"]) for r in records if isinstance(r.get("step"), int)), default=-1)
+
+
+def writes_samples(run: RunSpec, run_dir: str | Path, step: int) -> bool:
+    """Whether evaluating `step` writes its npz files: `all` yes, `none` no, `last` unless eval.jsonl
+    already holds a later step (an earlier step evaluated late, from a retained checkpoint, is never last)."""
+    keep = run.eval.keep_samples
+    if keep != "last":
+        return keep == "all"
+    return step >= _last_step(list(read_jsonl(RunFolder(Path(run_dir)).eval_log)))
+
+
+def unkept_samples(run: RunSpec, run_dir: str | Path) -> list[Path]:
+    """The npz files eval.keep_samples does not keep and whose own record eval.jsonl holds: under `none`
+    every such file, under `last` those of steps before the highest recorded step, under `all` none."""
+    keep = run.eval.keep_samples
+    if keep == "all":
+        return []
+    folder = RunFolder(Path(run_dir))
+    records = list(read_jsonl(folder.eval_log))
+    recorded, last = {_npz_name(r) for r in records}, _last_step(records)
+    return [p for s, p in folder.samples_files() if p.name in recorded and (keep == "none" or s < last)]
+
+
+def prune_samples(run: RunSpec, run_dir: str | Path) -> list[Path]:
+    """Delete `unkept_samples` once eval.jsonl, whose records replace them, is durable. Returns the paths removed."""
+    paths = unkept_samples(run, run_dir)
+    removed = remove_after(RunFolder(Path(run_dir)).eval_log, paths,
+                           f"eval.keep_samples: {run.eval.keep_samples}; the run's next evaluation tries again")
+    if removed:
+        log.info("eval.keep_samples: %s removed %s", run.eval.keep_samples, ", ".join(p.name for p in removed))
+    return removed

@@ -1,5 +1,6 @@
 """Evaluation at training steps: sample with the EMA model on every rank, compute the metrics, write
-the ADM npz and the FID features (features/, named in the record) and append eval.jsonl (the protocol -- which settings, which are recorded -- is
+the ADM npz (as eval.keep_samples says) and the FID features (features/, named in the record) and append
+eval.jsonl (the protocol -- which settings, which are recorded, which npz files eval.keep_samples keeps -- is
 `harness.training.evaluation`).
 
 Called by EVERY rank with the same (identical) EMA model. The samples are cut into global batches of
@@ -37,7 +38,7 @@ from harness.sampling.npz import NpzWriter
 from harness.sampling.sample import (LABELS_BALANCED, NOISE_SCHEME, autoencoder_for, balanced_labels, sample_images,
                                     save_grid as write_grid)
 from harness.sampling.samplers import model_evaluations, provenance
-from harness.training.evaluation import TAG_EVAL, missing_settings
+from harness.training.evaluation import TAG_EVAL, missing_settings, prune_samples, writes_samples
 from harness.training.runtime import (COLLECTIVE_TIMEOUT, Dist, all_reduce, bounded_barrier, broadcast_from_main,
                                       derive_seed, gather_to_main)
 
@@ -127,14 +128,14 @@ def write_fid_features(run_dir: Path, setting: dict, pool: np.ndarray, space: st
 
 
 def _sample_setting(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dist, setting: dict, extractor: FeatureExtractor,
-                    step: int, setup: EvalSetup) -> list | None:
-    """All ranks sample one setting; rank 0 streams the images into its ADM npz and returns the
-    features of every batch in order (others: None)."""
+                    step: int, setup: EvalSetup, keep: bool) -> list | None:
+    """All ranks sample one setting; rank 0 streams the images into its ADM npz (if `keep`) and returns
+    the features of every batch in order (others: None)."""
 
     ev, what = run.eval, f"evaluation of step {step}"
     side = run.data.image_size
-    name = f"samples_step_{step:07d}_k{setting['sampling_steps']}_cfg{setting['cfg_scale']:g}.npz"
-    writer = NpzWriter(RunFolder(run_dir).samples / name, ev.num_samples, side, side) if dist.main else None
+    path = RunFolder(run_dir).samples_npz(step, setting["sampling_steps"], setting["cfg_scale"])
+    writer = NpzWriter(path, ev.num_samples, side, side) if dist.main and keep else None
     features = []
     try:
         # round r: rank k samples global batch r * world + k; rank 0 collects the round's batches, so a
@@ -155,12 +156,13 @@ def _sample_setting(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dis
 
 
 def _write_round(parts: list | None, writer: NpzWriter | None) -> list[Features]:
-    """Rank 0: the round's batches (first, images, labels, features) appended to the npz in order; their
-    features. Other ranks (parts None): nothing."""
+    """Rank 0: the round's batches (first, images, labels, features) appended to the npz in order (if there
+    is a writer); their features. Other ranks (parts None): nothing."""
     features = []
     for part in parts or []:
         if part is not None:
-            writer.add(part[1], part[2])
+            if writer is not None:
+                writer.add(part[1], part[2])
             features.append(part[3])
     return features
 
@@ -168,10 +170,10 @@ def _write_round(parts: list | None, writer: NpzWriter | None) -> list[Features]
 def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist: Dist, step: int) -> int:
     """All ranks: sample eval.num_samples class-balanced images per missing (sampling_steps, cfg_scale)
     with the EMA model, sharded over the ranks; rank 0 computes eval.metrics in eval.features space
-    against eval.reference from the gathered features, writes the ADM npz and the FID features, and appends
-    eval.jsonl (with the provenance that proves two records' samples paired: `_provenance`).
-    Returns the number of records appended (on every rank). No rank waits for another longer than
-    runtime.COLLECTIVE_TIMEOUT."""
+    against eval.reference from the gathered features, writes the ADM npz (as eval.keep_samples says) and the
+    FID features, appends eval.jsonl (with the provenance that proves two records' samples paired:
+    `_provenance`), then removes the npz files the records replace. Returns the number of records appended
+    (on every rank). No rank waits for another longer than runtime.COLLECTIVE_TIMEOUT."""
 
     run_dir = Path(run_dir)
     what = f"evaluation of step {step}"
@@ -188,9 +190,10 @@ def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist:
     if dist.world > 1:
         log.info("%s on %d ranks; a rank waits at most %s for the others (HARNESS_COLLECTIVE_TIMEOUT_S)",
                  what, dist.world, COLLECTIVE_TIMEOUT)
+    keep = dist.main and writes_samples(run, run_dir, step)
     for setting in todo:
         t0 = time.perf_counter()
-        features = _sample_setting(run, run_dir, ema, dist, setting, extractor, step, setup)
+        features = _sample_setting(run, run_dir, ema, dist, setting, extractor, step, setup, keep)
         if dist.main:
             feats = Features.concat(features)
             metrics = metrics_from_features(feats, reference, extractor, list(ev.metrics))
@@ -210,6 +213,7 @@ def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist:
             rec.update(wall_s=time.perf_counter() - t0, time=time.time(), ranks=dist.world)
             append_jsonl(RunFolder(run_dir).eval_log, rec)
             log.info("eval step %d %s", step, {k: rec[k] for k in ("sampling_steps", "cfg_scale", "fid")})
+            prune_samples(run, run_dir)  # after the record: a kill in between leaves a file, never a gap
         bounded_barrier(dist, what)  # everyone leaves together, after the record is written
     return len(todo)
 
@@ -217,10 +221,12 @@ def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist:
 def pending_evals(run: RunSpec, run_dir: Path, ema_now: torch.nn.Module, dist: Dist,
                   upto: int, current: int) -> None:
     """All ranks: evaluate eval steps <= `upto` whose records are missing, from their retained
-    checkpoints (rank 0 decides which; every rank loads the checkpoint)."""
+    checkpoints (rank 0 decides which; every rank loads the checkpoint). Rank 0 first removes the npz
+    files that eval.keep_samples no longer keeps (what a kill after a record left, or a changed value)."""
 
     plan: list[tuple[int, str | None]] = []
     if dist.main:
+        prune_samples(run, run_dir)
         for s in sorted(int(x) for x in run.eval.at_steps):
             if s > upto or not missing_settings(run, run_dir, s):
                 continue

@@ -7,8 +7,9 @@ import logging
 import os
 import random
 import resource
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -73,6 +74,20 @@ def setup_distributed() -> Dist:
                                  timeout=PROCESS_GROUP_TIMEOUT)
         here = True
     return Dist(rank, world, local_rank, device, here)
+
+
+@contextmanager
+def distributed() -> Iterator[Dist]:
+    """`setup_distributed()` for the block; on the way out the process group it created, and the bounded groups
+    made on it, are destroyed. A process that exits with a live gloo group can abort in its threads' destructors
+    ("terminate called without an active exception"), and a cached group would outlive its process group."""
+    dist = setup_distributed()
+    try:
+        yield dist
+    finally:
+        if dist.initialised_here:
+            _BOUNDED_GROUPS.clear()
+            torch.distributed.destroy_process_group()
 
 
 def barrier(dist: Dist) -> None:

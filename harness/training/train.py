@@ -30,7 +30,7 @@ from harness.training.evaluator import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, atomic_write_json, file_lock, read_jsonl
 from harness.config.layout import RunFolder, write_run_json
 from harness.training.runtime import (Dist, all_reduce, barrier, bounded_barrier, derive_seed, peak_mem_mb, rng_state,
-                             seed_everything, set_rng_state, setup_distributed)
+                             distributed, seed_everything, set_rng_state)
 from harness.config.arguments import positive_int
 from harness.config.registry import CONDITIONINGS
 from harness.config.spec import (AUTOENCODERS, PRECISIONS, RunSpec, DataSpec, EvalSpec, TrainSpec, make_run_id,
@@ -39,6 +39,7 @@ from harness.data.autoencoder import build_latent_cache, load_autoencoder
 from harness.interop.convert import init_from_source
 from harness.models.diffusion import sample_timesteps, create_diffusion
 from harness.models.runmodel import build_run_model
+from harness.sampling import npz
 from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
 from harness.training.runtime import peak_tflops, train_tflops
 from harness.training.step import BatchGeometry, attention_backends, Batch, compiled_graphs
@@ -175,8 +176,7 @@ def run_training(run: RunSpec, run_dir: str | Path, *, stop_at: int | None = Non
     next call continues. Safe to call repeatedly; writes `run_dir/done` at the end.
     """
     run_dir = Path(run_dir)
-    dist = setup_distributed()
-    try:
+    with distributed() as dist:
         # one trainer per run folder: a sweep job and a stray `harness train`, or an orphaned job of
         # a killed sweep and its replacement, never write the same checkpoints at once
         with file_lock(RunFolder(run_dir).lock) if dist.rank == 0 else nullcontext():
@@ -185,9 +185,6 @@ def run_training(run: RunSpec, run_dir: str | Path, *, stop_at: int | None = Non
                 trainer.train(stop_at)
             finally:
                 trainer.close()
-    finally:
-        if dist.initialised_here:
-            torch.distributed.destroy_process_group()
 
 
 class Trainer:
@@ -211,6 +208,7 @@ class Trainer:
                 write_run_json(run, self.run_dir, *flops.model_gflops(run.model, run.conditioning, run.data.input_size,
                                                                  run.data.channels, run.data.num_classes))
             ckpt.clean_partial_writes(self.ckpt_dir)
+            npz.clean_partial_writes(self.folder.samples)  # a killed evaluation's (up to 9.8 GB each)
         enable_tf32(self.device)
         if tr.steps == 0:  # evaluation of train.init_from's weights only: no training data needed
             self.latents = self.labels = None
