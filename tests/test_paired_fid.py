@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from harness.config import layout
+from harness.config.vocab import FID_FEATURES
 from harness.io import read_jsonl
 from harness.metrics.stats import FID_BOOTSTRAP, fid_bootstrap, fid_difference, frechet_distance, gaussian_stats
 from harness.study import analysis
@@ -164,7 +165,7 @@ def test_the_verdict_uses_the_paired_error_only_for_provably_paired_rows(written
     from harness.metrics import get_feature_extractor, load_reference
 
     feats = np.load(rows["a"]["fid_features"], allow_pickle=False)
-    assert feats.shape == (200, 32) and feats.dtype == np.float32
+    assert feats.shape == (200, FID_FEATURES["digits"][0]) and feats.dtype == np.float32   # what the plan sizes
     ref = load_reference("digits", get_feature_extractor("digits", device="cpu"), image_size=8)
     assert _fid(feats, ref.mu, ref.sigma) == pytest.approx(rows["a"]["fid"], rel=1e-9)
 

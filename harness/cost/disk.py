@@ -1,16 +1,20 @@
 """What a sweep leaves on disk, for `harness plan`: the checkpoints each run keeps, its evaluation npz files
-(as eval.keep_samples keeps them) and the latent caches its runs share. Upper bounds from the spec alone
+(as eval.keep_samples keeps them), its evaluations' stored FID features and the latent caches its runs share. Upper bounds from the spec alone
 (nothing is read): a cluster's quota is checked before the jobs fill it, not after.
 
 Sizes (bytes): a checkpoint holds the weights, their EMA and AdamW's two moments, float32: 16 x params; an
-ADM npz holds N images of H x W x 3 uint8 and N int64 labels; a latent cache holds each image and its flip,
+ADM npz holds N images of H x W x 3 uint8 and N int64 labels; an evaluation's features N x D in the space's
+dtype (vocab.FID_FEATURES: 2,048 float16 for Inception, 205 MB per FID-50K), every one kept; a latent cache holds each image and its flip,
 C x h x w float16 through the VAE (float32 for the identity autoencoder).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from harness.config.spec import RunSpec
+from harness.config.vocab import FID_FEATURES
 
 CHECKPOINT_BYTES_PER_PARAM = 4 * 4   # weights, EMA, Adam exp_avg and exp_avg_sq, float32
 LABEL_BYTES = 8                      # the npz's arr_1, int64
@@ -35,12 +39,22 @@ def samples_kept(run: RunSpec) -> int:
     return per_step * steps
 
 
+def features_bytes(run: RunSpec) -> int:
+    """All of a run's stored FID features: one N x D file per setting at each evaluated step."""
+    ev = run.eval
+    dim, dtype = FID_FEATURES[ev.features]
+    return len(ev.sampling_steps) * len(ev.cfg_scales) * len(set(ev.at_steps)) * ev.num_samples * dim * \
+        np.dtype(dtype).itemsize
+
+
 def run_disk(run: RunSpec, params: int, latent: tuple[int, int, int]) -> dict:
-    """{checkpoints_gb, samples_gb} of one run; `latent` (C, h, w) gives no size here (the cache is shared)."""
+    """{checkpoints_gb, samples_gb, features_gb} of one run; `latent` (C, h, w) gives no size here (the cache
+    is shared)."""
     side = run.data.image_size
     npz = run.eval.num_samples * (side * side * 3 + LABEL_BYTES)
     ckpt = 0 if run.checkpoints_from else checkpoints_kept(run) * CHECKPOINT_BYTES_PER_PARAM * params
-    return {"checkpoints_gb": ckpt / GB, "samples_gb": samples_kept(run) * npz / GB}
+    return {"checkpoints_gb": ckpt / GB, "samples_gb": samples_kept(run) * npz / GB,
+            "features_gb": features_bytes(run) / GB}
 
 
 def latent_cache_gb(images: int | None, latent: tuple[int, int, int], autoencoder: str) -> float | None:
@@ -52,7 +66,7 @@ def latent_cache_gb(images: int | None, latent: tuple[int, int, int], autoencode
 
 
 def sweep_disk(runs: list[RunSpec], plans: list[Any], images: list[int | None]) -> dict:
-    """{checkpoints_gb, samples_gb, latents_gb (None when a data set's size is unknown), total_gb} for the
+    """{checkpoints_gb, samples_gb, features_gb, latents_gb (None when a data set's size is unknown), total_gb} for the
     planned runs (`plans`: their RunPlans, for params and input shape; `images`: each run's training images)."""
     per_run = [run_disk(r, p.params, (p.in_channels, p.input_size, p.input_size)) for r, p in zip(runs, plans)]
     caches: dict = {}
@@ -63,8 +77,9 @@ def sweep_disk(runs: list[RunSpec], plans: list[Any], images: list[int | None]) 
             caches[key] = latent_cache_gb(n, (p.in_channels, p.input_size, p.input_size), d.autoencoder)
     latents = None if any(v is None for v in caches.values()) else sum(caches.values())
     out = {"checkpoints_gb": sum(x["checkpoints_gb"] for x in per_run),
-           "samples_gb": sum(x["samples_gb"] for x in per_run), "latents_gb": latents}
-    out["total_gb"] = out["checkpoints_gb"] + out["samples_gb"] + (latents or 0.0)
+           "samples_gb": sum(x["samples_gb"] for x in per_run),
+           "features_gb": sum(x["features_gb"] for x in per_run), "latents_gb": latents}
+    out["total_gb"] = out["checkpoints_gb"] + out["samples_gb"] + out["features_gb"] + (latents or 0.0)
     return out
 
 
@@ -72,5 +87,6 @@ def format_disk(d: dict) -> str:
     latents = (f"latent caches {d['latents_gb']:,.1f} GB" if d["latents_gb"] is not None
                else "latent caches: unknown (a data set's size is not known here)")
     return (f"disk (at most, at the end): checkpoints {d['checkpoints_gb']:,.1f} GB (train.keep_last and the "
-            f"eval.at_steps ones), sample npz files {d['samples_gb']:,.1f} GB (eval.keep_samples), {latents}; "
+            f"eval.at_steps ones), sample npz files {d['samples_gb']:,.1f} GB (eval.keep_samples), FID features "
+            f"{d['features_gb']:,.1f} GB, {latents}; "
             f"total {d['total_gb']:,.1f} GB")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness.config.vocab import FID_FEATURES
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,10 @@ class Features:
         return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
 
 
-#: feature spaces whose FID features are stored as float16 beside their record (harness.training.evaluator): the
-#: 2,048-d Inception space, where an FID-50K's features take 205 MB instead of 410 MB and the FID from the float16 copy
-#: moves by far less than its standard error (README, "The stored features"); other spaces are small: float32.
-FLOAT16_SPACES = ("inception",)
-
-
 def stored_features(pool: np.ndarray, space: str) -> np.ndarray:
-    """FID features (N, D) as they are stored: float16 in FLOAT16_SPACES when every value fits, else float32."""
-    if space in FLOAT16_SPACES:
+    """FID features (N, D) as evaluation stores them: in `FID_FEATURES`' dtype for the space (float16 only when
+    every value fits), else float32."""
+    if FID_FEATURES.get(space, (0, "float32"))[1] == "float16":
         half = pool.astype(np.float16)
         if np.isfinite(half).all():
             return half
