@@ -178,3 +178,14 @@ def test_features_are_stored_as_float16_only_in_inception_space_and_only_when_th
     assert stored_features(pool, "digits").dtype == np.float32
     assert np.array_equal(stored_features(pool, "digits"), pool)
     assert stored_features(pool * 1e5, "inception").dtype == np.float32     # beyond float16's 65,504: kept whole
+
+
+def test_a_record_names_its_features_file_only_inside_features(tmp_path):
+    from harness.errors import HarnessError
+
+    folder = layout.RunFolder(tmp_path)
+    assert folder.features_file("fid_step_0000004_k5_cfg1_0123abcd.npy") == tmp_path / "features" / \
+        "fid_step_0000004_k5_cfg1_0123abcd.npy"
+    for hostile in ("../eval.jsonl", "/etc/passwd", "", "..", 7):
+        with pytest.raises(HarnessError, match="not a file name of features/"):
+            folder.features_file(hostile)
