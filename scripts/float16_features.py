@@ -37,7 +37,7 @@ def measure(name: str, gen: np.ndarray, mu: np.ndarray, sigma: np.ndarray, n_boo
 def inception_random() -> dict:
     weights = write_random_inception_weights(tempfile.mkdtemp() + "/inception-random.pth", seed=0)
     extractor = get_feature_extractor("inception", weights=str(weights), device="cpu")
-    ref = load_reference("digits", extractor, image_size=8, batch_size=100)
+    ref = load_reference("digits", extractor, image_size=8)
     gray, _ = load_digits()
     rng = np.random.default_rng(0)
     noisy = np.clip(gray[:1000].astype(np.float64) + rng.normal(0, 40, (1000, 8, 8)), 0, 255).astype(np.uint8)

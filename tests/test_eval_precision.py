@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("plant", [False, True], ids=["bf16", "planted-error"])
 def test_bf16_sampling_gives_the_fp32_fid_within_the_bootstrap_error(trained, plant):
     extractor = get_feature_extractor("digits")
-    reference = load_reference("digits", extractor, image_size=8, batch_size=BATCH)
+    reference = load_reference("digits", extractor, image_size=8)
     r = fid_pair(trained, IdentityAutoencoder(), extractor, reference, N, 10, steps=STEPS, cfg_scale=CFG,
                  batch=BATCH, compile_bf16=False, plant=plant)
     figures = {k: r[k] for k in ("fp32", "bf16", "diff", "combined_se", "changed_pixels")}
@@ -73,7 +73,7 @@ def test_bf16_compiled_sampling_on_cuda_with_inception_features(tmp_path):
     ref_images = sample_images(model, None, labels, sampling_steps=steps, sampler="ddim", seed=1, batch_size=batch,
                                autoencoder=ae, guidance_channels="all", cfg_scale=CFG)
     path = save_npz(ref_images, labels, tmp_path / "reference.npz")   # other seeds, fp32: the reference set
-    reference = load_reference(str(path), extractor, image_size=256, batch_size=batch)
+    reference = load_reference(str(path), extractor, image_size=256)
     r = fid_pair(model, ae, extractor, reference, n, 1000, steps=steps, cfg_scale=CFG, batch=batch,
                  compile_bf16=True)
     figures = {k: r[k] for k in ("fp32", "bf16", "diff", "combined_se", "changed_pixels")}

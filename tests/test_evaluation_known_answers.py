@@ -71,7 +71,7 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
         assert f["arr_1"].tolist() == labels.tolist()
     extractor = get_feature_extractor("digits")
     feats = extractor.extract(want, 3)
-    metrics = metrics_from_features(feats, load_reference("digits", extractor, image_size=8, batch_size=3),
+    metrics = metrics_from_features(feats, load_reference("digits", extractor, image_size=8),
                                     extractor, ["fid", "precision", "recall"])
     (rec,) = read_jsonl(tmp_path / "eval.jsonl")
     assert rec.pop("wall_s") >= 0 and rec.pop("time") > 1.7e9

@@ -82,7 +82,7 @@ def test_inception_features_and_metrics_end_to_end(weights, tmp_path):
 
     ref_npz = tmp_path / "ref.npz"
     np.savez(ref_npz, real)
-    ref = load_reference(str(ref_npz), ex, batch_size=3)
+    ref = load_reference(str(ref_npz), ex)
     assert ref.mu.shape == (2048,) and ref.sigma_s.shape == (2023, 2023) and ref.resolution == 32
     self_metrics = compute_metrics(real, ref, ex, metrics=["precision", "recall"], batch_size=3)
     other = compute_metrics(fake, ref, ex, batch_size=3)

@@ -90,8 +90,7 @@ def cli_evaluate(args) -> int:
                            "an image folder, or 'digits'")
     images = load_samples(args.samples)
     extractor = get_feature_extractor(args.features, weights=args.inception_weights)
-    reference = load_reference(args.reference, extractor, image_size=int(images.shape[1]),
-                               batch_size=args.batch_size)
+    reference = load_reference(args.reference, extractor, image_size=int(images.shape[1]))
     result = compute_metrics(images, reference, extractor, metrics=metrics, batch_size=args.batch_size)
     result.update(samples=str(args.samples), reference=str(args.reference),
                   feature_identity=extractor.identity, wall_s=round(time.perf_counter() - t0, 3))

@@ -93,8 +93,13 @@ def _save_npz(path: Path, **arrays) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def _extract_stream(batches: Iterator[np.ndarray], extractor: FeatureExtractor, batch_size: int) -> Features:
-    parts = [extractor.extract(b, batch_size) for b in batches]
+#: images per feature-network batch for every reference: a convolution's float32 result can depend on its batch
+#: size in the last bits, so one batch size makes the statistics the same whichever caller computes them first
+REFERENCE_BATCH = 100
+
+
+def _extract_stream(batches: Iterator[np.ndarray], extractor: FeatureExtractor) -> Features:
+    parts = [extractor.extract(b, REFERENCE_BATCH) for b in batches]
     if not parts:
         raise HarnessError("the reference holds no images")
     return Features.concat(parts)
@@ -194,7 +199,7 @@ def _identify(ref: str, extractor: FeatureExtractor, image_size: int | None, max
 def _cache_paths(src: _Source, extractor: FeatureExtractor, max_images: int | None) -> tuple[Path, Path]:
     """Where a reference's statistics and its pool features are cached: named by the source, keyed by
     its identity, the feature space, the resolution (an npz: its arr_0) and max_images."""
-    key = _sha({"identity": src.identity, "feature": extractor.identity,
+    key = _sha({"identity": src.identity, "feature": extractor.identity, "batch": REFERENCE_BATCH,
                 "resolution": src.resolution if src.npz_path is None else "arr_0", "max_images": max_images})[:20]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in src.identity.split(":")[1])[:40]
     stats_path = cache_dir("reference") / f"{slug}-{extractor.identity}-{key}.npz"
@@ -226,8 +231,7 @@ def _read_cached(stats_path: Path, ref: str, extractor: FeatureExtractor) -> tup
     return meta, arrays
 
 
-def _compute_stats(src: _Source, ref: str, extractor: FeatureExtractor, batch_size: int
-                   ) -> tuple[dict, int, int, np.ndarray | None]:
+def _compute_stats(src: _Source, ref: str, extractor: FeatureExtractor) -> tuple[dict, int, int, np.ndarray | None]:
     """(statistics, resolution, image count, pool features or None): ADM's precomputed Inception
     statistics when the npz has them, else the reference's features extracted once."""
     if src.adm_stats is not None:
@@ -237,19 +241,18 @@ def _compute_stats(src: _Source, ref: str, extractor: FeatureExtractor, batch_si
     log.info("reference %s: computing %s statistics (once; cached)", ref, extractor.name)
     resolution, count = src.resolution, src.count
     if src.files:
-        feats = _extract_stream(_folder_batches(src.files, resolution), extractor, batch_size)
+        feats = _extract_stream(_folder_batches(src.files, resolution), extractor)
     else:
         imgs = _source_images(src)
         resolution, count = int(imgs.shape[1]), int(imgs.shape[0])
-        feats = _extract_stream(_chunks(imgs), extractor, batch_size)
+        feats = _extract_stream(_chunks(imgs), extractor)
     mu, sigma = gaussian_stats(feats.pool)
     mu_s, sigma_s = gaussian_stats(feats.spatial)
     return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}, resolution, count, feats.pool
 
 
 def load_reference(reference: str, extractor: FeatureExtractor, image_size: int | None = None,
-                   batch_size: int = 100, max_images: int | None = None,
-                   use_cache: bool = True) -> ReferenceStats:
+                   max_images: int | None = None, use_cache: bool = True) -> ReferenceStats:
     """Reference statistics of `reference` ('digits', an ADM npz, or an image folder) in `extractor`'s space.
 
     image_size: folder references are centre-cropped to it (default: the first image's shorter side);
@@ -263,7 +266,7 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
         if use_cache and pool_path.is_file():
             return np.load(pool_path)
         log.info("reference %s: extracting %s pool features for precision/recall", ref, extractor.name)
-        feats = _extract_stream(_chunks(_source_images(src)), extractor, batch_size)
+        feats = _extract_stream(_chunks(_source_images(src)), extractor)
         if use_cache:
             atomic_write(pool_path, lambda f: np.save(f, feats.pool))
         return feats.pool
@@ -277,7 +280,7 @@ def load_reference(reference: str, extractor: FeatureExtractor, image_size: int 
     cached = _read_cached(stats_path, ref, extractor) if use_cache and stats_path.is_file() else None
     if cached is not None:
         return build(*cached, None)
-    arrays, resolution, count, pool = _compute_stats(src, ref, extractor, batch_size)
+    arrays, resolution, count, pool = _compute_stats(src, ref, extractor)
     if use_cache and pool is not None:
         atomic_write(pool_path, lambda f: np.save(f, pool))
     meta = {"source": ref, "identity": src.identity, "feature_space": extractor.name,

@@ -185,8 +185,7 @@ def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist:
     extractor = (get_feature_extractor(ev.features, weights=ev.resolved_inception_weights(), device=device)
                  if ev.features == "inception" else get_feature_extractor(ev.features, device=device))
     setup = resolve_setup(run, ema, dist, extractor)
-    reference = (load_reference(ev.resolved_reference(), extractor, image_size=run.data.image_size,
-                                batch_size=setup.decode_batch) if dist.main else None)
+    reference = load_reference(ev.resolved_reference(), extractor, image_size=run.data.image_size) if dist.main else None
     if dist.world > 1:
         log.info("%s on %d ranks; a rank waits at most %s for the others (HARNESS_COLLECTIVE_TIMEOUT_S)",
                  what, dist.world, COLLECTIVE_TIMEOUT)
