@@ -18,12 +18,20 @@ GB = 1e9
 
 
 def checkpoints_kept(run: RunSpec) -> int:
-    """Most checkpoints a run keeps at once: the newest train.keep_last and those at eval.at_steps (retention
-    spares them), never more than it saves."""
+    """Most checkpoints a run keeps at the end: the newest train.keep_last and, besides them, those at eval.at_steps
+    (retention spares them). With train.ckpt_every_minutes on, all of the newest but the final one may be timed
+    checkpoints (a last stretch of more than that many minutes), which spare no evaluated step."""
     tr = run.train
+    if not tr.steps:
+        return 0
     saved = {s for s in range(tr.ckpt_every, tr.steps + 1, tr.ckpt_every)} | {tr.steps}
     evaluated = {s for s in run.eval.at_steps if 0 < s <= tr.steps}
-    return min(len(saved | evaluated), tr.keep_last + len(evaluated)) if tr.steps else 0
+    if tr.ckpt_every_minutes:  # at worst the newest are the final step and timed checkpoints just before it
+        newest, count = {tr.steps}, tr.keep_last
+    else:
+        newest = set(sorted(saved | evaluated)[-tr.keep_last:])
+        count = len(newest)
+    return count + len(evaluated - newest)
 
 
 def samples_kept(run: RunSpec) -> int:
