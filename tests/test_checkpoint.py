@@ -421,3 +421,20 @@ def test_the_slow_slim_hook_stalls_its_step_at_its_point(tmp_path, monkeypatch):
     monkeypatch.setenv(ckpt.SLOW_SLIM_ENV, "3:unsealed:0.25")
     ckpt.slim_checkpoint(ckpt.save_checkpoint(tmp_path, 3, _whole(3)))
     assert stalls == [0.5, 0.25]
+
+
+def test_reverify_names_what_makes_an_unsealed_checkpoint_unusable(tmp_path):
+    def reverify(step, state):
+        path = ckpt.checkpoint_path(tmp_path, step)
+        torch.save(state, path)
+        return ckpt.reverify(path)
+
+    assert reverify(1, _whole(1)) is None
+    assert reverify(2, {k: v for k, v in _whole(2).items() if k != "opt"}) is None   # slim passes like whole
+    assert reverify(3, {"model": {}, "step": 3}) == "not a harness training checkpoint"
+    assert reverify(4, _whole(3)) == "holds step 3, not the step of its name"
+    nan, inf = {"w": torch.tensor([1.0, float("nan")])}, {"w": torch.tensor([float("inf")])}
+    assert reverify(5, {**_whole(5), "ema": nan}) == "its ema weights are not finite"
+    assert reverify(6, {**_whole(6), "model": inf}) == "its model weights are not finite"
+    ckpt.checkpoint_path(tmp_path, 7).write_bytes(b"half a file")
+    assert ckpt.reverify(ckpt.checkpoint_path(tmp_path, 7)).startswith("does not load (")
