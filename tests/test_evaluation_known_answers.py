@@ -16,7 +16,8 @@ from harness.training.evaluation import TAG_EVAL, eval_progress, eval_settings, 
 from harness.training.evaluator import evaluate_step, pending_evals, save_grid
 from harness.io import append_jsonl, read_jsonl
 from harness.training.runtime import Dist, derive_seed
-from harness.sampling.sample import balanced_labels, sample_images
+from harness.sampling.sample import NOISE_SCHEME, balanced_labels, sample_images
+from harness.config.layout import RunFolder, features_name
 from train_tiny import nudged_tiny_dit, tiny_run
 
 EVAL = dict(num_samples=7, batch_size=3, sampler="ddpm", sampling_steps=[2, 3], cfg_scales=[1.0, 2.5],
@@ -69,17 +70,24 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
         np.testing.assert_array_equal(f["arr_0"], want)
         assert f["arr_1"].tolist() == labels.tolist()
     extractor = get_feature_extractor("digits")
-    metrics = metrics_from_features(extractor.extract(want, 3), load_reference("digits", extractor, image_size=8,
-                                                                               batch_size=3),
+    feats = extractor.extract(want, 3)
+    metrics = metrics_from_features(feats, load_reference("digits", extractor, image_size=8, batch_size=3),
                                     extractor, ["fid", "precision", "recall"])
     (rec,) = read_jsonl(tmp_path / "eval.jsonl")
     assert rec.pop("wall_s") >= 0 and rec.pop("time") > 1.7e9
     assert model_evaluations(sampler, 2) == {"ddpm": 2, "heun": 3}[sampler]
-    assert rec == {**eval_settings(run, 4)[0], "model_evaluations": model_evaluations(sampler, 2), **provenance(sampler),
+    setting = eval_settings(run, 4)[0]
+    assert rec == {**setting, "model_evaluations": model_evaluations(sampler, 2), **provenance(sampler),
                    "fid": pytest.approx(metrics["fid"], rel=1e-9), "sfid": None, "inception_score": None,
                    "precision": pytest.approx(metrics["precision"]), "recall": pytest.approx(metrics["recall"]),
                    "fid_se": metrics.get("fid_se"), "features_id": metrics.get("feature_space", extractor.name),
-                   "sample_precision": "fp32", "sample_compiled": False, "sample_compile_mode": None, "sample_batch": 3, "ranks": 1}
+                   "sample_precision": "fp32", "sample_compiled": False, "sample_compile_mode": None, "sample_batch": 3,
+                   "ranks": 1, "noise_seed": derive_seed(run.seed, 4, 2, tag=TAG_EVAL), "noise_scheme": NOISE_SCHEME,
+                   "noise_shape": [1, 8, 8], "labels": "balanced", "num_classes": 10,
+                   "fid_features": features_name(setting)}
+    # the FID features beside the record: the samples' own, in sample order, float32 in the digits space
+    stored = np.load(RunFolder(tmp_path).features_file(rec["fid_features"]), allow_pickle=False)
+    assert stored.dtype == np.float32 and np.array_equal(stored, feats.pool)
     logged = [r.getMessage() for r in caplog.records if r.name == ev_mod.__name__]
     assert logged == ["evaluation: sampling batch 3 (3), fp32, eager; decode and features in chunks of 3",
                       f"eval step 4 {{'sampling_steps': 2, 'cfg_scale': 2.5, 'fid': {rec['fid']!r}}}"]

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness.config.vocab import FID_FEATURES
 from harness.errors import HarnessError
 from harness.metrics import compute_metrics, load_reference
 from harness.metrics.inception import (NUM_LOGITS, POOL_DIM, SPATIAL_DIM, WEIGHTS_ENV, WEIGHTS_URL,
@@ -59,7 +60,7 @@ def test_inception_features_and_metrics_end_to_end(weights, tmp_path):
     hook = ex.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("o", o.clone()))
     feats = ex.extract(real[:3], batch_size=3)
     hook.remove()
-    assert feats.pool.shape == (3, POOL_DIM) == (3, 2048)
+    assert feats.pool.shape == (3, POOL_DIM) == (3, 2048) == (3, FID_FEATURES["inception"][0])  # what the plan sizes
     assert feats.spatial.shape == (3, SPATIAL_DIM) == (3, 2023)
     assert feats.logits.shape == (3, NUM_LOGITS)
     # spatial = mixed_6/conv, first 7 channels, flattened in TF's (H, W, C) order

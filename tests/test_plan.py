@@ -239,14 +239,17 @@ def test_disk_of_the_gflops_sweep_by_hand():
     """Checkpoints: 9 kept (the 8 evaluated steps and, ckpt_every_minutes being on, a timed one that can be among
     the newest keep_last = 2 with step 400K): those 2 whole, 16 bytes a parameter (weights, EMA, two Adam
     moments), the 7 evaluated steps before them slim, 8 bytes (weights, EMA); npz: 50,000 x (256 x 256 x 3 + 8)
-    bytes per kept setting; latents: ImageNet's 1,281,167 images x 2 flips x 4 x 32 x 32 float16."""
+    bytes per kept setting; FID features: 50,000 x 2,048 float16 per setting at every evaluated step; latents:
+    ImageNet's 1,281,167 images x 2 flips x 4 x 32 x 32 float16."""
     for keep, kept_steps in (("last", 1), ("all", 8), ("none", 0)):
         plan = plan_sweep(load_spec(SWEEPS / "gflops.yaml", [f"eval.keep_samples={keep}"]))
         d, params = plan["disk"], sum(r["params"] for r in plan["runs"])
         assert d["checkpoints_gb"] == pytest.approx((16 * 2 + 8 * 7) * params / 1e9, rel=1e-12)
         assert d["samples_gb"] == pytest.approx(12 * kept_steps * 50_000 * (256 * 256 * 3 + 8) / 1e9, rel=1e-12)
+        assert d["features_gb"] == pytest.approx(12 * 8 * 50_000 * 2048 * 2 / 1e9, rel=1e-12)   # 205 MB each
         assert d["latents_gb"] == pytest.approx(1_281_167 * 2 * 4 * 32 * 32 * 2 / 1e9, rel=1e-12)
-        assert d["total_gb"] == pytest.approx(d["checkpoints_gb"] + d["samples_gb"] + d["latents_gb"], rel=1e-12)
+        assert d["total_gb"] == pytest.approx(d["checkpoints_gb"] + d["samples_gb"] + d["features_gb"]
+                                              + d["latents_gb"], rel=1e-12)
 
     def ckpts(*overrides):
         gb = plan_sweep(load_spec(SWEEPS / "gflops.yaml", list(overrides)))["disk"]["checkpoints_gb"]

@@ -131,6 +131,27 @@ def test_analysis_loads_a_real_sweep(real_sweep):
     assert (sweep.frame["gflops"] > 0).all() and (sweep.frame["train_compute"] > 0).all()
 
 
+def test_a_real_sweep_keeps_its_features_and_compares_its_patch_pair_by_the_paired_error(real_sweep):
+    """Every record names the features its FID came from; the two models' records share their noise, so the
+    report judges the patch pair by the paired error of the difference."""
+    import numpy as np
+
+    from harness.config.layout import RunFolder
+    from harness.metrics import get_feature_extractor, load_reference
+    from harness.metrics.stats import frechet_distance, gaussian_stats
+
+    results, reports, _ = real_sweep
+    ref = load_reference("digits", get_feature_extractor("digits", device="cpu"), image_size=8)
+    for (rid, _), rec in _eval_records(results).items():
+        feats = np.load(RunFolder(results / "smoke" / "runs" / rid).features_file(rec["fid_features"]),
+                        allow_pickle=False)
+        assert feats.shape == (rec["num_samples"], 32) and feats.dtype == np.float32
+        assert frechet_distance(*gaussian_stats(feats), ref.mu, ref.sigma) == pytest.approx(rec["fid"], rel=1e-9)
+    html = (reports / "smoke" / "index.html").read_text()
+    assert "1 of 1 FID comparisons used the paired standard error" in html
+    assert "1.645 paired SE" in html
+
+
 @pytest.mark.system
 def test_report_pdf_of_a_real_sweep(real_sweep, tmp_path):
     """A4 throughout, nothing under 8 pt, page 1 opens with the headline figure and the findings."""

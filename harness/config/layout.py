@@ -13,6 +13,8 @@
         checkpoints/      step_XXXXXXX.pt + step_XXXXXXX.pt.sha256
         samples/          grid_step_XXXXXXX.png; samples_step_XXXXXXX_k<steps>_cfg<scale>.npz (ADM layout, one
                           per evaluation setting, as many as eval.keep_samples keeps)
+        features/         fid_step_XXXXXXX_k<steps>_cfg<scale>_<setting>.npy: each evaluation's FID features
+                          (N, D) in sample order, named in its eval.jsonl record (`fid_features`)
         logs/             job.log and links to the run's submitit folders
         done              written when training and every evaluation are complete
         .run.lock         held (flock) by the trainer of this run
@@ -25,6 +27,7 @@ here imports torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -63,6 +66,15 @@ def sidecar_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".sha256")
 
 
+def features_name(setting: dict) -> str:
+    """The FID features file of one evaluation setting (eval.jsonl's setting keys: step, sampling_steps,
+    cfg_scale, ...): fid_step_XXXXXXX_k<steps>_cfg<scale>_<8 hex of the whole setting>.npy, so a second
+    measurement of the same step and sampling (another num_samples, sampler or reference) never overwrites it."""
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return (f"fid_step_{int(setting['step']):07d}_k{int(setting['sampling_steps'])}_cfg{float(setting['cfg_scale']):g}"
+            f"_{digest}.npy")
+
+
 def samples_name(step: int, sampling_steps: int, cfg_scale: float) -> str:
     """The ADM npz of one evaluation setting: samples_step_XXXXXXX_k<sampling steps>_cfg<scale>.npz."""
     return f"samples_step_{int(step):07d}_k{int(sampling_steps)}_cfg{float(cfg_scale):g}.npz"
@@ -95,6 +107,7 @@ class RunFolder:
     eval_log = property(lambda self: self.root / "eval.jsonl")
     checkpoints = property(lambda self: self.root / "checkpoints")
     samples = property(lambda self: self.root / "samples")
+    features = property(lambda self: self.root / "features")
     logs = property(lambda self: self.root / "logs")
     job_log = property(lambda self: self.root / "logs" / "job.log")
     done = property(lambda self: self.root / "done")
@@ -111,6 +124,13 @@ class RunFolder:
 
     def grid(self, step: int) -> Path:
         return self.samples / f"grid_step_{step:07d}.png"
+
+    def features_file(self, name: str) -> Path:
+        """features/<name>: a record's `fid_features` (a bare file name; anything else is refused)."""
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise HarnessError(f"{self.root / 'eval.jsonl'}: fid_features {name!r} is not a file name of "
+                               f"features/. Fix: delete that key from the record (its FID stays)")
+        return self.features / name
 
     def samples_npz(self, step: int, sampling_steps: int, cfg_scale: float) -> Path:
         return self.samples / samples_name(step, sampling_steps, cfg_scale)

@@ -16,9 +16,15 @@ METRIC_KEYS = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "precision
 METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
 _ALIASES = {"inception_score": "is", "isc": "is", "prec": "precision", "rec": "recall"}
 FEATURE_SPACES = ("inception", "digits")
+#: the FID features each evaluation stores beside its record, per sample: (dimension, dtype) per feature space --
+#: float16 in Inception's 2,048-d space (the FID from the float16 copy moves by far less than its standard error:
+#: README, "Comparing two FIDs"), float32 in the 32-d digits space
+FID_FEATURES = {"inception": (2048, "float16"), "digits": (32, "float32")}
 
 #: sampler names as eval.sampler and --sampler spell them: ours (ddpm, ddim) and diffusers' schedulers
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun")
+#: the samplers that draw fresh noise at every step (per batch, so it depends on the batch: harness.sampling.sample)
+STOCHASTIC_SAMPLERS = ("ddpm",)
 #: train.compile_mode / eval.compile_mode / --compile-mode: torch.compile's modes. "default" as PyTorch; the
 #: "max-autotune" ones search GEMM and kernel configurations when compiling (minutes longer); "reduce-overhead"
 #: and "max-autotune" also replay CUDA graphs (no launch overhead; on the CPU they compile without graphs)

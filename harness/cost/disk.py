@@ -1,17 +1,21 @@
 """What a sweep leaves on disk, for `harness plan`: the checkpoints each run keeps, its evaluation npz files
-(as eval.keep_samples keeps them) and the latent caches its runs share. Upper bounds from the spec alone
+(as eval.keep_samples keeps them), its evaluations' stored FID features and the latent caches its runs share. Upper bounds from the spec alone
 (nothing is read): a cluster's quota is checked before the jobs fill it, not after.
 
 Sizes (bytes): a checkpoint holds the weights, their EMA and AdamW's two moments, float32: 16 x params; a slim
 one (an evaluated step's once it is not among the newest, under train.keep_optimizer: newest) 8 x params; an
-ADM npz holds N images of H x W x 3 uint8 and N int64 labels; a latent cache holds each image and its flip,
+ADM npz holds N images of H x W x 3 uint8 and N int64 labels; an evaluation's features N x D in the space's
+dtype (vocab.FID_FEATURES: 2,048 float16 for Inception, 205 MB per FID-50K), every one kept; a latent cache holds each image and its flip,
 C x h x w float16 through the VAE (float32 for the identity autoencoder).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from harness.config.spec import RunSpec
+from harness.config.vocab import FID_FEATURES
 
 CHECKPOINT_BYTES_PER_PARAM = 4 * 4   # weights, EMA, Adam exp_avg and exp_avg_sq, float32
 SLIM_CHECKPOINT_BYTES_PER_PARAM = 2 * 4   # weights and EMA (harness.models.checkpoint.slim_checkpoint)
@@ -47,13 +51,23 @@ def samples_kept(run: RunSpec) -> int:
     return per_step * steps
 
 
+def features_bytes(run: RunSpec) -> int:
+    """All of a run's stored FID features: one N x D file per setting at each evaluated step."""
+    ev = run.eval
+    dim, dtype = FID_FEATURES[ev.features]
+    return len(ev.sampling_steps) * len(ev.cfg_scales) * len(set(ev.at_steps)) * ev.num_samples * dim * \
+        np.dtype(dtype).itemsize
+
+
 def run_disk(run: RunSpec, params: int, latent: tuple[int, int, int]) -> dict:
-    """{checkpoints_gb, samples_gb} of one run; `latent` (C, h, w) gives no size here (the cache is shared)."""
+    """{checkpoints_gb, samples_gb, features_gb} of one run; `latent` (C, h, w) gives no size here (the cache
+    is shared)."""
     side = run.data.image_size
     npz = run.eval.num_samples * (side * side * 3 + LABEL_BYTES)
     whole, slim = (0, 0) if run.checkpoints_from else checkpoints_kept(run)
     ckpt = (whole * CHECKPOINT_BYTES_PER_PARAM + slim * SLIM_CHECKPOINT_BYTES_PER_PARAM) * params
-    return {"checkpoints_gb": ckpt / GB, "samples_gb": samples_kept(run) * npz / GB}
+    return {"checkpoints_gb": ckpt / GB, "samples_gb": samples_kept(run) * npz / GB,
+            "features_gb": features_bytes(run) / GB}
 
 
 def latent_cache_gb(images: int | None, latent: tuple[int, int, int], autoencoder: str) -> float | None:
@@ -65,7 +79,7 @@ def latent_cache_gb(images: int | None, latent: tuple[int, int, int], autoencode
 
 
 def sweep_disk(runs: list[RunSpec], plans: list[Any], images: list[int | None]) -> dict:
-    """{checkpoints_gb, samples_gb, latents_gb (None when a data set's size is unknown), total_gb} for the
+    """{checkpoints_gb, samples_gb, features_gb, latents_gb (None when a data set's size is unknown), total_gb} for the
     planned runs (`plans`: their RunPlans, for params and input shape; `images`: each run's training images)."""
     per_run = [run_disk(r, p.params, (p.in_channels, p.input_size, p.input_size)) for r, p in zip(runs, plans)]
     caches: dict = {}
@@ -76,8 +90,9 @@ def sweep_disk(runs: list[RunSpec], plans: list[Any], images: list[int | None]) 
             caches[key] = latent_cache_gb(n, (p.in_channels, p.input_size, p.input_size), d.autoencoder)
     latents = None if any(v is None for v in caches.values()) else sum(caches.values())
     out = {"checkpoints_gb": sum(x["checkpoints_gb"] for x in per_run),
-           "samples_gb": sum(x["samples_gb"] for x in per_run), "latents_gb": latents}
-    out["total_gb"] = out["checkpoints_gb"] + out["samples_gb"] + (latents or 0.0)
+           "samples_gb": sum(x["samples_gb"] for x in per_run),
+           "features_gb": sum(x["features_gb"] for x in per_run), "latents_gb": latents}
+    out["total_gb"] = out["checkpoints_gb"] + out["samples_gb"] + out["features_gb"] + (latents or 0.0)
     return out
 
 
@@ -86,4 +101,5 @@ def format_disk(d: dict) -> str:
                else "latent caches: unknown (a data set's size is not known here)")
     return (f"disk (at most, at the end): checkpoints {d['checkpoints_gb']:,.1f} GB (train.keep_last whole, the "
             f"other eval.at_steps ones as train.keep_optimizer keeps them), sample npz files "
-            f"{d['samples_gb']:,.1f} GB (eval.keep_samples), {latents}; total {d['total_gb']:,.1f} GB")
+            f"{d['samples_gb']:,.1f} GB (eval.keep_samples), FID features {d['features_gb']:,.1f} GB, {latents}; "
+            f"total {d['total_gb']:,.1f} GB")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness.config.vocab import FID_FEATURES
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,16 @@ class Features:
     def concat(cls, parts: list["Features"]) -> "Features":
         """The rows of `parts`, in order, as one Features."""
         return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
+
+
+def stored_features(pool: np.ndarray, space: str) -> np.ndarray:
+    """FID features (N, D) as evaluation stores them: in `FID_FEATURES`' dtype for the space (float16 only when
+    every value fits), else float32."""
+    if FID_FEATURES.get(space, (0, "float32"))[1] == "float16":
+        half = pool.astype(np.float16)
+        if np.isfinite(half).all():
+            return half
+    return pool.astype(np.float32)
 
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:

@@ -7,6 +7,16 @@ the DiT paper used for every number it reports:
 - Inception Score over splits of 5,000 predictions;
 - Precision and Recall of Kynkaanniemi et al. (2019): k-nearest-neighbour balls (k = 3, squared
   Euclidean distances, the point itself counted as its own 0th neighbour), computed in batches.
+
+FID's uncertainty is a bootstrap over the generated samples (the reference is fixed): `fid_bootstrap`, one
+FID's standard error se; `fid_difference`, the standard error se_paired of FID_a - FID_b for two PAIRED sets
+(sample i of both began from the same noise with the same label: the records prove it, harness.study.pairing),
+each resample drawing the same indices from both. The rule that uses them, fixed before any check ran: two FIDs
+differ -- "resolved" -- when |FID_a - FID_b| > RESOLVE_Z * se_paired (RESOLVE_Z = 1.645, two-sided 90%) where
+the two sets are provably paired and both have their features stored, else when |FID_a - FID_b| > RESOLVE_Z *
+sqrt(se_a^2 + se_b^2) (harness.study.analysis.compare). Shared noise makes the two FIDs move together, so
+se_paired is the smaller; tests/test_paired_fid.py holds its 90% interval's coverage to 90% within a binomial
+tolerance.
 """
 from __future__ import annotations
 
@@ -150,26 +160,53 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+def _resampled_fid(feats: np.ndarray, idx: np.ndarray, mu_ref: np.ndarray, root: np.ndarray, base: float) -> float:
+    """FID of the rows `idx` of feats (N, D) against N(mu_ref, root^2), base = Tr(root^2): Tr((S1 S2)^(1/2)) is
+    the sum of sqrt(eigenvalues of R S1 R) with R = S2^(1/2), computed once by the caller."""
+    mu, sigma = gaussian_stats(feats[idx])
+    eig = np.linalg.eigvalsh(root @ sigma @ root)
+    diff = mu - mu_ref
+    return float(diff @ diff + np.trace(sigma) + base - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
 def fid_bootstrap(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
                   n_boot: int = FID_BOOTSTRAP, seed: int = 0) -> dict:
     """FID's sampling noise: the Frechet distance of resamples (with replacement) of the generated
     features (N, D) against the fixed reference statistics. Returns {"fid_se": the standard deviation
     of the resampled FIDs, "fid_boot": n_boot}. Only the spread is meant to be used: a resample
     repeats samples, which biases its FID upward, so the level of the resampled values is not FID's.
-
-    Tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of R S1 R) with R = S2^(1/2), computed once.
     """
     feats = np.asarray(features, np.float64)
     if n_boot < 2 or feats.ndim != 2 or feats.shape[0] < 2:
         return {"fid_se": None, "fid_boot": 0}
     mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
-    root = _psd_sqrt(sigma_ref)
-    base = float(np.trace(sigma_ref))
+    root, base = _psd_sqrt(sigma_ref), float(np.trace(sigma_ref))
     rng = np.random.default_rng(seed)
+    n = feats.shape[0]
+    values = [_resampled_fid(feats, rng.integers(0, n, n), mu_ref, root, base) for _ in range(n_boot)]
+    return {"fid_se": float(np.std(values, ddof=1)), "fid_boot": int(n_boot)}
+
+
+def fid_difference(features_a: np.ndarray, features_b: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+                   n_boot: int = FID_BOOTSTRAP, seed: int = 0) -> dict:
+    """FID_a - FID_b of two paired feature sets (N, D) each -- row i of both from the same noise and label, which
+    the caller has proved (harness.study.pairing) -- and its standard error: the standard deviation of the
+    difference over n_boot resamples that draw the SAME N indices (with replacement) from both sets.
+    Returns {"fid_diff", "fid_diff_se" (None when n_boot < 2), "fid_diff_boot"}; see the module docstring's rule."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 2:
+        raise HarnessError(f"paired FID features must be two (N, D) sets of one shape, got {a.shape} and {b.shape}; "
+                           "only sets whose sample i shares noise and label can be paired")
+    mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
+    diff = (frechet_distance(*gaussian_stats(a), mu_ref, sigma_ref)
+            - frechet_distance(*gaussian_stats(b), mu_ref, sigma_ref))
+    if n_boot < 2:
+        return {"fid_diff": diff, "fid_diff_se": None, "fid_diff_boot": 0}
+    root, base = _psd_sqrt(sigma_ref), float(np.trace(sigma_ref))
+    rng = np.random.default_rng(seed)
+    n = a.shape[0]
     values = []
     for _ in range(n_boot):
-        mu, sigma = gaussian_stats(feats[rng.integers(0, feats.shape[0], feats.shape[0])])
-        eig = np.linalg.eigvalsh(root @ sigma @ root)
-        diff = mu - mu_ref
-        values.append(float(diff @ diff + np.trace(sigma) + base - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum()))
-    return {"fid_se": float(np.std(values, ddof=1)), "fid_boot": int(n_boot)}
+        idx = rng.integers(0, n, n)
+        values.append(_resampled_fid(a, idx, mu_ref, root, base) - _resampled_fid(b, idx, mu_ref, root, base))
+    return {"fid_diff": diff, "fid_diff_se": float(np.std(values, ddof=1)), "fid_diff_boot": int(n_boot)}

@@ -78,12 +78,13 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
         rep.notes.append(f"At step {v.step:,}, Pearson r between log10(Gflops) and FID over {c.n} models is "
                          f"{c.pearson_r:.3f} (p = {c.pearson_p:.2g}); Spearman ρ = {c.spearman_rho:.3f}. The paper "
                          f"reports {PAPER_CORRELATION_LOG_GFLOPS_FID} for its 12 models at 400K steps.")
-    pairs = analysis.patch_pairs(v.models)
+    pairs = analysis.patch_pairs(v.models, paired_se=v.paired_se)
     if pairs:
         wins = sum(p["smaller_wins"] for p in pairs)
         resolved = sum(p["status"] == "resolved" for p in pairs)
         detail = "; ".join(f"{p['size']}: /{p['small_patch']} {_pm(p['small'], p['small_se'])} vs /{p['large_patch']} "
-                           f"{_pm(p['large'], p['large_se'])} ({p['status']})" for p in pairs)
+                           f"{_pm(p['large'], p['large_se'])} ({p['status']}{', paired' if p['paired'] else ''})"
+                           for p in pairs)
         rep.notes.append(f"Patch size at fixed model size (step {v.step:,}): the smaller patch has the lower FID in "
                          f"{wins} of {len(pairs)} pairs, {resolved} of them resolved ({detail}). The paper finds "
                          "smaller patches better at every size.")
@@ -91,17 +92,21 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
             better = "smaller" if p["smaller_wins"] else "larger"
             v.findings.append([f"Size {p['size']}: the {better} patch gives the lower FID (/{p['small_patch']} vs "
                                f"/{p['large_patch']})", f"{p['small']:.3g} vs {p['large']:.3g}",
-                               _pm_pair(p["small_se"], p["large_se"]), _resolved(p["status"]), "fid_vs_gflops"])
+                               _pm_pair(p["small_se"], p["large_se"]), _resolved(p["status"], p["paired"]),
+                               "fid_vs_gflops"])
     all_blocks, _ = analysis.per_model(v.default, v.step)
+    verdicts = analysis.conditioning_verdicts(all_blocks, paired_se=v.paired_se)
     for model, ranked in analysis.conditioning_ranking(all_blocks).items():
         order = " < ".join(f"{c} {_pm(val, se)}" for c, val, se in ranked)
-        steps_ = [analysis.compare(a[1], a[2], b[1], b[2]) for a, b in zip(ranked, ranked[1:])]
+        steps_ = verdicts[model]
         rep.notes.append(f"Conditioning ablation on {model} (FID, step {v.step:,}): {order}; neighbours: "
-                         f"{', '.join(steps_)}. The paper's order on DiT-XL/2: adaLN-Zero < adaLN < "
-                         "cross-attention < in-context.")
+                         f"{', '.join(st.status + (' (paired)' if st.paired else '') for st in steps_)}. The "
+                         "paper's order on DiT-XL/2: adaLN-Zero < adaLN < cross-attention < in-context.")
         for a, b, st in zip(ranked, ranked[1:], steps_):
             v.findings.append([f"{model}: {a[0]} gives a lower FID than {b[0]}", f"{a[1]:.3g} vs {b[1]:.3g}",
-                               _pm_pair(a[2], b[2]), _resolved(st), "conditioning"])
+                               _pm_pair(a[2], b[2]), _resolved(st.status, st.paired), "conditioning"])
+    if v.paired_se.note():
+        rep.notes.append(v.paired_se.note())
     if v.models["fid"].notna().any():
         rep.headline = "fid_vs_gflops"
         bars = " Bars: 90% interval of each FID (± 1.645 standard errors)." if v.models["fid_se"].notna().any() else ""
@@ -114,9 +119,10 @@ def _steps_and_gflops(v: SweepView, rep: Report, fits: list, n_boot: int) -> Non
                else ""), F.fid_vs_gflops(v.models, c, gfit, v.step, paper_rows=v.paper_rows)))
 
 
-def _resolved(status: str) -> str:
-    """analysis.compare's verdict in the findings table's words."""
-    return {"resolved": "yes: apart by more than 1.645 SE", "not resolved at this budget": "no: within 1.645 SE",
+def _resolved(status: str, paired: bool = False) -> str:
+    """analysis.compare's verdict in the findings table's words; 'paired SE' where the paired error judged it."""
+    se = "paired SE" if paired else "SE"
+    return {"resolved": f"yes: apart by more than 1.645 {se}", "not resolved at this budget": f"no: within 1.645 {se}",
             "no uncertainty recorded": "unknown: no standard error recorded"}.get(status, status)
 
 
@@ -341,7 +347,9 @@ def build_sweep_report(res: SweepResults, n_boot: int = 500) -> Report:
                          "Intervals: 95% bootstrap over runs for fitted exponents, 90% for forecasts and the "
                          "compute-optimal slope; comparisons: ± 1.645 standard errors (bootstrap over samples, or "
                          "over seeds), resolved when the two values are further apart than 1.645 standard errors "
-                         "of their difference. How each law was fitted: Details.")
+                         "of their difference: the two errors combined, or, marked 'paired SE', the difference's own "
+                         "error where the two evaluations' samples share noise and labels (a bootstrap resampling the "
+                         "same samples of both). How each law was fitted: Details.")
     rep.provenance = _provenance(v.frame)
     return rep
 

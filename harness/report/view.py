@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from harness.paper import table4
+from harness.report.paired import PairedErrors
 from harness.study import analysis
 from harness.study.results import SweepResults, default_setting, main_conditioning
 
@@ -31,7 +32,8 @@ class SweepView:
     frame: every evaluation record (the CSV, the provenance table, the sampling-compute study);
     default: the records of the default evaluation setting (`results.default_setting`, applied once
     here); main: the default records of the main conditioning block `cond`; models: one row per
-    model of `main` at `step` (seed mean); corrs: metric-vs-Gflops correlations at that step.
+    model of `main` at `step` (seed mean); corrs: metric-vs-Gflops correlations at that step; paired_se: the
+    paired standard error of two rows' FID difference where their records allow it (harness.report.paired).
     """
 
     res: SweepResults
@@ -43,6 +45,7 @@ class SweepView:
     step: int
     corrs: list
     paper_rows: list[dict] | None  # the paper's 400K-step rows, when its setup matches this sweep's
+    paired_se: PairedErrors        # the paired error of two FIDs' difference, for the verdicts
     findings: list[list[str]] = field(default_factory=list)  # [finding, value, interval, resolved?, figure]
 
     @property
@@ -58,4 +61,5 @@ def sweep_view(res: SweepResults) -> SweepView:
     models, step = analysis.per_model(main)
     return SweepView(res=res, frame=frame, default=default, cond=cond, main=main, models=models, step=step,
                      corrs=analysis.correlations(main, step),
-                     paper_rows=_paper_400k() if paper_setup_matches(frame) else None)
+                     paper_rows=_paper_400k() if paper_setup_matches(frame) else None,
+                     paired_se=PairedErrors({str(r.get("run_id")): r for r in res.runs}))

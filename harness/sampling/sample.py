@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 _AUTOENCODERS: dict[tuple[str, str | None], Any] = {}  # loaded once per process
 
 
+#: eval.jsonl's `labels`: sample i of an evaluation has label balanced_labels(N, K)[i] = i mod K
+LABELS_BALANCED = "balanced"
+#: eval.jsonl's `noise_scheme`: how sample i's noise derives from (seed, i) -- _sample_seed, _initial_noise and
+#: the DDPM step noise below. Change it with them: two sample sets are paired only under one scheme.
+NOISE_SCHEME = 1
+
+
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """(n,) long: 0, 1, ..., K-1, 0, 1, ... so every class appears n // K or n // K + 1 times."""
     return torch.arange(n, dtype=torch.long) % num_classes

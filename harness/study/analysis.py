@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from scipy import optimize, stats
 
 from harness.errors import HarnessError
 from harness.study import laws
-from harness.study.results import METRICS, default_setting
+from harness.study.results import METRICS, PAIRING_COLUMNS, default_setting
 
 log = logging.getLogger(__name__)
 
@@ -53,40 +54,79 @@ def per_model(frame: pd.DataFrame, step: int | None = None) -> tuple[pd.DataFram
     agg = {m: "mean" for m in METRICS}
     agg.update(gflops="mean", params="mean", tokens="mean", train_compute="mean", size="first", patch="first",
                seed="nunique", fid_se="mean")
+    # one record's provenance and features, for a paired comparison (`verdict`); none over several seeds
+    agg.update({c: "first" for c in (*_RECORD_KEYS, *PAIRING_COLUMNS, "fid_features") if c in rows})
     keys = ["label", "model", "conditioning"]
     out = rows.groupby(keys, as_index=False).agg(agg).rename(columns={"seed": "n_seeds"})
     sd = rows.groupby(keys)["fid"].std().to_numpy()
     seeds_se = sd / np.sqrt(out["n_seeds"].to_numpy())
     out["fid_se"] = np.where(out["n_seeds"] > 1, seeds_se, out["fid_se"])
+    if "fid_features" in out:
+        out["fid_features"] = out["fid_features"].where(out["n_seeds"] == 1, None)
     return out, step
+
+
+# the setting of the record a per_model row stands for (its pairing provenance: PAIRING_COLUMNS)
+_RECORD_KEYS = ("run_id", "step", "sampling_steps", "sampler", "cfg_scale", "num_samples", "num_classes",
+                "image_size", "feature_space", "reference")
 
 
 RESOLVE_Z = 1.645  # a difference is resolved when it exceeds 1.645 standard errors (two-sided 90%)
 
+#: the paired standard error of FID_a - FID_b of two rows, or None where they are not provably paired or lack
+#: their features (the report's: harness.report.paired.PairedErrors)
+PairedSE = Callable[[Mapping, Mapping], "float | None"]
 
-def compare(a: float, se_a: float, b: float, se_b: float) -> str:
-    """'resolved' when |a - b| > RESOLVE_Z * sqrt(se_a^2 + se_b^2), 'not resolved at this budget'
-    when not, 'no uncertainty recorded' when either standard error is missing."""
+
+def compare(a: float, se_a: float, b: float, se_b: float, se_diff: float = float("nan")) -> str:
+    """The rule of harness.metrics.stats' docstring: 'resolved' when |a - b| > RESOLVE_Z * se_diff, the paired
+    standard error of a - b, where one is given; else when |a - b| > RESOLVE_Z * sqrt(se_a^2 + se_b^2); 'not
+    resolved at this budget' when not, 'no uncertainty recorded' when the errors are missing."""
+    if np.isfinite(se_diff):
+        return "resolved" if abs(a - b) > RESOLVE_Z * se_diff else "not resolved at this budget"
     if not (np.isfinite(se_a) and np.isfinite(se_b)):
         return "no uncertainty recorded"
     return "resolved" if abs(a - b) > RESOLVE_Z * np.hypot(se_a, se_b) else "not resolved at this budget"
 
 
-def patch_pairs(models: pd.DataFrame, metric: str = "fid") -> list[dict]:
+@dataclass(frozen=True)
+class Verdict:
+    """Two FIDs compared: compare()'s status, whether the paired error judged it, and the standard error of
+    their difference that did (the paired one, or the two combined; NaN when none)."""
+    status: str
+    paired: bool
+    se: float
+
+
+def verdict(a: Mapping, b: Mapping, paired_se: PairedSE | None = None) -> Verdict:
+    """FID rows `a` and `b` (per_model rows) compared by the paired error where `paired_se` gives one, else by
+    their two errors combined."""
+    fa, fb = float(a["fid"]), float(b["fid"])
+    se_a, se_b = float(a.get("fid_se", np.nan)), float(b.get("fid_se", np.nan))
+    se = paired_se(a, b) if paired_se is not None else None
+    if se is not None and np.isfinite(se):
+        return Verdict(compare(fa, se_a, fb, se_b, se), True, float(se))
+    return Verdict(compare(fa, se_a, fb, se_b), False, float(np.hypot(se_a, se_b)))
+
+
+def patch_pairs(models: pd.DataFrame, metric: str = "fid", paired_se: PairedSE | None = None) -> list[dict]:
     """At each model size evaluated with several patch sizes: each pair of neighbouring patch sizes
     (smaller, larger) with their metric and whether the smaller patch scores lower (the paper's
-    finding). `models`: per_model() rows of one conditioning block."""
+    finding); for FID, `verdict`'s status and whether it was paired. `models`: per_model() rows of one
+    conditioning block."""
     pairs = []
     for size, group in models.dropna(subset=[metric]).groupby("size", sort=False):
         group = group.sort_values("patch")
         for (_, small), (_, large) in zip(group.iterrows(), group.iloc[1:].iterrows()):
             se = (float(small.get("fid_se", np.nan)), float(large.get("fid_se", np.nan))) if metric == "fid" \
                 else (np.nan, np.nan)
+            v = verdict(small, large, paired_se) if metric == "fid" else Verdict("no uncertainty recorded", False,
+                                                                                  np.nan)
             pairs.append({"size": size, "small_patch": int(small["patch"]), "large_patch": int(large["patch"]),
                           "small": float(small[metric]), "large": float(large[metric]),
                           "small_se": se[0], "large_se": se[1],
                           "smaller_wins": bool(small[metric] < large[metric]),
-                          "status": compare(float(small[metric]), se[0], float(large[metric]), se[1])})
+                          "status": v.status, "paired": v.paired, "diff_se": v.se})
     return pairs
 
 
@@ -100,6 +140,16 @@ def conditioning_ranking(models: pd.DataFrame, metric: str = "fid") -> dict[str,
             se = group["fid_se"] if metric == "fid" and "fid_se" in group else pd.Series(np.nan, group.index)
             ranking[model] = [(c, float(v), float(e)) for c, v, e in zip(group["conditioning"], group[metric], se)]
     return ranking
+
+
+def conditioning_verdicts(models: pd.DataFrame, paired_se: PairedSE | None = None) -> dict[str, list[Verdict]]:
+    """For each model of conditioning_ranking (FID): the `verdict` of each neighbouring pair, best first."""
+    out = {}
+    for model, group in models.dropna(subset=["fid"]).groupby("model", sort=False):
+        if group["conditioning"].nunique() > 1:
+            rows = [r for _, r in group.sort_values("fid").iterrows()]
+            out[model] = [verdict(a, b, paired_se) for a, b in zip(rows, rows[1:])]
+    return out
 
 
 # ----------------------------------------------------------------------------------- correlation

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # Metric column -> the label used in tables and figures (the metrics package owns both).
 METRICS = METRIC_LABELS
 
+# What proves two records' samples paired (harness.study.pairing), as eval.jsonl holds it (absent in older
+# records); noise_seed (63 bits) and noise_shape are kept as text, so a missing value cannot round them.
+PAIRING_COLUMNS = ["noise_seed", "noise_scheme", "noise_shape", "labels", "sample_batch", "sample_compiled"]
+
 # The tidy table's columns, in order. train_compute is in Gflops: gflops x global_batch x step x 3
 # (the backward pass costs twice the forward), the paper's convention.
 COLUMNS = [
@@ -35,7 +39,7 @@ COLUMNS = [
     "step", "gflops", "params", "tokens", "train_compute",
     "sampling_steps", "sampler", "sampler_impl", "sampler_version", "model_evaluations", "cfg_scale",
     "guidance_channels", "feature_space", "reference", "num_samples", *METRICS, "fid_se", "train_wall_s",
-    "eval_wall_s", "eval_time",
+    "eval_wall_s", "eval_time", *PAIRING_COLUMNS, "fid_features",
 ]
 
 
@@ -112,6 +116,17 @@ def train_throughput(train_records: list[dict]) -> dict | None:
             "peak_mem_mb": max(peaks) if peaks else None, "log_lines": len(recs)}
 
 
+def _features_path(run_dir: Path, name: str | None) -> str | None:
+    """The FID features file a record names (features/<name>), or None (an older record, or a name that is not one)."""
+    if name is None:
+        return None
+    try:
+        return str(layout.RunFolder(run_dir).features_file(name))
+    except HarnessError as err:
+        log.warning("%s", err)
+        return None
+
+
 def _rows_of_run(run: RunSpec, plan: dict, run_dir: Path, train: list[dict]) -> list[dict]:
     """One row per evaluation record of the run: `plan` holds run.json's planner keys (shape, Gflops, params)."""
     evals = list(read_jsonl(layout.RunFolder(run_dir).eval_log))
@@ -144,6 +159,10 @@ def _rows_of_run(run: RunSpec, plan: dict, run_dir: Path, train: list[dict]) -> 
         for m in METRICS:
             row[m] = ev.get(m)
         row["fid_se"] = ev.get("fid_se")  # FID's bootstrap standard error over the samples (may be absent)
+        row.update({k: ev.get(k) for k in PAIRING_COLUMNS})
+        row["noise_seed"] = None if ev.get("noise_seed") is None else str(ev["noise_seed"])
+        row["noise_shape"] = None if ev.get("noise_shape") is None else "x".join(map(str, ev["noise_shape"]))
+        row["fid_features"] = _features_path(run_dir, ev.get("fid_features"))
         rows.append(row)
     return rows
 

@@ -1,6 +1,7 @@
 """Evaluation at training steps: sample with the EMA model on every rank, compute the metrics, write
-the ADM npz and append eval.jsonl (the protocol -- which settings, which are recorded, which npz files
-eval.keep_samples keeps -- is `harness.training.evaluation`).
+the ADM npz (as eval.keep_samples says) and the FID features (features/, named in the record) and append
+eval.jsonl (the protocol -- which settings, which are recorded, which npz files eval.keep_samples keeps -- is
+`harness.training.evaluation`).
 
 Called by EVERY rank with the same (identical) EMA model. The samples are cut into global batches of
 the resolved sampling batch; batch b is sampled (and its features computed) by rank b mod world, so each
@@ -24,17 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.config.layout import RunFolder
+from harness.config.layout import RunFolder, features_name
 from harness.config.spec import RunSpec
 from harness.config.vocab import guidance_on
-from harness.io import append_jsonl
+from harness.io import append_jsonl, atomic_write
 from harness.metrics import get_feature_extractor, load_reference, metrics_from_features
-from harness.metrics.features import FeatureExtractor, Features
+from harness.metrics.features import FeatureExtractor, Features, stored_features
 from harness.models import checkpoint as ckpt
 from harness.models.compiled import resolve_compile, resolve_precision
 from harness.sampling.batch import auto_sample_batch, find_decode_batch
 from harness.sampling.npz import NpzWriter
-from harness.sampling.sample import autoencoder_for, balanced_labels, sample_images, save_grid as write_grid
+from harness.sampling.sample import (LABELS_BALANCED, NOISE_SCHEME, autoencoder_for, balanced_labels, sample_images,
+                                    save_grid as write_grid)
 from harness.sampling.samplers import model_evaluations, provenance
 from harness.training.evaluation import TAG_EVAL, missing_settings, prune_samples, writes_samples
 from harness.training.runtime import (COLLECTIVE_TIMEOUT, Dist, all_reduce, bounded_barrier, broadcast_from_main,
@@ -98,11 +100,31 @@ def _sample_batch(run: RunSpec, ema: torch.nn.Module, dist: Dist, setting: dict,
     y = balanced_labels(ev.num_samples, run.data.num_classes)[first : first + setup.batch]
     images = sample_images(ema, run, y, sampling_steps=setting["sampling_steps"], sampler=ev.sampler,
                            cfg_scale=setting["cfg_scale"], guidance_channels=ev.guidance_channels,
-                           seed=derive_seed(run.seed, step, setting["sampling_steps"], tag=TAG_EVAL),
+                           seed=_noise_seed(run, step, setting),
                            device=dist.device, batch_size=setup.batch, first_index=first,
                            precision=setup.precision, compile=setup.compile, decode_batch=setup.decode_batch,
                            compile_mode=setup.compile_mode)
     return first, images, y.numpy(), extractor.extract(images, setup.decode_batch)
+
+
+def _noise_seed(run: RunSpec, step: int, setting: dict) -> int:
+    """The seed of a setting's noise: every run of a sweep with the same seed shares it at a step and sampling steps."""
+    return derive_seed(run.seed, step, setting["sampling_steps"], tag=TAG_EVAL)
+
+
+def _provenance(run: RunSpec, ema: torch.nn.Module, step: int, setting: dict) -> dict:
+    """What proves two records' samples paired (sample i: the same label and noise; harness.study.pairing)."""
+    return {"noise_seed": _noise_seed(run, step, setting), "noise_scheme": NOISE_SCHEME,
+            "noise_shape": [int(ema.in_channels), int(ema.input_size), int(ema.input_size)],
+            "labels": LABELS_BALANCED, "num_classes": int(run.data.num_classes)}
+
+
+def write_fid_features(run_dir: Path, setting: dict, pool: np.ndarray, space: str) -> str:
+    """features/<name>, atomically: the FID features (N, D) in sample order (`stored_features`: float16 in the
+    Inception space); returns the name, for the record."""
+    name = features_name(setting)
+    atomic_write(RunFolder(run_dir).features_file(name), lambda f: np.save(f, stored_features(pool, space)))
+    return name
 
 
 def _sample_setting(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dist, setting: dict, extractor: FeatureExtractor,
@@ -148,9 +170,10 @@ def _write_round(parts: list | None, writer: NpzWriter | None) -> list[Features]
 def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist: Dist, step: int) -> int:
     """All ranks: sample eval.num_samples class-balanced images per missing (sampling_steps, cfg_scale)
     with the EMA model, sharded over the ranks; rank 0 computes eval.metrics in eval.features space
-    against eval.reference from the gathered features, writes the ADM npz (as eval.keep_samples says),
-    appends eval.jsonl, then removes the npz files the records replace. Returns the number of records
-    appended (on every rank). No rank waits for another longer than runtime.COLLECTIVE_TIMEOUT."""
+    against eval.reference from the gathered features, writes the ADM npz (as eval.keep_samples says) and the
+    FID features, appends eval.jsonl (with the provenance that proves two records' samples paired:
+    `_provenance`), then removes the npz files the records replace. Returns the number of records appended
+    (on every rank). No rank waits for another longer than runtime.COLLECTIVE_TIMEOUT."""
 
     run_dir = Path(run_dir)
     what = f"evaluation of step {step}"
@@ -172,14 +195,18 @@ def evaluate_step(run: RunSpec, run_dir: str | Path, ema: torch.nn.Module, dist:
         t0 = time.perf_counter()
         features = _sample_setting(run, run_dir, ema, dist, setting, extractor, step, setup, keep)
         if dist.main:
-            metrics = metrics_from_features(Features.concat(features), reference, extractor, list(ev.metrics))
+            feats = Features.concat(features)
+            metrics = metrics_from_features(feats, reference, extractor, list(ev.metrics))
             rec = dict(setting, model_evaluations=model_evaluations(ev.sampler, setting["sampling_steps"]),
-                       **provenance(ev.sampler))
+                       **provenance(ev.sampler), **_provenance(run, ema, step, setting))
             for key in ("fid", "sfid", "inception_score", "precision", "recall", "fid_se"):
                 rec[key] = metrics.get(key)
             # the requested space stays in `feature_space` (the setting's key); the network that
             # computed the numbers ("inception" only for the official FID weights) in `features_id`
             rec["features_id"] = metrics.get("feature_space", extractor.name)
+            # before the record, so a record never names a file that is not there (a kill in between leaves a
+            # file that the setting's next evaluation replaces)
+            rec["fid_features"] = write_fid_features(run_dir, setting, feats.pool, ev.features)
             # how it was sampled: not part of the setting (the measurement is the same, see CONTRIBUTING)
             rec.update(sample_precision=setup.precision, sample_compiled=setup.compile,
                        sample_compile_mode=setup.compile_mode if setup.compile else None, sample_batch=setup.batch)
