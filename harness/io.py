@@ -71,6 +71,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unlink_durably(path: str | Path) -> None:
+    """Remove `path` (if there) and fsync its folder, so the removal is on disk before whatever follows it."""
+    path = Path(path)
+    with writing(path):
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
 def _umask() -> int:
     """The process umask (read by setting it and putting it back: POSIX has no getter)."""
     mask = os.umask(0o022)

@@ -319,3 +319,122 @@ def test_every_refused_global_is_named(tmp_path):
         ckpt.load_checkpoint(evil)
     found = torch.serialization.get_unsafe_globals_in_checkpoint(evil)
     assert len(found) >= 2 and f"({', '.join(found)})" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- slim checkpoints (train.keep_optimizer)
+def _whole(step: int) -> dict:
+    """A checkpoint's dict whose optimizer state is as large as its weights and EMA together, as AdamW's is."""
+    w = torch.full((32, 32), float(step))
+    return {"model": {"w": w}, "ema": {"w": w / 2}, "step": step, "data_pos": step * 4, "run": {"model": "x"},
+            "opt": {"state": {0: {"exp_avg": w * 3, "exp_avg_sq": w * 4, "step": torch.tensor(float(step))}},
+                    "param_groups": [{"lr": 1e-4, "params": [0]}]}}
+
+
+def _sealed(path) -> bool:
+    return ckpt.sidecar_path(path).exists() and ckpt.verify_checkpoint(path) is None
+
+
+def test_slimming_drops_the_optimizer_state_only_and_rewrites_the_sidecar(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 4, _whole(4))
+    size = path.stat().st_size
+    assert ckpt.slim_checkpoint(path) is True
+    assert _sealed(path) and path.stat().st_size < 0.6 * size
+    slim, want = torch.load(path, weights_only=True), _whole(4)
+    assert set(slim) == set(want) - {"opt"}
+    assert torch.equal(slim["model"]["w"], want["model"]["w"]) and torch.equal(slim["ema"]["w"], want["ema"]["w"])
+    assert (slim["step"], slim["data_pos"], slim["run"]) == (4, 16, {"model": "x"})
+    assert ckpt.load_checkpoint(path)["step"] == 4
+    before = path.read_bytes()
+    assert ckpt.slim_checkpoint(path) is False and path.read_bytes() == before   # slim already: left alone
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_checkpoint_that_does_not_verify_is_not_slimmed(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 4, _whole(4))
+    ckpt.sidecar_path(path).write_text(f"{'0' * 64}  {path.name}\n")   # a corrupt file must not get a fresh sidecar
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="step_0000004.pt: checksum mismatch"):
+        ckpt.slim_checkpoint(path)
+    assert path.read_bytes() == before and ckpt.sidecar_path(path).read_text().startswith("0" * 64)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="step_0000004.pt: torch.load failed"):
+        ckpt.slim_checkpoint(path)
+
+
+def test_a_slim_write_that_fails_after_the_sidecar_went_leaves_the_whole_checkpoint_sealed(tmp_path, monkeypatch,
+                                                                                           caplog):
+    path = ckpt.save_checkpoint(tmp_path, 2, _whole(2))
+    ckpt.save_checkpoint(tmp_path, 4, _whole(4))
+    before = path.read_bytes()
+
+    def fsync_fails(target, write, mode):   # writes (which removes the old sidecar), then the fsync fails
+        with open(tmp_path / "scratch", "wb") as f:
+            write(f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "atomic_write", fsync_fails)
+    caplog.set_level("WARNING", logger=ckpt.__name__)
+    assert ckpt.slim_old_checkpoints(tmp_path, keep_last=1, keep_steps=[2, 4]) == []
+    assert path.read_bytes() == before and _sealed(path)
+    assert _messages(caplog) == ["kept step_0000002.pt as it is, not slimmed: [Errno 28] No space left on device"]
+
+
+def test_retention_slims_the_evaluated_steps_beyond_the_newest_unless_keep_optimizer_is_all(tmp_path):
+    for keep_optimizer in ("newest", "all"):
+        folder = tmp_path / keep_optimizer
+        for s in range(1, 6):
+            ckpt.save_checkpoint(folder, s, _whole(s))
+        deleted = ckpt.apply_retention(folder, keep_last=2, keep_steps=[1, 3, 5], keep_optimizer=keep_optimizer)
+        assert [p.name for p in deleted] == ["step_0000002.pt"]
+        found = ckpt.list_checkpoints(folder)
+        assert [s for s, _ in found] == [1, 3, 4, 5] and all(_sealed(p) for _, p in found)
+        has_opt = {s: "opt" in torch.load(p, weights_only=True) for s, p in found}
+        slim = {1, 3} if keep_optimizer == "newest" else set()
+        assert has_opt == {s: s not in slim for s in (1, 3, 4, 5)}, keep_optimizer
+    assert ckpt.slim_old_checkpoints(tmp_path / "all", keep_last=0, keep_steps=[1, 3]) == []
+
+
+def test_a_slimming_cut_short_is_sealed_and_finished_and_a_bad_unsealed_file_left_alone(tmp_path, caplog):
+    for s in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, s, _whole(s))
+    one, two = ckpt.checkpoint_path(tmp_path, 1), ckpt.checkpoint_path(tmp_path, 2)
+    ckpt.sidecar_path(one).unlink()      # killed after the old sidecar went, before the slim copy was in place
+    ckpt.sidecar_path(two).unlink()
+    two.write_bytes(two.read_bytes()[:200])  # and one that is not whole (no slimming leaves that; repair's to judge)
+    caplog.set_level("INFO", logger=ckpt.__name__)
+    assert ckpt.slim_old_checkpoints(tmp_path, keep_last=2, keep_steps=[1, 2, 3]) == [one]
+    assert _sealed(one) and "opt" not in torch.load(one, weights_only=True)
+    assert not ckpt.sidecar_path(two).exists() and two.stat().st_size == 200
+    messages = _messages(caplog)
+    assert messages[0].startswith(f"{one} had no checksum file (a slimming cut short?); it loads whole")
+    assert messages[1].startswith(f"kept step_0000002.pt as it is, not slimmed: {two}: no checksum file, and it "
+                                  "does not load (")
+    assert messages[2] == "dropped the optimizer state of step_0000001.pt (train.keep_optimizer: newest)"
+
+
+def test_the_slow_slim_hook_stalls_its_step_at_its_point(tmp_path, monkeypatch):
+    stalls = []
+    monkeypatch.setattr(ckpt.time, "sleep", stalls.append)
+    monkeypatch.setenv(ckpt.SLOW_SLIM_ENV, "2:replaced:0.5")
+    for s in (1, 2):
+        ckpt.slim_checkpoint(ckpt.save_checkpoint(tmp_path, s, _whole(s)))
+    assert stalls == [0.5]
+    monkeypatch.setenv(ckpt.SLOW_SLIM_ENV, "3:unsealed:0.25")
+    ckpt.slim_checkpoint(ckpt.save_checkpoint(tmp_path, 3, _whole(3)))
+    assert stalls == [0.5, 0.25]
+
+
+def test_reverify_names_what_makes_an_unsealed_checkpoint_unusable(tmp_path):
+    def reverify(step, state):
+        path = ckpt.checkpoint_path(tmp_path, step)
+        torch.save(state, path)
+        return ckpt.reverify(path)
+
+    assert reverify(1, _whole(1)) is None
+    assert reverify(2, {k: v for k, v in _whole(2).items() if k != "opt"}) is None   # slim passes like whole
+    assert reverify(3, {"model": {}, "step": 3}) == "not a harness training checkpoint"
+    assert reverify(4, _whole(3)) == "holds step 3, not the step of its name"
+    nan, inf = {"w": torch.tensor([1.0, float("nan")])}, {"w": torch.tensor([float("inf")])}
+    assert reverify(5, {**_whole(5), "ema": nan}) == "its ema weights are not finite"
+    assert reverify(6, {**_whole(6), "model": inf}) == "its model weights are not finite"
+    ckpt.checkpoint_path(tmp_path, 7).write_bytes(b"half a file")
+    assert ckpt.reverify(ckpt.checkpoint_path(tmp_path, 7)).startswith("does not load (")

@@ -236,20 +236,33 @@ def test_evaluation_hours_add_the_per_image_decode_and_features_unscaled_by_gflo
 
 
 def test_disk_of_the_gflops_sweep_by_hand():
-    """Checkpoints: 16 bytes a parameter (weights, EMA, two Adam moments) x the 8 evaluated steps (ckpt_every =
-    the eval spacing, so keep_last adds none); npz: 50,000 x (256 x 256 x 3 + 8) bytes per kept setting;
-    FID features: 50,000 x 2,048 float16 per setting at every evaluated step; latents: ImageNet's 1,281,167 images
-    x 2 flips x 4 x 32 x 32 float16."""
+    """Checkpoints: 9 kept (the 8 evaluated steps and, ckpt_every_minutes being on, a timed one that can be among
+    the newest keep_last = 2 with step 400K): those 2 whole, 16 bytes a parameter (weights, EMA, two Adam
+    moments), the 7 evaluated steps before them slim, 8 bytes (weights, EMA); npz: 50,000 x (256 x 256 x 3 + 8)
+    bytes per kept setting; FID features: 50,000 x 2,048 float16 per setting at every evaluated step; latents:
+    ImageNet's 1,281,167 images x 2 flips x 4 x 32 x 32 float16."""
     for keep, kept_steps in (("last", 1), ("all", 8), ("none", 0)):
         plan = plan_sweep(load_spec(SWEEPS / "gflops.yaml", [f"eval.keep_samples={keep}"]))
         d, params = plan["disk"], sum(r["params"] for r in plan["runs"])
-        assert d["checkpoints_gb"] == pytest.approx(16 * 8 * params / 1e9, rel=1e-12)
+        assert d["checkpoints_gb"] == pytest.approx((16 * 2 + 8 * 7) * params / 1e9, rel=1e-12)
         assert d["samples_gb"] == pytest.approx(12 * kept_steps * 50_000 * (256 * 256 * 3 + 8) / 1e9, rel=1e-12)
         assert d["features_gb"] == pytest.approx(12 * 8 * 50_000 * 2048 * 2 / 1e9, rel=1e-12)   # 205 MB each
         assert d["latents_gb"] == pytest.approx(1_281_167 * 2 * 4 * 32 * 32 * 2 / 1e9, rel=1e-12)
         assert d["total_gb"] == pytest.approx(d["checkpoints_gb"] + d["samples_gb"] + d["features_gb"]
                                               + d["latents_gb"], rel=1e-12)
-    # checkpoints every 10,000 steps: 40 saved, of which the newest 2 and the 8 evaluated ones stay
-    ten = plan_sweep(load_spec(SWEEPS / "gflops.yaml", ["train.ckpt_every=10000"]))["disk"]
-    assert ten["checkpoints_gb"] == pytest.approx(16 * 10 * params / 1e9, rel=1e-12)
+
+    def ckpts(*overrides):
+        gb = plan_sweep(load_spec(SWEEPS / "gflops.yaml", list(overrides)))["disk"]["checkpoints_gb"]
+        return gb * 1e9 / params  # bytes a parameter, over the runs
+
+    assert ckpts("train.keep_optimizer=all") == pytest.approx(16 * 9, rel=1e-12)  # nothing slim: all 9 whole
+    # no timed checkpoints: the newest 2 are the evaluated 350K and 400K, whole; the 6 before them slim
+    assert ckpts("train.ckpt_every_minutes=0") == pytest.approx(16 * 2 + 8 * 6, rel=1e-12)
+    assert ckpts("train.ckpt_every_minutes=0", "train.keep_optimizer=all") == pytest.approx(16 * 8, rel=1e-12)
+    # every 10,000 steps, 40 saved: the newest 2 (390K, 400K) and the 7 evaluated before them; with timed
+    # checkpoints, 400K and a timed one and the same 7
+    assert ckpts("train.ckpt_every=10000", "train.ckpt_every_minutes=0") == pytest.approx(16 * 2 + 8 * 7, rel=1e-12)
+    assert ckpts("train.ckpt_every=10000") == pytest.approx(16 * 2 + 8 * 7, rel=1e-12)
+    # keep_last 4: 400K and 3 timed ones whole, and the 7 evaluated before them
+    assert ckpts("train.keep_last=4") == pytest.approx(16 * 4 + 8 * 7, rel=1e-12)
     assert "disk (at most, at the end): checkpoints" in format_table(plan)

@@ -20,9 +20,9 @@ normalised training identity -- model, conditioning, seed, the data keys that ch
 (dataset, image_size, autoencoder, num_classes, flip) and the train keys that change the maths (global_batch,
 lr, weight_decay, warmup_steps, ema_decay, class_dropout, precision, init_from: the sha256 of its file's
 bytes). Deliberately excluded: the launcher, eval, file locations (data.path, data.autoencoder_path:
-moving the data keeps the ids), bookkeeping (ckpt_every, ckpt_every_minutes, keep_last, log_every, compile,
-compile_mode, micro_batch, grad_checkpointing) and train.steps (raising the step count continues the same
-runs instead of starting new ones).
+moving the data keeps the ids), bookkeeping (ckpt_every, ckpt_every_minutes, keep_last, keep_optimizer,
+log_every, compile, compile_mode, micro_batch, grad_checkpointing) and train.steps (raising the step count
+continues the same runs instead of starting new ones).
 `train.init_from` (weights to start from) enters the identity as that hash, so moving or renaming the
 file keeps the ids, changing its weights makes new runs; absent, ids are unchanged.
 
@@ -75,6 +75,8 @@ PRECISIONS = ("fp32", "bf16")
 LAUNCHERS = ("slurm", "local", "debug")
 #: which evaluation npz files a run keeps (eval.keep_samples; harness.training.evaluation applies it)
 KEEP_SAMPLES = ("all", "last", "none")
+#: which retained checkpoints keep AdamW's state (train.keep_optimizer; harness.models.checkpoint applies it)
+KEEP_OPTIMIZER = ("newest", "all")
 #: the most runs one sweep may expand to (a bound, so a typo cannot plan a million runs)
 MAX_RUNS = L.MAX_RUNS
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -139,6 +141,9 @@ class TrainSpec:
     # at most that much); 0: only every ckpt_every steps
     ckpt_every_minutes: float = _opt(30.0, kind=float, min=0.0, **L.CKPT_MINUTES)
     keep_last: int = _opt(2, kind=int, min=1, **L.KEEP_LAST)
+    # newest: an evaluated step's checkpoint, once not among the newest keep_last, is rewritten without the
+    # optimizer state (weights and EMA: half the bytes; resuming needs only the newest); all: every one kept whole
+    keep_optimizer: str = _opt("newest", kind=str, choices=KEEP_OPTIMIZER)
     log_every: int = _opt(50, kind=int, min=1, **L.STEP_COUNT)
     # weights to start from (harness checkpoint, official-layout state dict, diffusers DiT folder); the run id
     # hashes the file's content, not its path; a fresh optimizer. See harness.interop.convert.
@@ -209,7 +214,7 @@ __doc__ += L.ranges_doc(DataSpec, TrainSpec, EvalSpec, LauncherSpec)
 
 # train keys that do not change the maths, hence not the run id
 _TRAIN_ID_EXCLUDED = ("steps", "compile", "compile_mode", "micro_batch", "grad_checkpointing", "ckpt_every",
-                      "ckpt_every_minutes", "keep_last", "log_every")
+                      "ckpt_every_minutes", "keep_last", "keep_optimizer", "log_every")
 _DATA_ID_EXCLUDED = ("path", "autoencoder_path")
 
 

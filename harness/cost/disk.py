@@ -2,7 +2,8 @@
 (as eval.keep_samples keeps them), its evaluations' stored FID features and the latent caches its runs share. Upper bounds from the spec alone
 (nothing is read): a cluster's quota is checked before the jobs fill it, not after.
 
-Sizes (bytes): a checkpoint holds the weights, their EMA and AdamW's two moments, float32: 16 x params; an
+Sizes (bytes): a checkpoint holds the weights, their EMA and AdamW's two moments, float32: 16 x params; a slim
+one (an evaluated step's once it is not among the newest, under train.keep_optimizer: newest) 8 x params; an
 ADM npz holds N images of H x W x 3 uint8 and N int64 labels; an evaluation's features N x D in the space's
 dtype (vocab.FID_FEATURES: 2,048 float16 for Inception, 205 MB per FID-50K), every one kept; a latent cache holds each image and its flip,
 C x h x w float16 through the VAE (float32 for the identity autoencoder).
@@ -17,17 +18,28 @@ from harness.config.spec import RunSpec
 from harness.config.vocab import FID_FEATURES
 
 CHECKPOINT_BYTES_PER_PARAM = 4 * 4   # weights, EMA, Adam exp_avg and exp_avg_sq, float32
+SLIM_CHECKPOINT_BYTES_PER_PARAM = 2 * 4   # weights and EMA (harness.models.checkpoint.slim_checkpoint)
 LABEL_BYTES = 8                      # the npz's arr_1, int64
 GB = 1e9
 
 
-def checkpoints_kept(run: RunSpec) -> int:
-    """Most checkpoints a run keeps at once: the newest train.keep_last and those at eval.at_steps (retention
-    spares them), never more than it saves."""
+def checkpoints_kept(run: RunSpec) -> tuple[int, int]:
+    """(whole, slim): the most checkpoints a run keeps at the end: the newest train.keep_last, whole, and besides
+    them those at eval.at_steps (retention spares them), slim under train.keep_optimizer: newest, whole under all.
+    With train.ckpt_every_minutes on, all of the newest but the final one may be timed checkpoints (a last
+    stretch of more than that many minutes), which spare no evaluated step."""
     tr = run.train
+    if not tr.steps:
+        return 0, 0
     saved = {s for s in range(tr.ckpt_every, tr.steps + 1, tr.ckpt_every)} | {tr.steps}
     evaluated = {s for s in run.eval.at_steps if 0 < s <= tr.steps}
-    return min(len(saved | evaluated), tr.keep_last + len(evaluated)) if tr.steps else 0
+    if tr.ckpt_every_minutes:  # at worst the newest are the final step and timed checkpoints just before it
+        newest, count = {tr.steps}, tr.keep_last
+    else:
+        newest = set(sorted(saved | evaluated)[-tr.keep_last:])
+        count = len(newest)
+    slim = len(evaluated - newest)
+    return (count, slim) if tr.keep_optimizer == "newest" else (count + slim, 0)
 
 
 def samples_kept(run: RunSpec) -> int:
@@ -52,7 +64,8 @@ def run_disk(run: RunSpec, params: int, latent: tuple[int, int, int]) -> dict:
     is shared)."""
     side = run.data.image_size
     npz = run.eval.num_samples * (side * side * 3 + LABEL_BYTES)
-    ckpt = 0 if run.checkpoints_from else checkpoints_kept(run) * CHECKPOINT_BYTES_PER_PARAM * params
+    whole, slim = (0, 0) if run.checkpoints_from else checkpoints_kept(run)
+    ckpt = (whole * CHECKPOINT_BYTES_PER_PARAM + slim * SLIM_CHECKPOINT_BYTES_PER_PARAM) * params
     return {"checkpoints_gb": ckpt / GB, "samples_gb": samples_kept(run) * npz / GB,
             "features_gb": features_bytes(run) / GB}
 
@@ -86,7 +99,7 @@ def sweep_disk(runs: list[RunSpec], plans: list[Any], images: list[int | None]) 
 def format_disk(d: dict) -> str:
     latents = (f"latent caches {d['latents_gb']:,.1f} GB" if d["latents_gb"] is not None
                else "latent caches: unknown (a data set's size is not known here)")
-    return (f"disk (at most, at the end): checkpoints {d['checkpoints_gb']:,.1f} GB (train.keep_last and the "
-            f"eval.at_steps ones), sample npz files {d['samples_gb']:,.1f} GB (eval.keep_samples), FID features "
-            f"{d['features_gb']:,.1f} GB, {latents}; "
+    return (f"disk (at most, at the end): checkpoints {d['checkpoints_gb']:,.1f} GB (train.keep_last whole, the "
+            f"other eval.at_steps ones as train.keep_optimizer keeps them), sample npz files "
+            f"{d['samples_gb']:,.1f} GB (eval.keep_samples), FID features {d['features_gb']:,.1f} GB, {latents}; "
             f"total {d['total_gb']:,.1f} GB")

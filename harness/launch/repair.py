@@ -9,7 +9,8 @@ does not parse or is not this run's record, a checkpoint without its checksum si
 - a checkpoint without a sidecar is re-verified: it must load with `weights_only=True`, hold the
   step its name says, and have finite model and EMA weights; then its sidecar is written. (A file at
   its final name was renamed there only after a complete, fsynced write, so a crash between the
-  rename and the sidecar is what this repairs; a flipped bit inside a tensor would not be caught.)
+  rename and the sidecar, in a save or in slimming, is what this repairs; a flipped bit inside a
+  tensor would not be caught.) A slim checkpoint (no optimizer state) passes like a whole one.
   Otherwise it is quarantined as `*.corrupt`; if it was the newest checkpoint of a finished run,
   `done` goes too, so the run trains again from its newest valid checkpoint (its evaluations stay).
 """
@@ -60,27 +61,9 @@ def damage(run: RunSpec, rdir: Path) -> str | None:
     return "; ".join(problems) + " (`harness sweep` repairs it)" if problems else None
 
 
-def _reverify(path: Path) -> str | None:
-    """None if the checkpoint loads whole, holds its own step and finite weights; else why not."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to load means the file is unusable
-        return f"does not load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-    if not isinstance(state, dict) or not {"model", "ema", "step"} <= set(state):
-        return "not a harness training checkpoint"
-    if int(state["step"]) != layout.checkpoint_step(path.name):
-        return f"holds step {state['step']}, not the step of its name"
-    for key in ("model", "ema"):
-        if not all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point()):
-            return f"its {key} weights are not finite"
-    return None
-
-
 def repair(run: RunSpec, rdir: Path) -> list[str]:
     """Fix what `damage` finds; returns one line per thing done (also logged)."""
-    from harness.models.checkpoint import seal_checkpoint  # torch: status reads damage without it
+    from harness.models.checkpoint import reverify, seal_checkpoint  # torch: status reads damage without it
 
     folder, done = layout.RunFolder(rdir), []
     newest = max(folder.checkpoint_steps(), default=None)
@@ -89,7 +72,7 @@ def repair(run: RunSpec, rdir: Path) -> list[str]:
         record_run(run, rdir)
         done.append(f"{run.run_id}: {problem}; rewrote it from the spec")
     for path in unsealed_checkpoints(rdir):
-        why = _reverify(path)
+        why = reverify(path)
         if why is None:
             seal_checkpoint(path)
             done.append(f"{run.run_id}: {path.name} had no checksum file; it loads whole with its step and "

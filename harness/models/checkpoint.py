@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic save with a checksum, validation, newest-valid discovery, retention.
+"""Training checkpoints: atomic save with a checksum, validation, newest-valid discovery, retention, slimming.
 
 A checkpoint is a plain `torch.save` file `checkpoints/step_XXXXXXX.pt` holding a dict
 {model, ema, opt, step, rng, data_pos, run} (so `torch.load(path)["ema"]` is a plain state dict),
@@ -10,6 +10,12 @@ full disk) leaves the previous checkpoint as the resume point and says so. Every
 `torch.load(weights_only=True)`: the RNG states are tensors and plain values (harness.training.runtime), and
 a file that carries a pickled callable is refused without running it (the sidecar only proves the
 file is whole, not that it is ours).
+
+Retention keeps the newest `train.keep_last` checkpoints and those at eval.at_steps. Under
+`train.keep_optimizer: newest` (the default) an evaluated step's checkpoint that is no longer among the
+newest is rewritten *slim*: the same dict without "opt" (AdamW's two moments, half a whole checkpoint's
+bytes), with its sidecar rewritten to match. Only resuming needs "opt", and it resumes from the newest;
+evaluation, sampling, export and `checkpoints_from` read the weights and EMA, which stay bitwise.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from harness.errors import HarnessError
-from harness.io import atomic_write, atomic_write_text, sha256_file
+from harness.io import atomic_write, atomic_write_text, sha256_file, unlink_durably
 from harness.config.layout import checkpoint_name, checkpoint_step, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,17 @@ def _slow_save_seconds(step: int) -> float:
         return 0.0
     at, seconds = hook.split(":", 1)
     return float(seconds) if int(at) == step else 0.0
+
+
+#: test hook "STEP:POINT:SECONDS": stall that long while slimming the checkpoint of STEP, at POINT: "unsealed"
+#: (old sidecar removed, slim copy written but not in place) or "replaced" (slim copy in place, no sidecar yet).
+SLOW_SLIM_ENV = "HARNESS_TEST_SLOW_SLIM"
+
+
+def _slim_stall(step: int, point: str) -> None:
+    hook = os.environ.get(SLOW_SLIM_ENV, "").split(":")
+    if len(hook) == 3 and int(hook[0]) == step and hook[1] == point:
+        time.sleep(float(hook[2]))
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
@@ -174,10 +191,100 @@ def clean_partial_writes(ckpt_dir: str | Path) -> int:
     return n
 
 
-def apply_retention(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[int] = ()) -> list[Path]:
-    """Delete checkpoints other than the newest `keep_last` and those at `keep_steps`.
+def reverify(path: Path) -> str | None:
+    """For a checkpoint found without its sidecar: None if it loads whole (weights_only), holds the step of its
+    name and finite model and EMA weights; else why not. (A file at its final name was renamed there only after a
+    complete, fsynced write; a flipped bit inside a tensor would not be caught.)"""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to load means the file is unusable
+        return f"does not load ({_first_line(err)})"
+    if not isinstance(state, dict) or not {"model", "ema", "step"} <= set(state):
+        return "not a harness training checkpoint"
+    if int(state["step"]) != checkpoint_step(path.name):
+        return f"holds step {state['step']}, not the step of its name"
+    for key in ("model", "ema"):
+        if not all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point()):
+            return f"its {key} weights are not finite"
+    return None
 
-    Returns the deleted paths. `keep_last` < 1 keeps everything.
+
+def slim_checkpoint(path: Path) -> bool:
+    """Rewrite a checkpoint without its optimizer state ("opt"); everything else stays, bitwise. False if it has
+    none (already slim); ValueError if it does not verify (then it is left as it is).
+
+    The slim copy goes to a temporary file; the old sidecar is removed (durably), the copy fsynced and renamed
+    into place, then the new sidecar written. A crash in between leaves a complete file, whole or slim, without
+    a sidecar, which `reverify` passes (`harness sweep`'s repair, or the next `slim_old_checkpoints`, seals it):
+    the file never sits beside a sidecar that does not match it.
+    """
+    try:  # mmap: asking whether it is slim already reads the small pickle, not the tensors
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise ValueError(f"{path}: torch.load failed: {_first_line(err)}") from err
+    if "opt" not in state:
+        return False
+    problem = verify_checkpoint(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    buf = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if k != "opt"}, buf)
+    del state
+    data, step, side = buf.getbuffer(), checkpoint_step(path.name), sidecar_path(path)
+
+    def write(f: Any) -> None:
+        f.write(data)
+        unlink_durably(side)  # unsealed from here to the new sidecar (never mismatched)
+        _slim_stall(step, "unsealed")
+
+    try:
+        atomic_write(path, write, mode="wb")
+        _slim_stall(step, "replaced")
+        atomic_write_text(side, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+    except OSError:
+        if not side.exists() and reverify(path) is None:  # the file in place is whole or slim: seal it again
+            seal_checkpoint(path)
+        raise
+    return True
+
+
+def slim_old_checkpoints(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[int]) -> list[Path]:
+    """Slim (`slim_checkpoint`) the checkpoints at `keep_steps` that are not among the newest `keep_last`; one a
+    crash left without its sidecar mid-slimming is first re-verified and sealed. Housekeeping, never fatal: a
+    checkpoint that cannot be slimmed is logged and kept as it is. Returns the paths slimmed."""
+    if keep_last < 1:
+        return []
+    found = list_checkpoints(ckpt_dir)
+    newest = {step for step, _ in found[-keep_last:]}
+    keep = set(int(s) for s in keep_steps)
+    slimmed = []
+    for step, path in found:
+        if step in newest or step not in keep:
+            continue
+        try:
+            if not sidecar_path(path).exists():
+                why = reverify(path)
+                if why:
+                    raise ValueError(f"{path}: no checksum file, and it {why} (`harness sweep` quarantines it)")
+                seal_checkpoint(path)
+                log.warning("%s had no checksum file (a slimming cut short?); it loads whole with its step and "
+                            "finite weights, so its checksum was written", path)
+            if slim_checkpoint(path):
+                slimmed.append(path)
+        except (ValueError, OSError) as err:
+            log.warning("kept %s as it is, not slimmed: %s", path.name, err)
+    if slimmed:
+        log.info("dropped the optimizer state of %s (train.keep_optimizer: newest)",
+                 ", ".join(p.name for p in slimmed))
+    return slimmed
+
+
+def apply_retention(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[int] = (),
+                    keep_optimizer: str = "all") -> list[Path]:
+    """Delete checkpoints other than the newest `keep_last` and those at `keep_steps`; with `keep_optimizer`
+    "newest" (train.keep_optimizer), slim those at `keep_steps` not among the newest (`slim_old_checkpoints`).
+
+    Returns the deleted paths. `keep_last` < 1 keeps everything, whole.
     """
     if keep_last < 1:
         return []
@@ -193,4 +300,6 @@ def apply_retention(ckpt_dir: str | Path, keep_last: int, keep_steps: Iterable[i
         deleted.append(path)
     if deleted:
         log.info("retention removed %s", ", ".join(p.name for p in deleted))
+    if keep_optimizer == "newest":
+        slim_old_checkpoints(ckpt_dir, keep_last, keep)
     return deleted

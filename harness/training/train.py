@@ -237,10 +237,13 @@ class Trainer:
             torch.distributed.broadcast_object_list(path_box, src=0)
         if path_box[0] is not None:
             state = found[0] if found else ckpt.load_checkpoint(path_box[0])
+            self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+            if "opt" not in state and self.step < run.train.steps:  # every rank raises: no rank waits
+                raise HarnessError(_slim_resume_error(path_box[0], self.step))
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
-            self.opt.load_state_dict(state["opt"])
-            self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+            if "opt" in state:  # a slim one trains no further: evaluation (checkpoints_from) or a finished run
+                self.opt.load_state_dict(state["opt"])
             if dist.world == 1:
                 set_rng_state(state["rng"])
             else:
@@ -250,6 +253,10 @@ class Trainer:
             seed_everything(derive_seed(run.seed, dist.rank))
             if run.train.init_from:  # weights only: a fresh optimizer
                 init_from_source(run, self.model, self.ema)
+        # finish a slimming a crash cut short (before pending_evals, whose ranks read these checkpoints); a
+        # checkpoints_from run's checkpoints are links to another run's, left as they are
+        if dist.main and run.train.keep_optimizer == "newest" and not run.checkpoints_from:
+            ckpt.slim_old_checkpoints(self.ckpt_dir, run.train.keep_last, run.eval.at_steps)
         # run pending evaluations of retained checkpoints (preempted mid-eval, or settings added)
         pending_evals(run, self.run_dir, self.ema, dist, upto=self.step, current=self.step)  # every rank samples
         barrier(dist)
@@ -373,7 +380,7 @@ class Trainer:
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "step": s, "rng": rng_state(), "data_pos": self.data_pos, "run": self.run.to_dict(),
                 "world_size": self.dist.world})
-            ckpt.apply_retention(self.ckpt_dir, self.run.train.keep_last, ckpt_steps)
+            ckpt.apply_retention(self.ckpt_dir, self.run.train.keep_last, ckpt_steps, self.run.train.keep_optimizer)
 
     def evaluate(self, s: int, ckpt_steps: set[int]) -> None:
         save_grid(self.run, self.run_dir, self.ema, self.dist, s)  # rank 0 only
@@ -384,6 +391,14 @@ class Trainer:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+
+
+def _slim_resume_error(path: str, step: int) -> str:
+    """Why a run cannot go on from a slim checkpoint, and the fixes, in one line."""
+    return (f"{path}: the newest valid checkpoint is slim (train.keep_optimizer: newest dropped its optimizer "
+            f"state), so training cannot resume exactly from step {step}. Fix: put back a whole checkpoint of a "
+            "later step (invalid ones were renamed *.corrupt), or move the run folder aside and run the sweep "
+            "again to train the run anew; its weights and EMA still serve evaluation, `harness sample` and export.")
 
 
 def _model_gflops(run: RunSpec, shape: tuple[int, int, int]) -> float | None:
