@@ -1,12 +1,12 @@
 """What a sweep leaves on disk, for `harness plan`: the checkpoints each run keeps, its evaluation npz files
-(as eval.keep_samples keeps them), its evaluations' stored FID features and the latent caches its runs share. Upper bounds from the spec alone
-(nothing is read): a cluster's quota is checked before the jobs fill it, not after.
+(as eval.keep_samples keeps them), its evaluations' stored FID features and the latent caches its runs share.
+Upper bounds from the spec alone (nothing is read): a cluster's quota is checked before the jobs fill it.
 
 Sizes (bytes): a checkpoint holds the weights, their EMA and AdamW's two moments, float32: 16 x params; a slim
 one (an evaluated step's once it is not among the newest, under train.keep_optimizer: newest) 8 x params; an
 ADM npz holds N images of H x W x 3 uint8 and N int64 labels; an evaluation's features N x D in the space's
-dtype (vocab.FID_FEATURES: 2,048 float16 for Inception, 205 MB per FID-50K), every one kept; a latent cache holds each image and its flip,
-C x h x w float16 through the VAE (float32 for the identity autoencoder).
+dtype (vocab.FID_FEATURES: 2,048 float16 for Inception, 205 MB per FID-50K), every one kept; a latent cache
+holds each image and its flip, C x h x w float16 through the VAE (float32 for the identity autoencoder).
 """
 from __future__ import annotations
 
