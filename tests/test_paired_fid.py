@@ -170,6 +170,29 @@ def test_the_verdict_uses_the_paired_error_only_for_provably_paired_rows(written
     assert _fid(feats, ref.mu, ref.sigma) == pytest.approx(rows["a"]["fid"], rel=1e-9)
 
 
+def test_a_paired_error_is_computed_once_and_again_only_when_a_features_file_changes(written, monkeypatch, tmp_path):
+    """The report's cache on disk: a second render reads the pair's error back; a rewritten features file (new
+    size or mtime) is computed afresh."""
+    import os
+
+    import harness.metrics.stats as stats_mod
+    from harness.report.paired import PairedErrors
+    from harness.study.results import load_sweep
+
+    results, _ = written
+    res = load_sweep(results, "pair")
+    rows = {r["run_id"]: r for _, r in res.frame.iterrows()}
+    real, calls = stats_mod.fid_difference, []
+    monkeypatch.setattr(stats_mod, "fid_difference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))   # an empty cache: the first render computes
+    se = [PairedErrors({r["run_id"]: r for r in res.runs})(rows["a"], rows["b"]) for _ in range(2)]
+    assert se[0] == se[1] and se[0] > 0 and len(calls) == 1
+    st = os.stat(rows["b"]["fid_features"])
+    os.utime(rows["b"]["fid_features"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = PairedErrors({r["run_id"]: r for r in res.runs})(rows["a"], rows["b"])
+    assert again == se[0] and len(calls) == 2
+
+
 def test_features_are_stored_as_float16_only_in_inception_space_and_only_when_they_fit():
     from harness.metrics.features import stored_features
 

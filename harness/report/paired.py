@@ -9,6 +9,8 @@ the comparison falls back to the two errors combined, and `reasons` counts why.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 
 from harness.config.spec import expand_path
 from harness.errors import HarnessError
+from harness.io import atomic_write_json, cache_dir
 from harness.study.pairing import pairing_problem
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,23 @@ class PairedErrors:
         return None
 
     def _se(self, a: Mapping, b: Mapping) -> float | None:
+        """fid_difference's error, cached on disk: at FID-50K in Inception space one pair costs minutes on a few
+        cores, and a report is rendered again and again. Keyed by both features files (written once, atomically:
+        path, size and mtime name their content), the reference, n_boot and seed."""
         from harness.metrics.stats import fid_difference  # torch: only when a report is rendered
 
+        key = [[str(Path(r["fid_features"]).resolve()), *_stamp(r["fid_features"])] for r in (a, b)]
+        key += [str(a["feature_space"]), str(a["reference"]), int(a["image_size"]), self.n_boot, self.seed]
+        cached = cache_dir("paired") / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
+        try:
+            return json.loads(cached.read_text())["fid_diff_se"]
+        except (OSError, ValueError, KeyError):
+            pass
         mu, sigma = self._reference(a)
         fa, fb = (np.load(str(r["fid_features"]), allow_pickle=False) for r in (a, b))
-        return fid_difference(fa, fb, mu, sigma, n_boot=self.n_boot, seed=self.seed)["fid_diff_se"]
+        se = fid_difference(fa, fb, mu, sigma, n_boot=self.n_boot, seed=self.seed)["fid_diff_se"]
+        atomic_write_json(cached, {"key": key, "fid_diff_se": se})
+        return se
 
     def _reference(self, row: Mapping) -> tuple[np.ndarray, np.ndarray]:
         """The reference's FID statistics (mu (D,), sigma (D, D)) in the row's feature space (cached by metrics)."""
@@ -91,6 +106,11 @@ class PairedErrors:
         return (f"{self.paired} of {self.paired + sum(self.reasons.values())} FID comparisons used the paired "
                 "standard error of the difference (the two evaluations' samples share noise and labels; bootstrap "
                 "over the stored features)" + (f", the others the two errors combined ({why})." if why else "."))
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _features_problem(row: Mapping) -> str | None:
