@@ -19,7 +19,7 @@ COMMANDS = {
     "flops": ("harness.models.flops", "Gflops and parameters of DiT variants (fvcore)"),
     "latents": ("harness.data.latents", "pre-extract autoencoder latents into the shared cache"),
     "train": ("harness.training.train", "train one model (standalone, or the body of a sweep job)"),
-    "bench": ("harness.training.bench", "training and sampling throughput on this device"),
+    "bench": ("harness.cost.bench", "training and sampling throughput on this device"),
     "sample": ("harness.sampling.sample", "sample images from a checkpoint into a grid and an ADM npz"),
     "evaluate": ("harness.metrics.evaluate", "FID, sFID, IS, precision and recall of an npz of samples"),
     "plan": ("harness.cost.plan", "runs, Gflops and compute of a sweep, without running it"),

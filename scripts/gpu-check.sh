@@ -10,7 +10,8 @@
 #
 # Stages (default: all, in this order -- what the last GPU task left unmeasured first; see the README's
 # "Evaluation on GPUs" and issue 23): train-xl2-default, train-b2-graphs, train-s2-graphs, train-b2-autotune,
-# train-s2-autotune, precision, cuda-tests, eval-xl2, train-xl2-cudnn.
+# train-s2-autotune, precision, cuda-tests, eval-xl2, train-xl2-cudnn, bench-suite (continued from
+# $GPU_CHECK_SUITE, a bench-suite.json an earlier call returned, when set).
 #
 # Python: the project's .venv when it exists, else `python3`. Packages missing from a bare GPU image
 # are installed from wheels in .whl/ when that folder exists (build them on a machine with PyPI:
@@ -36,7 +37,7 @@ export HARNESS_CACHE="${HARNESS_CACHE:-$OUT_DIR/cache}"
 start=$SECONDS
 
 BUDGET=${GPU_CHECK_BUDGET_S:-540}   # all stages together; the rest of 10 minutes is start-up and slack
-# (all stages need ~1,600 s: a 15-minute device session runs them in two or three calls with GPU_CHECK_STAGES)
+# (the stages' limits add up to ~2,100 s: several calls with GPU_CHECK_STAGES, see CONTRIBUTING)
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit (cut to what is left of BUDGET)
   local name=$1 limit=$2; shift 2
@@ -95,11 +96,18 @@ run_stage() {  # one named stage with its own time limit
     eval-xl2) stage "$1" 230 "$PY" -c "$EVAL_XL2" "$OUT_DIR/$1.json" ;;
     # cuDNN attention first (the H100 baseline: 0.153 ms vs flash 0.258; the whole step lost 2.5% on 2026-12-04)
     train-xl2-cudnn) stage "$1" 150 env HARNESS_ATTENTION=cudnn "${BENCH[@]}" --model DiT-XL/2 --out "$OUT_DIR/$1.json" ;;
+    # what `harness plan --throughput-from` reads: all 12 models' training and evaluation end to end (DDPM-250),
+    # the MFU targets' models first; rewritten after each model and continued from $GPU_CHECK_SUITE (the
+    # bench-suite.json an earlier call returned), so a suite cut by its limit goes on in the next call
+    bench-suite)
+      [ -f "${GPU_CHECK_SUITE:-}" ] && cp "$GPU_CHECK_SUITE" "$OUT_DIR/bench-suite.json"
+      stage "$1" 600 "${BENCH[@]}" --suite "$SUITE_MODELS" --sampling-steps 250 --out "$OUT_DIR/bench-suite.json" ;;
     *) echo "| $1 | unknown stage | 0 s |" >>"$OUT_DIR/stages.md" ;;
   esac
 }
+SUITE_MODELS="DiT-XL/2,DiT-B/2,DiT-S/2,DiT-L/2,DiT-XL/4,DiT-L/4,DiT-B/4,DiT-XL/8,DiT-L/8,DiT-S/4,DiT-B/8,DiT-S/8"
 TRAIN_STAGES="train-xl2-default train-b2-graphs train-s2-graphs train-b2-autotune train-s2-autotune"
-STAGES=${GPU_CHECK_STAGES:-"$TRAIN_STAGES precision cuda-tests eval-xl2 train-xl2-cudnn"}
+STAGES=${GPU_CHECK_STAGES:-"$TRAIN_STAGES precision cuda-tests eval-xl2 train-xl2-cudnn bench-suite"}
 for s in $STAGES; do run_stage "$s"; done
 
 {
@@ -129,6 +137,16 @@ for s in $STAGES; do run_stage "$s"; done
     else grep -E "micro-batch|training|WARNING|Error" "$OUT_DIR/$t.log" 2>/dev/null | tail -n 6; fi
     echo '```'
   done
+  if [ -f "$OUT_DIR/bench-suite.md" ]; then
+    echo
+    echo "## bench suite (bench-suite.json: pass it back as GPU_CHECK_SUITE to continue it)"
+    echo
+    cat "$OUT_DIR/bench-suite.md"
+    echo
+    echo '```'
+    "$PY" -m harness plan sweeps/gflops.yaml --throughput-from "$OUT_DIR/bench-suite.json" 2>&1 | tail -n 30
+    echo '```'
+  fi
   echo
   echo "## cuda tests"
   echo '```'

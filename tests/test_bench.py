@@ -87,3 +87,77 @@ def test_bench_latent_stage_and_end_to_end_evaluation(capsys):
     batch_s = ev["fixed_s_per_batch"] + 250 * per_step             # 5 batches of 2 make the 10 images
     assert ev["projected_h"] == pytest.approx(5 * batch_s / 3600, rel=1e-9)
     assert ev["images_per_s"] > 0 and ev["images_per_s_per_step"] == pytest.approx(ev["images_per_s"] * 250, rel=1e-12)
+
+
+def test_suite_cut_short_continues_from_its_file(tmp_path, monkeypatch, capsys):
+    """The suite rewrites its file after each measurement: cut during the second model, the first model's
+    row is on disk, and the same command measures only what the file lacks (the kept row is the written one,
+    not a new timing)."""
+    import harness.cost.bench as cost_bench
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--suite", "DiT-2x32x2/4,DiT-2x32x2/2", "--batch", "4", "--steps", "1", "--warmup", "1",
+            "--input-size", "8", "--in-channels", "1", "--out", str(out)]
+    real = cost_bench.bench
+
+    def cut_at_second(name, **kw):
+        if name == "DiT-2x32x2/2":
+            raise KeyboardInterrupt   # what a job's time limit does to the process, as far as the file can tell
+        return real(name, **kw)
+
+    monkeypatch.setattr(cost_bench, "bench", cut_at_second)
+    assert main(args) == 130
+    first = json.loads(out.read_text())
+    assert [r["model"] for r in first["results"]] == ["DiT-2x32x2/4"]
+    assert "DiT-2x32x2/4" in (tmp_path / "bench.md").read_text()
+
+    measured = []
+    monkeypatch.setattr(cost_bench, "bench", lambda name, **kw: measured.append(name) or real(name, **kw))
+    assert main(args) == 0
+    capsys.readouterr()
+    both = json.loads(out.read_text())
+    assert measured == ["DiT-2x32x2/2"]
+    assert [r["model"] for r in both["results"]] == ["DiT-2x32x2/4", "DiT-2x32x2/2"]
+    assert both["results"][0] == first["results"][0] and both["settings"] == first["settings"]
+    assert main(args) == 0 and measured == ["DiT-2x32x2/2"]     # complete: nothing measured again
+    capsys.readouterr()
+
+    # other settings: refused in one line naming the file and the setting; the file untouched
+    before = out.read_bytes()
+    assert main([a if a != "4" else "2" for a in args]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "batch = 4" in err and "Fix:" in err and "Traceback" not in err
+    assert out.read_bytes() == before
+
+
+def test_recomputation_is_tried_only_where_micro_batches_underfill_the_device():
+    """The rule in harness/cost/bench.py's doc: on CUDA, where the defaults failed or split the batch into
+    micro-batches of fewer than EFFICIENT_TOKENS_PER_GPU tokens (DiT-XL/2: 256 tokens an image)."""
+    from dataclasses import fields, replace
+
+    from harness.cost.bench import worth_recomputing
+    from harness.cost.schedule import EFFICIENT_TOKENS_PER_GPU
+    from harness.training.bench import BenchResult
+
+    base = BenchResult(**{f.name: 0 for f in fields(BenchResult)})
+    xl2 = replace(base, model="DiT-XL/2", input_size=32, batch=256, error=None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    edge = EFFICIENT_TOKENS_PER_GPU // 256                     # micro-batch at exactly the threshold
+    assert not worth_recomputing(replace(xl2, micro_batch=256), cuda)          # the whole batch fits
+    assert not worth_recomputing(replace(xl2, micro_batch=edge), cuda)
+    assert worth_recomputing(replace(xl2, micro_batch=edge // 2), cuda)
+    assert worth_recomputing(replace(xl2, micro_batch=0, error="out of memory"), cuda)
+    assert not worth_recomputing(replace(xl2, micro_batch=edge // 2), cpu)     # no recomputation on the CPU
+    xl8 = replace(xl2, model="DiT-XL/8")                                     # 16 tokens an image
+    assert worth_recomputing(replace(xl8, micro_batch=128), cuda)
+
+
+def test_paper_suite_measures_the_largest_models_first():
+    from harness.config.registry import VARIANTS
+    from harness.cost.bench import paper_models
+    from harness.paper import paper_gflops
+
+    order = paper_models()
+    assert sorted(order) == sorted(VARIANTS) and len(order) == 12
+    assert order[0] == "DiT-XL/2" and order[-1] == "DiT-S/8"
+    assert all(paper_gflops(a) >= paper_gflops(b) for a, b in zip(order, order[1:]))

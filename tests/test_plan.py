@@ -204,7 +204,7 @@ def test_evaluation_hours_add_the_per_image_decode_and_features_unscaled_by_gflo
     """H200's row measures evaluation end to end: network calls (scaled by Gflops for other models) plus
     noise, decode and features per image (the same for every model); a bench JSON's eval stage likewise."""
     from harness import hardware
-    from harness.training.bench import read_throughput
+    from harness.cost.bench import read_throughput
 
     rows = {m.model: m for m in hardware.measured("h200")}
     xl2 = rows["DiT-XL/2"]

@@ -159,7 +159,7 @@ def _latent_hours(plans: list[RunPlan], runs: list[RunSpec], latent_throughput: 
 def _measured(bench_json: str, runs: list[RunSpec]) -> dict[str, tuple[float, float, float]]:
     """{model: (training images/s, sampling images/s per step, evaluation s per image beyond the network)}
     for every run's model, from a bench JSON."""
-    from harness.training.bench import read_throughput  # torch: only with --throughput-from
+    from harness.cost.bench import read_throughput  # torch: only with --throughput-from
 
     measured = read_throughput(bench_json)
     missing = sorted({r.model for r in runs} - set(measured))

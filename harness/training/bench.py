@@ -1,4 +1,5 @@
-"""`harness bench`: training and sampling throughput of DiTs on the present device.
+"""One model's training and sampling throughput on the present device: what `harness bench` measures
+(the command, its suite and the reader `harness plan --throughput-from` uses: `harness.cost.bench`).
 
 Training: full steps of the trainer's own step (`harness.training.step.TrainStep`: the diffusion loss with
 the learned-variance term in micro-batches, backward, AdamW, EMA) on random latents, with the
@@ -11,35 +12,22 @@ sampling steps (e.g. 250) for finished images/s.
 Achieved TFLOP/s = Gflops x 2 x 3 x images/s / 1000, where Gflops is the paper's (fvcore) count of
 forward multiply-adds per image, x 2 flops per multiply-add, x 3 for forward + backward. Model-flops
 utilisation (MFU) divides that by the device's dense peak for the precision, when known.
-
-`--suite` benches a list of models (default: the paper's 12) in each configuration worth trying
-(on CUDA: the defaults, and gradient checkpointing with the whole batch in one pass) and writes
-JSON plus a markdown table with the best configuration per model; `harness plan
---throughput-from FILE.json` reads that JSON.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
 from harness.training.runtime import Dist, peak_mem_mb, peak_tflops, train_tflops
-from harness.config.arguments import add_compile_mode_argument, auto_or_positive_int, positive_int
-from harness.config.registry import CONDITIONINGS, VARIANTS
-from harness.config.spec import PRECISIONS
-from harness.config.vocab import FEATURE_SPACES
-from harness.io import atomic_write_json, atomic_write_text
 from harness.models.diffusion import create_diffusion
 from harness.models.dit import build_model
 from harness.models.flops import model_gflops
 from harness.models.compiled import CompiledOrEager, set_attention_order
-from harness.sampling.bench import bench_eval, format_eval, sd_vae
+from harness.sampling.bench import sd_vae
 from harness.training.assemble import StepSettings, build_step, enable_tf32, fresh_state
 from harness.training.step import Batch, BatchGeometry, TrainStep, resolve_compile, autocast
 
@@ -148,7 +136,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     images = train_sps * batch
     tflops = train_tflops(gflops, images)
     peak = peak_tflops(device, precision)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch.cuda.getdevice_name(device) if device.type == "cuda" else "cpu"
     return BenchResult(model_name, conditioning, name, torch.__version__, precision, step.compiled, step.micro_batch,
                        grad_checkpointing, batch, input_size, in_channels, torch.get_num_threads(), gflops, params,
                        train_sps, images, fwd_ps, fwd_ps * batch, tflops, (tflops / peak) if peak else None,
@@ -175,100 +163,7 @@ def _bench_step(settings: StepSettings, geometry: BatchGeometry, grad_checkpoint
     return model, step, data
 
 
-# ----------------------------------------------------------------------------- the suite
-def suite_configs(device: torch.device) -> list[dict]:
-    """Configurations worth trying per model: the trainer's defaults; on CUDA also recomputation
-    with the whole batch in one pass (fits where activations would not)."""
-    configs = [{"micro_batch": "auto", "grad_checkpointing": False}]
-    if device.type == "cuda":
-        configs.append({"micro_batch": None, "grad_checkpointing": True})
-    return configs
-
-
-def bench_suite(models: list[str], batch: int, **kw: Any) -> list[BenchResult]:
-    """Every model in every configuration of `suite_configs`; a configuration that fails (out of
-    memory, nothing fits) is kept as a result with its error and zero throughput."""
-    device = kw.get("device") or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = []
-    for name in models:
-        for cfg in suite_configs(device):
-            micro = batch if cfg["micro_batch"] is None else cfg["micro_batch"]
-            try:
-                r = bench(name, batch=batch, micro_batch=micro, grad_checkpointing=cfg["grad_checkpointing"], **kw)
-            except (HarnessError, torch.OutOfMemoryError) as err:
-                msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                log.warning("%s %s: %s", name, cfg, msg)
-                r = _failed(name, batch, cfg, msg, kw)
-            log.info("%s: %.1f images/s (%s)", name, r.train_images_per_s, cfg)
-            out.append(r)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return out
-
-
-def _failed(name: str, batch: int, cfg: dict, msg: str, kw: dict) -> BenchResult:
-    return BenchResult(name, kw.get("conditioning", "adaLN-Zero"), "?", torch.__version__,
-                       kw.get("precision", "fp32"), False, 0, cfg["grad_checkpointing"], batch,
-                       kw.get("input_size", 32), kw.get("in_channels", 4), torch.get_num_threads(), 0.0, 0,
-                       0.0, 0.0, 0.0, 0.0, 0.0, None, 0.0, None, "", error=msg,
-                       compile_mode=kw.get("compile_mode", "default"))
-
-
-def best_per_model(results: list[BenchResult]) -> dict[str, BenchResult]:
-    best: dict[str, BenchResult] = {}
-    for r in results:
-        if r.error is None and (r.model not in best or r.train_images_per_s > best[r.model].train_images_per_s):
-            best[r.model] = r
-    return best
-
-
-def suite_markdown(results: list[BenchResult]) -> str:
-    """One row per configuration, the best per model in bold."""
-    best = best_per_model(results)
-    first = next((r for r in results if r.error is None), results[0])
-    lines = [f"Device: {first.device}, torch {first.torch_version}, {first.precision}, batch {first.batch} per "
-             f"device, {first.in_channels}x{first.input_size}x{first.input_size} inputs. {CONVENTION}.", "",
-             "| model | config | images/s | steps/s | MFU | TFLOP/s | peak memory | attention |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        cfg = (f"{_compiled_words(r)}, micro-batch {r.micro_batch}"
-               f"{', grad checkpointing' if r.grad_checkpointing else ''}")
-        if r.error:
-            lines.append(f"| {r.model} | {cfg} | failed: {r.error} | | | | | |")
-            continue
-        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
-        cells = [r.model, cfg, f"{r.train_images_per_s:,.1f}", f"{r.train_steps_per_s:.3f}", mfu,
-                 f"{r.achieved_tflops:.3g}", f"{r.peak_mem_mb / 1024:.1f} GB", r.attention_kernel]
-        if best.get(r.model) is r:
-            cells = [f"**{c}**" if c else c for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def read_throughput(path: str | Path) -> dict[str, tuple[float, float, float]]:
-    """{model: (training images/s, sampling images/s for one denoising step, evaluation s per image beyond the
-    network)} from the best configuration of each model in a `harness bench --suite` JSON (or one `harness
-    bench --out` result). Sampling: the end-to-end evaluation's forward rate and per-image cost (noise, decode,
-    features) when measured (`--sampling-steps`), else the training configuration's forward and 0.
-    HarnessError naming the file if it is not one."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        rows = data["results"] if isinstance(data, dict) and "results" in data else [data]
-        results = [BenchResult(**{k: v for k, v in r.items() if k in BenchResult.__dataclass_fields__})
-                   for r in rows]
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise HarnessError(f"{path}: not a `harness bench` JSON ({err}). Fix: write one with "
-                           "`harness bench --suite MODELS --out FILE.json`") from err
-    per_model: dict[str, tuple[float, float, float]] = {}
-    for m, r in best_per_model(results).items():
-        ev = next((x.eval for x in results if x.model == m and x.eval), None)
-        per_model[m] = ((r.train_images_per_s, ev["forward_images_per_s"], ev["fixed_s_per_batch"] / ev["batch"])
-                        if ev else (r.train_images_per_s, r.sample_images_per_s_one_step, 0.0))
-    return per_model
-
-
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- one result as text
 def _compiled_words(r: BenchResult) -> str:
     if not r.compile:
         return "eager"
@@ -315,95 +210,9 @@ def bench_latents(image_size: int = 256, batch: int = 4, steps: int = 3, warmup:
             ae.encode(x, gen)
         _sync(device)
     wall = time.perf_counter() - t0
-    return {"stage": "latents", "device": _device_name(device), "image_size": image_size, "batch": batch,
+    return {"stage": "latents", "device": device_name(device), "image_size": image_size, "batch": batch,
             "precision": "bf16" if device.type == "cuda" else "fp32", "encodes_per_s": steps * batch / wall}
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-
-
-def format_stage(r: dict) -> str:
-    if r["stage"] == "evaluation":
-        return format_eval(r)
-    return (f"latent stage        {r['encodes_per_s']:.2f} VAE encodes/s ({r['image_size']}px, batch {r['batch']}, "
-            f"{r['precision']}, {r['device']}); the stage encodes each image and its flip")
-
-
-def _eval_kwargs(args: Any) -> dict:
-    return dict(sampling_steps=args.sampling_steps, num_samples=args.eval_samples, batch=args.eval_batch,
-                precision=args.eval_precision, compile={"auto": "auto", "on": True, "off": False}[args.compile],
-                compile_mode=args.compile_mode,
-                input_size=args.input_size, in_channels=args.in_channels, autoencoder_path=args.autoencoder_path,
-                features=args.eval_features, inception_weights=args.inception_weights)
-
-
-def add_bench_arguments(s) -> None:
-    s.add_argument("--model", default=None, help="one model, e.g. DiT-XL/2")
-    s.add_argument("--suite", nargs="?", const="paper", default=None,
-                   help="bench several models in each configuration worth trying: 'paper' (the 12, default) "
-                        "or M1,M2,...; prints a markdown table with the best configuration per model")
-    s.add_argument("--out", default=None, help="write the JSON here (a suite also writes the .md table beside it)")
-    s.add_argument("--conditioning", default="adaLN-Zero", choices=CONDITIONINGS)
-    s.add_argument("--batch", type=positive_int, default=8, help="batch per device (the paper: 256 on one GPU)")
-    s.add_argument("--micro-batch", type=auto_or_positive_int, default="auto",
-                   help="auto (the largest that fits, as training does) or a divisor of --batch")
-    s.add_argument("--steps", type=positive_int, default=10)
-    s.add_argument("--warmup", type=positive_int, default=2)
-    s.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="auto: compiled on CUDA, eager on the CPU (as training)")
-    add_compile_mode_argument(s)
-    s.add_argument("--grad-checkpointing", action="store_true")
-    s.add_argument("--input-size", type=positive_int, default=32, help="latent side (32 = 256px through the SD VAE)")
-    s.add_argument("--in-channels", type=positive_int, default=4)
-    s.add_argument("--latents", action="store_true",
-                   help="also time the latent stage: SD VAE encodes/s at input-size x 8 px, --batch images")
-    s.add_argument("--sampling-steps", type=positive_int, default=None,
-                   help="also time evaluation end to end (DDPM with this many steps, VAE decode, features) as "
-                        "eval.* resolve here; with --suite, once per model (what `harness plan --throughput-from` uses)")
-    s.add_argument("--eval-samples", type=positive_int, default=50_000, help="images of the projected evaluation")
-    s.add_argument("--eval-batch", type=auto_or_positive_int, default="auto", help="eval.batch_size: auto or images")
-    s.add_argument("--eval-precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
-                   help="eval.precision (auto: bf16 on CUDA, fp32 on the CPU)")
-    s.add_argument("--eval-features", choices=FEATURE_SPACES, default="inception")
-    s.add_argument("--inception-weights", default=None,
-                   help="FID Inception weights for --sampling-steps (default: its architecture, random weights)")
-    s.add_argument("--autoencoder-path", default=None,
-                   help="SD VAE weights for --latents/--sampling-steps (default: its architecture, random weights)")
-    s.add_argument("--format", choices=["table", "json"], default="table")
-
-
-def cli_bench(args: Any) -> int:
-    compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
-    kw = dict(steps=args.steps, warmup=args.warmup, precision=args.precision, compile=compile_,
-              compile_mode=args.compile_mode,
-              input_size=args.input_size, in_channels=args.in_channels, conditioning=args.conditioning)
-    if args.suite is not None:
-        models = list(VARIANTS) if args.suite in ("", "paper") else [m.strip() for m in args.suite.split(",")]
-        results = bench_suite(models, args.batch, **kw)
-        if args.sampling_steps:
-            for name in models:   # once per model, at the evaluation's own settings (not per training config)
-                measured = bench_eval(name, args.conditioning, **_eval_kwargs(args))
-                next(r for r in results if r.model == name).eval = measured
-        table = suite_markdown(results)
-        if args.out:
-            out = Path(args.out)
-            atomic_write_json(out, {"results": [asdict(r) for r in results]})
-            atomic_write_text(out.with_suffix(".md"), table + "\n")
-        print(json.dumps([asdict(r) for r in results], indent=2) if args.format == "json" else table)
-        return 0 if best_per_model(results) else 1
-    if not args.model:
-        raise HarnessError("harness bench: give --model NAME, or --suite [paper | M1,M2,...]")
-    r = bench(args.model, batch=args.batch, micro_batch=args.micro_batch,
-              grad_checkpointing=args.grad_checkpointing, **kw)
-    stages = []
-    if args.latents:
-        stages.append(bench_latents(args.input_size * 8, args.batch, args.steps, autoencoder_path=args.autoencoder_path))
-    if args.sampling_steps:
-        stages.append(bench_eval(args.model, args.conditioning, **_eval_kwargs(args)))
-    record = {**asdict(r), "stages": stages}
-    if args.out:
-        atomic_write_json(Path(args.out), record)
-    print(json.dumps(record, indent=2) if args.format == "json" else "\n".join([format_table(r), *map(format_stage, stages)]))
-    return 0
+def device_name(device: torch.device) -> str:
+    return torch.cuda.getdevice_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
