@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from harness.config.layout import RunFolder, samples_name
+from harness.training.evaluation import eval_settings
 from harness.training.evaluator import evaluate_step, pending_evals
 from harness.io import read_jsonl
 from harness.training.runtime import Dist, bounded_barrier, distributed
@@ -112,11 +114,15 @@ def test_a_missing_rank_fails_the_barrier_after_the_bound(tmp_path):
     assert "did not arrive within 0:00:02" in r0["error"] and "1" in r0["error"], r0
 
 
+def _train_run():
+    return tiny_run(steps=4, at_steps=[2, 4], eval={**EVAL, "keep_samples": "last"})
+
+
 def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     from harness.training.train import run_training
 
     _as_rank(rank, world, port)   # run_training joins the group and leaves it
-    run_training(tiny_run(steps=4, at_steps=[2, 4], eval={**EVAL, "keep_samples": "last"}), Path(run_dir))
+    run_training(_train_run(), Path(run_dir))
 
 
 @pytest.mark.slow
@@ -128,8 +134,8 @@ def test_two_rank_training_evaluates_on_both_ranks(tmp_path):
     assert sorted((r["step"], r["cfg_scale"]) for r in records) == [(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
     assert all(r["ranks"] == 2 and r["fid"] > 0 for r in records) and (tmp_path / "done").exists()
     assert (tmp_path / "samples" / "grid_step_0000004.png").exists()
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.npz")) == [
-        "samples_step_0000004_k3_cfg1.npz", "samples_step_0000004_k3_cfg2.npz"]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.npz")) == sorted(
+        samples_name(s) for s in eval_settings(_train_run(), 4))
 
 
 # rank 0's host memory for images (issue 23): 60 samples in global batches of 5 on 2 ranks -- 6 rounds
@@ -178,7 +184,8 @@ def test_rank_zero_holds_one_gathered_batch_per_rank_not_every_image(tmp_path):
     mp.spawn(_memory_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     image = 8 * 8 * 3
     peak = int((tmp_path / "peak_image_bytes").read_text())
-    with np.load(tmp_path / "samples" / "samples_step_0000002_k2_cfg1.npz") as f:
+    (setting,) = eval_settings(tiny_run(at_steps=[STEP], eval=MEMORY_EVAL), STEP)
+    with np.load(RunFolder(tmp_path).samples_npz(setting)) as f:
         assert f["arr_0"].shape == (60, 8, 8, 3) and np.array_equal(f["arr_1"], np.arange(60) % 10)
     assert 5 * image <= peak <= 2 * 5 * image, peak   # at least its own batch, at most one round (2 ranks x 5)
     assert peak < 60 * image / 3                      # the whole set would be 6 times the bound: the check can fail

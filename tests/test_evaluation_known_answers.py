@@ -66,7 +66,7 @@ def test_evaluate_step_writes_the_rebuildable_samples_and_the_exact_record(tmp_p
     labels = balanced_labels(7, 10)
     want = sample_images(ema, run, labels, sampling_steps=2, sampler=sampler, cfg_scale=2.5, guidance_channels=3,
                          seed=derive_seed(run.seed, 4, 2, tag=TAG_EVAL), batch_size=3)
-    with np.load(tmp_path / "samples" / "samples_step_0000004_k2_cfg2.5.npz") as f:
+    with np.load(RunFolder(tmp_path).samples_npz(eval_settings(run, 4)[0])) as f:
         np.testing.assert_array_equal(f["arr_0"], want)
         assert f["arr_1"].tolist() == labels.tolist()
     extractor = get_feature_extractor("digits")
@@ -118,7 +118,7 @@ def test_pending_evals_uses_each_steps_retained_ema_and_skips_what_it_cannot(tmp
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "eval step 3 has no retained checkpoint; its evaluation is skipped"]
     for step, model in ((2, old), (4, now)):
-        with np.load(tmp_path / "samples" / f"samples_step_{step:07d}_k2_cfg1.npz") as f:
+        with np.load(RunFolder(tmp_path).samples_npz(eval_settings(run, step)[0])) as f:
             want = sample_images(model, run, balanced_labels(7, 10), sampling_steps=2, sampler="ddpm",
                                  seed=derive_seed(run.seed, step, 2, tag=TAG_EVAL), batch_size=3)
             np.testing.assert_array_equal(f["arr_0"], want)

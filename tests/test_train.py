@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
+from harness.config.layout import RunFolder
 from harness.io import read_jsonl
 from harness.training.train import DataOrder, run_training
 from train_tiny import assert_bitwise_equal, final_state, tiny_run
@@ -108,7 +109,8 @@ def test_evaluation_in_training_appends_each_setting_once(tmp_path):
         assert r["fid"] > 0 and r["inception_score"] >= 1.0 and 0 <= r["precision"] <= 1
         assert r["sfid"] is None and r["recall"] is None  # not requested: recorded as null
         assert r["sampler"] == "ddim" and r["wall_s"] > 0
-    assert (tmp_path / "samples" / "samples_step_0000002_k2_cfg2.npz").exists()
+    (rec,) = (r for r in recs if (r["step"], r["sampling_steps"], r["cfg_scale"]) == (2, 2, 2.0))
+    assert RunFolder(tmp_path).samples_npz(rec).exists()   # named by its record's setting
     run_training(run, tmp_path)  # resumes at 2: step 2 already recorded, so only step 4 is added
     run_training(run, tmp_path)  # done: nothing added
     recs = list(read_jsonl(tmp_path / "eval.jsonl"))

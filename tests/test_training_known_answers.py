@@ -83,7 +83,11 @@ def test_evaluation_and_grids_in_training_use_the_ema_weights(tmp_path):
     run = tiny_run(steps=3, at_steps=[3], ema_decay=0.5, lr=3e-3, eval=ev)
     run_training(run, tmp_path / "trained")
     ckpt = tmp_path / "trained" / "checkpoints" / "step_0000003.pt"
-    name = "samples_step_0000003_k5_cfg1.npz"
+    from harness.config.layout import samples_name
+    from harness.training.evaluation import eval_settings
+
+    (setting,) = eval_settings(run, 3)
+    name = samples_name(setting)
     with np.load(tmp_path / "trained" / "samples" / name) as f:
         trained = f["arr_0"]
     grid_trained = (tmp_path / "trained" / "samples" / "grid_step_0000003.png").read_bytes()

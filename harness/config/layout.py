@@ -11,8 +11,9 @@
         train.jsonl       step, loss, steps/s, images/s, TFLOP/s, MFU, micro-batch, peak memory (append-only)
         eval.jsonl        one record per evaluation setting (append-only)
         checkpoints/      step_XXXXXXX.pt + step_XXXXXXX.pt.sha256
-        samples/          grid_step_XXXXXXX.png; samples_step_XXXXXXX_k<steps>_cfg<scale>.npz (ADM layout, one
-                          per evaluation setting, as many as eval.keep_samples keeps)
+        samples/          grid_step_XXXXXXX.png; samples_step_XXXXXXX_k<steps>_cfg<scale>_<setting>.npz (ADM layout,
+                          one per evaluation setting, as many as eval.keep_samples keeps; a run evaluated before
+                          the <setting> digest has ..._cfg<scale>.npz, still read: `RunFolder.samples_owners`)
         features/         fid_step_XXXXXXX_k<steps>_cfg<scale>_<setting>.npy: each evaluation's FID features
                           (N, D) in sample order, named in its eval.jsonl record (`fid_features`)
         logs/             job.log and links to the run's submitit folders
@@ -32,7 +33,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from harness.config.spec import RUN_JSON_PLAN_KEYS, RunSpec
 from harness.errors import HarnessError
@@ -47,7 +48,12 @@ RUNS_DIR = "runs"
 
 _CHECKPOINT = re.compile(r"^step_(\d{7,})\.pt$")
 _GRID = re.compile(r"^grid_step_(\d{7,})\.png$")
-_SAMPLES = re.compile(r"^samples_step_(\d{7,})_k(\d+)_cfg(\d+(?:\.\d+)?(?:e[+-]\d+)?)\.npz$")  # cfg as :g writes it
+#: an evaluation npz: step, sampling steps, cfg (as :g writes it), the setting's digest (absent in a legacy name)
+_SAMPLES = re.compile(r"^samples_step_(\d{7,})_k(\d+)_cfg(\d+(?:\.\d+)?(?:e[+-]\d+)?)(?:_([0-9a-f]{8}))?\.npz$")
+
+#: the keys of an eval.jsonl record that make two records the same measurement (its setting); they name its files
+SETTING_KEYS = ("step", "num_samples", "sampling_steps", "sampler", "cfg_scale", "guidance_channels",
+                "feature_space", "reference")
 
 
 # --------------------------------------------------------------------------- names
@@ -66,24 +72,49 @@ def sidecar_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".sha256")
 
 
+class SamplesName(NamedTuple):
+    """What an evaluation npz's file name says: its setting's step, sampling steps and cfg scale, and the
+    setting's digest (None in a legacy name, written before the digest)."""
+    step: int
+    sampling_steps: int
+    cfg_scale: float
+    digest: str | None
+
+
+def setting_digest(setting: dict) -> str:
+    """8 hex of a sha256 of a setting's SETTING_KEYS (a setting, or a record holding one; a key it lacks is null),
+    the part of its files' names that keeps two settings of the same step and sampling apart."""
+    whole = {k: setting.get(k) for k in SETTING_KEYS}
+    return hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _setting_stem(setting: dict) -> str:
+    return f"step_{int(setting['step']):07d}_k{int(setting['sampling_steps'])}_cfg{float(setting['cfg_scale']):g}"
+
+
 def features_name(setting: dict) -> str:
-    """The FID features file of one evaluation setting (eval.jsonl's setting keys: step, sampling_steps,
-    cfg_scale, ...): fid_step_XXXXXXX_k<steps>_cfg<scale>_<8 hex of the whole setting>.npy, so a second
-    measurement of the same step and sampling (another num_samples, sampler or reference) never overwrites it."""
-    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return (f"fid_step_{int(setting['step']):07d}_k{int(setting['sampling_steps'])}_cfg{float(setting['cfg_scale']):g}"
-            f"_{digest}.npy")
+    """The FID features file of one evaluation setting (or of its record): fid_step_XXXXXXX_k<steps>_cfg<scale>
+    _<setting_digest>.npy, so a second measurement of the same step and sampling (another num_samples, sampler or
+    reference) never overwrites it."""
+    return f"fid_{_setting_stem(setting)}_{setting_digest(setting)}.npy"
 
 
-def samples_name(step: int, sampling_steps: int, cfg_scale: float) -> str:
-    """The ADM npz of one evaluation setting: samples_step_XXXXXXX_k<sampling steps>_cfg<scale>.npz."""
-    return f"samples_step_{int(step):07d}_k{int(sampling_steps)}_cfg{float(cfg_scale):g}.npz"
+def samples_name(setting: dict) -> str:
+    """The ADM npz of one evaluation setting (or of its record): samples_step_XXXXXXX_k<steps>_cfg<scale>
+    _<setting_digest>.npz, kept apart from every other setting's as `features_name` is."""
+    return f"samples_{_setting_stem(setting)}_{setting_digest(setting)}.npz"
 
 
-def samples_setting(name: str) -> tuple[int, int, float] | None:
-    """(step, sampling steps, cfg scale) of an evaluation npz's file name, or None for any other name."""
+def legacy_samples_name(setting: dict) -> str:
+    """The name the same npz had before the digest (samples_step_XXXXXXX_k<steps>_cfg<scale>.npz): read, never
+    written, since every setting of a step and sampling shared it."""
+    return f"samples_{_setting_stem(setting)}.npz"
+
+
+def samples_setting(name: str) -> SamplesName | None:
+    """What an evaluation npz's file name says (`SamplesName`; a legacy name too), or None for any other name."""
     m = _SAMPLES.match(name)
-    return (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else None
+    return SamplesName(int(m.group(1)), int(m.group(2)), float(m.group(3)), m.group(4)) if m else None
 
 
 def sweep_dir(results: str | Path, sweep: str) -> Path:
@@ -132,14 +163,32 @@ class RunFolder:
                                f"features/. Fix: delete that key from the record (its FID stays)")
         return self.features / name
 
-    def samples_npz(self, step: int, sampling_steps: int, cfg_scale: float) -> Path:
-        return self.samples / samples_name(step, sampling_steps, cfg_scale)
+    def samples_npz(self, setting: dict) -> Path:
+        """samples/<samples_name>: the ADM npz of a setting (or of its record)."""
+        return self.samples / samples_name(setting)
 
     def samples_files(self) -> list[tuple[int, Path]]:
-        """(step, path) of the evaluation npz files present, oldest step first."""
+        """(step, path) of the evaluation npz files present, legacy names too, oldest step first."""
         if not self.samples.is_dir():
             return []
-        return sorted((s[0], p) for p in self.samples.iterdir() if (s := samples_setting(p.name)) is not None)
+        return sorted((s.step, p) for p in self.samples.iterdir() if (s := samples_setting(p.name)) is not None)
+
+    def samples_owners(self, records: list[dict]) -> dict[str, dict]:
+        """{npz file name: the eval.jsonl record whose samples it holds}, over `records` (eval.jsonl's, in order).
+        A record owns its `samples_name`. A legacy name (no digest) held whichever setting of its step, sampling
+        steps and cfg scale was sampled last before the digest, so it belongs to a record of those three whose own
+        `samples_name` is not in samples/ (a record with its own file was sampled after the digest, and a legacy
+        file beside it is some earlier setting's): the last such record. Present or not, every name is listed."""
+        owners: dict[str, dict] = {}
+        for record in records:
+            try:
+                name, legacy = samples_name(record), legacy_samples_name(record)
+            except (KeyError, TypeError, ValueError):
+                continue   # no step, sampling steps or cfg scale: no file of its own
+            owners[name] = record
+            if not (self.samples / name).exists():
+                owners[legacy] = record
+        return owners
 
     def newest_grid(self) -> tuple[int, Path] | None:
         """(step, path) of the newest sample grid, or None."""

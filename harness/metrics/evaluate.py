@@ -38,27 +38,28 @@ def load_samples(path: str | Path) -> np.ndarray:
 
 
 def _not_kept(path: Path) -> str | None:
-    """The error for a run's evaluation npz that its eval.keep_samples did not keep: recorded in eval.jsonl,
-    so evaluated, but not on disk (None for any other path)."""
-    setting, folder = samples_setting(path.name), RunFolder(path.parent.parent)
-    if setting is None or path.parent.name != "samples" or not folder.run_json.is_file():
+    """The error for a run's evaluation npz that its eval.keep_samples did not keep: owned by a record of eval.jsonl
+    (`RunFolder.samples_owners`, a legacy name too), so evaluated, but not on disk (None for any other path)."""
+    folder = RunFolder(path.parent.parent)
+    if samples_setting(path.name) is None or path.parent.name != "samples" or not folder.run_json.is_file():
         return None
     try:
         run, _ = read_run_json(folder.root)
     except HarnessError:
         return None
-    step, k, cfg = setting
-    recorded = any((r.get("step"), r.get("sampling_steps"), r.get("cfg_scale")) == setting
-                   for r in read_jsonl(folder.eval_log))
-    if run.eval.keep_samples == "all" or not recorded:
+    record = folder.samples_owners(list(read_jsonl(folder.eval_log))).get(path.name)
+    if run.eval.keep_samples == "all" or record is None:
         return None
     kept = "keeps no npz" if run.eval.keep_samples == "none" else "keeps the highest evaluated step's npz only"
     ev = run.eval
+    # the record's own setting (a record older than one of these keys: the run's value)
+    was = {key: record.get(key, getattr(ev, key)) for key in ("guidance_channels", "sampler", "num_samples")}
     return (f"samples file {path} (--samples) was not kept: {folder.run_json} has eval.keep_samples: "
             f"{ev.keep_samples}, which {kept}; its metrics are in {folder.eval_log}. Fix: sample that step again "
-            f"with `harness sample --checkpoint {folder.checkpoint(step)} --steps {k} --cfg-scale {cfg:g} "
-            f"--guidance-channels {ev.guidance_channels} --sampler {ev.sampler} --num-samples {ev.num_samples} "
-            "--out DIR` (new seeds), and set eval.keep_samples: all to keep the npz of evaluations to come")
+            f"with `harness sample --checkpoint {folder.checkpoint(int(record['step']))} --steps "
+            f"{int(record['sampling_steps'])} --cfg-scale {float(record['cfg_scale']):g} --guidance-channels "
+            f"{was['guidance_channels']} --sampler {was['sampler']} --num-samples {was['num_samples']} --out DIR` "
+            "(new seeds), and set eval.keep_samples: all to keep the npz of evaluations to come")
 
 
 def format_table(result: dict) -> str:

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from harness.io import read_jsonl, remove_after
-from harness.config.layout import RunFolder, samples_name
+from harness.config.layout import SETTING_KEYS, RunFolder
 from harness.config.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,9 @@ log = logging.getLogger(__name__)
 #: seed tag of evaluation sampling (training uses 1 for epochs and 2 for steps; see harness.training.train)
 TAG_EVAL = 3
 
-# the fields that make two eval records the same measurement
-SETTING_KEYS = ("step", "num_samples", "sampling_steps", "sampler", "cfg_scale", "guidance_channels",
-                "feature_space", "reference")
-
 
 def setting_key(record: dict) -> tuple:
+    """What makes two records the same measurement: their SETTING_KEYS (named with the results folder's files)."""
     return tuple(str(record.get(k)) for k in SETTING_KEYS)
 
 
@@ -56,14 +53,6 @@ def eval_progress(run: RunSpec, run_dir: str | Path) -> tuple[int, int]:
     return sum(k in done for k in want), len(want)
 
 
-def _npz_name(record: dict) -> str | None:
-    """The npz file name of a record's setting (None for a record without one)."""
-    try:
-        return samples_name(record["step"], record["sampling_steps"], record["cfg_scale"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def _last_step(records: list[dict]) -> int:
     return max((int(r["step"]) for r in records if isinstance(r.get("step"), int)), default=-1)
 
@@ -78,14 +67,15 @@ def writes_samples(run: RunSpec, run_dir: str | Path, step: int) -> bool:
 
 
 def unkept_samples(run: RunSpec, run_dir: str | Path) -> list[Path]:
-    """The npz files eval.keep_samples does not keep and whose own record eval.jsonl holds: under `none`
+    """The npz files eval.keep_samples does not keep and whose own record eval.jsonl holds (`RunFolder.samples_owners`:
+    a legacy name's when a record of its step, sampling steps and cfg scale has no file of its own): under `none`
     every such file, under `last` those of steps before the highest recorded step, under `all` none."""
     keep = run.eval.keep_samples
     if keep == "all":
         return []
     folder = RunFolder(Path(run_dir))
     records = list(read_jsonl(folder.eval_log))
-    recorded, last = {_npz_name(r) for r in records}, _last_step(records)
+    recorded, last = folder.samples_owners(records), _last_step(records)
     return [p for s, p in folder.samples_files() if p.name in recorded and (keep == "none" or s < last)]
 
 

@@ -134,7 +134,7 @@ def _sample_setting(run: RunSpec, run_dir: Path, ema: torch.nn.Module, dist: Dis
 
     ev, what = run.eval, f"evaluation of step {step}"
     side = run.data.image_size
-    path = RunFolder(run_dir).samples_npz(step, setting["sampling_steps"], setting["cfg_scale"])
+    path = RunFolder(run_dir).samples_npz(setting)   # the setting its record will hold
     writer = NpzWriter(path, ev.num_samples, side, side) if dist.main and keep else None
     features = []
     try:
