@@ -34,12 +34,18 @@ plan: venv  ## runs, Gflops and compute of a sweep, without running it
 status: venv
 	$(BIN)/harness status $(SWEEP) $(ARGS)
 
-# Tiny models: one intra-op thread per process beats two threads fighting over two cores.
+# Tiny models: one intra-op thread per process beats two threads fighting over two cores. TEST_WORKERS
+# pytest-xdist processes (0: one process): a file's tests share a worker, the Slurm tests one worker
+# (tests/conftest.py); most of the suite's time is Slurm and subprocesses waiting, so 2 workers on 2 cores
+# halve it.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
 test: venv  ## the whole suite, slow tests included (what CI runs)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --durations=25
+	$(PYTEST) --durations=25
 
 test-fast: venv
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Not part of `make test`: hours on 2 cores in all (see README). MODULES=diffusion,spec-run-ids for some;
 # SAMPLE=60 checks 60 random mutants per module: an estimate with its interval, for the slow modules.

@@ -31,3 +31,12 @@ def pytest_runtest_makereport(item, call):
     if required and report.skipped and any(item.get_closest_marker(m) for m in SYSTEM_MARKERS):
         report.outcome = "failed"
         report.longrepr = f"HARNESS_REQUIRE_SYSTEM=1 but the test skipped: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`): a file's tests stay on one worker, so its
+    module fixtures run once, and every Slurm test shares one worker, since the local cluster has one node
+    and its tests time their jobs."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
