@@ -8,6 +8,7 @@ import torch
 
 from harness.training.bench import CONVENTION, bench, peak_tflops
 from harness.cli import main
+from harness.errors import HarnessError
 from tolerance import fp64_bound
 
 
@@ -161,3 +162,27 @@ def test_paper_suite_measures_the_largest_models_first():
     assert sorted(order) == sorted(VARIANTS) and len(order) == 12
     assert order[0] == "DiT-XL/2" and order[-1] == "DiT-S/8"
     assert all(paper_gflops(a) >= paper_gflops(b) for a, b in zip(order, order[1:]))
+
+
+def test_suite_with_evaluation_times_it_instead_of_the_training_forward(tmp_path, capsys):
+    """--sampling-steps: each model's evaluation end to end is in the file and the table, the training row skips
+    its own sampling-forward graph (0), and the plan's reader takes the evaluation's figures; a file cut before a
+    model's evaluation is refused by the reader, naming the model and the fix."""
+    from harness.cost.bench import read_throughput
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--suite", "DiT-2x32x2/4", "--batch", "4", "--steps", "1", "--warmup", "1",
+                 "--input-size", "8", "--in-channels", "1", "--sampling-steps", "250", "--eval-samples", "8",
+                 "--eval-batch", "4", "--eval-features", "digits", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    ev = row["eval"]
+    assert row["sample_forward_per_s"] == 0.0 and ev["sampling_steps"] == 250 and ev["batch"] == 4
+    assert f"{ev['images_per_s']:.2f} images/s at 250 steps" in table
+    assert read_throughput(out) == {"DiT-2x32x2/4": (row["train_images_per_s"], ev["forward_images_per_s"],
+                                                      ev["fixed_s_per_batch"] / 4)}
+    row["eval"] = None
+    out.write_text(json.dumps(data))
+    with pytest.raises(HarnessError, match=r"DiT-2x32x2/4 has no sampling measurement.*Fix: run the same"):
+        read_throughput(out)

@@ -7,6 +7,9 @@ every measurement, atomically. Run again with the same `--out` and the same sett
 holds and measures the rest: a job's time limit or a lent GPU's session cuts a suite short, not its results.
 A file written with other settings (device, precision, batch, ...) is refused, naming the first that differs.
 
+With `--sampling-steps` the suite times each model's evaluation end to end, whose forward rate the plan uses,
+so the training configurations skip their own sampling-forward timing (one compilation fewer per model).
+
 Configurations per model (the rule, fixed before any suite ran): the trainer's defaults (`micro_batch` and
 `compile` auto); on CUDA, also recomputation (gradient checkpointing) with the whole batch in one pass, but
 only where the defaults failed or split the batch into micro-batches of fewer than
@@ -63,12 +66,12 @@ def _failed(name: str, batch: int, cfg: dict, msg: str, kw: dict) -> BenchResult
                        compile_mode=kw.get("compile_mode", "default"))
 
 
-def _measure(name: str, batch: int, cfg: dict, device: torch.device, kw: dict) -> BenchResult:
+def _measure(name: str, batch: int, cfg: dict, device: torch.device, kw: dict, time_sampling: bool) -> BenchResult:
     """One configuration; a failure (out of memory, nothing fits) is a result with its error and zero speed."""
     micro = batch if cfg["micro_batch"] is None else cfg["micro_batch"]
     try:
         r = bench(name, batch=batch, micro_batch=micro, grad_checkpointing=cfg["grad_checkpointing"], device=device,
-                  **kw)
+                  time_sampling=time_sampling, **kw)
     except (HarnessError, torch.OutOfMemoryError) as err:
         msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         log.warning("%s %s: %s", name, cfg, msg)
@@ -131,15 +134,16 @@ def bench_suite(models: list[str], batch: int, out: Path | None = None, eval_kw:
     results = load_suite(out, settings) if out is not None else []
     if results:
         log.info("%s: continuing a suite of %d measured models", out, len({r.model for r in results}))
+    timed_forward = eval_kw is None   # with evaluation measured, the training forward's own graph is not needed
     for name in models:
         rows = [r for r in results if r.model == name]
         if not any(not r.grad_checkpointing for r in rows):
-            rows.append(_measure(name, batch, DEFAULTS, device, kw))
+            rows.append(_measure(name, batch, DEFAULTS, device, kw, timed_forward))
             results.append(rows[-1])
             _save(out, settings, results)
         default = next(r for r in rows if not r.grad_checkpointing)
         if worth_recomputing(default, device) and not any(r.grad_checkpointing for r in rows):
-            results.append(_measure(name, batch, RECOMPUTE, device, kw))
+            results.append(_measure(name, batch, RECOMPUTE, device, kw, timed_forward))
             _save(out, settings, results)
         if eval_kw is not None and default.eval is None:
             # once per model, at the evaluation's own settings (not per training configuration)
@@ -168,15 +172,17 @@ def suite_markdown(results: list[BenchResult]) -> str:
     first = next((r for r in results if r.error is None), results[0])
     lines = [f"Device: {first.device}, torch {first.torch_version}, {first.precision}, batch {first.batch} per "
              f"device, {first.in_channels}x{first.input_size}x{first.input_size} inputs. {CONVENTION}.", "",
-             "| model | config | images/s | steps/s | MFU | TFLOP/s | peak memory | attention |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | config | images/s | steps/s | MFU | TFLOP/s | peak memory | attention | evaluation |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        ev = (f"{r.eval['images_per_s']:.2f} images/s at {r.eval['sampling_steps']} steps, batch {r.eval['batch']}: "
+              f"{r.eval['num_samples']:,} in {r.eval['projected_h']:.2f} h") if r.eval else ""
         if r.error:
-            lines.append(f"| {r.model} | {_config_words(r)} | failed: {r.error} | | | | | |")
+            lines.append(f"| {r.model} | {_config_words(r)} | failed: {r.error} | | | | | | {ev} |")
             continue
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         cells = [r.model, _config_words(r), f"{r.train_images_per_s:,.1f}", f"{r.train_steps_per_s:.3f}", mfu,
-                 f"{r.achieved_tflops:.3g}", f"{r.peak_mem_mb / 1024:.1f} GB", r.attention_kernel]
+                 f"{r.achieved_tflops:.3g}", f"{r.peak_mem_mb / 1024:.1f} GB", r.attention_kernel, ev]
         if best.get(r.model) is r:
             cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -200,6 +206,9 @@ def read_throughput(path: str | Path) -> dict[str, tuple[float, float, float]]:
     per_model: dict[str, tuple[float, float, float]] = {}
     for m, r in best_per_model(results).items():
         ev = next((x.eval for x in results if x.model == m and x.eval), None)
+        if ev is None and not r.sample_images_per_s_one_step:
+            raise HarnessError(f"{path}: {m} has no sampling measurement (a suite cut before its evaluation). Fix: "
+                               "run the same `harness bench --suite ... --out` again; it measures what the file lacks")
         per_model[m] = ((r.train_images_per_s, ev["forward_images_per_s"], ev["fixed_s_per_batch"] / ev["batch"])
                         if ev else (r.train_images_per_s, r.sample_images_per_s_one_step, 0.0))
     return per_model

@@ -92,8 +92,10 @@ def _attention_kernel(fn: Any, device: torch.device) -> str:
 def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, steps: int = 10, warmup: int = 2,
           precision: str = "fp32", compile: bool | str = "auto", micro_batch: int | str = "auto",
           grad_checkpointing: bool = False, input_size: int = 32, in_channels: int = 4,
-          num_classes: int = 1000, device: torch.device | None = None, compile_mode: str = "default") -> BenchResult:
-    """Time `steps` training steps and `steps` sampling forwards after `warmup` of each."""
+          num_classes: int = 1000, device: torch.device | None = None, compile_mode: str = "default",
+          time_sampling: bool = True) -> BenchResult:
+    """Time `steps` training steps and, with `time_sampling`, `steps` sampling forwards (a graph of their own
+    to compile) after `warmup` of each; without, the sampling fields are 0 (the suite times evaluation instead)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     enable_tf32(device)
     if device.type == "cuda":
@@ -122,15 +124,17 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     model.eval()
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     fwd = CompiledOrEager(model, step.compiled, f"the forward of {model_name}", mode=compile_mode)
+    fwd_ps = 0.0
     with torch.no_grad(), autocast(device, precision):
-        for _ in range(warmup):
-            fwd(data.x0, t, data.y)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fwd(data.x0, t, data.y)
-        _sync(device)
-        fwd_ps = steps / (time.perf_counter() - t0)
+        if time_sampling:
+            for _ in range(warmup):
+                fwd(data.x0, t, data.y)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fwd(data.x0, t, data.y)
+            _sync(device)
+            fwd_ps = steps / (time.perf_counter() - t0)
         kernel = _attention_kernel(lambda: model(data.x0, t, data.y), device)
 
     images = train_sps * batch
