@@ -35,7 +35,8 @@ from harness.errors import HarnessError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.paper import paper_gflops
 from harness.sampling.bench import bench_eval, format_eval
-from harness.training.bench import CONVENTION, BenchResult, bench, bench_latents, device_name, format_table
+from harness.training.bench import (CONVENTION, BenchResult, bench, bench_latents, compiled_words, device_name,
+                                    format_table)
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +162,7 @@ def best_per_model(results: list[BenchResult]) -> dict[str, BenchResult]:
 
 
 def _config_words(r: BenchResult) -> str:
-    compiled = "eager" if not r.compile else (
-        "compiled" if r.compile_mode == "default" else f"compiled ({r.compile_mode})")
-    return f"{compiled}, micro-batch {r.micro_batch}{', grad checkpointing' if r.grad_checkpointing else ''}"
+    return f"{compiled_words(r)}, micro-batch {r.micro_batch}{', grad checkpointing' if r.grad_checkpointing else ''}"
 
 
 def suite_markdown(results: list[BenchResult]) -> str:

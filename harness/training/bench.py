@@ -168,7 +168,8 @@ def _bench_step(settings: StepSettings, geometry: BatchGeometry, grad_checkpoint
 
 
 # ----------------------------------------------------------------------------- one result as text
-def _compiled_words(r: BenchResult) -> str:
+def compiled_words(r: BenchResult) -> str:
+    """'eager', 'compiled' or 'compiled (<mode>)'."""
     if not r.compile:
         return "eager"
     return "compiled" if r.compile_mode == "default" else f"compiled ({r.compile_mode})"
@@ -181,7 +182,7 @@ def format_table(r: BenchResult) -> str:
         f"input               batch {r.batch} (micro-batches of {r.micro_batch}) x "
         f"{r.in_channels}x{r.input_size}x{r.input_size}",
         f"device              {r.device} ({r.threads} CPU threads), torch {r.torch_version}, {r.precision}"
-        f", {_compiled_words(r)}{', grad checkpointing' if r.grad_checkpointing else ''}",
+        f", {compiled_words(r)}{', grad checkpointing' if r.grad_checkpointing else ''}",
         f"training            {r.train_steps_per_s:.3f} steps/s, {r.train_images_per_s:.2f} images/s",
         f"sampling            {r.sample_forward_per_s:.3f} forward passes/s = "
         f"{r.sample_images_per_s_one_step:.2f} images/s for ONE denoising step (no CFG)",
