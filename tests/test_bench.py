@@ -186,3 +186,12 @@ def test_suite_with_evaluation_times_it_instead_of_the_training_forward(tmp_path
     out.write_text(json.dumps(data))
     with pytest.raises(HarnessError, match=r"DiT-2x32x2/4 has no sampling measurement.*Fix: run the same"):
         read_throughput(out)
+
+
+def test_the_suite_file_names_a_cuda_device_by_its_cuda_name(monkeypatch):
+    """The name a suite file is matched by on a GPU (CUDA's own device name), checked here without one."""
+    from harness.training.bench import device_name
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_name(torch.device("cuda")) == "NVIDIA H200"
+    assert device_name(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"

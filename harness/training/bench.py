@@ -140,7 +140,7 @@ def bench(model_name: str, conditioning: str = "adaLN-Zero", batch: int = 8, ste
     images = train_sps * batch
     tflops = train_tflops(gflops, images)
     peak = peak_tflops(device, precision)
-    name = torch.cuda.getdevice_name(device) if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return BenchResult(model_name, conditioning, name, torch.__version__, precision, step.compiled, step.micro_batch,
                        grad_checkpointing, batch, input_size, in_channels, torch.get_num_threads(), gflops, params,
                        train_sps, images, fwd_ps, fwd_ps * batch, tflops, (tflops / peak) if peak else None,
@@ -220,4 +220,4 @@ def bench_latents(image_size: int = 256, batch: int = 4, steps: int = 3, warmup:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.getdevice_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
